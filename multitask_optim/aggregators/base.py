@@ -1,0 +1,107 @@
+"""Aggregator contract: per-block Gram matrices in, task coefficients out.
+
+An aggregator never sees the K x P Jacobian. It receives the Gram matrices
+``G[b] = J_b J_b^T`` of every block ``b`` (shape ``(B, K, K)``, float64, on the CPU)
+and returns coefficients ``c[b]`` so that the shared update of block ``b`` is
+``d_b = J_b^T c[b]``. Methods whose state must survive a checkpoint keep it in a
+plain ``dict[str, Tensor]`` that the optimizer stores and restores; the aggregator
+returns the *new* state instead of mutating the old one, so that a skipped step can
+drop it and leave no trace.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import ClassVar, Dict
+
+import torch
+from torch import Tensor
+
+State = Dict[str, Tensor]
+
+#: Up to this many (block, task) rows the pairwise surgeries run in plain Python floats
+#: (no per-operation dispatch cost); above it, vectorised over blocks and tasks in torch.
+SCALAR_LIMIT = 64
+
+
+@dataclass
+class AggregationContext:
+    """What an aggregator may read besides the Gram matrices.
+
+    Attributes:
+        generator: the optimizer's own seeded CPU generator (checkpointed with it).
+        losses: current (weighted) task losses, float64 CPU tensor of shape ``(K,)``.
+        step: index of the optimizer step being computed (0 for the first).
+    """
+
+    generator: torch.Generator
+    losses: Tensor
+    step: int = 0
+    extras: dict = field(default_factory=dict)
+
+
+class Aggregator(ABC):
+    """Maps per-block Gram matrices to coefficients over the task gradients.
+
+    Subclasses set ``name`` (the registry key) and implement :meth:`aggregate`.
+    """
+
+    name: ClassVar[str] = ""
+    #: True for methods that are not linear in the Jacobian and need its rows.
+    needs_jacobian: ClassVar[bool] = False
+
+    def init_state(self, num_tasks: int, num_blocks: int) -> State:
+        """Fresh state for ``num_tasks`` tasks and ``num_blocks`` blocks."""
+        return {}
+
+    @abstractmethod
+    def aggregate(self, gram: Tensor, state: State, ctx: AggregationContext) -> tuple[Tensor, State]:
+        """Return ``(coefficients (B, K), new_state)`` for Gram matrices ``gram (B, K, K)``."""
+
+    def __call__(self, gram: Tensor, state: State, ctx: AggregationContext) -> tuple[Tensor, State]:
+        if gram.dim() == 2:
+            coefs, new_state = self.aggregate(gram.unsqueeze(0), state, ctx)
+            return coefs[0], new_state
+        return self.aggregate(gram, state, ctx)
+
+    def extra_repr(self) -> str:
+        return ""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.extra_repr()})"
+
+
+def random_orders(num_blocks: int, num_tasks: int, generator: torch.Generator) -> Tensor:
+    """Draw, for every block and task ``i``, a random order of the other tasks.
+
+    Returns a ``(B, K, K-1)`` long tensor whose row ``[b, i]`` is a uniformly random
+    permutation of ``{0..K-1} \\ {i}``, from one call to ``generator``.
+    """
+    if num_tasks < 2:
+        return torch.zeros(num_blocks, num_tasks, 0, dtype=torch.long)
+    keys = torch.rand(num_blocks, num_tasks, num_tasks - 1, generator=generator)
+    idx = keys.argsort(dim=-1)
+    own = torch.arange(num_tasks).view(1, num_tasks, 1)
+    return idx + (idx >= own).long()
+
+
+def check_reduction(reduction: str) -> str:
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+    return reduction
+
+
+def project_rounds_setup(gram: Tensor, orders: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Shared bookkeeping of the pairwise surgeries.
+
+    Returns ``(diag, partner_rows, partner_sq)`` where ``partner_rows[b, i, t]`` is row
+    ``orders[b, i, t]`` of ``gram[b]`` (shape ``(B, K, K-1, K)``) and ``partner_sq`` the
+    matching squared norms ``(B, K, K-1)``.
+    """
+    b, k, _ = gram.shape
+    diag = gram.diagonal(dim1=-2, dim2=-1)
+    partner_sq = diag.gather(1, orders.reshape(b, -1)).reshape(orders.shape)
+    idx = orders.reshape(b, -1, 1).expand(b, orders.shape[1] * orders.shape[2], k)
+    partner_rows = gram.gather(1, idx).reshape(b, k, orders.shape[2], k)
+    return diag, partner_rows, partner_sq

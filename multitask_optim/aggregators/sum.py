@@ -1,0 +1,29 @@
+"""Plain sum of the task gradients (no surgery)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .base import AggregationContext, Aggregator, State, check_reduction
+
+
+class Sum(Aggregator):
+    """``d = sum_i g_i`` (or the mean with ``reduction="mean"``).
+
+    With this aggregator the wrapper trains exactly like the inner optimizer on
+    ``sum(losses)``.
+    """
+
+    name = "sum"
+
+    def __init__(self, reduction: str = "sum") -> None:
+        self.reduction = check_reduction(reduction)
+
+    def aggregate(self, gram: Tensor, state: State, ctx: AggregationContext) -> tuple[Tensor, State]:
+        b, k, _ = gram.shape
+        value = 1.0 / k if self.reduction == "mean" else 1.0
+        return torch.full((b, k), value, dtype=gram.dtype), state
+
+    def extra_repr(self) -> str:
+        return f"reduction={self.reduction!r}"
