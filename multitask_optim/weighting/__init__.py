@@ -5,6 +5,13 @@ from __future__ import annotations
 from typing import Any, Dict, Type, Union
 
 from .base import Equal, Weighting, WeightingContext
+from .dwa import DynamicWeightAverage
+from .gradnorm import GradNorm
+from .htw import HTW
+from .rlw import RandomLossWeighting
+from .staged import StagedStart
+from .static import StaticWeights
+from .uncertainty import UncertaintyWeighting
 
 WEIGHTINGS: Dict[str, Type[Weighting]] = {}
 
@@ -17,7 +24,16 @@ def register_weighting(cls: Type[Weighting]) -> Type[Weighting]:
     return cls
 
 
-for _cls in (Equal,):
+for _cls in (
+    Equal,
+    StaticWeights,
+    StagedStart,
+    UncertaintyWeighting,
+    DynamicWeightAverage,
+    HTW,
+    GradNorm,
+    RandomLossWeighting,
+):
     register_weighting(_cls)
 
 
@@ -37,4 +53,18 @@ def get_weighting(spec: Union[None, str, Weighting], **kwargs: Any) -> Weighting
     raise TypeError(f"weighting must be None, a name or a Weighting, got {type(spec).__name__}")
 
 
-__all__ = ["WEIGHTINGS", "Equal", "Weighting", "WeightingContext", "get_weighting", "register_weighting"]
+__all__ = [
+    "HTW",
+    "WEIGHTINGS",
+    "DynamicWeightAverage",
+    "Equal",
+    "GradNorm",
+    "RandomLossWeighting",
+    "StagedStart",
+    "StaticWeights",
+    "UncertaintyWeighting",
+    "Weighting",
+    "WeightingContext",
+    "get_weighting",
+    "register_weighting",
+]

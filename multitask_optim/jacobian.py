@@ -1,0 +1,295 @@
+"""Per-task gradients: task parameters from their own loss, shared ones as a Jacobian.
+
+Three exact paths, chosen automatically and remembered:
+
+- ``frontier`` (fastest): find the edges where each task's private graph meets the
+  shared graph, backpropagate each loss through its own head once to those edges
+  (capturing only the head's own contribution with node hooks), then run one batched
+  backward (``is_grads_batched=True``) from all frontier edges through the trunk.
+  Head work is done once per task, trunk work once for all tasks (vectorised).
+- ``batched``: one batched backward over the stacked losses (K x head work).
+- ``looped``: K ordinary backward passes (works wherever autograd works).
+
+All paths give the same Jacobian. Representation mode differentiates the losses
+with respect to a feature tensor instead (see :func:`feature_gradients`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+from torch.autograd.graph import GradientEdge
+
+from .graph import LossGraph, Node, popcount
+
+MODES = ("frontier", "batched", "looped")
+
+
+@dataclass
+class TaskGradients:
+    """Result of one gradient computation.
+
+    Attributes:
+        shared: per shared parameter, its ``(K, *shape)`` Jacobian, None if no loss reached it.
+        tasks: per task, the gradients of its own parameters (None where unreached).
+    """
+
+    shared: List[Optional[Tensor]]
+    tasks: List[List[Optional[Tensor]]]
+
+
+class GradientEngine:
+    """Computes :class:`TaskGradients`, falling back ``frontier -> batched -> looped``.
+
+    Args:
+        mode: ``"auto"`` (try the fastest path and remember the first one that works)
+            or one of ``"frontier"``, ``"batched"``, ``"looped"`` to force a path.
+    """
+
+    def __init__(self, mode: str = "auto") -> None:
+        if mode != "auto" and mode not in MODES:
+            raise ValueError(f"gradient mode must be 'auto' or one of {MODES}, got {mode!r}")
+        self.requested = mode
+        self.mode: Optional[str] = None if mode == "auto" else mode
+        self.confirmed = mode != "auto"
+
+    def compute(
+        self,
+        losses: Sequence[Tensor],
+        graph: LossGraph,
+        shared: Sequence[Tensor],
+        tasks: Sequence[Sequence[Tensor]],
+    ) -> TaskGradients:
+        candidates = [self.mode] if self.mode is not None else list(MODES)
+        last_error: Optional[Exception] = None
+        for mode in candidates:
+            assert mode is not None
+            # Until a path has worked once, keep the graph so a fallback can still run.
+            keep = not self.confirmed
+            try:
+                result = _PATHS[mode](losses, graph, shared, tasks, keep)
+            except RuntimeError as error:  # vmap / custom Function limitations
+                if self.confirmed:
+                    raise
+                last_error = error
+                continue
+            if not self.confirmed:
+                self.mode = mode
+                self.confirmed = True
+            return result
+        raise RuntimeError("no gradient path succeeded") from last_error
+
+
+def _empty(
+    losses: Sequence[Tensor], shared: Sequence[Tensor], tasks: Sequence[Sequence[Tensor]]
+) -> TaskGradients:
+    return TaskGradients([None] * len(shared), [[None] * len(t) for t in tasks])
+
+
+def _frontier(
+    losses: Sequence[Tensor],
+    graph: LossGraph,
+    shared: Sequence[Tensor],
+    tasks: Sequence[Sequence[Tensor]],
+    keep: bool,
+) -> TaskGradients:
+    k = len(losses)
+    out = _empty(losses, shared, tasks)
+    shared_index = {id(p): n for n, p in enumerate(shared)}
+    # Shared nodes (reached by >= 2 losses) that lead to a shared parameter.
+    useful: Dict[Node, bool] = {}
+    for node in reversed(graph.order):
+        if popcount(graph.mask[node]) < 2:
+            continue
+        variable = getattr(node, "variable", None)
+        hit = variable is not None and id(variable) in shared_index
+        if not hit:
+            hit = any(c is not None and useful.get(c, False) for c, _ in graph.children[node])
+        useful[node] = hit
+    private: List[List[Node]] = [[] for _ in range(k)]
+    for node in graph.order:
+        m = graph.mask[node]
+        if popcount(m) == 1:
+            private[m.bit_length() - 1].append(node)
+
+    # seeds[(node, input_nr)] = per-task gradient arriving on that frontier edge
+    seeds: Dict[Tuple[Node, int], List[Optional[Tensor]]] = {}
+    for i, loss in enumerate(losses):
+        root = graph.roots[i]
+        own = [p for p in _reached(graph, tasks[i], 1 << i)]
+        own_shared = [p for p in shared if graph.reached_by(p) == 1 << i]
+        captured: Dict[Tuple[Node, int], List[Tensor]] = {}
+        handles = []
+        edges: List[Tuple[Node, int]] = []
+        if popcount(graph.mask[root]) >= 2:
+            # the loss itself is an intermediate of another task's loss
+            captured[(root, 0)] = [torch.ones_like(loss)]
+        for node in private[i]:
+            slots = [
+                (pos, (child, nr))
+                for pos, (child, nr) in enumerate(graph.children[node])
+                if child is not None and useful.get(child, False)
+            ]
+            if not slots:
+                continue
+            for _, edge in slots:
+                if edge not in edges:
+                    edges.append(edge)
+            handles.append(node.register_hook(_capture(slots, captured)))
+        inputs = [GradientEdge(c, nr) for c, nr in edges] + own + own_shared
+        try:
+            if inputs:
+                grads = torch.autograd.grad(loss, inputs, retain_graph=True, allow_unused=True)
+            else:
+                grads = ()
+        finally:
+            for handle in handles:
+                handle.remove()
+        n_edges = len(edges)
+        own_grads = grads[n_edges : n_edges + len(own)]
+        own_map = {id(p): g for p, g in zip(own, own_grads)}
+        out.tasks[i] = [own_map.get(id(p)) for p in tasks[i]]
+        for p, g in zip(own_shared, grads[n_edges + len(own) :]):
+            if g is not None:
+                out.shared[shared_index[id(p)]] = _row(g, i, k)
+        for edge, parts in captured.items():
+            total = parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)
+            seeds.setdefault(edge, [None] * k)[i] = total
+
+    # Edges into a shared parameter's AccumulateGrad: the seed is that parameter's row.
+    outputs: List[GradientEdge] = []
+    grad_outputs: List[Tensor] = []
+    for (node, nr), per_task in seeds.items():
+        like = next(g for g in per_task if g is not None)
+        stacked = torch.stack([g if g is not None else torch.zeros_like(like) for g in per_task])
+        variable = getattr(node, "variable", None)
+        if variable is not None:
+            n = shared_index[id(variable)]
+            prev = out.shared[n]
+            out.shared[n] = stacked if prev is None else prev + stacked
+            continue
+        outputs.append(GradientEdge(node, nr))
+        grad_outputs.append(stacked)
+    trunk = [p for p in shared if popcount(graph.reached_by(p)) >= 2]
+    if outputs and trunk:
+        grads = torch.autograd.grad(
+            outputs, trunk, grad_outputs, retain_graph=keep, allow_unused=True, is_grads_batched=True
+        )
+        for p, g in zip(trunk, grads):
+            if g is None:
+                continue
+            n = shared_index[id(p)]
+            prev = out.shared[n]
+            out.shared[n] = g if prev is None else prev + g
+    for n, p in enumerate(shared):
+        if out.shared[n] is None and graph.reached_by(p):
+            out.shared[n] = torch.zeros((k, *p.shape), dtype=p.dtype, device=p.device)
+    return out
+
+
+def _capture(slots, captured):  # type: ignore[no-untyped-def]
+    def hook(grad_inputs, grad_outputs):  # type: ignore[no-untyped-def]
+        for pos, edge in slots:
+            g = grad_inputs[pos]
+            if g is not None:
+                captured.setdefault(edge, []).append(g)
+
+    return hook
+
+
+def _row(grad: Tensor, i: int, k: int) -> Tensor:
+    out = torch.zeros((k, *grad.shape), dtype=grad.dtype, device=grad.device)
+    out[i] = grad
+    return out
+
+
+def _reached(graph: LossGraph, params: Sequence[Tensor], mask: int) -> List[Tensor]:
+    return [p for p in params if graph.reached_by(p) & mask]
+
+
+def _batched(
+    losses: Sequence[Tensor],
+    graph: LossGraph,
+    shared: Sequence[Tensor],
+    tasks: Sequence[Sequence[Tensor]],
+    keep: bool,
+) -> TaskGradients:
+    k = len(losses)
+    out = _empty(losses, shared, tasks)
+    shared_in = [p for p in shared if graph.reached_by(p)]
+    task_in = [_reached(graph, params, 1 << i) for i, params in enumerate(tasks)]
+    inputs = shared_in + [p for params in task_in for p in params]
+    if not inputs:
+        return out
+    stacked = torch.stack([loss.reshape(()) for loss in losses])
+    eye = torch.eye(k, dtype=stacked.dtype, device=stacked.device)
+    grads = torch.autograd.grad(
+        stacked, inputs, eye, retain_graph=keep, allow_unused=True, is_grads_batched=True
+    )
+    index = {id(p): n for n, p in enumerate(shared)}
+    for p, g in zip(shared_in, grads):
+        out.shared[index[id(p)]] = (
+            g if g is not None else torch.zeros((k, *p.shape), dtype=p.dtype, device=p.device)
+        )
+    rest = iter(grads[len(shared_in) :])
+    for i, params in enumerate(task_in):
+        got = {id(p): next(rest) for p in params}
+        out.tasks[i] = [None if got.get(id(p)) is None else got[id(p)][i] for p in tasks[i]]
+    return out
+
+
+def _looped(
+    losses: Sequence[Tensor],
+    graph: LossGraph,
+    shared: Sequence[Tensor],
+    tasks: Sequence[Sequence[Tensor]],
+    keep: bool,
+) -> TaskGradients:
+    k = len(losses)
+    out = _empty(losses, shared, tasks)
+    index = {id(p): n for n, p in enumerate(shared)}
+    for p in shared:
+        if graph.reached_by(p):
+            out.shared[index[id(p)]] = torch.zeros((k, *p.shape), dtype=p.dtype, device=p.device)
+    for i, loss in enumerate(losses):
+        bit = 1 << i
+        shared_in = [p for p in shared if graph.reached_by(p) & bit]
+        own = _reached(graph, tasks[i], bit)
+        inputs = shared_in + own
+        if not inputs:
+            continue
+        retain = keep or i < k - 1
+        grads = torch.autograd.grad(loss, inputs, retain_graph=retain, allow_unused=True)
+        for p, g in zip(shared_in, grads):
+            if g is not None:
+                row = out.shared[index[id(p)]]
+                assert row is not None
+                row[i] = g
+        got = {id(p): g for p, g in zip(own, grads[len(shared_in) :])}
+        out.tasks[i] = [got.get(id(p)) for p in tasks[i]]
+    return out
+
+
+_PATHS = {"frontier": _frontier, "batched": _batched, "looped": _looped}
+
+
+def feature_gradients(
+    losses: Sequence[Tensor], features: Tensor, tasks: Sequence[Sequence[Tensor]], graph: LossGraph
+) -> Tuple[Tensor, List[List[Optional[Tensor]]]]:
+    """Representation mode: per-task gradients w.r.t. ``features`` and the task parameters.
+
+    Returns ``(Z, task_grads)`` with ``Z`` of shape ``(K, *features.shape)``. Only the
+    heads are traversed (K cheap backwards); the trunk is not touched.
+    """
+    rows: List[Tensor] = []
+    task_grads: List[List[Optional[Tensor]]] = []
+    for i, loss in enumerate(losses):
+        own = _reached(graph, tasks[i], 1 << i)
+        grads = torch.autograd.grad(loss, [features, *own], retain_graph=True, allow_unused=True)
+        rows.append(grads[0] if grads[0] is not None else torch.zeros_like(features))
+        got = {id(p): g for p, g in zip(own, grads[1:])}
+        task_grads.append([got.get(id(p)) for p in tasks[i]])
+    return torch.stack(rows), task_grads

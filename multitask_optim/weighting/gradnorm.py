@@ -1,0 +1,154 @@
+"""GradNorm: gradient normalisation for adaptive loss balancing (Chen et al., 2018)."""
+
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from ._per_task import (
+    accumulate_grad,
+    check_loss_ratio_inputs,
+    check_lr,
+    check_num_losses,
+    detached_f64,
+    scalar,
+)
+from .base import State, Weighting, WeightingContext
+
+
+class GradNorm(Weighting):
+    """GradNorm: learn weights that equalise the tasks' gradient norms and training rates.
+
+    Reference: Z. Chen, V. Badrinarayanan, C.-Y. Lee, A. Rabinovich, "GradNorm: Gradient
+    Normalization for Adaptive Loss Balancing in Deep Multitask Networks", ICML 2018.
+
+    Learnable weights ``w_i`` (initialised to 1). On the last shared block ``W`` (the
+    last block of ``ctx.gram``, which holds the Gram of the *weighted* task gradients)::
+
+        G_i     = ||grad_W (w_i L_i)|| = sqrt(gram[-1][i, i])
+        Lt_i    = L_i(t) / L_i(0)               (L_i(0): first observed loss, in the state)
+        r_i     = Lt_i / mean_j(Lt_j)           (relative inverse training rate)
+        target_i = mean_j(G_j) * r_i ** alpha   (held constant)
+        L_grad  = sum_i |G_i - target_i|
+
+    and, because ``G_i`` is linear in ``w_i``,
+    ``d L_grad / d w_i = sign(G_i - target_i) * G_i / w_i``, which :meth:`backward`
+    adds to ``w.grad``. The inner optimizer then updates ``w``, and :meth:`after_step`
+    renormalises it in place so that ``sum_i w_i = K`` (after clamping each weight to at
+    least ``min_weight`` so it stays positive).
+
+    We follow the paper: ``w`` is used directly and renormalised after every step, and
+    ``L_i(0)`` is the loss of the first step. LibMTL's ``GradNorm`` differs: it
+    parametrises ``w = K softmax(theta)``, trains with equal weights during the first
+    epoch and takes ``L_i(0)`` as the first epoch's mean loss.
+
+    Args:
+        alpha: strength of the restoring force towards equal training rates
+            (``>= 0``; the paper's default 1.5; 0 equalises gradient norms only).
+        lr: learning rate of the weights' param group (``None``: the first group's).
+
+    Raises:
+        ValueError: a negative or non-finite ``alpha``, a bad ``lr``, or (at run time) a
+            first loss ``<= 0`` or a negative loss, which make the loss ratio meaningless.
+    """
+
+    name = "gradnorm"
+    needs_gram = True
+    #: Weights are clamped to at least this value before renormalising.
+    min_weight: float = 1e-6
+
+    def __init__(self, alpha: float = 1.5, lr: Optional[float] = None) -> None:
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+            raise ValueError(f"alpha must be a number >= 0, got {alpha!r}")
+        if not math.isfinite(alpha) or alpha < 0:
+            raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
+        self.alpha = float(alpha)
+        self.lr = check_lr(lr)
+        self.task_weights: Optional[torch.nn.Parameter] = None
+        self._names: Optional[List[str]] = None
+
+    def setup(self, num_tasks: int, task_names: Sequence[str]) -> None:
+        if self.task_weights is not None and self._names == list(task_names):
+            return
+        self._names = list(task_names)
+        self.task_weights = torch.nn.Parameter(torch.ones(num_tasks))
+
+    def parameters(self) -> List[torch.nn.Parameter]:
+        return [] if self.task_weights is None else [self.task_weights]
+
+    def init_state(self, num_tasks: int) -> State:
+        return {
+            "initial_losses": torch.zeros(num_tasks, dtype=torch.float64),
+            "initialized": scalar(False, torch.bool),
+        }
+
+    def _ready(self, losses: Tensor, ctx: WeightingContext) -> torch.nn.Parameter:
+        if self.task_weights is None:
+            self.setup(losses.shape[0], ctx.task_names)
+        assert self.task_weights is not None
+        check_num_losses(losses, self.task_weights.shape[0], "GradNorm")
+        return self.task_weights
+
+    @staticmethod
+    def _initial(losses: Tensor, state: State) -> tuple[Tensor, bool]:
+        if state and "initialized" in state and bool(state["initialized"]):
+            return state["initial_losses"], True
+        return losses.to(torch.float64).clone(), False
+
+    def weights(self, losses: Tensor, state: State, ctx: WeightingContext) -> tuple[Tensor, State]:
+        w = detached_f64(self._ready(losses, ctx))
+        initial, known = self._initial(losses, state)
+        check_loss_ratio_inputs(losses, initial, ctx.task_names, "GradNorm")
+        if known:
+            return w, state
+        return w, {"initial_losses": initial, "initialized": scalar(True, torch.bool)}
+
+    def weight_gradient(self, losses: Tensor, weights: Tensor, gram: Tensor, initial: Tensor) -> Tensor:
+        """``d L_grad / d w`` (float64, ``(K,)``), the closed form described above.
+
+        Args:
+            losses: ``(K,)`` loss values ``L_i(t)``.
+            weights: ``(K,)`` weights the Gram was computed with.
+            gram: ``(B, K, K)`` or ``(K, K)`` Gram of the weighted task gradients; the
+                last block is the last shared layer.
+            initial: ``(K,)`` first losses ``L_i(0)``.
+        """
+        g = gram[-1] if gram.dim() == 3 else gram
+        g = g.detach().to(device="cpu", dtype=torch.float64)
+        w = weights.detach().to(device="cpu", dtype=torch.float64)
+        norms = torch.diagonal(g).clamp_min(0.0).sqrt()  # G_i = ||grad_W (w_i L_i)||
+        ratio = losses.to(torch.float64) / initial
+        mean_ratio = ratio.mean()
+        rel = ratio / mean_ratio if mean_ratio > 0 else torch.ones_like(ratio)
+        target = norms.mean() * rel.pow(self.alpha)
+        unweighted = torch.where(w > 0, norms / torch.where(w > 0, w, 1.0), 0.0)  # ||grad_W L_i||
+        return torch.sign(norms - target) * unweighted
+
+    def backward(self, losses: Tensor, weights: Tensor, state: State, ctx: WeightingContext) -> None:
+        """Add ``d L_grad / d w`` to ``w.grad``.
+
+        ``state`` may be the state before or after this step's :meth:`weights`: on the
+        first step, when ``L_i(0)`` is not stored yet, ``L_i(0) = L_i(t)`` is used, which
+        is what :meth:`weights` stores.
+        """
+        p = self._ready(losses, ctx)
+        if ctx.gram is None:
+            raise ValueError("GradNorm.backward needs ctx.gram (the Gram of the weighted task gradients)")
+        initial, _ = self._initial(losses, state)
+        check_loss_ratio_inputs(losses, initial, ctx.task_names, "GradNorm")
+        accumulate_grad(p, self.weight_gradient(losses, weights, ctx.gram, initial))
+
+    def after_step(self) -> None:
+        """Clamp the weights to ``>= min_weight`` and rescale them to sum to ``K``."""
+        p = self.task_weights
+        if p is None:
+            return
+        with torch.no_grad():
+            p.clamp_(min=self.min_weight)
+            p.mul_(p.shape[0] / p.sum())
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha}, lr={self.lr}"

@@ -1,0 +1,138 @@
+"""Hybrid main/auxiliary task weighting (Kongyoung, Macdonald and Ounis, 2020)."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from ._per_task import (
+    check_loss_ratio_inputs,
+    check_nonnegative_float,
+    check_nonnegative_int,
+    check_num_losses,
+    check_positive_int,
+    scalar,
+)
+from .base import State, Weighting, WeightingContext
+
+
+class HTW(Weighting):
+    """A main task warmed up linearly, auxiliary tasks weighted by their loss ratio.
+
+    Reference: S. Kongyoung, C. Macdonald, I. Ounis, "Multi-Task Learning using Dynamic
+    Task Weighting for Conversational Question Answering", SCAI workshop at EMNLP 2020
+    (doi:10.18653/v1/2020.scai-1.3). The paper's hybrid method combines an "Abridged
+    Linear" schedule for the main task with Loss-Balanced Task Weighting (LBTW; S. Liu,
+    Y. Liang, A. Gitter, AAAI 2019) for the auxiliary tasks.
+
+    With ``s = ctx.step`` (0 for the first non-skipped step), ``T = total_steps`` and
+    ``tau = warmup``, the warm-up lasts ``W = tau * T`` steps and::
+
+        main task m:       w_m(s) = min(1, (s + 1) / W)         (w_m = 1 if W == 0)
+        auxiliary task i:  w_i(s) = (L_i(s) / L_i(0)) ** alpha
+
+    i.e. the main-task weight is ``t / W`` with ``t = s + 1`` the number of steps taken
+    including this one: it starts at ``1/W`` (not 0, so no step is wasted) and is 1 from
+    step ``ceil(W) - 1`` on. ``L_i(0)`` is the first loss observed for task ``i``
+    (stored in the state), so every auxiliary weight starts at 1 and falls as the task
+    is learned.
+
+    Notes on the sources: the paper's body could not be consulted while writing this
+    (only its abstract), so the exact start of the warm-up (``1/W`` here) is our choice,
+    stated above. LBTW as originally published takes ``L_i(0)`` from the first batch of
+    *each epoch*; following the project design (and the HTW description) we take the
+    first loss of training, once.
+
+    Args:
+        main_task: index or name of the main task (default 0).
+        total_steps: total number of training steps ``T`` (>= 1), keyword-only.
+        warmup: fraction ``tau`` in ``[0, 1]`` of ``T`` over which the main-task weight
+            rises to 1 (default 0.1; 0 means weight 1 from the start).
+        alpha: exponent of the auxiliary loss ratio (``>= 0``, default 0.5 as in LBTW).
+
+    Raises:
+        ValueError: a bad argument (named), a ``main_task`` that is not a task, or
+            (in :meth:`weights`) a first loss ``<= 0`` or a negative loss, which make
+            the loss ratio meaningless.
+    """
+
+    name = "htw"
+
+    def __init__(
+        self,
+        main_task: Union[int, str] = 0,
+        *,
+        total_steps: int,
+        warmup: float = 0.1,
+        alpha: float = 0.5,
+    ) -> None:
+        if isinstance(main_task, str):
+            self.main_task: Union[int, str] = main_task
+        else:
+            self.main_task = check_nonnegative_int(main_task, "main_task")
+        self.total_steps = check_positive_int(total_steps, "total_steps")
+        self.warmup = check_nonnegative_float(warmup, "warmup")
+        if self.warmup > 1.0:
+            raise ValueError(f"warmup is a fraction of total_steps and must be in [0, 1], got {warmup!r}")
+        self.alpha = check_nonnegative_float(alpha, "alpha")
+        self._main: Optional[int] = None if isinstance(self.main_task, str) else self.main_task
+        self._num_tasks: Optional[int] = None
+        self._names: Optional[Sequence[str]] = None
+
+    @property
+    def warmup_steps(self) -> float:
+        """``W = warmup * total_steps``."""
+        return self.warmup * self.total_steps
+
+    def setup(self, num_tasks: int, task_names: Sequence[str]) -> None:
+        if isinstance(self.main_task, str):
+            if self.main_task not in task_names:
+                raise ValueError(
+                    f"main_task {self.main_task!r} is not a task; the tasks are {list(task_names)}"
+                )
+            self._main = list(task_names).index(self.main_task)
+        elif self.main_task >= num_tasks:
+            raise ValueError(f"main_task index {self.main_task} is out of range for {num_tasks} tasks")
+        self._num_tasks = num_tasks
+        self._names = list(task_names)
+
+    def init_state(self, num_tasks: int) -> State:
+        return {
+            "initial_losses": torch.zeros(num_tasks, dtype=torch.float64),
+            "initialized": scalar(False, torch.bool),
+        }
+
+    def main_weight(self, step: int) -> float:
+        """Main-task weight at step ``step`` (0-based)."""
+        w = self.warmup_steps
+        if w <= 0.0:
+            return 1.0
+        return min(1.0, (step + 1) / w)
+
+    def weights(self, losses: Tensor, state: State, ctx: WeightingContext) -> tuple[Tensor, State]:
+        check_num_losses(losses, self._num_tasks, "HTW")
+        k = losses.shape[0]
+        if self._num_tasks is None:
+            self.setup(k, ctx.task_names)
+        assert self._main is not None
+        losses = losses.to(torch.float64)
+        if state and "initialized" in state and bool(state["initialized"]):
+            initial = state["initial_losses"]
+            new_state = state
+        else:
+            initial = losses.clone()
+            new_state = {"initial_losses": initial, "initialized": scalar(True, torch.bool)}
+        aux = [i for i in range(k) if i != self._main]
+        if aux:
+            check_loss_ratio_inputs(losses[aux], initial[aux], [ctx.task_names[i] for i in aux], "HTW")
+        w = (losses / torch.where(initial > 0, initial, 1.0)).pow(self.alpha)
+        w[self._main] = self.main_weight(int(ctx.step))
+        return w, new_state
+
+    def extra_repr(self) -> str:
+        return (
+            f"main_task={self.main_task!r}, total_steps={self.total_steps}, "
+            f"warmup={self.warmup}, alpha={self.alpha}"
+        )

@@ -1,0 +1,60 @@
+"""Random Loss Weighting (Lin et al., 2021)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._per_task import check_num_losses
+from .base import State, Weighting, WeightingContext
+
+_SCALES = ("sum1", "sumK")
+
+
+class RandomLossWeighting(Weighting):
+    """Random Loss Weighting (RLW): fresh random weights at every step.
+
+    Reference: B. Lin, F. Ye, Y. Zhang, I. W. Tsang, "Reasonable Effectiveness of Random
+    Weighting: A Litmus Test for Multi-Task Learning", TMLR 2022 (arXiv:2111.10603,
+    2021, first titled "A Closer Look at Loss Weighting in Multi-Task Learning").
+
+    At every step a vector is drawn from a standard normal and mapped through a
+    softmax::
+
+        z ~ N(0, I_K)     (torch.randn(K, generator=ctx.generator, dtype=float64))
+        w = softmax(z)                       scale="sum1" (the paper): sum_i w_i = 1
+        w = K * softmax(z)                   scale="sumK": sum_i w_i = K
+
+    The paper's weights lie on the simplex (they sum to 1), and that is the default.
+    ``"sumK"`` keeps the expected weight of each task at 1, the scale of the plain sum
+    of losses that :class:`~multitask_optim.weighting.Equal` uses, so switching between
+    the two does not change the effective learning rate. The draw comes from the
+    optimizer's own seeded generator, so runs and resumed checkpoints repeat exactly.
+    The paper also studies other sampling distributions; only the normal one (its main
+    choice) is offered here.
+
+    Args:
+        scale: ``"sum1"`` (default, the paper) or ``"sumK"``.
+
+    Raises:
+        ValueError: an unknown ``scale``.
+    """
+
+    name = "rlw"
+
+    def __init__(self, scale: str = "sum1") -> None:
+        if scale not in _SCALES:
+            raise ValueError(f"scale must be one of {_SCALES}, got {scale!r}")
+        self.scale = scale
+
+    def weights(self, losses: Tensor, state: State, ctx: WeightingContext) -> tuple[Tensor, State]:
+        check_num_losses(losses, None, "RandomLossWeighting")
+        k = losses.shape[0]
+        z = torch.randn(k, generator=ctx.generator, dtype=torch.float64)
+        w = torch.softmax(z, dim=0)
+        if self.scale == "sumK":
+            w = w * k
+        return w, state
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale!r}"
