@@ -148,6 +148,7 @@ class MultiTaskOptimizer(Optimizer):
         self._split = False
         self._blocks: Optional[List[List[int]]] = None
         self._weighting_ready = False
+        self._weighting_setup = False
         self._precond_state: Dict[int, Dict[str, Tensor]] = {}
         self._agg_state: Dict[str, Tensor] = {}
         self._weight_state: Dict[str, Tensor] = {}
@@ -162,7 +163,7 @@ class MultiTaskOptimizer(Optimizer):
             if self._task_lr is not None:
                 self._split_groups(self._partition)
         if self._names is not None:
-            self._setup_weighting(self._names, check_scheduler=False)
+            self._setup_weighting(self._names)
 
     # ------------------------------------------------------------------ torch contract
     @property  # type: ignore[override]
@@ -254,8 +255,6 @@ class MultiTaskOptimizer(Optimizer):
                 "learning-rate scheduler is already attached (a group has 'initial_lr'). Pass shared= and "
                 "tasks= to partition explicitly, or build the scheduler after the first step."
             )
-        if self.weighting.parameters() == [] and not self._weighting_ready:
-            pass
         graph = analyse(loss_list)
         partition = self._partition
         if partition is None:
@@ -267,13 +266,13 @@ class MultiTaskOptimizer(Optimizer):
             else _blocks(self._granularity, partition, self._index_of)
         )
         if not self._weighting_ready:
-            if _scheduler_attached(self.param_groups) and self._creates_group():
+            if _scheduler_attached(self.param_groups) and _weighting_is_learnable(self.weighting):
                 raise RuntimeError(
-                    f"weighting {self.weighting.name!r} adds a param group at the first step, but a learning-rate "
-                    "scheduler is already attached. Pass tasks= or num_tasks= so it is created at construction, "
-                    "or build the scheduler after the first step."
+                    f"weighting {self.weighting.name!r} adds a param group at the first step, but a "
+                    "learning-rate scheduler is already attached. Pass tasks= or num_tasks= so it is "
+                    "created at construction, or build the scheduler after the first step."
                 )
-            self.weighting.setup(len(names), names)
+            self._setup_weighting_once(names)
 
         gen_state = self._generator.get_state()
         k = len(names)
@@ -329,7 +328,7 @@ class MultiTaskOptimizer(Optimizer):
         if self._partition is None:
             self._commit_partition(partition, blocks)
         if not self._weighting_ready:
-            self._setup_weighting(partition.names, check_scheduler=False)
+            self._setup_weighting(partition.names)
         for params, g_list in zip(partition.tasks, task_grads):
             for p, g in zip(params, g_list):
                 _accumulate(p, g)
@@ -418,14 +417,16 @@ class MultiTaskOptimizer(Optimizer):
         self.last_stats = {"skipped": self._skipped, "losses": values.tolist(), "skipped_step": True}
         return None
 
-    def _creates_group(self) -> bool:
-        return bool(self.weighting.parameters()) or _weighting_is_learnable(self.weighting)
+    def _setup_weighting_once(self, names: Sequence[str]) -> None:
+        if not self._weighting_setup:
+            self.weighting.setup(len(names), names)
+            self._weighting_setup = True
 
-    def _setup_weighting(self, names: Sequence[str], check_scheduler: bool) -> None:
+    def _setup_weighting(self, names: Sequence[str]) -> None:
+        """Set the weighting up for ``names`` and give its parameters their own group."""
         if self._weighting_ready:
             return
-        if not self.weighting.parameters():
-            self.weighting.setup(len(names), names)
+        self._setup_weighting_once(names)
         params = self.weighting.parameters()
         if params:
             group: Dict[str, Any] = {"params": params, "task": "weighting"}
@@ -539,7 +540,7 @@ class MultiTaskOptimizer(Optimizer):
                 self._split_groups(partition)
         if names is not None and not self._weighting_ready:
             self._names = names
-            self._setup_weighting(names, check_scheduler=False)
+            self._setup_weighting(names)
         params = self.weighting.parameters()
         if len(params) != len(mt["weighting_params"]):
             raise ValueError("state_dict's weighting parameters do not match this optimizer's weighting")
