@@ -81,7 +81,9 @@ def main() -> None:
     print(f"{'method':<26}{'regression MSE':>16}{'classif. BCE':>14}{'mean rel. change':>18}{'time (s)':>10}")
     for name, res, seconds in results:
         rel = 100.0 * sum((res[k] - base[k]) / base[k] for k in base) / len(base)
-        print(f"{name:<26}{res['regression']:>16.3f}{res['classification']:>14.4f}{rel:>17.1f}%{seconds:>10.1f}")
+        print(
+            f"{name:<26}{res['regression']:>16.3f}{res['classification']:>14.4f}{rel:>17.1f}%{seconds:>10.1f}"
+        )
 
 
 if __name__ == "__main__":

@@ -1,0 +1,41 @@
+"""The README's usage code runs as written, and CI runs the README's test command."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+
+
+def _section(title: str) -> str:
+    match = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## )", README, flags=re.S | re.M)
+    assert match, f"README has no '## {title}' section"
+    return match.group(1)
+
+
+def test_usage_blocks_run() -> None:
+    blocks = re.findall(r"```python\n(.*?)```", _section("Usage"), flags=re.S)
+    assert len(blocks) >= 2
+    namespace: dict = {}
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102
+    opt = namespace["opt"]
+    assert [g["task"] for g in opt.param_groups] == ["shared", "depth", "label"]
+
+
+def test_ci_runs_readme_test_command() -> None:
+    commands = re.findall(r"```bash\n(.*?)\n```", _section("Fresh machine"), flags=re.S)
+    assert len(commands) == 2, "the README holds exactly two set-up commands"
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert commands[1].strip() in ci
+
+
+@pytest.mark.parametrize("path", ["examples/quickstart.py"])
+def test_demo_command_names_existing_script(path: str) -> None:
+    commands = re.findall(r"```bash\n(.*?)\n```", _section("Fresh machine"), flags=re.S)
+    assert path in commands[0]
+    assert (ROOT / path).exists()
