@@ -62,7 +62,10 @@ class MultiTaskOptimizer(Optimizer):
         weighting: ``None`` (equal weights), a registered name or a
             :class:`~multitask_optim.weighting.Weighting`.
         num_tasks: number of tasks, when the partition is automatic, so that learnable
-            weightings can create their parameters at construction.
+            weightings can create their parameters at construction (tasks named
+            ``"0"``, ``"1"``, ...).
+        task_names: the task names, when the partition is automatic and the losses
+            come as a mapping (implies ``num_tasks``).
         surgery_kwargs: extra keyword arguments for a surgery given by name.
         weighting_kwargs: keyword arguments for a weighting given by name.
         gradient_mode: ``"auto"``, ``"frontier"``, ``"batched"`` or ``"looped"``.
@@ -85,6 +88,7 @@ class MultiTaskOptimizer(Optimizer):
         beta2: float = 0.999,
         weighting: Union[None, str, Weighting] = None,
         num_tasks: Optional[int] = None,
+        task_names: Optional[Sequence[str]] = None,
         surgery_kwargs: Optional[Mapping[str, Any]] = None,
         weighting_kwargs: Optional[Mapping[str, Any]] = None,
         gradient_mode: str = "auto",
@@ -129,11 +133,22 @@ class MultiTaskOptimizer(Optimizer):
             self._names = self._partition.names
             if self._partition.unused:
                 _warn_unused(self._partition.unused, self._index_of, "were not listed in shared= or tasks=")
+        if task_names is not None:
+            if isinstance(task_names, str):
+                raise TypeError("task_names must be a sequence of names, not one string")
+            given = check_names(list(task_names))
+            if not given:
+                raise ValueError("task_names is empty")
+            if self._names is not None and given != self._names:
+                raise ValueError(
+                    f"task_names {list(given)} differ from the names in tasks= {list(self._names)}"
+                )
+            self._names = given
         if num_tasks is not None:
-            if not isinstance(num_tasks, int) or num_tasks < 1:
+            if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
                 raise ValueError(f"num_tasks must be a positive int, got {num_tasks!r}")
             if self._names is not None and len(self._names) != num_tasks:
-                raise ValueError(f"num_tasks={num_tasks} but tasks= names {len(self._names)} tasks")
+                raise ValueError(f"num_tasks={num_tasks} but {len(self._names)} task names are given")
             if self._names is None:
                 self._names = tuple(str(i) for i in range(num_tasks))
         if (
@@ -372,6 +387,7 @@ class MultiTaskOptimizer(Optimizer):
                     extra = [n for n in keys if n not in self._names]
                     raise ValueError(
                         f"losses do not match the tasks {list(self._names)}: missing {missing}, unknown {extra}"
+                        " (name the tasks with tasks= or task_names= to use other keys)"
                     )
                 by_name = {str(k): v for k, v in losses.items()}
                 names = self._names
