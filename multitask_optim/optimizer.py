@@ -323,7 +323,7 @@ class MultiTaskOptimizer(Optimizer):
                 self._generator.set_state(gen_state)
                 return self._skip("non-finite gradient", names, values)
             jac = grads.shared
-            raw_gram = block_grams(jac, blocks, k) if self.weighting.needs_gram else None
+            raw_gram = self._weighting_gram(jac, blocks, partition, k) if self.weighting.needs_gram else None
             new_pstates = None
             if self.preconditioner is not None:
                 old = [self._precond_state.get(self._index_of[id(p)]) for p in partition.shared]
@@ -432,6 +432,22 @@ class MultiTaskOptimizer(Optimizer):
             self._warned_skip = True
         self.last_stats = {"skipped": self._skipped, "losses": values.tolist(), "skipped_step": True}
         return None
+
+    def _weighting_gram(
+        self, jac: Sequence[Optional[Tensor]], blocks: List[List[int]], partition: Partition, k: int
+    ) -> Tensor:
+        """Gram matrices for the weighting: every block, or its own block last."""
+        params = self.weighting.gram_params()
+        if params is None:
+            return block_grams(jac, blocks, k)
+        position = {id(p): i for i, p in enumerate(partition.shared)}
+        missing = [p for p in params if id(p) not in position]
+        if missing:
+            raise ValueError(
+                f"weighting {self.weighting.name!r}: {len(missing)} of its gram parameters are not shared "
+                f"parameters (shapes {[tuple(p.shape) for p in missing[:3]]})"
+            )
+        return block_grams(jac, [[position[id(p)] for p in params]], k)
 
     def _setup_weighting_once(self, names: Sequence[str]) -> None:
         if not self._weighting_setup:

@@ -35,7 +35,8 @@ class WeightingContext:
         task_names: the task names, in order.
         gram: only in :meth:`Weighting.backward` of weightings with ``needs_gram``:
             ``(B, K, K)`` float64 Gram matrices of the *weighted* per-task gradients
-            ``grad(w_i L_i)`` on the shared blocks, before any preconditioning.
+            ``grad(w_i L_i)`` on the shared blocks, before any preconditioning; the
+            last block is the one over :meth:`Weighting.gram_params` when it is set.
     """
 
     generator: torch.Generator
@@ -62,6 +63,15 @@ class Weighting(ABC):
     def parameters(self) -> List[torch.nn.Parameter]:
         """Learnable parameters, updated by the inner optimizer."""
         return []
+
+    def gram_params(self) -> Optional[List[torch.Tensor]]:
+        """Shared parameters whose Gram ``backward`` reads (``needs_gram``).
+
+        ``None`` (default): the optimizer passes the Gram of every block, the last
+        block last. A list: the optimizer passes one extra block, over exactly these
+        parameters, as the last block of ``ctx.gram``.
+        """
+        return None
 
     def init_state(self, num_tasks: int) -> State:
         """Fresh state for ``num_tasks`` tasks."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence
+from typing import Iterable, List, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -25,8 +25,10 @@ class GradNorm(Weighting):
     Reference: Z. Chen, V. Badrinarayanan, C.-Y. Lee, A. Rabinovich, "GradNorm: Gradient
     Normalization for Adaptive Loss Balancing in Deep Multitask Networks", ICML 2018.
 
-    Learnable weights ``w_i`` (initialised to 1). On the last shared block ``W`` (the
-    last block of ``ctx.gram``, which holds the Gram of the *weighted* task gradients)::
+    Learnable weights ``w_i`` (initialised to 1). On the shared weights ``W`` — the
+    parameters given as ``layer`` (the paper's choice: the last shared layer), or else
+    the optimizer's last block (with ``granularity="global"``, the whole shared trunk)
+    — read from the Gram of the *weighted* task gradients (no second backward)::
 
         G_i     = ||grad_W (w_i L_i)|| = sqrt(gram[-1][i, i])
         Lt_i    = L_i(t) / L_i(0)               (L_i(0): first observed loss, in the state)
@@ -49,6 +51,8 @@ class GradNorm(Weighting):
         alpha: strength of the restoring force towards equal training rates
             (``>= 0``; the paper's default 1.5; 0 equalises gradient norms only).
         lr: learning rate of the weights' param group (``None``: the first group's).
+        layer: the shared parameters ``W`` whose gradient norms are balanced, e.g.
+            ``list(trunk[-1].parameters())``. ``None``: the optimizer's last block.
 
     Raises:
         ValueError: a negative or non-finite ``alpha``, a bad ``lr``, or (at run time) a
@@ -60,13 +64,18 @@ class GradNorm(Weighting):
     #: Weights are clamped to at least this value before renormalising.
     min_weight: float = 1e-6
 
-    def __init__(self, alpha: float = 1.5, lr: Optional[float] = None) -> None:
+    def __init__(
+        self, alpha: float = 1.5, lr: Optional[float] = None, layer: Optional[Iterable[Tensor]] = None
+    ) -> None:
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
             raise ValueError(f"alpha must be a number >= 0, got {alpha!r}")
         if not math.isfinite(alpha) or alpha < 0:
             raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
         self.alpha = float(alpha)
         self.lr = check_lr(lr)
+        self.layer: Optional[List[Tensor]] = None if layer is None else list(layer)
+        if self.layer is not None and not self.layer:
+            raise ValueError("layer must hold at least one parameter (or be None)")
         self.task_weights: Optional[torch.nn.Parameter] = None
         self._names: Optional[List[str]] = None
 
@@ -78,6 +87,9 @@ class GradNorm(Weighting):
 
     def parameters(self) -> List[torch.nn.Parameter]:
         return [] if self.task_weights is None else [self.task_weights]
+
+    def gram_params(self) -> Optional[List[Tensor]]:
+        return self.layer
 
     def init_state(self, num_tasks: int) -> State:
         return {
