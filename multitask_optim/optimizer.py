@@ -239,7 +239,8 @@ class MultiTaskOptimizer(Optimizer):
         gradients the caller already put in ``.grad``.
 
         Args:
-            losses: one scalar loss per task, as a sequence or a mapping by task name.
+            losses: one scalar loss per task, as a sequence or a mapping by task name. A
+                callable here is taken as the closure (``opt.step(closure)`` as in torch).
             closure: only without ``losses``; passed to the inner optimizer.
             features: representation mode: the shared trunk's output. Per-task gradients
                 are taken w.r.t. it, aggregated there, and one backward runs through the
@@ -249,6 +250,10 @@ class MultiTaskOptimizer(Optimizer):
         Returns:
             The inner optimizer's return value (None for a step with losses).
         """
+        if callable(losses) and not isinstance(losses, (Tensor, Mapping, list, tuple)):
+            if closure is not None:
+                raise TypeError("step() got two closures (positional and closure=)")
+            losses, closure = None, losses  # torch's positional idiom: opt.step(closure)
         if losses is None:
             if features is not None:
                 raise ValueError("features= needs losses")
