@@ -26,6 +26,7 @@ class LossGraph:
         children: the ``next_functions`` of each node (``(node or None, input_nr)``).
         param_mask: bit mask of the losses reaching each leaf tensor, keyed by ``id``.
         leaves: the ``AccumulateGrad`` node of each reached leaf, keyed by ``id``.
+        parents: how many edges point at each node.
     """
 
     roots: List[Node]
@@ -34,6 +35,7 @@ class LossGraph:
     order: List[Node]
     param_mask: Dict[int, int] = field(default_factory=dict)
     leaves: Dict[int, Node] = field(default_factory=dict)
+    parents: Dict[Node, int] = field(default_factory=dict)
 
     def reached_by(self, param: Tensor) -> int:
         """Bit mask of the losses whose graph reaches ``param`` (0 if none)."""
@@ -70,16 +72,18 @@ def analyse(losses: Sequence[Tensor]) -> LossGraph:
             mask[root] |= 1 << i
     param_mask: Dict[int, int] = {}
     leaves: Dict[int, Node] = {}
+    parents: Dict[Node, int] = dict.fromkeys(order, 0)
     for node in order:
         m = mask[node]
         for child, _ in children[node]:
             if child is not None:
                 mask[child] |= m
+                parents[child] += 1
         variable = getattr(node, "variable", None)
         if variable is not None:
             param_mask[id(variable)] = m
             leaves[id(variable)] = node
-    return LossGraph(roots, mask, children, order, param_mask, leaves)
+    return LossGraph(roots, mask, children, order, param_mask, leaves, parents)
 
 
 def popcount(mask: int) -> int:

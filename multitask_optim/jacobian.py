@@ -2,11 +2,19 @@
 
 Three exact paths, chosen automatically and remembered:
 
-- ``frontier`` (fastest): find the edges where each task's private graph meets the
+- ``frontier`` (default): find the edges where each task's private graph meets the
   shared graph, backpropagate each loss through its own head once to those edges
   (capturing only the head's own contribution with node hooks), then run one batched
   backward (``is_grads_batched=True``) from all frontier edges through the trunk.
   Head work is done once per task, trunk work once for all tasks (vectorised).
+  A shared ``x @ W.T (+ b)`` (``nn.Linear``, ``F.linear``) whose weight feeds nothing
+  else is kept *factored* where that is cheaper (rows ``N`` fewer than about the input
+  width): the trunk backward stops at the layer's output and yields the per-task output
+  gradients ``delta_i`` (K x N x out); with the saved input ``X`` (N x in) its Gram
+  contribution is ``<delta_i, (X X^T) delta_j>`` and its update
+  ``(sum_i c_i delta_i)^T X``, so no K x P weight-gradient buffer is built. Exact, but it
+  needs no element-wise per-task access, so not with per-task preconditioning.
+- ``lean``: the frontier path with *every* such linear layer factored (least memory).
 - ``batched``: one batched backward over the stacked losses (K x head work).
 - ``looped``: K ordinary backward passes (works wherever autograd works).
 
@@ -16,8 +24,8 @@ with respect to a feature tensor instead (see :func:`feature_gradients`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -25,7 +33,27 @@ from torch.autograd.graph import GradientEdge
 
 from .graph import LossGraph, Node, popcount
 
-MODES = ("frontier", "batched", "looped")
+MODES = ("lean", "frontier", "batched", "looped")
+
+
+@dataclass
+class LinearFactor:
+    """The Jacobian of a shared linear map ``Y = X W^T (+ b)``, kept factored.
+
+    Row ``i`` of the weight's Jacobian is ``deltas[i]^T inputs`` and of the bias'
+    ``deltas[i].sum(0)``.
+
+    Attributes:
+        weight: position of ``W`` in the shared parameter list.
+        bias: position of ``b`` (None without a bias).
+        inputs: ``X``, shape ``(N, in)``.
+        deltas: per-task output gradients, shape ``(K, N, out)``.
+    """
+
+    weight: int
+    bias: Optional[int]
+    inputs: Tensor
+    deltas: Tensor
 
 
 @dataclass
@@ -33,12 +61,22 @@ class TaskGradients:
     """Result of one gradient computation.
 
     Attributes:
-        shared: per shared parameter, its ``(K, *shape)`` Jacobian, None if no loss reached it.
+        shared: per shared parameter, its ``(K, *shape)`` Jacobian; None if no loss
+            reached it or if it is held by a factor.
         tasks: per task, the gradients of its own parameters (None where unreached).
+        factors: factored Jacobians of shared linear layers (``lean`` path).
     """
 
     shared: List[Optional[Tensor]]
     tasks: List[List[Optional[Tensor]]]
+    factors: List[LinearFactor] = field(default_factory=list)
+
+    def tensors(self) -> List[Tensor]:
+        """Every gradient tensor (for finiteness checks)."""
+        out = [j for j in self.shared if j is not None]
+        out += [g for t in self.tasks for g in t if g is not None]
+        out += [f.deltas for f in self.factors]
+        return out
 
 
 class GradientEngine:
@@ -46,13 +84,21 @@ class GradientEngine:
 
     Args:
         mode: ``"auto"`` (try the fastest path and remember the first one that works)
-            or one of ``"frontier"``, ``"batched"``, ``"looped"`` to force a path.
+            or one of ``"lean"``, ``"frontier"``, ``"batched"``, ``"looped"``.
+        factored: whether the ``lean`` path may be used at all (not with per-task
+            preconditioning or an aggregator that needs the Jacobian's rows).
     """
 
-    def __init__(self, mode: str = "auto") -> None:
+    def __init__(self, mode: str = "auto", factored: bool = True) -> None:
         if mode != "auto" and mode not in MODES:
             raise ValueError(f"gradient mode must be 'auto' or one of {MODES}, got {mode!r}")
+        if mode == "lean" and not factored:
+            raise ValueError(
+                "gradient_mode='lean' keeps linear layers factored, which per-task preconditioning and "
+                "Jacobian-based aggregators cannot use"
+            )
         self.requested = mode
+        self.factored = factored
         self.mode: Optional[str] = None if mode == "auto" else mode
         self.confirmed = mode != "auto"
 
@@ -63,14 +109,22 @@ class GradientEngine:
         shared: Sequence[Tensor],
         tasks: Sequence[Sequence[Tensor]],
     ) -> TaskGradients:
-        candidates = [self.mode] if self.mode is not None else list(MODES)
+        if self.mode is not None:
+            candidates: List[Optional[str]] = [self.mode]
+        else:
+            candidates = [m for m in MODES if m != "lean"]
         last_error: Optional[Exception] = None
         for mode in candidates:
             assert mode is not None
             # Until a path has worked once, keep the graph so a fallback can still run.
             keep = not self.confirmed
             try:
-                result = _PATHS[mode](losses, graph, shared, tasks, keep)
+                if mode in ("lean", "frontier"):
+                    # lean factors every shared linear layer; frontier only where cheaper
+                    policy = "always" if mode == "lean" else ("cheaper" if self.factored else "never")
+                    result = _frontier(losses, graph, shared, tasks, keep, policy)
+                else:
+                    result = _PATHS[mode](losses, graph, shared, tasks, keep)
             except RuntimeError as error:  # vmap / custom Function limitations
                 if self.confirmed:
                     raise
@@ -95,6 +149,7 @@ def _frontier(
     shared: Sequence[Tensor],
     tasks: Sequence[Sequence[Tensor]],
     keep: bool,
+    factor: str = "never",
 ) -> TaskGradients:
     k = len(losses)
     out = _empty(losses, shared, tasks)
@@ -174,20 +229,84 @@ def _frontier(
         outputs.append(GradientEdge(node, nr))
         grad_outputs.append(stacked)
     trunk = [p for p in shared if popcount(graph.reached_by(p)) >= 2]
-    if outputs and trunk:
+    linear = _linear_nodes(graph, shared_index, k, factor) if factor != "never" else []
+    held = {n for node in linear for n in node[1:3] if n is not None}
+    trunk = [p for p in trunk if shared_index[id(p)] not in held]
+    if outputs and (trunk or linear):
+        inputs: List[Union[Tensor, GradientEdge]] = [GradientEdge(node[0], 0) for node in linear]
+        inputs += trunk
         grads = torch.autograd.grad(
-            outputs, trunk, grad_outputs, retain_graph=keep, allow_unused=True, is_grads_batched=True
+            outputs, inputs, grad_outputs, retain_graph=keep, allow_unused=True, is_grads_batched=True
         )
-        for p, g in zip(trunk, grads):
+        for (_node, w, b, x), delta in zip(linear, grads[: len(linear)]):
+            if delta is None:
+                delta = torch.zeros((k, x.shape[0], shared[w].shape[0]), dtype=x.dtype, device=x.device)
+            out.factors.append(LinearFactor(w, b, x, delta))
+        for p, g in zip(trunk, grads[len(linear) :]):
             if g is None:
                 continue
             n = shared_index[id(p)]
             prev = out.shared[n]
             out.shared[n] = g if prev is None else prev + g
     for n, p in enumerate(shared):
-        if out.shared[n] is None and graph.reached_by(p):
+        if out.shared[n] is None and graph.reached_by(p) and n not in held:
             out.shared[n] = torch.zeros((k, *p.shape), dtype=p.dtype, device=p.device)
     return out
+
+
+def _linear_nodes(
+    graph: LossGraph, shared_index: Dict[int, int], k: int, policy: str
+) -> List[Tuple[Node, int, Optional[int], Tensor]]:
+    """Shared ``addmm(b, X, W.t())`` / ``mm(X, W.t())`` nodes whose ``W`` (and ``b``) feed nothing else.
+
+    Returns ``(node, weight position, bias position or None, X)``. With policy
+    ``"cheaper"`` a layer is kept factored only when that costs fewer multiply-adds
+    than forming its weight Jacobian (``N <~ in``).
+    """
+    found = []
+    for node in graph.order:
+        name = type(node).__name__
+        if name not in ("AddmmBackward0", "MmBackward0") or popcount(graph.mask[node]) < 2:
+            continue
+        nexts = graph.children[node]
+        try:
+            if name == "AddmmBackward0":
+                if node._saved_alpha != 1 or node._saved_beta != 1:
+                    continue
+                x = node._saved_mat1
+                bias_node, t_edge = nexts[0][0], nexts[2][0]
+            else:
+                x = node._saved_self
+                bias_node, t_edge = None, nexts[1][0]
+        except (AttributeError, RuntimeError, IndexError):
+            continue
+        if t_edge is None or type(t_edge).__name__ != "TBackward0" or graph.parents.get(t_edge) != 1:
+            continue
+        leaf = t_edge.next_functions[0][0]
+        weight = getattr(leaf, "variable", None)
+        if weight is None or id(weight) not in shared_index or graph.parents.get(leaf) != 1:
+            continue
+        if x is None or x.dim() != 2 or weight.dim() != 2:
+            continue
+        bias_pos: Optional[int] = None
+        if bias_node is not None:
+            bias = getattr(bias_node, "variable", None)
+            if (
+                bias is None
+                or id(bias) not in shared_index
+                or graph.parents.get(bias_node) != 1
+                or tuple(bias.shape) != (weight.shape[0],)
+            ):
+                continue
+            bias_pos = shared_index[id(bias)]
+        n_rows, (n_out, n_in) = x.shape[0], weight.shape
+        if policy == "cheaper":
+            factored = k * n_rows * n_rows * n_out + n_rows * n_rows * n_in
+            direct = k * n_rows * n_out * n_in + k * k * n_out * n_in
+            if factored >= direct:
+                continue
+        found.append((node, shared_index[id(weight)], bias_pos, x.detach()))
+    return found
 
 
 def _capture(slots, captured):  # type: ignore[no-untyped-def]

@@ -16,7 +16,7 @@ from .aggregators import AggregationContext, Aggregator, get_aggregator
 from .diagnostics import step_stats
 from .gram import block_grams
 from .graph import analyse
-from .jacobian import GradientEngine, TaskGradients, feature_gradients
+from .jacobian import GradientEngine, LinearFactor, TaskGradients, feature_gradients
 from .partition import Partition, TasksArg, check_against_graph, check_names, describe, discover, explicit
 from .precondition import Preconditioner
 from .weighting import Weighting, WeightingContext, get_weighting
@@ -116,7 +116,9 @@ class MultiTaskOptimizer(Optimizer):
         self.aggregator = _build_aggregator(surgery, reduction, beta, surgery_kwargs)
         self.preconditioner = Preconditioner(precondition, eps, beta2) if precondition is not None else None
         self.weighting = get_weighting(weighting, **dict(weighting_kwargs or {}))
-        self.engine = GradientEngine(gradient_mode)
+        self.engine = GradientEngine(
+            gradient_mode, factored=self.preconditioner is None and not self.aggregator.needs_jacobian
+        )
         self._granularity = _check_granularity(granularity, self._index_of)
         self._task_lr = _check_task_lr(task_lr)
         if seed is None:
@@ -280,6 +282,8 @@ class MultiTaskOptimizer(Optimizer):
         if partition is None:
             partition = discover(self._params, graph, names)
         check_against_graph(partition, graph, self._params)
+        if self._partition is None and self._task_lr is not None:
+            self._task_rates(partition.names)  # validate before anything is committed
         blocks = (
             self._blocks
             if self._blocks is not None
@@ -322,20 +326,22 @@ class MultiTaskOptimizer(Optimizer):
             raw_gram = gram
         else:
             grads: TaskGradients = self.engine.compute(weighted, graph, partition.shared, partition.tasks)
-            everything = [j for j in grads.shared if j is not None]
-            everything += [g for t in grads.tasks for g in t if g is not None]
-            if not _all_finite(everything):
+            if not _all_finite(grads.tensors()):
                 self._generator.set_state(gen_state)
                 return self._skip("non-finite gradient", names, values)
             jac = grads.shared
-            raw_gram = self._weighting_gram(jac, blocks, partition, k) if self.weighting.needs_gram else None
+            raw_gram = (
+                self._weighting_gram(jac, blocks, partition, k, grads.factors)
+                if self.weighting.needs_gram
+                else None
+            )
             new_pstates = None
             if self.preconditioner is not None:
                 old = [self._precond_state.get(self._index_of[id(p)]) for p in partition.shared]
                 jac, new_pstates = self.preconditioner.apply(jac, old)
-            gram = block_grams(jac, blocks, k)
+            gram = block_grams(jac, blocks, k, grads.factors)
             coefs, new_astate = self.aggregator(gram, self._agg_state, agg_ctx)
-            shared_updates = _combine(jac, blocks, coefs)
+            shared_updates = _combine(jac, blocks, coefs, grads.factors)
             task_grads = grads.tasks
             stats_gram = gram
         if not bool(torch.isfinite(coefs).all()) or not _all_finite(
@@ -439,12 +445,17 @@ class MultiTaskOptimizer(Optimizer):
         return None
 
     def _weighting_gram(
-        self, jac: Sequence[Optional[Tensor]], blocks: List[List[int]], partition: Partition, k: int
+        self,
+        jac: Sequence[Optional[Tensor]],
+        blocks: List[List[int]],
+        partition: Partition,
+        k: int,
+        factors: Sequence[LinearFactor],
     ) -> Tensor:
         """Gram matrices for the weighting: every block, or its own block last."""
         params = self.weighting.gram_params()
         if params is None:
-            return block_grams(jac, blocks, k)
+            return block_grams(jac, blocks, k, factors)
         position = {id(p): i for i, p in enumerate(partition.shared)}
         missing = [p for p in params if id(p) not in position]
         if missing:
@@ -452,7 +463,7 @@ class MultiTaskOptimizer(Optimizer):
                 f"weighting {self.weighting.name!r}: {len(missing)} of its gram parameters are not shared "
                 f"parameters (shapes {[tuple(p.shape) for p in missing[:3]]})"
             )
-        return block_grams(jac, [[position[id(p)] for p in params]], k)
+        return block_grams(jac, [[position[id(p)] for p in params]], k, factors)
 
     def _setup_weighting_once(self, names: Sequence[str]) -> None:
         if not self._weighting_setup:
@@ -486,17 +497,21 @@ class MultiTaskOptimizer(Optimizer):
         if self._task_lr is not None:
             self._split_groups(partition)
 
+    def _task_rates(self, names: Sequence[str]) -> Dict[str, float]:
+        """``task_lr`` as ``{role: lr}`` for these task names (ValueError on a mismatch)."""
+        if isinstance(self._task_lr, list):
+            if len(self._task_lr) != len(names):
+                raise ValueError(f"task_lr lists {len(self._task_lr)} rates for {len(names)} tasks")
+            return dict(zip(names, self._task_lr))
+        rates = dict(self._task_lr or {})
+        _check_task_lr_names(rates, names)
+        return rates
+
     def _split_groups(self, partition: Partition) -> None:
         if self._split:
             return
         names = partition.names
-        if isinstance(self._task_lr, list):
-            if len(self._task_lr) != len(names):
-                raise ValueError(f"task_lr lists {len(self._task_lr)} rates for {len(names)} tasks")
-            rates: Dict[str, float] = dict(zip(names, self._task_lr))
-        else:
-            rates = dict(self._task_lr or {})
-            _check_task_lr_names(rates, names)
+        rates = self._task_rates(names)
         roles = partition.role_of()
         new_groups: List[Dict[str, Any]] = []
         for group in self.optimizer.param_groups:
@@ -729,19 +744,43 @@ def _all_finite(tensors: Sequence[Tensor]) -> bool:
 
 
 def _combine(
-    jac: Sequence[Optional[Tensor]], blocks: Sequence[Sequence[int]], coefs: Tensor
+    jac: Sequence[Optional[Tensor]],
+    blocks: Sequence[Sequence[int]],
+    coefs: Tensor,
+    factors: Sequence[LinearFactor] = (),
+) -> List[Optional[Tensor]]:
+    """Shared updates ``J_b^T c_b`` per parameter; recomputed in float64 if they overflow."""
+    out = _combine_in(jac, blocks, coefs, factors, None)
+    if not _all_finite([u for u in out if u is not None]):
+        out = _combine_in(jac, blocks, coefs, factors, torch.float64)
+    return out
+
+
+def _combine_in(
+    jac: Sequence[Optional[Tensor]],
+    blocks: Sequence[Sequence[int]],
+    coefs: Tensor,
+    factors: Sequence[LinearFactor],
+    dtype: Optional[torch.dtype],
 ) -> List[Optional[Tensor]]:
     out: List[Optional[Tensor]] = [None] * len(jac)
-    for b, block in enumerate(blocks):
-        for i in block:
-            rows = jac[i]
-            if rows is None:
+    block_of = {p: b for b, block in enumerate(blocks) for p in block}
+    for i, rows in enumerate(jac):
+        if rows is None or i not in block_of:
+            continue
+        work = rows if dtype is None else rows.to(dtype)
+        c = coefs[block_of[i]].to(device=rows.device, dtype=work.dtype)
+        out[i] = torch.tensordot(c, work, dims=1).to(rows.dtype)
+    for f in factors:
+        d = f.deltas if dtype is None else f.deltas.to(dtype)
+        x = f.inputs.to(d.dtype)
+        for pos in (f.weight, f.bias):
+            if pos is None or pos not in block_of:
                 continue
-            c = coefs[b].to(device=rows.device, dtype=rows.dtype)
-            update = torch.tensordot(c, rows, dims=1)
-            if not bool(torch.isfinite(update).all()):
-                update = torch.tensordot(coefs[b].to(rows.device), rows.double(), dims=1).to(rows.dtype)
-            out[i] = update
+            c = coefs[block_of[pos]].to(device=d.device, dtype=d.dtype)
+            mixed = torch.tensordot(c, d, dims=1)  # (N, out)
+            update = mixed.T @ x if pos == f.weight else mixed.sum(dim=0)
+            out[pos] = update.to(f.deltas.dtype)
     return out
 
 
