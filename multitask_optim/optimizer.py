@@ -6,6 +6,7 @@ import inspect
 import math
 import warnings
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -13,9 +14,12 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from .aggregators import AggregationContext, Aggregator, get_aggregator
+from .amp import current_scale
+from .amp import update as amp_update
 from .diagnostics import step_stats
+from .distributed import all_average, world_size
 from .gram import block_grams
-from .graph import analyse
+from .graph import LossGraph, analyse
 from .jacobian import GradientEngine, LinearFactor, TaskGradients, feature_gradients
 from .partition import Partition, TasksArg, check_against_graph, check_names, describe, discover, explicit
 from .precondition import Preconditioner
@@ -68,7 +72,12 @@ class MultiTaskOptimizer(Optimizer):
             come as a mapping (implies ``num_tasks``).
         surgery_kwargs: extra keyword arguments for a surgery given by name.
         weighting_kwargs: keyword arguments for a weighting given by name.
-        gradient_mode: ``"auto"``, ``"frontier"``, ``"batched"`` or ``"looped"``.
+        gradient_mode: ``"auto"`` (frontier, falling back to batched then looped),
+            ``"frontier"``, ``"lean"``, ``"batched"`` or ``"looped"``.
+        grad_scaler: a ``torch.amp.GradScaler`` for float16 training: losses are
+            scaled, per-task gradients unscaled before anything reads them, and a step
+            with an inf/NaN is skipped and lowers the scale (see :mod:`.amp`). Do not
+            call ``scaler.step`` / ``scaler.update`` yourself.
     """
 
     def __init__(
@@ -92,6 +101,7 @@ class MultiTaskOptimizer(Optimizer):
         surgery_kwargs: Optional[Mapping[str, Any]] = None,
         weighting_kwargs: Optional[Mapping[str, Any]] = None,
         gradient_mode: str = "auto",
+        grad_scaler: Optional[Any] = None,
     ) -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -173,6 +183,8 @@ class MultiTaskOptimizer(Optimizer):
         self._skipped = 0
         self._warned_skip = False
         self.last_stats: Dict[str, Any] = {}
+        self.grad_scaler = grad_scaler
+        self._pending: Optional[_Pending] = None
 
         if self._partition is not None:
             self._blocks = _blocks(self._granularity, self._partition, self._index_of)
@@ -237,8 +249,10 @@ class MultiTaskOptimizer(Optimizer):
     ) -> Any:
         """One optimisation step on the per-task ``losses``.
 
-        Without ``losses`` this is exactly the inner optimizer's ``step(closure)`` on the
-        gradients the caller already put in ``.grad``.
+        Without ``losses`` and with nothing accumulated this is exactly the inner
+        optimizer's ``step(closure)`` on the gradients the caller put in ``.grad``.
+        Without ``losses`` after :meth:`accumulate` calls, it aggregates the accumulated
+        per-task gradients once and steps.
 
         Args:
             losses: one scalar loss per task, as a sequence or a mapping by task name. A
@@ -247,7 +261,9 @@ class MultiTaskOptimizer(Optimizer):
             features: representation mode: the shared trunk's output. Per-task gradients
                 are taken w.r.t. it, aggregated there, and one backward runs through the
                 trunk with the aggregated feature gradient (MGDA-UB with ``"mgda"``). The
-                batch dimension is flattened into the gradient vector.
+                batch dimension is flattened into the gradient vector (as the MGDA-UB
+                paper's code does); shared parameters receive gradient only through
+                ``features``.
 
         Returns:
             The inner optimizer's return value (None for a step with losses).
@@ -259,18 +275,79 @@ class MultiTaskOptimizer(Optimizer):
         if losses is None:
             if features is not None:
                 raise ValueError("features= needs losses")
+            if self._pending is not None:
+                if closure is not None:
+                    raise TypeError("closure cannot be combined with accumulated losses")
+                return self._finish(self._take_pending())
             return self.optimizer.step(closure) if closure is not None else self.optimizer.step()
         if closure is not None:
             raise TypeError("closure cannot be combined with losses")
-        names, loss_list = self._check_losses(losses)
-        values = torch.stack([loss.detach().reshape(()).to(torch.float64).cpu() for loss in loss_list])
-        if not bool(torch.isfinite(values).all()):
-            bad = [n for n, v in zip(names, values.tolist()) if not math.isfinite(v)]
-            return self._skip(f"non-finite loss for task(s) {bad}", names, values)
         if features is not None:
-            _check_features(features)
-            if self.preconditioner is not None:
-                raise ValueError("precondition is not supported in representation mode (features=)")
+            if self._pending is not None:
+                raise ValueError("features= cannot be combined with accumulated losses; call step() first")
+            return self._representation_step(losses, features)
+        if self._pending is not None:
+            raise ValueError(
+                "accumulate() was called before: call step() without losses to aggregate the accumulated "
+                "gradients, or accumulate() this micro-batch too"
+            )
+        self._pending = self._prepare(losses)
+        return self._finish(self._take_pending())
+
+    def accumulate(self, losses: Losses) -> None:
+        """Add one micro-batch's per-task gradients; the next ``step()`` aggregates them once.
+
+        Task and shared gradients are summed over micro-batches (as ``backward`` would
+        sum them: scale the losses by ``1 / micro_batches`` for a mean), and the loss
+        values are summed for the weighting. The aggregation (weighting,
+        preconditioning, Gram, surgery) then runs once on the sum, so ``M`` micro-batches
+        equal one step on their concatenation. Memory is bounded by one Jacobian.
+        """
+        pending = self._prepare(losses, self._pending)
+        self._pending = pending
+
+    def epoch_end(self) -> None:
+        """Mark an epoch boundary for epoch-based weightings (DWA)."""
+        self._weight_state = self.weighting.epoch_end(self._weight_state)
+
+    # ------------------------------------------------------------------ one step, in stages
+    def _prepare(self, losses: Losses, pending: Optional[_Pending] = None) -> _Pending:
+        """Check the losses and compute this micro-batch's raw per-task gradients.
+
+        Changes no state of the optimizer: the result is held until :meth:`_finish`.
+        """
+        names, loss_list = self._check_losses(losses, pending.names if pending is not None else None)
+        values = torch.stack([loss.detach().reshape(()).to(torch.float64).cpu() for loss in loss_list])
+        distributed = world_size() > 1
+        if not distributed and not bool(torch.isfinite(values).all()):
+            bad = [n for n, v in zip(names, values.tolist()) if not math.isfinite(v)]
+            out = pending or _Pending(names, None, None, torch.zeros_like(values), None)
+            out.bad = out.bad or f"non-finite loss for task(s) {bad}"
+            out.micro += 1
+            return out
+        partition = pending.partition if pending is not None else None
+        graph, partition, blocks = self._structure(names, loss_list, partition)
+        scale = current_scale(self.grad_scaler)
+        scaled = [loss * scale for loss in loss_list] if scale != 1.0 else loss_list
+        grads = self.engine.compute(scaled, graph, partition.shared, partition.tasks)
+        if scale != 1.0:
+            _scale_gradients(grads, [1.0 / scale] * len(names))
+        if pending is None or pending.grads is None:
+            bad = pending.bad if pending is not None else None
+            micro = pending.micro if pending is not None else 0
+            out = _Pending(names, partition, blocks, values, grads, bad, micro + 1)
+            if pending is not None:
+                out.values = out.values + pending.values
+            return out
+        pending.grads = _add_gradients(pending.grads, grads, partition.shared)
+        pending.values = pending.values + values
+        pending.micro += 1
+        return pending
+
+    def _structure(
+        self, names: Tuple[str, ...], loss_list: Sequence[Tensor], partition: Optional[Partition]
+    ) -> Tuple[LossGraph, Partition, List[List[int]]]:
+        """Graph, partition (discovered or checked) and blocks; raises before any change."""
         if self._partition is None and self._task_lr is not None and _scheduler_attached(self.param_groups):
             raise RuntimeError(
                 "task_lr with an automatic partition splits the param groups at the first step, but a "
@@ -278,9 +355,10 @@ class MultiTaskOptimizer(Optimizer):
                 "tasks= to partition explicitly, or build the scheduler after the first step."
             )
         graph = analyse(loss_list)
-        partition = self._partition
         if partition is None:
-            partition = discover(self._params, graph, names)
+            partition = (
+                self._partition if self._partition is not None else discover(self._params, graph, names)
+            )
         check_against_graph(partition, graph, self._params)
         if self._partition is None and self._task_lr is not None:
             self._task_rates(partition.names)  # validate before anything is committed
@@ -297,60 +375,146 @@ class MultiTaskOptimizer(Optimizer):
                     "created at construction, or build the scheduler after the first step."
                 )
             self._setup_weighting_once(names)
+        return graph, partition, blocks
+
+    def _take_pending(self) -> _Pending:
+        pending = self._pending
+        assert pending is not None
+        self._pending = None
+        return pending
+
+    def _finish(self, pending: _Pending) -> None:
+        """Weighting, preconditioning, Gram, aggregation; then commit and step."""
+        names, values = pending.names, pending.values
+        if pending.bad is not None or pending.grads is None or pending.partition is None:
+            return self._skip(pending.bad or "non-finite loss", values)
+        grads, partition = pending.grads, pending.partition
+        blocks = pending.blocks
+        assert blocks is not None
+        k = len(names)
+        if world_size() > 1:
+            grads = _materialize(grads, partition.shared)
+            values = self._average(grads, values)
+        if not bool(torch.isfinite(values).all()) or not _all_finite(grads.tensors()):
+            return self._skip("non-finite loss or gradient", values)
 
         gen_state = self._generator.get_state()
-        k = len(names)
         wctx = WeightingContext(self._generator, self._steps, names)
         weights, new_wstate = self.weighting.weights(values, self._weight_state, wctx)
         weights = weights.detach().to(torch.float64).cpu().reshape(k)
         weight_list = weights.tolist()
-        weighted = [loss if w == 1.0 else loss * w for loss, w in zip(loss_list, weight_list)]
+        if any(w != 1.0 for w in weight_list):
+            _scale_gradients(grads, weight_list)
+        jac = grads.shared
+        raw_gram = (
+            self._weighting_gram(jac, blocks, partition, k, grads.factors)
+            if self.weighting.needs_gram
+            else None
+        )
+        new_pstates = None
+        if self.preconditioner is not None:
+            old = [self._precond_state.get(self._index_of[id(p)]) for p in partition.shared]
+            jac, new_pstates = self.preconditioner.apply(jac, old)
+        gram = block_grams(jac, blocks, k, grads.factors)
         agg_ctx = AggregationContext(self._generator, values * weights, self._steps)
-
-        if features is not None:
-            z_rows, task_grads = feature_gradients(weighted, features, partition.tasks, graph)
-            if not _all_finite([z_rows, *(g for t in task_grads for g in t if g is not None)]):
-                self._generator.set_state(gen_state)
-                return self._skip("non-finite gradient", names, values)
-            gram = block_grams([z_rows], [[0]], k)
-            coefs, new_astate = self.aggregator(gram, self._agg_state, agg_ctx)
-            feature_grad = torch.tensordot(coefs[0].to(z_rows.dtype).to(z_rows.device), z_rows, dims=1)
-            trunk = [p for p in partition.shared if graph.reached_by(p)]
-            trunk_grads = (
-                torch.autograd.grad(features, trunk, feature_grad, allow_unused=True) if trunk else ()
-            )
-            got = {id(p): g for p, g in zip(trunk, trunk_grads)}
-            shared_updates: List[Optional[Tensor]] = [got.get(id(p)) for p in partition.shared]
-            new_pstates: Optional[List[Any]] = None
-            stats_gram = gram
-            raw_gram = gram
-        else:
-            grads: TaskGradients = self.engine.compute(weighted, graph, partition.shared, partition.tasks)
-            if not _all_finite(grads.tensors()):
-                self._generator.set_state(gen_state)
-                return self._skip("non-finite gradient", names, values)
-            jac = grads.shared
-            raw_gram = (
-                self._weighting_gram(jac, blocks, partition, k, grads.factors)
-                if self.weighting.needs_gram
-                else None
-            )
-            new_pstates = None
-            if self.preconditioner is not None:
-                old = [self._precond_state.get(self._index_of[id(p)]) for p in partition.shared]
-                jac, new_pstates = self.preconditioner.apply(jac, old)
-            gram = block_grams(jac, blocks, k, grads.factors)
-            coefs, new_astate = self.aggregator(gram, self._agg_state, agg_ctx)
-            shared_updates = _combine(jac, blocks, coefs, grads.factors)
-            task_grads = grads.tasks
-            stats_gram = gram
-        if not bool(torch.isfinite(coefs).all()) or not _all_finite(
-            [u for u in shared_updates if u is not None]
-        ):
+        coefs, new_astate = self.aggregator(gram, self._agg_state, agg_ctx)
+        updates = _combine(jac, blocks, coefs, grads.factors)
+        if not bool(torch.isfinite(coefs).all()) or not _all_finite([u for u in updates if u is not None]):
             self._generator.set_state(gen_state)
-            return self._skip("non-finite aggregation", names, values)
+            return self._skip("non-finite aggregation", values)
+        self._commit(partition, blocks, grads.tasks, updates, new_pstates, new_astate)
+        return self._apply(values, weights, new_wstate, wctx, raw_gram, gram, coefs, self.engine.mode)
 
-        # ---- commit: nothing above changed any state
+    def _representation_step(self, losses: Losses, features: Tensor) -> None:
+        """Representation mode: aggregate the per-task gradients w.r.t. ``features``."""
+        _check_features(features)
+        if self.preconditioner is not None:
+            raise ValueError("precondition is not supported in representation mode (features=)")
+        names, loss_list = self._check_losses(losses, None)
+        values = torch.stack([loss.detach().reshape(()).to(torch.float64).cpu() for loss in loss_list])
+        distributed = world_size() > 1
+        if not distributed and not bool(torch.isfinite(values).all()):
+            bad = [n for n, v in zip(names, values.tolist()) if not math.isfinite(v)]
+            return self._skip(f"non-finite loss for task(s) {bad}", values)
+        graph, partition, blocks = self._structure(names, loss_list, None)
+        k = len(names)
+        scale = current_scale(self.grad_scaler)
+        scaled = [loss * scale for loss in loss_list] if scale != 1.0 else loss_list
+        z_rows, task_grads = feature_gradients(scaled, features, partition.tasks, graph)
+        if scale != 1.0:
+            z_rows = z_rows / scale
+            task_grads = [[None if g is None else g / scale for g in t] for t in task_grads]
+        gram = block_grams([z_rows], [[0]], k)
+        size = world_size()
+        if distributed:
+            # the global batch concatenates the ranks' rows: Gram = sum of local Grams / size^2
+            reduced = all_average(
+                [gram.to(z_rows.device, z_rows.dtype), values.to(z_rows.device, z_rows.dtype)]
+            )
+            gram = reduced[0].double().cpu() / size
+            values = reduced[1].double().cpu()
+        if not bool(torch.isfinite(values).all()) or not _all_finite([z_rows, gram]):
+            return self._skip("non-finite loss or gradient", values)
+        gen_state = self._generator.get_state()
+        wctx = WeightingContext(self._generator, self._steps, names)
+        weights, new_wstate = self.weighting.weights(values, self._weight_state, wctx)
+        weights = weights.detach().to(torch.float64).cpu().reshape(k)
+        w = weights.to(gram.dtype)
+        gram = gram * w.view(1, k, 1) * w.view(1, 1, k)
+        agg_ctx = AggregationContext(self._generator, values * weights, self._steps)
+        coefs, new_astate = self.aggregator(gram, self._agg_state, agg_ctx)
+        if not bool(torch.isfinite(coefs).all()):
+            self._generator.set_state(gen_state)
+            return self._skip("non-finite aggregation", values)
+        mix = (coefs[0] * weights).to(device=z_rows.device, dtype=z_rows.dtype)
+        feature_grad = torch.tensordot(mix, z_rows, dims=1)
+        trunk = [p for p in partition.shared if graph.reached_by(p)]
+        trunk_grads = torch.autograd.grad(features, trunk, feature_grad, allow_unused=True) if trunk else ()
+        got = {id(p): g for p, g in zip(trunk, trunk_grads)}
+        updates: List[Optional[Tensor]] = [got.get(id(p)) for p in partition.shared]
+        task_grads = [
+            [None if g is None else g * wi for g in t] for t, wi in zip(task_grads, weights.tolist())
+        ]
+        if distributed:
+            updates, task_grads = _average_updates(updates, task_grads)
+        if not _all_finite([u for u in updates if u is not None]):
+            self._generator.set_state(gen_state)
+            return self._skip("non-finite gradient", values)
+        self._commit(partition, blocks, task_grads, updates, None, new_astate)
+        return self._apply(values, weights, new_wstate, wctx, gram, gram, coefs, "representation")
+
+    def _average(self, grads: TaskGradients, values: Tensor) -> Tensor:
+        """Average gradients and loss values across ranks (one bucketed collective)."""
+        like = next((t for t in grads.tensors()), None)
+        tensors: List[Tensor] = [values if like is None else values.to(like.device, like.dtype)]
+        slots: List[Tuple[str, int, int]] = []
+        for n, j in enumerate(grads.shared):
+            if j is not None:
+                tensors.append(j)
+                slots.append(("shared", n, 0))
+        for i, task in enumerate(grads.tasks):
+            for n, g in enumerate(task):
+                if g is not None:
+                    tensors.append(g)
+                    slots.append(("task", i, n))
+        reduced = all_average(tensors)
+        for (kind, a, b), t in zip(slots, reduced[1:]):
+            if kind == "shared":
+                grads.shared[a] = t
+            else:
+                grads.tasks[a][b] = t
+        return reduced[0].to(torch.float64).cpu()
+
+    def _commit(
+        self,
+        partition: Partition,
+        blocks: List[List[int]],
+        task_grads: Sequence[Sequence[Optional[Tensor]]],
+        updates: Sequence[Optional[Tensor]],
+        new_pstates: Optional[List[Any]],
+        new_astate: Dict[str, Tensor],
+    ) -> None:
+        """Nothing before this changed any state; from here the step is taken."""
         if self._partition is None:
             self._commit_partition(partition, blocks)
         if not self._weighting_ready:
@@ -358,13 +522,25 @@ class MultiTaskOptimizer(Optimizer):
         for params, g_list in zip(partition.tasks, task_grads):
             for p, g in zip(params, g_list):
                 _accumulate(p, g)
-        for p, u in zip(partition.shared, shared_updates):
+        for p, u in zip(partition.shared, updates):
             _accumulate(p, u)
         if new_pstates is not None:
             for p, st in zip(partition.shared, new_pstates):
                 if st is not None:
                     self._precond_state[self._index_of[id(p)]] = st
         self._agg_state = new_astate
+
+    def _apply(
+        self,
+        values: Tensor,
+        weights: Tensor,
+        new_wstate: Dict[str, Tensor],
+        wctx: WeightingContext,
+        raw_gram: Optional[Tensor],
+        gram: Tensor,
+        coefs: Tensor,
+        mode: Optional[str],
+    ) -> None:
         if self.weighting.parameters():
             wctx.gram = raw_gram
             self.weighting.backward(values, weights, new_wstate, wctx)
@@ -372,48 +548,48 @@ class MultiTaskOptimizer(Optimizer):
         self._steps += 1
         self.optimizer.step()
         self.weighting.after_step()
-        total = stats_gram.sum(dim=0)
-        self.last_stats = step_stats(total, None, weight_list, values.tolist(), self._skipped)
+        amp_update(self.grad_scaler, self, False, self._device())
+        self.last_stats = step_stats(gram.sum(dim=0), None, weights.tolist(), values.tolist(), self._skipped)
         self.last_stats["coefficients"] = coefs.mean(dim=0).tolist()
         self.last_stats["block_coefficients"] = coefs.tolist()
         self.last_stats["objective"] = self.weighting.objective(values, weights)
-        self.last_stats["gradient_mode"] = "representation" if features is not None else self.engine.mode
+        self.last_stats["gradient_mode"] = mode
         return None
 
-    def epoch_end(self) -> None:
-        """Mark an epoch boundary for epoch-based weightings (DWA)."""
-        self._weight_state = self.weighting.epoch_end(self._weight_state)
+    def _device(self) -> torch.device:
+        return self._params[0].device if self._params else torch.device("cpu")
 
     # ------------------------------------------------------------------ internals
-    def _check_losses(self, losses: Losses) -> Tuple[Tuple[str, ...], List[Tensor]]:
+    def _check_losses(
+        self, losses: Losses, expected: Optional[Tuple[str, ...]] = None
+    ) -> Tuple[Tuple[str, ...], List[Tensor]]:
+        known = self._names if self._names is not None else expected
         if isinstance(losses, Tensor):
             raise TypeError(
                 "losses must be a sequence or a mapping of scalar tensors, one per task, not one tensor"
             )
         if isinstance(losses, Mapping):
             keys = tuple(str(k) for k in losses.keys())
-            if self._names is not None:
-                if set(keys) != set(self._names) or len(keys) != len(self._names):
-                    missing = [n for n in self._names if n not in keys]
-                    extra = [n for n in keys if n not in self._names]
+            if known is not None:
+                if set(keys) != set(known) or len(keys) != len(known):
+                    missing = [n for n in known if n not in keys]
+                    extra = [n for n in keys if n not in known]
                     raise ValueError(
-                        f"losses do not match the tasks {list(self._names)}: missing {missing}, unknown {extra}"
+                        f"losses do not match the tasks {list(known)}: missing {missing}, unknown {extra}"
                         " (name the tasks with tasks= or task_names= to use other keys)"
                     )
                 by_name = {str(k): v for k, v in losses.items()}
-                names = self._names
+                names = known
                 items = [by_name[n] for n in names]
             else:
                 names = check_names(keys)
                 items = list(losses.values())
         elif isinstance(losses, (list, tuple)):
             items = list(losses)
-            if self._names is not None:
-                if len(items) != len(self._names):
-                    raise ValueError(
-                        f"expected {len(self._names)} losses (tasks {list(self._names)}), got {len(items)}"
-                    )
-                names = self._names
+            if known is not None:
+                if len(items) != len(known):
+                    raise ValueError(f"expected {len(known)} losses (tasks {list(known)}), got {len(items)}")
+                names = known
             else:
                 names = tuple(str(i) for i in range(len(items)))
         else:
@@ -433,7 +609,8 @@ class MultiTaskOptimizer(Optimizer):
                 raise ValueError(f"loss of task {name!r} does not require grad (is it detached?)")
         return names, [loss.reshape(()) for loss in items]
 
-    def _skip(self, why: str, names: Sequence[str], values: Tensor) -> None:
+    def _skip(self, why: str, values: Tensor) -> None:
+        amp_update(self.grad_scaler, self, True, self._device())
         self._skipped += 1
         if not self._warned_skip:
             warnings.warn(
@@ -618,6 +795,72 @@ class MultiTaskOptimizer(Optimizer):
 
 
 # ---------------------------------------------------------------------- helpers
+@dataclass
+class _Pending:
+    """Per-task gradients computed but not yet aggregated (one or more micro-batches)."""
+
+    names: Tuple[str, ...]
+    partition: Optional[Partition]
+    blocks: Optional[List[List[int]]]
+    values: Tensor
+    grads: Optional[TaskGradients]
+    bad: Optional[str] = None
+    micro: int = 1
+
+
+def _scale_gradients(grads: TaskGradients, factors: Sequence[float]) -> None:
+    """Multiply task ``i``'s gradients by ``factors[i]`` (Jacobian rows, deltas, task grads)."""
+    k = len(factors)
+    for n, j in enumerate(grads.shared):
+        if j is not None:
+            grads.shared[n] = j * torch.tensor(factors, dtype=j.dtype, device=j.device).view(
+                k, *([1] * (j.dim() - 1))
+            )
+    for f in grads.factors:
+        f.deltas = f.deltas * torch.tensor(factors, dtype=f.deltas.dtype, device=f.deltas.device).view(
+            k, 1, 1
+        )
+    for i, task in enumerate(grads.tasks):
+        if factors[i] != 1.0:
+            grads.tasks[i] = [None if g is None else g * factors[i] for g in task]
+
+
+def _materialize(grads: TaskGradients, shared: Sequence[Tensor]) -> TaskGradients:
+    """Turn factored linear layers into explicit Jacobian rows."""
+    if not grads.factors:
+        return grads
+    rows = list(grads.shared)
+    for f in grads.factors:
+        x = f.inputs.to(f.deltas.dtype)
+        weight = torch.einsum("kno,ni->koi", f.deltas, x)
+        rows[f.weight] = weight if rows[f.weight] is None else rows[f.weight] + weight
+        if f.bias is not None:
+            bias = f.deltas.sum(dim=1)
+            rows[f.bias] = bias if rows[f.bias] is None else rows[f.bias] + bias
+    return TaskGradients(rows, grads.tasks, [])
+
+
+def _add_gradients(a: TaskGradients, b: TaskGradients, shared: Sequence[Tensor]) -> TaskGradients:
+    """Sum of two micro-batches' gradients (factors are materialised: bounded memory)."""
+    a, b = _materialize(a, shared), _materialize(b, shared)
+    rows = [x if y is None else (y if x is None else x + y) for x, y in zip(a.shared, b.shared)]
+    tasks = [
+        [x if y is None else (y if x is None else x + y) for x, y in zip(ta, tb)]
+        for ta, tb in zip(a.tasks, b.tasks)
+    ]
+    return TaskGradients(rows, tasks, [])
+
+
+def _average_updates(
+    updates: List[Optional[Tensor]], task_grads: List[List[Optional[Tensor]]]
+) -> Tuple[List[Optional[Tensor]], List[List[Optional[Tensor]]]]:
+    flat = [u for u in updates if u is not None] + [g for t in task_grads for g in t if g is not None]
+    it = iter(all_average(flat))
+    new_updates = [None if u is None else next(it) for u in updates]
+    new_tasks = [[None if g is None else next(it) for g in t] for t in task_grads]
+    return new_updates, new_tasks
+
+
 def _build_aggregator(
     surgery: Union[None, str, Aggregator],
     reduction: str,
