@@ -6,6 +6,8 @@ from typing import Any, Callable, Dict, Type, Union
 
 from .base import AggregationContext, Aggregator, random_orders
 from .gradvac import GradVac, gradvac_coefficients
+from .mgda import MGDA, mgda_coefficients
+from .pareto import ParetoWeights
 from .pcgrad import PCGrad, pcgrad_coefficients
 from .sum import Sum
 
@@ -20,7 +22,7 @@ def register_aggregator(cls: Type[Aggregator]) -> Type[Aggregator]:
     return cls
 
 
-for _cls in (Sum, PCGrad, GradVac):
+for _cls in (Sum, PCGrad, GradVac, MGDA, ParetoWeights):
     register_aggregator(_cls)
 
 
@@ -46,10 +48,13 @@ __all__ = [
     "AggregationContext",
     "Aggregator",
     "GradVac",
+    "MGDA",
     "PCGrad",
+    "ParetoWeights",
     "Sum",
     "get_aggregator",
     "gradvac_coefficients",
+    "mgda_coefficients",
     "pcgrad_coefficients",
     "random_orders",
     "register_aggregator",
