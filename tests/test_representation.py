@@ -1,0 +1,147 @@
+"""Representation mode: aggregate per-task gradients w.r.t. the shared features."""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from multitask_optim import AGGREGATORS, MultiTaskOptimizer
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _orthonormal_rows(n: int, d: int, seed: int) -> Tensor:
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(d, n, generator=g, dtype=torch.float64))
+    return q.T.contiguous()  # (n, d) with X X^T = I
+
+
+class LinearTrunk(nn.Module):
+    def __init__(self, k: int, d_in: int = 12, d_z: int = 6) -> None:
+        super().__init__()
+        self.trunk = nn.Linear(d_in, d_z, bias=False)
+        self.heads = nn.ModuleList([nn.Linear(d_z, 1) for _ in range(k)])
+
+    def forward(self, x: Tensor, targets: List[Tensor]):
+        z = self.trunk(x)
+        return z, [((h(z).squeeze(-1) - t) ** 2).mean() for h, t in zip(self.heads, targets)]
+
+
+def _data(k: int, n: int = 5, seed: int = 0):
+    x = _orthonormal_rows(n, 12, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    targets = [torch.randn(n, generator=g, dtype=torch.float64) * (3.0 if i % 2 else -2.0) for i in range(k)]
+    return x, targets
+
+
+def _run(surgery: Optional[str], features: bool, k: int = 3, steps: int = 3):
+    torch.manual_seed(0)
+    model = LinearTrunk(k).double()
+    opt = MultiTaskOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), surgery=surgery, seed=5)
+    for step in range(steps):
+        x, targets = _data(k, seed=step)
+        z, losses = model(x, targets)
+        opt.zero_grad()
+        if features:
+            opt.step(losses, features=z)
+        else:
+            opt.step(losses)
+    return [p.detach().clone() for p in model.parameters()], opt
+
+
+EXACT = [None, "pcgrad", "gradvac"] + [m for m in ("mgda",) if m in AGGREGATORS]
+
+
+@pytest.mark.parametrize("surgery", EXACT)
+def test_linear_trunk_with_orthonormal_inputs_matches_parameter_level(surgery: Optional[str]) -> None:
+    """With z = X W^T and X X^T = I the feature Gram equals the parameter Gram, so every
+    Gram-based method gives the same coefficients, and the trunk update (sum c_i Z_i)^T X
+    equals the parameter-level J^T c."""
+    rep, opt = _run(surgery, features=True)
+    par, _ = _run(surgery, features=False)
+    assert opt.last_stats["gradient_mode"] == "representation"
+    for a, b in zip(rep, par):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_representation_differs_from_parameter_level_in_general() -> None:
+    """Sanity check that the previous test can fail: with non-orthonormal inputs the two
+    Grams differ and so do PCGrad's results."""
+    torch.manual_seed(0)
+    results = []
+    for features in (True, False):
+        torch.manual_seed(0)
+        model = LinearTrunk(3).double()
+        opt = MultiTaskOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), surgery="pcgrad", seed=5)
+        x = torch.randn(5, 12, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 3
+        _, targets = _data(3)
+        z, losses = model(x, targets)
+        opt.step(losses, features=z) if features else opt.step(losses)
+        results.append(model.trunk.weight.detach().clone())
+    assert not torch.allclose(results[0], results[1])
+
+
+@pytest.mark.skipif("mgda" not in AGGREGATORS, reason="mgda aggregator not registered")
+def test_mgda_ub_gives_a_common_descent_direction_on_the_features() -> None:
+    torch.manual_seed(0)
+    trunk = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 6)).double()
+    heads = nn.ModuleList([nn.Linear(6, 1).double() for _ in range(4)])
+    params = list(trunk.parameters()) + list(heads.parameters())
+    opt = MultiTaskOptimizer(torch.optim.SGD(params, lr=0.0), surgery="mgda")
+    x = torch.randn(10, 8, dtype=torch.float64)
+    z = trunk(x)
+    signs = [1.0, -1.0, 2.0, -0.5]
+    losses = [((h(z).squeeze(-1) - s * x[:, 0]) ** 2).mean() for h, s in zip(heads, signs)]
+    rows = torch.stack([torch.autograd.grad(loss, z, retain_graph=True)[0].flatten() for loss in losses])
+    opt.step(losses, features=z)
+    coefs = torch.tensor(opt.last_stats["coefficients"], dtype=torch.float64)
+    assert bool((coefs >= -1e-12).all()) and abs(float(coefs.sum()) - 1.0) < 1e-9  # in the convex hull
+    d = coefs @ rows  # the aggregated feature gradient
+    assert d.norm() > 0
+    inner = rows @ d
+    # min-norm point of the hull: <d, g_i> >= ||d||^2 for every task (a common descent direction)
+    assert bool((inner >= d.dot(d) * (1 - 1e-6) - 1e-12).all()), inner
+    # and the trunk received exactly the backward of that feature gradient
+    z2 = trunk(x)
+    expected_trunk = torch.autograd.grad(z2, list(trunk.parameters()), d.view_as(z2))
+    for p, g in zip(trunk.parameters(), expected_trunk):
+        torch.testing.assert_close(p.grad, g)
+
+
+def test_representation_mode_heads_get_their_own_gradients() -> None:
+    torch.manual_seed(0)
+    model = LinearTrunk(2).double()
+    opt = MultiTaskOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), surgery="pcgrad")
+    x, targets = _data(2)
+    z, losses = model(x, targets)
+    expected = [
+        torch.autograd.grad(loss, list(h.parameters()), retain_graph=True)
+        for loss, h in zip(losses, model.heads)
+    ]
+    opt.step(losses, features=z)
+    for head, grads in zip(model.heads, expected):
+        for p, g in zip(head.parameters(), grads):
+            torch.testing.assert_close(p.grad, g)
+
+
+def test_representation_mode_rejects_bad_features_and_preconditioning() -> None:
+    model = LinearTrunk(2).double()
+    x, targets = _data(2)
+    z, losses = model(x, targets)
+    opt = MultiTaskOptimizer(torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(ValueError, match="features"):
+        opt.step(losses, features=z.detach())
+    with pytest.raises(TypeError, match="features"):
+        opt.step(losses, features=[z])  # type: ignore[arg-type]
+    pre = MultiTaskOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), precondition="adam")
+    with pytest.raises(ValueError, match="representation"):
+        pre.step(losses, features=z)
