@@ -25,6 +25,9 @@ def test_usage_blocks_run() -> None:
         exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102
     opt = namespace["opt"]
     assert [g["task"] for g in opt.param_groups] == ["shared", "depth", "label"]
+    for block in re.findall(r"```python\n(.*?)```", _section("Methods"), flags=re.S):
+        exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102
+    assert namespace["opt"].param_groups[-1]["task"] == "weighting"
 
 
 def test_ci_runs_readme_test_command() -> None:
