@@ -70,13 +70,17 @@ def pcgrad_coefficients(gram: Tensor, orders: Tensor, reduction: str = "sum") ->
         return coefs / k if reduction == "mean" else coefs
     _, partner_rows, partner_sq = project_rounds_setup(gram, orders)
     # 1 / ||g_j||^2, and 0 for a zero g_j (skipped, no division by zero)
-    inv_sq = torch.where(partner_sq > 0, 1.0 / partner_sq.where(partner_sq > 0, 1.0), 0.0)
+    # a zero g_j is skipped; dividing (not multiplying by 1/||g_j||^2) keeps a subnormal
+    # ||g_j||^2 finite: |<g_i', g_j>| / ||g_j||^2 <= ||g_i'|| / ||g_j||
+    has_norm = partner_sq > 0
+    safe_sq = partner_sq.where(has_norm, 1.0)
     inner = gram.clone()  # inner[b, i, :] = <g_i', g_k> for every k
     index = orders.unsqueeze(-1)
     steps = []
     for t in range(k - 1):
         v = inner.gather(2, index[:, :, t]).squeeze(-1)
-        coef = v.clamp(max=0.0).mul_(inv_sq[:, :, t])  # 0 unless <g_i', g_j> < 0
+        conflict = (v < 0) & has_norm[:, :, t]
+        coef = torch.where(conflict, v / safe_sq[:, :, t], 0.0)
         inner.addcmul_(coef.unsqueeze(-1), partner_rows[:, :, t], value=-1.0)
         steps.append(coef)
     # A = I - sum_t coef_t e_{j_t};  c_k = sum_i A[i, k]
