@@ -44,7 +44,6 @@ KKT_TOL = 1e-8
 SUPPORT_TOL = 1e-9
 FEAS_TOL = 1e-12
 PROPS = settings(derandomize=True, deadline=None, max_examples=60)
-SLOW_PROPS = settings(derandomize=True, deadline=None, max_examples=30)
 DTYPE = torch.float64
 
 
@@ -64,11 +63,12 @@ def _single_thread() -> Iterator[None]:
 
 @st.composite
 def jacobians(draw: st.DrawFn, min_k: int = 1, max_k: int = 12) -> Tensor:
-    """A ``K x P`` float64 Jacobian with the degenerate structures of DESIGN.md §4."""
+    """A ``K x P`` float64 Jacobian with the degenerate structures of DESIGN.md §4
+    (plus nearly parallel copies of rows, the solver's hardest case)."""
     k = draw(st.integers(min_k, max_k))
     p = draw(st.integers(1, 24))
     gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
-    kind = draw(st.sampled_from(["general", "low_rank", "copies", "shifted"]))
+    kind = draw(st.sampled_from(["general", "low_rank", "copies", "near_copies", "shifted"]))
     if kind == "low_rank":
         r = draw(st.integers(1, max(1, min(k, p) - 1)))
         jac = torch.randn(k, r, generator=gen, dtype=DTYPE) @ torch.randn(r, p, generator=gen, dtype=DTYPE)
@@ -81,6 +81,9 @@ def jacobians(draw: st.DrawFn, min_k: int = 1, max_k: int = 12) -> Tensor:
             if draw(st.booleans()):
                 src = draw(st.integers(0, i - 1))
                 jac[i] = draw(st.sampled_from([1.0, -1.0, 2.0, 0.5])) * jac[src]
+    if kind == "near_copies" and k > 1:  # copies equal up to a relative 1e-9 (ill-conditioned)
+        src = torch.randint(0, max(1, k // 3), (k,), generator=gen)
+        jac = jac[src] * (1.0 + 1e-9 * torch.randn(k, 1, generator=gen, dtype=DTYPE))
     if draw(st.booleans()):
         zero = draw(st.lists(st.booleans(), min_size=k, max_size=k))
         jac[torch.tensor(zero)] = 0.0
@@ -157,22 +160,34 @@ def project_feasible(v: Tensor, lower: Tensor) -> Tensor:
     return lower + (y - tau).clamp_min(0.0)
 
 
-def fista_reference(gram: Tensor, lower: Tensor, iters: int = 3000) -> float:
-    """Objective (relative) of accelerated projected gradient with adaptive restart."""
+def fista_reference(gram: Tensor, lower: Tensor, iters: int = 10000) -> Tuple[float, float]:
+    """Accelerated projected gradient with adaptive restart on the relative objective.
+
+    Returns ``(objective, gap)``: the best objective found and its Frank-Wolfe gap, which
+    certifies ``objective - optimum <= gap``. Stops once the gap is below ``1e-8``.
+    """
     g = gram / scale_of(gram)
     lip = 2.0 * max(float(torch.linalg.eigvalsh(g).max()), 1e-12)
+    s = 1.0 - float(lower.sum())
     x = project_feasible(torch.full((len(lower),), 1.0 / len(lower), dtype=DTYPE), lower)
     y, t, best = x.clone(), 1.0, float(x @ g @ x)
-    for _ in range(iters):
+
+    def gap_at(v: Tensor) -> float:
+        grad = 2.0 * (g @ v)
+        return float(grad @ v - grad @ lower - s * grad.min())
+
+    for it in range(iters):
         x_new = project_feasible(y - (2.0 / lip) * (g @ y), lower)
         f_new = float(x_new @ g @ x_new)
-        if f_new > best:  # restart the momentum
+        if f_new <= best:
+            t_new = 0.5 * (1.0 + math.sqrt(1.0 + 4.0 * t * t))
+            y = x_new + ((t - 1.0) / t_new) * (x_new - x)
+            x, t, best = x_new, t_new, f_new
+        else:  # restart the momentum
             y, t = x.clone(), 1.0
-            continue
-        t_new = 0.5 * (1.0 + math.sqrt(1.0 + 4.0 * t * t))
-        y = x_new + ((t - 1.0) / t_new) * (x_new - x)
-        x, t, best = x_new, t_new, f_new
-    return best
+        if it % 10 == 0 and gap_at(x) <= 1e-8:
+            break
+    return best, gap_at(x)
 
 
 def two_step_reference(gram: Tensor, lower: Tensor) -> Tensor:
@@ -253,7 +268,7 @@ def test_three_tasks_beat_a_fine_grid(jac: Tensor, bounded: bool, data: st.DataO
     assert objective(gram, a) <= grid_best + 1e-12
 
 
-@SLOW_PROPS
+@PROPS
 @given(st.data())
 def test_objective_matches_a_long_projected_gradient_run(data: st.DataObject) -> None:
     jac = data.draw(jacobians(min_k=2))
@@ -261,9 +276,11 @@ def test_objective_matches_a_long_projected_gradient_run(data: st.DataObject) ->
     low = data.draw(lower_bounds(k)) if data.draw(st.booleans()) else [0.0] * k
     gram = gram_of(jac)
     a = min_norm_weights(gram, low)
-    ref = fista_reference(gram, torch.tensor(low, dtype=DTYPE))
+    ref, gap = fista_reference(gram, torch.tensor(low, dtype=DTYPE))
     obj = objective(gram, a)
-    assert obj <= ref + 1e-12
+    assert gap <= 1e-7, "the reference did not converge"
+    assert obj <= ref + 1e-12  # never worse than the reference ...
+    assert obj >= ref - gap - 1e-12  # ... whose gap bounds the optimum from below
     assert abs(obj - ref) <= 1e-6
 
 

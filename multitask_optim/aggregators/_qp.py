@@ -17,7 +17,8 @@ Method:
   ``H_ij = l^T G l + s (G l)_i + s (G l)_j + s^2 G_ij`` is built from ``G`` alone, so
   the bounded problem is again a minimum-norm point of a convex hull.
 * ``K = 2``: the closed form of the minimum-norm point of a segment, clipped to the
-  feasible interval ``[l_1, 1 - l_2]``.
+  feasible interval ``[l_1, 1 - l_2]`` (the better end when the two rows are equal up
+  to rounding, so that the segment's curvature cannot be read from ``G``).
 * ``K > 2``: Wolfe's minimum-norm-point algorithm (P. Wolfe, "Finding the nearest point
   in a polytope", Mathematical Programming 11, 1976), an active-set method over
   affinely independent "corrals". Each minor step solves the KKT system of the
@@ -58,6 +59,8 @@ GAP_TOL = 1e-12
 _PY_SOLVE_LIMIT = 8
 #: Slack allowed on ``sum(lower) <= 1`` before the bounds are declared infeasible.
 _SUM_SLACK = 1e-12
+#: Below this (relative) curvature the two-task objective is treated as linear.
+_FLAT = 1e-13
 
 LowerSpec = Union[None, float, Sequence[float], Tensor]
 
@@ -240,6 +243,32 @@ def _pairwise_polish(h: List[List[float]], b: List[float], tol: float, steps: in
     return b
 
 
+def _segment(g: List[List[float]], lo: float, hi: float) -> List[float]:
+    """Closed form for ``K = 2``: ``a = (t, 1 - t)`` with ``t`` in ``[lo, hi]``.
+
+    ``f(t) = t^2 G_00 + 2 t (1 - t) G_01 + (1 - t)^2 G_11`` is minimised at
+    ``t* = (G_11 - G_01) / ||g_0 - g_1||^2``, clipped to the interval. The curvature
+    ``||g_0 - g_1||^2 = G_00 + G_11 - 2 G_01`` is read from ``G`` with an absolute error
+    of a few ulps, so when it is below ``_FLAT`` (the two rows equal, or parallel and
+    almost equal) ``f`` is treated as linear: the better end of the interval, or its
+    midpoint when both ends are equally good.
+    """
+    g00, g01, g11 = g[0][0], g[0][1], g[1][1]
+    den = g00 + g11 - 2.0 * g01
+    if den > _FLAT:
+        t = min(max((g11 - g01) / den, lo), hi)
+        return [t, 1.0 - t]
+
+    def f(t: float) -> float:
+        return t * t * g00 + 2.0 * t * (1.0 - t) * g01 + (1.0 - t) * (1.0 - t) * g11
+
+    t = 0.5 * (lo + hi)
+    for end in (lo, hi):
+        if f(end) < f(t):
+            t = end
+    return [t, 1.0 - t]
+
+
 def check_lower(lower: LowerSpec, k: int, name: str = "lower") -> List[float]:
     """Expand and validate lower bounds for ``k`` tasks.
 
@@ -297,11 +326,7 @@ def solve_simplex_qp(gram: Sequence[Sequence[float]], lower: LowerSpec = None) -
     inv = 1.0 / scale
     g = [[0.5 * (float(gram[i][j]) + float(gram[j][i])) * inv for j in range(k)] for i in range(k)]
     if k == 2:
-        den = g[0][0] + g[1][1] - 2.0 * g[0][1]
-        lo, hi = low[0], 1.0 - low[1]
-        a0 = (g[1][1] - g[0][1]) / den if den > 0.0 else 0.5 * (lo + hi)
-        a0 = min(max(a0, lo), hi)
-        return [a0, 1.0 - a0]
+        return _segment(g, low[0], 1.0 - low[1])
     if any(low):
         gl = [sum(map(mul, row, low)) for row in g]
         lgl = sum(map(mul, gl, low))
