@@ -1,11 +1,38 @@
-"""Per-step statistics, as plain Python numbers for any logger."""
+"""Per-step statistics, as plain Python numbers for any logger, and helpers to see them.
+
+- :func:`step_stats` builds ``opt.last_stats`` (used by the optimizer).
+- :func:`log_stats` writes one step's statistics as scalars to any object with an
+  ``add_scalar(tag, value, step)`` method (TensorBoard's ``SummaryWriter``, a wandb or
+  MLflow adapter, a test double).
+- :class:`StatsHistory` records ``opt.last_stats`` step after step (plain lists) and
+  :func:`plot_history` draws a run: the pairwise-cosine heat map (pairs x steps, where
+  negative cells are conflicts), the task weights, the aggregation coefficients and
+  the losses, saved as a PNG (matplotlib, the ``plot`` extra, imported only there).
+
+Example::
+
+    from torch.utils.tensorboard import SummaryWriter
+    from multitask_optim.diagnostics import StatsHistory, log_stats, plot_history
+
+    writer, history = SummaryWriter(), StatsHistory(task_names=opt.tasks)
+    for step, batch in enumerate(loader):
+        opt.zero_grad()
+        opt.step(model.losses(batch))
+        log_stats(writer, opt.last_stats, step, task_names=opt.tasks)
+        history.append(opt.last_stats, step)
+    plot_history(history, "run.png")
+"""
 
 from __future__ import annotations
 
+import copy
 import math
-from typing import Any, Dict, Optional, Sequence
+import os
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from torch import Tensor
+
+__all__ = ["StatsHistory", "log_stats", "plot_history", "step_stats"]
 
 
 def step_stats(
@@ -40,3 +67,292 @@ def step_stats(
     if coefficients is not None:
         stats["coefficients"] = coefficients.tolist()
     return stats
+
+
+# ---------------------------------------------------------------------- logging
+def _names(k: int, task_names: Optional[Sequence[str]]) -> List[str]:
+    if task_names is None:
+        return [str(i) for i in range(k)]
+    names = [str(n) for n in task_names]
+    if len(names) != k:
+        raise ValueError(f"task_names has {len(names)} names but the statistics are for {k} tasks")
+    return names
+
+
+def _num_tasks(stats: Mapping[str, Any]) -> int:
+    for key in ("losses", "weights", "grad_norms", "coefficients", "cosine"):
+        value = stats.get(key)
+        if isinstance(value, (list, tuple)):
+            return len(value)
+    return 0
+
+
+def _pairs(k: int) -> List[Tuple[int, int]]:
+    return [(i, j) for i in range(k) for j in range(i + 1, k)]
+
+
+def _mean_pairwise(cosine: Sequence[Sequence[float]]) -> float:
+    pairs = _pairs(len(cosine))
+    if not pairs:
+        return float("nan")
+    return sum(float(cosine[i][j]) for i, j in pairs) / len(pairs)
+
+
+def log_stats(
+    writer: Any,
+    stats: Mapping[str, Any],
+    step: int,
+    prefix: str = "multitask",
+    task_names: Optional[Sequence[str]] = None,
+) -> Dict[str, float]:
+    """Write one step's statistics (``opt.last_stats``) as scalars to ``writer``.
+
+    ``writer`` is anything with ``add_scalar(tag, value, step)``, e.g.
+    ``torch.utils.tensorboard.SummaryWriter``. Tags (``{t}`` a task name, tasks named
+    ``"0"``, ``"1"``, ... unless ``task_names`` is given -- pass ``opt.tasks``):
+
+    - ``{prefix}/loss/{t}``, ``{prefix}/weight/{t}``, ``{prefix}/grad_norm/{t}``,
+      ``{prefix}/coefficient/{t}`` (mean over Gram blocks);
+    - ``{prefix}/cosine/{a}-{b}`` for each pair ``a < b`` and ``{prefix}/cosine/mean``;
+    - ``{prefix}/conflicts`` (pairs with a negative inner product),
+      ``{prefix}/skipped`` (steps skipped so far), ``{prefix}/objective``.
+
+    A skipped step's statistics hold only the losses and the skip count; only those
+    are written. Keys that are absent are not written.
+
+    Returns:
+        ``{tag: value}`` of everything written (plain floats).
+    """
+    if not hasattr(writer, "add_scalar"):
+        raise TypeError(
+            f"writer must have an add_scalar(tag, value, step) method, got {type(writer).__name__}"
+        )
+    k = _num_tasks(stats)
+    names = _names(k, task_names)
+    out: Dict[str, float] = {}
+
+    def put(tag: str, value: Any) -> None:
+        out[f"{prefix}/{tag}"] = float(value)
+
+    per_task = (
+        ("losses", "loss"),
+        ("weights", "weight"),
+        ("grad_norms", "grad_norm"),
+        ("coefficients", "coefficient"),
+    )
+    for key, tag in per_task:
+        values = stats.get(key)
+        if values is None:
+            continue
+        for name, value in zip(names, values):
+            put(f"{tag}/{name}", value)
+    cosine = stats.get("cosine")
+    if cosine is not None:
+        for i, j in _pairs(len(cosine)):
+            put(f"cosine/{names[i]}-{names[j]}", cosine[i][j])
+        if len(cosine) > 1:
+            put("cosine/mean", _mean_pairwise(cosine))
+    for key in ("conflicts", "skipped", "objective"):
+        if stats.get(key) is not None:
+            put(key, stats[key])
+    for tag, value in out.items():
+        writer.add_scalar(tag, value, step)
+    return out
+
+
+# ---------------------------------------------------------------------- history
+class StatsHistory:
+    """Records ``opt.last_stats`` over a run, as plain Python lists.
+
+    Each :meth:`append` adds one row to every list (``None`` where the step has no value,
+    e.g. the cosines of a skipped step), so all lists are aligned with :attr:`steps`.
+
+    Attributes:
+        steps: the step index of each row.
+        losses, weights, grad_norms, coefficients: per row, a list of K floats (or None).
+        cosine: per row, the K x K cosine matrix (or None).
+        conflicts: per row, the number of conflicting pairs (or None).
+        skipped: per row, the number of steps skipped so far.
+        skipped_step: per row, whether that step was skipped.
+        task_names: the task names (``"0"``, ``"1"``, ... until known).
+    """
+
+    _FIELDS = ("losses", "weights", "grad_norms", "coefficients", "cosine", "conflicts")
+
+    def __init__(self, task_names: Optional[Sequence[str]] = None) -> None:
+        self.task_names: Optional[List[str]] = [str(n) for n in task_names] if task_names else None
+        self.steps: List[int] = []
+        self.losses: List[Optional[List[float]]] = []
+        self.weights: List[Optional[List[float]]] = []
+        self.grad_norms: List[Optional[List[float]]] = []
+        self.coefficients: List[Optional[List[float]]] = []
+        self.cosine: List[Optional[List[List[float]]]] = []
+        self.conflicts: List[Optional[int]] = []
+        self.skipped: List[int] = []
+        self.skipped_step: List[bool] = []
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def __repr__(self) -> str:
+        return f"StatsHistory(steps={len(self)}, tasks={self.names})"
+
+    @property
+    def num_tasks(self) -> int:
+        if self.task_names is not None:
+            return len(self.task_names)
+        for row in self.losses:
+            if row is not None:
+                return len(row)
+        return 0
+
+    @property
+    def names(self) -> List[str]:
+        return _names(self.num_tasks, self.task_names)
+
+    def append(self, stats: Mapping[str, Any], step: Optional[int] = None) -> None:
+        """Add one step's statistics (``opt.last_stats``); ``step`` defaults to the next index."""
+        if not isinstance(stats, Mapping):
+            raise TypeError(f"stats must be a mapping (opt.last_stats), got {type(stats).__name__}")
+        if not stats:
+            raise ValueError("stats is empty: append opt.last_stats after a step")
+        k = _num_tasks(stats)
+        if self.num_tasks and k and k != self.num_tasks:
+            raise ValueError(f"stats are for {k} tasks, the history for {self.num_tasks}")
+        self.steps.append(int(step) if step is not None else (self.steps[-1] + 1 if self.steps else 0))
+        for key in self._FIELDS:
+            value = stats.get(key)
+            getattr(self, key).append(copy.deepcopy(_plain(value)) if value is not None else None)
+        self.skipped.append(int(stats.get("skipped", 0)))
+        self.skipped_step.append(bool(stats.get("skipped_step", False)))
+
+    def record(self, optimizer: Any, step: Optional[int] = None) -> None:
+        """Append ``optimizer.last_stats`` (and take the task names from ``optimizer.tasks``)."""
+        if self.task_names is None and getattr(optimizer, "tasks", None):
+            self.task_names = [str(n) for n in optimizer.tasks]
+        self.append(optimizer.last_stats, step)
+
+    def pair_cosines(self) -> Tuple[List[Tuple[int, int]], List[List[float]]]:
+        """``(pairs, rows)``: for each pair ``i < j``, its cosine at every step (NaN if absent)."""
+        pairs = _pairs(self.num_tasks)
+        rows = [[float(c[i][j]) if c is not None else float("nan") for c in self.cosine] for i, j in pairs]
+        return pairs, rows
+
+    def series(self, key: str) -> List[List[float]]:
+        """Per task, the values of ``key`` (``"losses"``, ``"weights"``, ...) over the steps (NaN if absent)."""
+        if key not in ("losses", "weights", "grad_norms", "coefficients"):
+            raise ValueError(f"series() takes losses, weights, grad_norms or coefficients, got {key!r}")
+        rows = getattr(self, key)
+        return [
+            [float(r[t]) if r is not None and t < len(r) else float("nan") for r in rows]
+            for t in range(self.num_tasks)
+        ]
+
+    def to_dict(self) -> Dict[str, Any]:
+        """Everything as plain lists (JSON-serialisable apart from NaN/inf floats)."""
+        out: Dict[str, Any] = {"task_names": self.names, "steps": list(self.steps)}
+        for key in (*self._FIELDS, "skipped", "skipped_step"):
+            out[key] = copy.deepcopy(getattr(self, key))
+        return out
+
+
+def _plain(value: Any) -> Any:
+    """Tensors and nested sequences as plain Python numbers and lists."""
+    if isinstance(value, Tensor):
+        return value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+# ---------------------------------------------------------------------- plotting
+def plot_history(
+    history: StatsHistory,
+    path: Union[str, os.PathLike[str]],
+    title: Optional[str] = None,
+    dpi: int = 100,
+) -> str:
+    """Draw a run recorded in ``history`` and save it as a PNG at ``path``.
+
+    Panels: the pairwise cosine of the task gradients on the shared parameters as a heat
+    map (one row per pair, one column per step; blue aligned, red conflicting) with
+    the number of conflicting pairs per step below it, the task weights, the aggregation
+    coefficients (mean over Gram blocks) and the losses (log scale when positive).
+    Skipped steps are left blank.
+
+    Needs matplotlib (``pip install "multitask_optim[plot]"``); it is imported here
+    only, with the non-interactive Agg canvas (no display, no global backend change).
+
+    Returns:
+        ``str(path)``.
+    """
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as error:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "plot_history needs matplotlib: pip install 'multitask_optim[plot]' "
+            "(or the 'bench' extra, which includes it)"
+        ) from error
+    if not isinstance(history, StatsHistory):
+        raise TypeError(f"history must be a StatsHistory, got {type(history).__name__}")
+    if len(history) == 0:
+        raise ValueError("history is empty: append opt.last_stats after each step first")
+
+    steps = history.steps
+    names = history.names
+    pairs, rows = history.pair_cosines()
+    fig = Figure(figsize=(10, 10.5), constrained_layout=True)
+    FigureCanvasAgg(fig)
+    grid = fig.add_gridspec(4, 2, height_ratios=[1.3, 0.45, 1, 1])
+    heat = fig.add_subplot(grid[0, :])
+    count = fig.add_subplot(grid[1, :], sharex=heat)
+    lo, hi = steps[0] - 0.5, steps[-1] + 0.5
+    if pairs:
+        image = heat.imshow(
+            rows,
+            aspect="auto",
+            cmap="RdBu",
+            vmin=-1.0,
+            vmax=1.0,
+            interpolation="nearest",
+            extent=(lo, hi, len(pairs) - 0.5, -0.5),
+        )
+        heat.set_yticks(range(len(pairs)))
+        heat.set_yticklabels([f"{names[i]} / {names[j]}" for i, j in pairs])
+        fig.colorbar(image, ax=heat, label="cosine (< 0: conflict)")
+    else:
+        heat.text(0.5, 0.5, "one task: no pairs", ha="center", va="center", transform=heat.transAxes)
+    heat.set_title("task-gradient cosine on the shared parameters (pairs x steps)")
+    counts = [float(c) if c is not None else float("nan") for c in history.conflicts]
+    count.bar(steps, counts, width=0.8, color="tab:red")
+    count.set_xlim(lo, hi)
+    count.set_ylim(0, max(len(pairs), 1))
+    count.set_ylabel("conflicts")
+    count.set_xlabel("step")
+
+    panels = [
+        (fig.add_subplot(grid[2, 0]), "weights", "task weights", False),
+        (fig.add_subplot(grid[2, 1]), "coefficients", "aggregation coefficients", False),
+        (fig.add_subplot(grid[3, 0]), "losses", "losses", True),
+        (fig.add_subplot(grid[3, 1]), "grad_norms", "gradient norms (shared)", True),
+    ]
+    for ax, key, label, log in panels:
+        series = history.series(key)
+        for name, values in zip(names, series):
+            ax.plot(steps, values, label=name, linewidth=1.2)
+        finite = [v for values in series for v in values if math.isfinite(v)]
+        if log and finite and min(finite) > 0:
+            ax.set_yscale("log")
+        ax.set_title(label)
+        ax.set_xlabel("step")
+        if names:
+            ax.legend(fontsize="small")
+    skipped = [s for s, flag in zip(steps, history.skipped_step) if flag]
+    for ax, *_ in panels:
+        for s in skipped:
+            ax.axvline(s, color="grey", linestyle=":", linewidth=0.8)
+    if title:
+        fig.suptitle(title)
+    fig.savefig(str(path), dpi=dpi, format="png")
+    return str(path)
