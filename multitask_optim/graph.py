@@ -27,6 +27,8 @@ class LossGraph:
         param_mask: bit mask of the losses reaching each leaf tensor, keyed by ``id``.
         leaves: the ``AccumulateGrad`` node of each reached leaf, keyed by ``id``.
         parents: how many edges point at each node.
+        opaque: the graph passes through a compiled region (``torch.compile``), one node
+            whose internals are hidden: reachability through it over-approximates.
     """
 
     roots: List[Node]
@@ -36,6 +38,7 @@ class LossGraph:
     param_mask: Dict[int, int] = field(default_factory=dict)
     leaves: Dict[int, Node] = field(default_factory=dict)
     parents: Dict[Node, int] = field(default_factory=dict)
+    opaque: bool = False
 
     def reached_by(self, param: Tensor) -> int:
         """Bit mask of the losses whose graph reaches ``param`` (0 if none)."""
@@ -83,7 +86,8 @@ def analyse(losses: Sequence[Tensor]) -> LossGraph:
         if variable is not None:
             param_mask[id(variable)] = m
             leaves[id(variable)] = node
-    return LossGraph(roots, mask, children, order, param_mask, leaves, parents)
+    opaque = any("CompiledFunction" in type(node).__name__ for node in order)
+    return LossGraph(roots, mask, children, order, param_mask, leaves, parents, opaque)
 
 
 def popcount(mask: int) -> int:

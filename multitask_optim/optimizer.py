@@ -257,7 +257,10 @@ class MultiTaskOptimizer(Optimizer):
         Args:
             losses: one scalar loss per task, as a sequence or a mapping by task name. A
                 callable here is taken as the closure (``opt.step(closure)`` as in torch).
-            closure: only without ``losses``; passed to the inner optimizer.
+            closure: without ``losses`` (and nothing accumulated), passed to the inner
+                optimizer. With losses it is called first under grad mode, as torch
+                optimizers call theirs (PyTorch Lightning's ``LightningOptimizer.step``
+                always passes one), and its value is returned.
             features: representation mode: the shared trunk's output. Per-task gradients
                 are taken w.r.t. it, aggregated there, and one backward runs through the
                 trunk with the aggregated feature gradient (MGDA-UB with ``"mgda"``). The
@@ -266,33 +269,35 @@ class MultiTaskOptimizer(Optimizer):
                 ``features``.
 
         Returns:
-            The inner optimizer's return value (None for a step with losses).
+            The inner optimizer's return value, or the closure's (None without one).
         """
         if callable(losses) and not isinstance(losses, (Tensor, Mapping, list, tuple)):
             if closure is not None:
                 raise TypeError("step() got two closures (positional and closure=)")
             losses, closure = None, losses  # torch's positional idiom: opt.step(closure)
-        if losses is None:
+        if losses is None and self._pending is None:
             if features is not None:
                 raise ValueError("features= needs losses")
-            if self._pending is not None:
-                if closure is not None:
-                    raise TypeError("closure cannot be combined with accumulated losses")
-                return self._finish(self._take_pending())
             return self.optimizer.step(closure) if closure is not None else self.optimizer.step()
-        if closure is not None:
-            raise TypeError("closure cannot be combined with losses")
-        if features is not None:
-            if self._pending is not None:
-                raise ValueError("features= cannot be combined with accumulated losses; call step() first")
-            return self._representation_step(losses, features)
-        if self._pending is not None:
+        if features is not None and self._pending is not None:
+            raise ValueError("features= cannot be combined with accumulated losses; call step() first")
+        if losses is not None and self._pending is not None:
             raise ValueError(
                 "accumulate() was called before: call step() without losses to aggregate the accumulated "
                 "gradients, or accumulate() this micro-batch too"
             )
-        self._pending = self._prepare(losses)
-        return self._finish(self._take_pending())
+        result = None
+        if closure is not None:  # as torch optimizers do: run it first, return its value
+            with torch.enable_grad():
+                result = closure()
+        if losses is None:
+            self._finish(self._take_pending())
+        elif features is not None:
+            self._representation_step(losses, features)
+        else:
+            self._pending = self._prepare(losses)
+            self._finish(self._take_pending())
+        return result
 
     def accumulate(self, losses: Losses) -> None:
         """Add one micro-batch's per-task gradients; the next ``step()`` aggregates them once.
@@ -321,7 +326,12 @@ class MultiTaskOptimizer(Optimizer):
         distributed = world_size() > 1
         if not distributed and not bool(torch.isfinite(values).all()):
             bad = [n for n, v in zip(names, values.tolist()) if not math.isfinite(v)]
-            out = pending or _Pending(names, None, None, torch.zeros_like(values), None)
+            out = (
+                pending
+                if pending is not None
+                else _Pending(names, None, None, torch.zeros_like(values), None, micro=0)
+            )
+            out.values = out.values + values
             out.bad = out.bad or f"non-finite loss for task(s) {bad}"
             out.micro += 1
             return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -117,7 +118,19 @@ def explicit(params: Sequence[Tensor], shared: Optional[ParamsArg], tasks: Tasks
 
 
 def discover(params: Sequence[Tensor], graph: LossGraph, names: Sequence[str]) -> Partition:
-    """Partition from the autograd graph: reached by >= 2 losses -> shared; by 1 -> that task's."""
+    """Partition from the autograd graph: reached by >= 2 losses -> shared; by 1 -> that task's.
+
+    Through a compiled region (``torch.compile``) reachability over-approximates, so
+    task parameters inside it look shared: a warning says to compile only the trunk or
+    to partition explicitly.
+    """
+    if graph.opaque:
+        warnings.warn(
+            "MultiTaskOptimizer: the losses pass through a torch.compile region, whose internals the "
+            "automatic partition cannot see; parameters inside it are treated as shared. Compile only the "
+            "trunk, or pass shared= and tasks=.",
+            stacklevel=4,
+        )
     shared: List[Tensor] = []
     tasks: List[List[Tensor]] = [[] for _ in names]
     unused: List[Tensor] = []
@@ -146,6 +159,11 @@ def check_against_graph(partition: Partition, graph: LossGraph, params: Sequence
     for i, name in enumerate(partition.names):
         if not reached & (1 << i):
             raise ValueError(f"the loss of task {name!r} is not connected to any parameter of the optimizer")
+    if graph.opaque:
+        # A compiled region is one node: every loss appears to reach every parameter
+        # inside it. Trust the declared partition (each task's parameters still get
+        # only their own loss's gradient).
+        return
     for i, (name, group) in enumerate(zip(partition.names, partition.tasks)):
         for p in group:
             others = graph.reached_by(p) & ~(1 << i)
