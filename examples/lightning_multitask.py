@@ -6,16 +6,13 @@ gradients itself (no ``self.manual_backward``, no ``loss.backward()``).
 
 How the step is called. ``self.optimizers()`` returns Lightning's ``LightningOptimizer``
 wrapper, whose ``step(closure=None, **kwargs)`` takes the closure positionally and
-always hands the optimizer a closure of its own, so ``opt.step(losses)`` cannot reach
-``MultiTaskOptimizer.step(losses)``. Instead:
+passes keyword arguments on, adding a closure of its own; ``MultiTaskOptimizer`` runs
+that closure first (as torch optimizers do) and then the multi-task step, which
+Lightning counts (``global_step``, ``max_steps``, checkpoints)::
 
     opt = self.optimizers()          # LightningOptimizer
-    mt = opt.optimizer               # the MultiTaskOptimizer itself
     opt.zero_grad()
-    mt.step(losses)                  # the multi-task step: gradients, surgery, inner step
-    opt.zero_grad()
-    opt.step()                       # no gradient left: updates nothing, but Lightning
-                                     # counts the step (global_step, max_steps, checkpoints)
+    opt.step(losses=losses)          # by keyword: a positional argument is the closure
 
 Use ``opt.optimizer`` (not the wrapper) for everything else too -- ``last_stats``,
 ``accumulate``, ``epoch_end``, ``tasks``: the wrapper holds a copy of the optimizer's
@@ -91,11 +88,9 @@ class MultiTaskModule(L.LightningModule):
     def training_step(self, batch: Sequence[Tensor], batch_idx: int) -> None:
         losses = self.losses(batch)
         opt = self.optimizers()  # LightningOptimizer
-        mt: MultiTaskOptimizer = opt.optimizer  # the MultiTaskOptimizer
         opt.zero_grad()
-        mt.step(losses)
-        opt.zero_grad()
-        opt.step()  # updates nothing (no .grad left); Lightning counts the step
+        opt.step(losses=losses)  # by keyword: Lightning takes a positional argument as the closure
+        mt: MultiTaskOptimizer = opt.optimizer  # the MultiTaskOptimizer, for its statistics
         self.history.record(mt, self.global_step)
         self.log_dict({f"loss/{k}": v.detach() for k, v in losses.items()}, prog_bar=False)
 
