@@ -6,6 +6,8 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
+import torch
 from hypothesis import settings
 
 # ``tests/reference.py`` (the vector-loop references) is importable as ``reference``
@@ -20,3 +22,13 @@ settings.register_profile("ci", derandomize=True, deadline=None, max_examples=60
 # Many more examples, for an occasional deeper local run: HYPOTHESIS_PROFILE=thorough.
 settings.register_profile("thorough", derandomize=False, deadline=None, max_examples=1000)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """The test models are tiny: intra-op threads only add synchronisation cost (and
+    noise on a loaded machine). Benchmarks, not tests, measure multi-threaded speed."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

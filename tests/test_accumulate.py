@@ -27,14 +27,6 @@ IN_DIM = 6
 HIDDEN = 12
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class MultiHead(nn.Module):
     """Shared tanh trunk, ``k`` near-identical linear heads; opposite-sign targets conflict."""
 

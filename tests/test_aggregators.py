@@ -59,18 +59,6 @@ REDUCTIONS = ["sum", "mean"]
 # ----------------------------------------------------------------------------- helpers
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread() -> Iterator[None]:
-    """The tensors here are tiny: intra-op threads only add latency (milliseconds per
-    matmul on a loaded machine), so run this module on one thread."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(saved)
-
-
 @contextmanager
 def backend(name: str) -> Iterator[None]:
     """Force the plain-float (``"scalar"``) or the vectorised (``"vector"``) backend."""

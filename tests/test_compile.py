@@ -31,14 +31,6 @@ HIDDEN = 16
 BACKEND = "aot_eager"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class Net(nn.Module):
     """Shared trunk, two heads; near-identical heads with opposite-sign targets conflict."""
 

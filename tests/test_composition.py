@@ -12,14 +12,6 @@ from torch import Tensor, nn
 from multitask_optim import AGGREGATORS, WEIGHTINGS, MultiTaskOptimizer
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class ThreeTasks(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -21,14 +21,6 @@ IN_DIM = 5
 HIDDEN = 10
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class MultiHead(nn.Module):
     """Shared trunk, ``k`` near-identical heads; opposite-sign targets make some pairs conflict."""
 

@@ -227,14 +227,6 @@ def reference(cfg: Dict[str, Any]) -> Dict[str, Any]:
     }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> List[Dict[str, Any]]:
     if not dist.is_available() or not dist.is_gloo_available():

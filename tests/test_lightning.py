@@ -40,13 +40,9 @@ example = _load_example()
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _quiet_and_one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _quiet():
     for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    yield
-    torch.set_num_threads(threads)
 
 
 class Probe(example.MultiTaskModule):

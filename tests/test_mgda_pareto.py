@@ -22,7 +22,7 @@ Tolerances are relative to ``max_i G_ii`` (the solver normalises by it): KKT res
 from __future__ import annotations
 
 import math
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import pytest
 import torch
@@ -45,17 +45,6 @@ SUPPORT_TOL = 1e-9
 FEAS_TOL = 1e-12
 PROPS = settings(derandomize=True, deadline=None, max_examples=60)
 DTYPE = torch.float64
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread() -> Iterator[None]:
-    """Tiny tensors: intra-op threads only add latency."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(saved)
 
 
 # ----------------------------------------------------------------------------- inputs

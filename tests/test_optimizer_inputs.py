@@ -32,15 +32,6 @@ from multitask_optim import MultiTaskOptimizer
 NAMES = ("a", "b")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add contention (10x slower on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ---------------------------------------------------------------------- small models
 class Net(nn.Module):
     """A shared trunk and one linear head per task (regression to column i of y).

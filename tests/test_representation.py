@@ -11,14 +11,6 @@ from torch import Tensor, nn
 from multitask_optim import AGGREGATORS, MultiTaskOptimizer
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _orthonormal_rows(n: int, d: int, seed: int) -> Tensor:
     g = torch.Generator().manual_seed(seed)
     q, _ = torch.linalg.qr(torch.randn(d, n, generator=g, dtype=torch.float64))
