@@ -126,9 +126,10 @@ def discover(params: Sequence[Tensor], graph: LossGraph, names: Sequence[str]) -
     """
     if graph.opaque:
         warnings.warn(
-            "MultiTaskOptimizer: the losses pass through a torch.compile region, whose internals the "
-            "automatic partition cannot see; parameters inside it are treated as shared. Compile only the "
-            "trunk, or pass shared= and tasks=.",
+            "MultiTaskOptimizer: the losses pass through a torch.compile region, which the automatic "
+            "partition sees as one node: every parameter inside it that two losses reach counts as shared. "
+            "If the region holds task-specific parameters (heads), compile only the trunk or pass shared= "
+            "and tasks=.",
             stacklevel=4,
         )
     shared: List[Tensor] = []
