@@ -1,0 +1,146 @@
+"""Smoke test of the training-quality benchmark (``benchmarks.quality``) at tiny sizes.
+
+Runs the harness in-process (1 seed, a few steps, 2-3 methods per suite) and checks the
+JSON it writes, Delta_m% on hand-made numbers, that the toy's batched starts follow the
+same trajectories as separate runs, and the toy's Pareto set.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("sklearn", reason="the MultiDigits suite needs scikit-learn (pip install -e .[bench])")
+
+from benchmarks import quality  # noqa: E402
+from benchmarks.quality_data import TOY_STARTS, toy_losses, toy_pareto_set, toy_stationarity  # noqa: E402
+from multitask_optim import MultiTaskOptimizer  # noqa: E402
+
+
+def test_delta_m_by_hand():
+    higher = {"a": True, "b": True}
+    # task a: accuracy 0.9 vs 0.8 is 12.5 % better -> -12.5; task b unchanged -> 0
+    assert quality.delta_m({"a": 0.9, "b": 0.8}, {"a": 0.8, "b": 0.8}, higher) == pytest.approx(-6.25)
+    # mixed directions: accuracy +12.5 % (-12.5) and an error 0.5 vs 0.4, 25 % worse (+25)
+    mixed = quality.delta_m({"acc": 0.9, "err": 0.5}, {"acc": 0.8, "err": 0.4}, {"acc": True, "err": False})
+    assert mixed == pytest.approx((-12.5 + 25.0) / 2)
+    assert quality.delta_m({"a": 0.8}, {"a": 0.8}, {"a": True}) == 0.0
+    with pytest.raises(ValueError, match="baseline"):
+        quality.delta_m({"a": 1.0}, {"a": 0.0}, {"a": False})
+    with pytest.raises(ValueError, match="tasks differ"):
+        quality.delta_m({"a": 1.0}, {"b": 1.0}, {"a": False})
+
+
+def test_summary_uses_the_seed_mean_single_task_baseline():
+    suite = quality.DigitsSuite(quality.Config())
+    runs = []
+    for seed, (s_left, s_right, m_left, m_right) in enumerate([(0.8, 0.6, 0.9, 0.6), (0.6, 0.6, 0.7, 0.3)]):
+        runs.append(_run("single:0", seed, {"left": _acc(s_left)}))
+        runs.append(_run("single:1", seed, {"right": _acc(s_right)}))
+        runs.append(_run("equal", seed, {"left": _acc(m_left), "right": _acc(m_right)}))
+    section = quality.summarise_suite(suite, runs, ["equal"])
+    assert section["single_task"]["left"]["accuracy"]["mean"] == pytest.approx(0.7)
+    entry = section["methods"]["equal"]
+    # baselines: left 0.7, right 0.6 (means over seeds)
+    want = [-100 / 2 * ((0.9 - 0.7) / 0.7 + 0.0), -100 / 2 * ((0.7 - 0.7) / 0.7 + (0.3 - 0.6) / 0.6)]
+    assert [p["delta_m"] for p in entry["per_seed"]] == pytest.approx(want)
+    assert entry["delta_m"]["mean"] == pytest.approx(sum(want) / 2)
+    assert entry["delta_m"]["std"] == pytest.approx(abs(want[0] - want[1]) / math.sqrt(2))
+    assert entry["summary"]["right"]["accuracy"]["mean"] == pytest.approx(0.45)
+
+
+def _acc(a: float) -> dict:
+    return {"accuracy": a, "loss": 1.0 - a}
+
+
+def _run(method: str, seed: int, metrics: dict) -> dict:
+    return {"suite": "multidigits", "method": method, "seed": seed, "metrics": metrics, "ms_per_step": 1.0}
+
+
+def test_harness_tiny_writes_json_tables_and_plots(tmp_path, capsys):
+    out = tmp_path / "quality.json"
+    argv = ["--seeds", "1", "--workers", "1", "--no-progress"]
+    argv += ["--methods", "equal,pcgrad,mgda-ub", "--toy-methods", "equal,pcgrad"]
+    argv += ["--digits-epochs", "1", "--digits-train", "128", "--digits-test", "64"]
+    argv += ["--scale-epochs", "1", "--scale-train", "100", "--scale-test", "50", "--toy-steps", "20"]
+    argv += ["--json", str(out), "--markdown", str(tmp_path / "quality.md"), "--plot-dir", str(tmp_path)]
+    quality.main(argv)
+    printed = capsys.readouterr().out
+    assert "Δm%" in printed and "reached Pareto set" in printed
+
+    doc = json.loads(out.read_text())
+    assert {"config", "machine", "suites", "wall_seconds", "command"} <= set(doc)
+    assert set(doc["suites"]) == {"multidigits", "scale", "toy"}
+    for name, tasks in (
+        ("multidigits", ["left", "right"]),
+        ("scale", ["sigma=1", "sigma=10", "sigma=100", "sigma=1000"]),
+    ):
+        section = doc["suites"][name]
+        assert section["tasks"] == tasks
+        assert section["seeds"] == [0]
+        assert set(section["single_task"]) == set(tasks)
+        assert list(section["methods"]) == ["equal", "pcgrad", "mgda-ub"]
+        primary = section["primary_metric"]["name"]
+        for entry in section["methods"].values():
+            assert set(entry["delta_m"]) == {"mean", "std", "n"} and entry["delta_m"]["n"] == 1
+            assert math.isfinite(entry["delta_m"]["mean"])
+            (run,) = entry["per_seed"]
+            assert run["seed"] == 0 and run["steps"] >= 1
+            assert set(run["metrics"]) == set(tasks)
+            baseline = {t: section["single_task"][t][primary]["mean"] for t in tasks}
+            higher = {t: section["primary_metric"]["higher_is_better"] for t in tasks}
+            prim = {t: run["metrics"][t][primary] for t in tasks}
+            assert run["delta_m"] == pytest.approx(quality.delta_m(prim, baseline, higher))
+    assert (
+        doc["suites"]["multidigits"]["methods"]["mgda-ub"]["per_seed"][0]["gradient_mode"] == "representation"
+    )
+    toy = doc["suites"]["toy"]
+    assert len(toy["pareto_set"]) > 10 and len(toy["pareto_front"]) == len(toy["pareto_set"])
+    for entry in toy["methods"].values():
+        assert [r["start"] for r in entry["runs"]] == [list(s) for s in TOY_STARTS]
+        assert entry["reached"] == sum(r["reached_pareto"] for r in entry["runs"])
+        for r in entry["runs"]:
+            assert r["trajectory"][0] == list(r["start"]) and r["trajectory"][-1] == r["final"]
+            assert len(r["losses"]) == 2 and isinstance(r["reached_pareto"], bool)
+    assert (tmp_path / "quality.md").read_text().count("| method |") == 3
+    for png in ("quality_delta_m.png", "quality_toy.png", "quality_toy_objectives.png"):
+        pytest.importorskip("matplotlib")
+        assert (tmp_path / png).stat().st_size > 0
+        assert str((tmp_path / png).resolve()) in doc["plots"]
+
+
+@pytest.mark.parametrize("method", ["pcgrad", "mgda", "adam-pre+pcgrad"])
+def test_toy_starts_in_blocks_equal_separate_runs(method):
+    cfg = quality.Config(toy_steps=40, toy_lr=0.05)
+    batched = quality.toy_run(method, cfg)
+    spec = quality.METHODS[method]
+    for s, start in enumerate(TOY_STARTS):
+        x = torch.tensor(start, dtype=torch.float64, requires_grad=True)
+        opt = MultiTaskOptimizer(
+            torch.optim.Adam([x], lr=cfg.toy_lr), surgery=spec.surgery, precondition=spec.precondition, seed=0
+        )
+        for _ in range(cfg.toy_steps):
+            opt.zero_grad()
+            opt.step(list(toy_losses(x)))
+        assert batched[s]["final"] == pytest.approx(x.detach().tolist(), abs=1e-12)
+
+
+def test_toy_pareto_set():
+    pts = toy_pareto_set()
+    assert pts[0][0] == pytest.approx(-7.0) and pts[-1][0] == pytest.approx(7.0)
+    middle = pts[len(pts) // 2]
+    assert middle[0] == pytest.approx(0.0, abs=1e-12)
+    assert middle[1] == pytest.approx(-8.3552, abs=1e-4)  # the mark in the CAGrad paper's plot code
+    assert max(toy_stationarity(p) for p in pts) < 1e-9
+    # each point minimises its weighted sum locally: no neighbour is better
+    for i in (0, 50, 100, 150, 200):
+        a = i / 200
+        x = torch.tensor(pts[i], dtype=torch.float64)
+        l1, l2 = toy_losses(x)
+        best = a * l1 + (1 - a) * l2
+        for d in ((0.05, 0), (-0.05, 0), (0, 0.05), (0, -0.05)):
+            m1, m2 = toy_losses(x + torch.tensor(d, dtype=torch.float64))
+            assert a * m1 + (1 - a) * m2 >= best
