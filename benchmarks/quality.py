@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from multitask_optim import MultiTaskOptimizer
+from multitask_optim.diagnostics import StatsHistory, plot_history
 
 from .quality_data import (
     TOY_STARTS,
@@ -134,6 +135,8 @@ _ALL_METHODS = (
     ),
 )
 METHODS: Dict[str, Method] = {m.name: m for m in _ALL_METHODS}
+#: the run whose per-step diagnostics (multitask_optim.diagnostics) the demo plots
+DIAGNOSED = ("multidigits", "pcgrad")
 DEFAULT_METHODS = tuple(m.name for m in _ALL_METHODS[:15])
 FULL_METHODS = tuple(METHODS)
 #: Weightings are left out of the toy: its losses are negative (down to -20), where
@@ -175,6 +178,8 @@ class Config:
     pe_ltr_bound: float = 0.2
     workers: int = 2
     threads: int = 1
+    #: where the diagnostics plot of one run (PCGrad on MultiDigits, first seed) goes
+    diagnostics_png: Optional[str] = None
 
     def to_dict(self) -> Dict[str, Any]:
         out = asdict(self)
@@ -418,6 +423,8 @@ def train_run(suite_name: str, method_name: str, seed: int, cfg: Config) -> Dict
     conflicts = 0
     pairs = 0
     cos_sum = 0.0
+    diagnosed = (suite_name, method_name, seed) == (DIAGNOSED[0], DIAGNOSED[1], cfg.seeds[0])
+    history = StatsHistory() if diagnosed and cfg.diagnostics_png and opt is not None else None
     t0 = time.perf_counter()
     for _ in range(suite.epochs):
         perm = torch.randperm(n, generator=gen)
@@ -438,6 +445,8 @@ def train_run(suite_name: str, method_name: str, seed: int, cfg: Config) -> Dict
             else:
                 opt.step(losses)
             st = opt.last_stats
+            if history is not None:
+                history.record(opt)
             if "cosine" in st:
                 k = len(st["cosine"])
                 pairs += k * (k - 1) // 2
@@ -446,12 +455,16 @@ def train_run(suite_name: str, method_name: str, seed: int, cfg: Config) -> Dict
         if opt is not None:
             opt.epoch_end()
     elapsed = time.perf_counter() - t0
+    if history is not None and cfg.diagnostics_png:
+        title = f"{method_name} on {suite_name}, seed {seed}: task-gradient conflict over the run"
+        stats["diagnostics_png"] = plot_history(history, cfg.diagnostics_png, title=title)
     model.eval()
     metrics = suite.evaluate(model, data)
     if single:
         metrics = {suite.tasks[task]: metrics[suite.tasks[task]]}
     elif opt is not None:
         stats = {
+            **stats,
             "conflict_fraction": conflicts / pairs if pairs else None,
             "mean_cosine": cos_sum / pairs if pairs else None,
             "final_weights": opt.last_stats.get("weights"),
@@ -1104,6 +1117,8 @@ def config_from(args: argparse.Namespace) -> Config:
             setattr(cfg, attr, value)
     cfg.workers = args.workers if args.workers is not None else max(1, min(2, os.cpu_count() or 1))
     cfg.threads = args.threads if args.threads is not None else 1
+    if not args.no_plots:
+        cfg.diagnostics_png = str(args.plot_dir / "quality_diagnostics.png")
     return cfg
 
 
@@ -1126,6 +1141,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     print(f"\nwall time: {doc['wall_seconds']:.1f} s ({cfg.workers} worker(s) x {cfg.threads} thread(s))")
     if not args.no_plots:
         doc["plots"] = [_shown(p) for p in make_plots(doc, args.plot_dir)]
+        if cfg.diagnostics_png and Path(cfg.diagnostics_png).exists():
+            doc["plots"].append(_shown(cfg.diagnostics_png))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(dumps(doc) + "\n")
