@@ -990,10 +990,14 @@ def _check_features(features: Any) -> None:
 
 
 def _all_finite(tensors: Sequence[Tensor]) -> bool:
-    if not tensors:
-        return True
-    norms = torch._foreach_norm(list(tensors), float("inf"))
-    return bool(torch.isfinite(torch.stack([n.float().cpu() for n in norms])).all())
+    """Whether every element of every tensor is finite: one min/max pass per tensor
+    (NaN and inf propagate through both) and one host sync per device."""
+    extremes: Dict[torch.device, List[Tensor]] = {}
+    for t in tensors:
+        if t.numel():
+            low, high = torch.aminmax(t.detach())
+            extremes.setdefault(t.device, []).extend((low.float(), high.float()))
+    return all(bool(torch.isfinite(torch.stack(v)).all()) for v in extremes.values())
 
 
 def _combine(
