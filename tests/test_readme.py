@@ -5,8 +5,6 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
 
@@ -37,8 +35,7 @@ def test_ci_runs_readme_test_command() -> None:
     assert commands[1].strip() in ci
 
 
-@pytest.mark.parametrize("path", ["examples/quickstart.py"])
-def test_demo_command_names_existing_script(path: str) -> None:
+def test_demo_command_runs_the_quality_benchmark() -> None:
     commands = re.findall(r"```bash\n(.*?)\n```", _section("Fresh machine"), flags=re.S)
-    assert path in commands[0]
-    assert (ROOT / path).exists()
+    assert "python -m benchmarks.quality" in commands[0]
+    assert (ROOT / "benchmarks" / "quality.py").exists()
