@@ -321,6 +321,15 @@ def gradient_mode(step: StepFn) -> Optional[str]:
     return opt.last_stats.get("gradient_mode")
 
 
+def path_detail(step: StepFn) -> Optional[str]:
+    """Which shared tensors took the factored linear rule and which Jacobian rows."""
+    opt = getattr(step, "optimizer", None)
+    if opt is None or "factored_params" not in opt.last_stats:
+        return None
+    st = opt.last_stats
+    return f"{st['factored_params']} tensors factored, {st['jacobian_params']} via Jacobian rows"
+
+
 def availability(names: Sequence[str]) -> Dict[str, Optional[str]]:
     """``{name: None}`` for runnable implementations, ``{name: reason}`` for skipped ones."""
     out: Dict[str, Optional[str]] = {}
@@ -339,6 +348,7 @@ class KResult:
     times_ms: Dict[str, List[float]] = field(default_factory=dict)
     failed: Dict[str, str] = field(default_factory=dict)
     modes: Dict[str, Optional[str]] = field(default_factory=dict)
+    paths: Dict[str, Optional[str]] = field(default_factory=dict)
     rounds: int = 0
 
 
@@ -386,6 +396,7 @@ def time_steps(
     result.rounds = reps(round_seconds) if callable(reps) else reps
     for name, step in steps.items():
         result.modes[name] = gradient_mode(step)
+        result.paths[name] = path_detail(step)
         result.times_ms[name] = []
     order = list(steps)
     for _ in range(result.rounds):
@@ -762,6 +773,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     conflicts: Dict[str, Any] = {}
     aggregation: Dict[str, Dict[str, float]] = {"pcgrad": {}, "gradvac": {}}
     modes: Dict[str, Dict[str, Optional[str]]] = {}
+    paths: Dict[str, Dict[str, Optional[str]]] = {}
     rounds: Dict[str, int] = {}
     loads: Dict[str, Dict[str, float]] = {}
     started = time.perf_counter()
@@ -818,6 +830,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                 }
                 if res.modes.get(n):
                     modes.setdefault(n, {})[str(k)] = res.modes[n]
+                    if res.paths.get(n):
+                        paths.setdefault(n, {})[str(k)] = res.paths[n]
             elif n in res.failed:
                 results[n][str(k)] = {"failed": res.failed[n]}
                 print(f"  {n} failed at K={k}: {res.failed[n]}", flush=True)
@@ -831,7 +845,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         )
         for n in names:
             if n in res.modes and res.modes[n]:
-                print(f"    {n}: gradient_mode {res.modes[n]}", flush=True)
+                detail = f" ({res.paths[n]})" if res.paths.get(n) else ""
+                print(f"    {n}: gradient_mode {res.modes[n]}{detail}", flush=True)
 
     table = markdown_table(results, names, ks)
     doc: Dict[str, Any] = {
@@ -852,6 +867,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         "results": results,
         "skipped": skipped,
         "gradient_modes": modes,
+        "gradient_paths": paths,
         "aggregation_us": aggregation,
     }
     previous = _load(json_path)

@@ -433,7 +433,12 @@ class MultiTaskOptimizer(Optimizer):
             self._generator.set_state(gen_state)
             return self._skip("non-finite aggregation", values)
         self._commit(partition, blocks, grads.tasks, updates, new_pstates, new_astate)
-        return self._apply(values, weights, new_wstate, wctx, raw_gram, gram, coefs, self.engine.mode)
+        self._apply(values, weights, new_wstate, wctx, raw_gram, gram, coefs, self.engine.mode)
+        # which shared parameter tensors went through a factored linear rule, which through a Jacobian
+        factored = {pos for f in grads.factors for pos in (f.weight, f.bias) if pos is not None}
+        self.last_stats["factored_params"] = len(factored)
+        self.last_stats["jacobian_params"] = sum(1 for j in jac if j is not None)
+        return None
 
     def _representation_step(self, losses: Losses, features: Tensor) -> None:
         """Representation mode: aggregate the per-task gradients w.r.t. ``features``."""
