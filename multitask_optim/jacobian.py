@@ -137,9 +137,7 @@ class GradientEngine:
         raise RuntimeError("no gradient path succeeded") from last_error
 
 
-def _empty(
-    losses: Sequence[Tensor], shared: Sequence[Tensor], tasks: Sequence[Sequence[Tensor]]
-) -> TaskGradients:
+def _empty(shared: Sequence[Tensor], tasks: Sequence[Sequence[Tensor]]) -> TaskGradients:
     return TaskGradients([None] * len(shared), [[None] * len(t) for t in tasks])
 
 
@@ -152,7 +150,7 @@ def _frontier(
     factor: str = "never",
 ) -> TaskGradients:
     k = len(losses)
-    out = _empty(losses, shared, tasks)
+    out = _empty(shared, tasks)
     shared_index = {id(p): n for n, p in enumerate(shared)}
     # Shared nodes (reached by >= 2 losses) that lead to a shared parameter.
     useful: Dict[Node, bool] = {}
@@ -337,7 +335,7 @@ def _batched(
     keep: bool,
 ) -> TaskGradients:
     k = len(losses)
-    out = _empty(losses, shared, tasks)
+    out = _empty(shared, tasks)
     shared_in = [p for p in shared if graph.reached_by(p)]
     task_in = [_reached(graph, params, 1 << i) for i, params in enumerate(tasks)]
     inputs = shared_in + [p for params in task_in for p in params]
@@ -368,7 +366,7 @@ def _looped(
     keep: bool,
 ) -> TaskGradients:
     k = len(losses)
-    out = _empty(losses, shared, tasks)
+    out = _empty(shared, tasks)
     index = {id(p): n for n, p in enumerate(shared)}
     for p in shared:
         if graph.reached_by(p):

@@ -428,8 +428,10 @@ class MultiTaskOptimizer(Optimizer):
         gram = block_grams(jac, blocks, k, grads.factors)
         agg_ctx = AggregationContext(self._generator, values * weights, self._steps)
         coefs, new_astate = self.aggregator(gram, self._agg_state, agg_ctx)
-        updates = _combine(jac, blocks, coefs, grads.factors)
-        if not bool(torch.isfinite(coefs).all()) or not _all_finite([u for u in updates if u is not None]):
+        finite = bool(torch.isfinite(coefs).all())
+        if finite:
+            updates, finite = _combine(jac, blocks, coefs, grads.factors)
+        if not finite:
             self._generator.set_state(gen_state)
             return self._skip("non-finite aggregation", values)
         self._commit(partition, blocks, grads.tasks, updates, new_pstates, new_astate)
@@ -1010,12 +1012,16 @@ def _combine(
     blocks: Sequence[Sequence[int]],
     coefs: Tensor,
     factors: Sequence[LinearFactor] = (),
-) -> List[Optional[Tensor]]:
-    """Shared updates ``J_b^T c_b`` per parameter; recomputed in float64 if they overflow."""
+) -> Tuple[List[Optional[Tensor]], bool]:
+    """Shared updates ``J_b^T c_b`` per parameter, and whether they are all finite.
+
+    Recomputed in float64 when the parameters' dtype overflows.
+    """
     out = _combine_in(jac, blocks, coefs, factors, None)
-    if not _all_finite([u for u in out if u is not None]):
-        out = _combine_in(jac, blocks, coefs, factors, torch.float64)
-    return out
+    if _all_finite([u for u in out if u is not None]):
+        return out, True
+    out = _combine_in(jac, blocks, coefs, factors, torch.float64)
+    return out, _all_finite([u for u in out if u is not None])
 
 
 def _combine_in(
