@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from .aggregators import AGGREGATORS, AggregationContext, Aggregator, get_aggregator, register_aggregator
 from .optimizer import MultiTaskOptimizer
-from .precondition import Preconditioner
+from .precondition import PRECONDITIONERS, Preconditioner
 from .weighting import WEIGHTINGS, Weighting, WeightingContext, get_weighting, register_weighting
 
 __version__ = "0.1.0"

@@ -1,30 +1,24 @@
-"""Gram matrices of the per-task gradients, per block of shared parameters."""
+"""Gram kernels: ``G = J J^T`` of dense Jacobian rows, with a float64 fallback.
+
+Each Gram is computed in the rows' dtype (float32 at least) and recomputed in float64
+when its entries overflow, or when a non-zero gradient row has a squared norm so small
+that the dtype's precision is lost (underflow, below ``tiny / eps``).
+"""
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from .jacobian import LinearFactor
 
-
-def block_grams(
-    jacobians: Sequence[Optional[Tensor]],
-    blocks: Sequence[Sequence[int]],
-    num_tasks: int,
-    factors: Sequence[LinearFactor] = (),
-) -> Tensor:
-    """Gram matrices ``G_b = J_b J_b^T`` of every block, as a ``(B, K, K)`` float64 CPU tensor.
+def dense_grams(jacobians: Sequence[Optional[Tensor]], blocks: Sequence[Sequence[int]], num_tasks: int) -> Tensor:
+    """Gram matrices of every block as a ``(B, K, K)`` float64 CPU tensor.
 
     ``jacobians[p]`` is the ``(K, *shape)`` Jacobian of shared parameter ``p`` (None when
     no loss reached it or a factor holds it); ``blocks`` lists parameter positions per
-    block. Each block's Gram is computed in the parameters' dtype and recomputed in
-    float64 when its entries overflow, or when a non-zero gradient row has a squared
-    norm so small that the dtype's precision is lost (underflow). ``factors`` add
-    their factored linear layers: ``<delta_i, (X X^T) delta_j>`` for the weight and
-    ``<sum_n delta_i, sum_n delta_j>`` for the bias.
+    block.
     """
     out = torch.zeros(len(blocks), num_tasks, num_tasks, dtype=torch.float64)
     parts: List[Tensor] = []
@@ -34,25 +28,27 @@ def block_grams(
         if rows:
             parts.append(_gram(rows))
             filled.append(b)
-    if parts:
-        out[filled] = torch.stack([p.double() for p in parts]).cpu()  # one transfer
-        dtype = next(j.dtype for j in jacobians if j is not None)
-        if dtype != torch.float64:
-            info = torch.finfo(torch.promote_types(dtype, torch.float32))
-            diag = out.diagonal(dim1=-2, dim2=-1)
-            suspect = (~torch.isfinite(out).flatten(1).all(dim=1)) | (diag < info.tiny / info.eps).any(dim=1)
-            for b in suspect.nonzero().flatten().tolist():
-                rows = [jacobians[p] for p in blocks[b] if jacobians[p] is not None]
-                if rows and _has_tiny_row(rows, out[b]):
-                    out[b] = _gram(rows, torch.float64).cpu()
-    block_of = {p: b for b, block in enumerate(blocks) for p in block}
-    for f in factors:
-        if f.weight in block_of:
-            out[block_of[f.weight]] += _factor_gram(f).cpu()
-        if f.bias is not None and f.bias in block_of:
-            sums = f.deltas.sum(dim=1).to(torch.float64)
-            out[block_of[f.bias]] += (sums @ sums.T).cpu()
+    if not parts:
+        return out
+    out[filled] = torch.stack([p.double() for p in parts]).cpu()  # one transfer
+    dtype = next(j.dtype for j in jacobians if j is not None)
+    if dtype != torch.float64:
+        info = torch.finfo(torch.promote_types(dtype, torch.float32))
+        diag = out.diagonal(dim1=-2, dim2=-1)
+        suspect = (~torch.isfinite(out).flatten(1).all(dim=1)) | (diag < info.tiny / info.eps).any(dim=1)
+        for b in suspect.nonzero().flatten().tolist():
+            rows = [jacobians[p] for p in blocks[b] if jacobians[p] is not None]
+            if rows and _has_tiny_row(rows, out[b]):
+                out[b] = _gram(rows, torch.float64).cpu()
     return out
+
+
+def precise_gram(compute: Callable[[torch.dtype], Tensor], dtype: torch.dtype) -> Tensor:
+    """``compute(dtype)`` as float64, recomputed as ``compute(float64)`` when imprecise."""
+    gram = compute(dtype).double()
+    if _imprecise(gram.cpu(), dtype):
+        gram = compute(torch.float64)
+    return gram
 
 
 def _gram(rows: Sequence[Tensor], dtype: Optional[torch.dtype] = None) -> Tensor:
@@ -85,15 +81,3 @@ def _has_tiny_row(rows: Sequence[Tensor], gram: Tensor) -> bool:
     peak = torch.stack([r.reshape(r.shape[0], -1).abs().amax(dim=1) for r in rows]).amax(dim=0)
     info = torch.finfo(torch.promote_types(rows[0].dtype, torch.float32))
     return bool(((peak.cpu() > 0) & (gram.diagonal() < info.tiny / info.eps)).any())
-
-
-def _factor_gram(f: LinearFactor) -> Tensor:
-    """``G[i, j] = <delta_i^T X, delta_j^T X> = <delta_i, (X X^T) delta_j>``, in float64."""
-    dtype = torch.promote_types(f.inputs.dtype, torch.float32)
-    x, d = f.inputs.to(dtype), f.deltas.to(dtype)
-    k = d.shape[0]
-    gram = (d.reshape(k, -1) @ (x @ x.T @ d).reshape(k, -1).T).double()
-    if _imprecise(gram.cpu(), dtype):
-        x, d = x.double(), d.double()
-        gram = d.reshape(k, -1) @ (x @ x.T @ d).reshape(k, -1).T
-    return gram

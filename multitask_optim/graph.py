@@ -44,6 +44,12 @@ class LossGraph:
         """Bit mask of the losses whose graph reaches ``param`` (0 if none)."""
         return self.param_mask.get(id(param), 0)
 
+    def passes_through(self, tensor: Tensor) -> int:
+        """Bit mask of the losses computed from ``tensor`` (an intermediate or a leaf)."""
+        if tensor.grad_fn is None:
+            return self.reached_by(tensor)
+        return self.mask.get(tensor.grad_fn, 0)
+
 
 def analyse(losses: Sequence[Tensor]) -> LossGraph:
     """Walk the graphs of ``losses`` once and return reachability masks."""

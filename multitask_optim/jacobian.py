@@ -24,63 +24,24 @@ with respect to a feature tensor instead (see :func:`feature_gradients`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
 from torch import Tensor
 from torch.autograd.graph import GradientEdge
 
+from .gradients import LinearFactor, TaskGradients
 from .graph import LossGraph, Node, popcount
 
 MODES = ("lean", "frontier", "batched", "looped")
 
 
-@dataclass
-class LinearFactor:
-    """The Jacobian of a shared linear map ``Y = X W^T (+ b)``, kept factored.
-
-    Row ``i`` of the weight's Jacobian is ``deltas[i]^T inputs`` and of the bias'
-    ``deltas[i].sum(0)``.
-
-    Attributes:
-        weight: position of ``W`` in the shared parameter list.
-        bias: position of ``b`` (None without a bias).
-        inputs: ``X``, shape ``(N, in)``.
-        deltas: per-task output gradients, shape ``(K, N, out)``.
-    """
-
-    weight: int
-    bias: Optional[int]
-    inputs: Tensor
-    deltas: Tensor
-
-
-@dataclass
-class TaskGradients:
-    """Result of one gradient computation.
-
-    Attributes:
-        shared: per shared parameter, its ``(K, *shape)`` Jacobian; None if no loss
-            reached it or if it is held by a factor.
-        tasks: per task, the gradients of its own parameters (None where unreached).
-        factors: factored Jacobians of shared linear layers (``lean`` path).
-    """
-
-    shared: List[Optional[Tensor]]
-    tasks: List[List[Optional[Tensor]]]
-    factors: List[LinearFactor] = field(default_factory=list)
-
-    def tensors(self) -> List[Tensor]:
-        """Every gradient tensor (for finiteness checks)."""
-        out = [j for j in self.shared if j is not None]
-        out += [g for t in self.tasks for g in t if g is not None]
-        out += [f.deltas for f in self.factors]
-        return out
-
-
 class GradientEngine:
     """Computes :class:`TaskGradients`, falling back ``frontier -> batched -> looped``.
+
+    The path that first works is used for the rest of the step (``mode``) but becomes
+    the remembered choice only when the optimizer commits a step (:meth:`commit`), so a
+    skipped or refused first step leaves no trace; :meth:`forget` drops it.
 
     Args:
         mode: ``"auto"`` (try the fastest path and remember the first one that works)
@@ -91,7 +52,7 @@ class GradientEngine:
 
     def __init__(self, mode: str = "auto", factored: bool = True) -> None:
         if mode != "auto" and mode not in MODES:
-            raise ValueError(f"gradient mode must be 'auto' or one of {MODES}, got {mode!r}")
+            raise ValueError(f"gradient_mode must be 'auto' or one of {MODES}, got {mode!r}")
         if mode == "lean" and not factored:
             raise ValueError(
                 "gradient_mode='lean' keeps linear layers factored, which per-task preconditioning and "
@@ -102,6 +63,21 @@ class GradientEngine:
         self.mode: Optional[str] = None if mode == "auto" else mode
         self.confirmed = mode != "auto"
 
+    def commit(self) -> None:
+        """The step that used ``mode`` was taken: keep it."""
+        if self.mode is not None:
+            self.confirmed = True
+
+    def forget(self) -> None:
+        """The step was skipped or refused: an unconfirmed choice is dropped."""
+        if not self.confirmed:
+            self.mode = None
+
+    def restore(self, mode: Optional[str]) -> None:
+        """Set a remembered choice (from a checkpoint)."""
+        if mode is not None:
+            self.mode, self.confirmed = mode, True
+
     def compute(
         self,
         losses: Sequence[Tensor],
@@ -109,36 +85,101 @@ class GradientEngine:
         shared: Sequence[Tensor],
         tasks: Sequence[Sequence[Tensor]],
     ) -> TaskGradients:
-        if self.mode is not None:
-            candidates: List[Optional[str]] = [self.mode]
-        else:
-            candidates = [m for m in MODES if m != "lean"]
+        candidates = [self.mode] if self.mode is not None else [m for m in MODES if m != "lean"]
         last_error: Optional[Exception] = None
         for mode in candidates:
             assert mode is not None
             # Until a path has worked once, keep the graph so a fallback can still run.
-            keep = not self.confirmed
+            keep = self.mode is None
             try:
-                if mode in ("lean", "frontier"):
-                    # lean factors every shared linear layer; frontier only where cheaper
-                    policy = "always" if mode == "lean" else ("cheaper" if self.factored else "never")
-                    result = _frontier(losses, graph, shared, tasks, keep, policy)
-                else:
-                    result = _PATHS[mode](losses, graph, shared, tasks, keep)
+                result = self._run(mode, losses, graph, shared, tasks, keep)
             except RuntimeError as error:  # vmap / custom Function limitations
-                if self.confirmed:
+                if self.mode is not None:
                     raise
                 last_error = error
                 continue
-            if not self.confirmed:
-                self.mode = mode
-                self.confirmed = True
+            self.mode = mode
             return result
         raise RuntimeError("no gradient path succeeded") from last_error
 
+    def _run(
+        self,
+        mode: str,
+        losses: Sequence[Tensor],
+        graph: LossGraph,
+        shared: Sequence[Tensor],
+        tasks: Sequence[Sequence[Tensor]],
+        keep: bool,
+    ) -> TaskGradients:
+        if mode in ("lean", "frontier"):
+            # lean factors every shared linear layer; frontier only where cheaper
+            policy = "always" if mode == "lean" else ("cheaper" if self.factored else "never")
+            return _frontier(losses, graph, shared, tasks, keep, policy)
+        return _PATHS[mode](losses, graph, shared, tasks, keep)
+
 
 def _empty(shared: Sequence[Tensor], tasks: Sequence[Sequence[Tensor]]) -> TaskGradients:
-    return TaskGradients([None] * len(shared), [[None] * len(t) for t in tasks])
+    return TaskGradients.empty(len(shared), [len(t) for t in tasks])
+
+
+Edge = Tuple[Node, int]
+
+
+def _useful_nodes(graph: LossGraph, shared_index: Dict[int, int]) -> Dict[Node, bool]:
+    """Shared nodes (reached by >= 2 losses) and whether they lead to a shared parameter."""
+    useful: Dict[Node, bool] = {}
+    for node in reversed(graph.order):
+        if popcount(graph.mask[node]) < 2:
+            continue
+        variable = getattr(node, "variable", None)
+        hit = variable is not None and id(variable) in shared_index
+        if not hit:
+            hit = any(c is not None and useful.get(c, False) for c, _ in graph.children[node])
+        useful[node] = hit
+    return useful
+
+
+def _head_backward(
+    i: int,
+    loss: Tensor,
+    graph: LossGraph,
+    private: Sequence[Node],
+    useful: Dict[Node, bool],
+    own: Sequence[Tensor],
+    own_shared: Sequence[Tensor],
+) -> Tuple[Dict[Edge, List[Tensor]], Tuple[Optional[Tensor], ...], Tuple[Optional[Tensor], ...]]:
+    """Backpropagate loss ``i`` through its own head once.
+
+    Returns the gradients arriving on the frontier edges (captured with node hooks, so
+    only the head's own contribution), the gradients of the task's own parameters and
+    those of shared parameters only this loss reaches.
+    """
+    captured: Dict[Edge, List[Tensor]] = {}
+    handles = []
+    edges: List[Edge] = []
+    if popcount(graph.mask[graph.roots[i]]) >= 2:
+        # the loss itself is an intermediate of another task's loss
+        captured[(graph.roots[i], 0)] = [torch.ones_like(loss)]
+    for node in private:
+        slots = [
+            (pos, (child, nr))
+            for pos, (child, nr) in enumerate(graph.children[node])
+            if child is not None and useful.get(child, False)
+        ]
+        if not slots:
+            continue
+        for _, edge in slots:
+            if edge not in edges:
+                edges.append(edge)
+        handles.append(node.register_hook(_capture(slots, captured)))
+    inputs = [GradientEdge(c, nr) for c, nr in edges] + list(own) + list(own_shared)
+    try:
+        grads = torch.autograd.grad(loss, inputs, retain_graph=True, allow_unused=True) if inputs else ()
+    finally:
+        for handle in handles:
+            handle.remove()
+    n = len(edges)
+    return captured, tuple(grads[n : n + len(own)]), tuple(grads[n + len(own) :])
 
 
 def _frontier(
@@ -152,16 +193,7 @@ def _frontier(
     k = len(losses)
     out = _empty(shared, tasks)
     shared_index = {id(p): n for n, p in enumerate(shared)}
-    # Shared nodes (reached by >= 2 losses) that lead to a shared parameter.
-    useful: Dict[Node, bool] = {}
-    for node in reversed(graph.order):
-        if popcount(graph.mask[node]) < 2:
-            continue
-        variable = getattr(node, "variable", None)
-        hit = variable is not None and id(variable) in shared_index
-        if not hit:
-            hit = any(c is not None and useful.get(c, False) for c, _ in graph.children[node])
-        useful[node] = hit
+    useful = _useful_nodes(graph, shared_index)
     private: List[List[Node]] = [[] for _ in range(k)]
     for node in graph.order:
         m = graph.mask[node]
@@ -169,49 +201,40 @@ def _frontier(
             private[m.bit_length() - 1].append(node)
 
     # seeds[(node, input_nr)] = per-task gradient arriving on that frontier edge
-    seeds: Dict[Tuple[Node, int], List[Optional[Tensor]]] = {}
+    seeds: Dict[Edge, List[Optional[Tensor]]] = {}
     for i, loss in enumerate(losses):
-        root = graph.roots[i]
-        own = [p for p in _reached(graph, tasks[i], 1 << i)]
+        own = _reached(graph, tasks[i], 1 << i)
         own_shared = [p for p in shared if graph.reached_by(p) == 1 << i]
-        captured: Dict[Tuple[Node, int], List[Tensor]] = {}
-        handles = []
-        edges: List[Tuple[Node, int]] = []
-        if popcount(graph.mask[root]) >= 2:
-            # the loss itself is an intermediate of another task's loss
-            captured[(root, 0)] = [torch.ones_like(loss)]
-        for node in private[i]:
-            slots = [
-                (pos, (child, nr))
-                for pos, (child, nr) in enumerate(graph.children[node])
-                if child is not None and useful.get(child, False)
-            ]
-            if not slots:
-                continue
-            for _, edge in slots:
-                if edge not in edges:
-                    edges.append(edge)
-            handles.append(node.register_hook(_capture(slots, captured)))
-        inputs = [GradientEdge(c, nr) for c, nr in edges] + own + own_shared
-        try:
-            if inputs:
-                grads = torch.autograd.grad(loss, inputs, retain_graph=True, allow_unused=True)
-            else:
-                grads = ()
-        finally:
-            for handle in handles:
-                handle.remove()
-        n_edges = len(edges)
-        own_grads = grads[n_edges : n_edges + len(own)]
+        captured, own_grads, shared_grads = _head_backward(i, loss, graph, private[i], useful, own, own_shared)
         own_map = {id(p): g for p, g in zip(own, own_grads)}
         out.tasks[i] = [own_map.get(id(p)) for p in tasks[i]]
-        for p, g in zip(own_shared, grads[n_edges + len(own) :]):
+        for p, g in zip(own_shared, shared_grads):
             if g is not None:
                 out.shared[shared_index[id(p)]] = _row(g, i, k)
         for edge, parts in captured.items():
             total = parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)
             seeds.setdefault(edge, [None] * k)[i] = total
+    held = _trunk_backward(seeds, graph, shared, shared_index, out, keep, factor, k)
+    for n, p in enumerate(shared):
+        if out.shared[n] is None and graph.reached_by(p) and n not in held:
+            out.shared[n] = torch.zeros((k, *p.shape), dtype=p.dtype, device=p.device)
+    return out
 
+
+def _trunk_backward(
+    seeds: Dict[Edge, List[Optional[Tensor]]],
+    graph: LossGraph,
+    shared: Sequence[Tensor],
+    shared_index: Dict[int, int],
+    out: TaskGradients,
+    keep: bool,
+    factor: str,
+    k: int,
+) -> Set[int]:
+    """One batched backward from the frontier edges through the trunk, into ``out``.
+
+    Returns the positions of the shared parameters held by factored linear layers.
+    """
     # Edges into a shared parameter's AccumulateGrad: the seed is that parameter's row.
     outputs: List[GradientEdge] = []
     grad_outputs: List[Tensor] = []
@@ -230,26 +253,24 @@ def _frontier(
     linear = _linear_nodes(graph, shared_index, k, factor) if factor != "never" else []
     held = {n for node in linear for n in node[1:3] if n is not None}
     trunk = [p for p in trunk if shared_index[id(p)] not in held]
-    if outputs and (trunk or linear):
-        inputs: List[Union[Tensor, GradientEdge]] = [GradientEdge(node[0], 0) for node in linear]
-        inputs += trunk
-        grads = torch.autograd.grad(
-            outputs, inputs, grad_outputs, retain_graph=keep, allow_unused=True, is_grads_batched=True
-        )
-        for (_node, w, b, x), delta in zip(linear, grads[: len(linear)]):
-            if delta is None:
-                delta = torch.zeros((k, x.shape[0], shared[w].shape[0]), dtype=x.dtype, device=x.device)
-            out.factors.append(LinearFactor(w, b, x, delta))
-        for p, g in zip(trunk, grads[len(linear) :]):
-            if g is None:
-                continue
-            n = shared_index[id(p)]
-            prev = out.shared[n]
-            out.shared[n] = g if prev is None else prev + g
-    for n, p in enumerate(shared):
-        if out.shared[n] is None and graph.reached_by(p) and n not in held:
-            out.shared[n] = torch.zeros((k, *p.shape), dtype=p.dtype, device=p.device)
-    return out
+    if not outputs or not (trunk or linear):
+        return held
+    inputs: List[Union[Tensor, GradientEdge]] = [GradientEdge(node[0], 0) for node in linear]
+    inputs += trunk
+    grads = torch.autograd.grad(
+        outputs, inputs, grad_outputs, retain_graph=keep, allow_unused=True, is_grads_batched=True
+    )
+    for (_node, w, b, x), delta in zip(linear, grads[: len(linear)]):
+        if delta is None:
+            delta = torch.zeros((k, x.shape[0], shared[w].shape[0]), dtype=x.dtype, device=x.device)
+        out.factors.append(LinearFactor(w, b, x, delta))
+    for p, g in zip(trunk, grads[len(linear) :]):
+        if g is None:
+            continue
+        n = shared_index[id(p)]
+        prev = out.shared[n]
+        out.shared[n] = g if prev is None else prev + g
+    return held
 
 
 def _linear_nodes(

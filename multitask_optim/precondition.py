@@ -1,4 +1,4 @@
-"""Per-task adaptive preconditioning of the shared gradients.
+"""Per-task adaptive preconditioning of the shared gradients (``precondition=``).
 
 Each task keeps its own second-moment accumulator ``v_i`` over the shared parameters
 and its gradient is rescaled element-wise::
@@ -15,75 +15,116 @@ whose loss is 1000x larger no longer dominates the shared update. With an inner 
 wrapper is exactly per-task Adagrad/RMSProp/Adam on the shared trunk.
 
 The update is functional: :meth:`Preconditioner.apply` returns the rescaled gradients
-and the new accumulators; the optimizer commits them only if the step is not skipped.
+and the new accumulators; the optimizer commits them only if the step is taken. The
+accumulators have the parameters' dtype. A gradient so large that its square overflows
+that dtype (above about 1.8e19 in float32) would make an accumulator infinite and every
+later gradient zero: such a step is skipped instead, with nothing written, and training
+goes on with the next batch.
 """
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from abc import abstractmethod
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-KINDS = ("adagrad", "rmsprop", "adam")
-ParamState = Dict[str, Tensor]
+from .components import Component, Registry, State
+
+Rows = List[Optional[Tensor]]
 
 
-class Preconditioner:
+class Preconditioner(Component):
     """Per-task second-moment accumulators over the shared parameters.
 
+    State keys are ``"<param>.v"`` (the ``(K, *shape)`` accumulator) and
+    ``"<param>.step"`` (its update count), ``<param>`` being the parameter's index in the
+    optimizer.
+
     Args:
-        kind: ``"adagrad"``, ``"rmsprop"`` or ``"adam"``.
         eps: added to ``sqrt(v_hat)`` (must be > 0).
-        beta2: EMA rate of ``rmsprop`` and ``adam``, in ``[0, 1)``.
     """
 
-    def __init__(self, kind: str, eps: float = 1e-8, beta2: float = 0.999) -> None:
-        if kind not in KINDS:
-            raise ValueError(f"unknown precondition {kind!r}; known: None, {', '.join(KINDS)}")
-        if not eps > 0:
-            raise ValueError(f"eps must be > 0, got {eps!r}")
-        if not 0.0 <= beta2 < 1.0:
-            raise ValueError(f"beta2 must be in [0, 1), got {beta2!r}")
-        self.kind = kind
+    def __init__(self, eps: float = 1e-8) -> None:
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+            raise ValueError(f"eps must be a number > 0, got {eps!r}")
         self.eps = float(eps)
-        self.beta2 = float(beta2)
 
-    def apply(
-        self, jacobians: Sequence[Optional[Tensor]], states: Sequence[Optional[ParamState]]
-    ) -> Tuple[List[Optional[Tensor]], List[Optional[ParamState]]]:
-        """Rescale each ``(K, *shape)`` Jacobian; return it and the new per-parameter state.
+    @abstractmethod
+    def second_moment(self, v_old: Tensor, square: Tensor, step: Tensor) -> Tuple[Tensor, Tensor]:
+        """``(v, v_hat)`` from the previous accumulator, ``g^2`` and the new step count."""
 
-        ``states[p]`` is None for a parameter never seen before. A parameter no loss
-        reached (``jacobians[p] is None``) keeps its state unchanged.
+    def apply(self, rows: Sequence[Optional[Tensor]], keys: Sequence[str], state: State) -> Tuple[Rows, State]:
+        """Rescale each ``(K, *shape)`` Jacobian; return the rows and the new state.
+
+        A parameter no loss reached (``rows[p] is None``) keeps its state unchanged.
         """
-        out: List[Optional[Tensor]] = []
-        new_states: List[Optional[ParamState]] = []
-        for jac, state in zip(jacobians, states):
+        out: Rows = []
+        new_state = dict(state)
+        for jac, key in zip(rows, keys):
             if jac is None:
                 out.append(None)
-                new_states.append(state)
                 continue
-            square = jac * jac
-            if state is None:
+            v_old = state.get(f"{key}.v")
+            if v_old is None:
                 v_old = torch.zeros_like(jac)
-                step = torch.zeros((), dtype=torch.float64)
-            else:
-                v_old, step = state["v"], state["step"]
-            step = step + 1
-            if self.kind == "adagrad":
-                v = v_old + square
-                denom = v.sqrt()
-            else:
-                v = torch.lerp(v_old, square, 1.0 - self.beta2)
-                if self.kind == "adam":
-                    correction = 1.0 - self.beta2 ** float(step)
-                    denom = (v / correction).sqrt()
-                else:
-                    denom = v.sqrt()
-            out.append(jac / denom.add_(self.eps))
-            new_states.append({"v": v, "step": step})
-        return out, new_states
+            step = state.get(f"{key}.step", torch.zeros((), dtype=torch.float64)) + 1
+            v, v_hat = self.second_moment(v_old, jac * jac, step)
+            out.append(jac / v_hat.sqrt().add_(self.eps))
+            new_state[f"{key}.v"] = v
+            new_state[f"{key}.step"] = step
+        return out, new_state
 
-    def __repr__(self) -> str:
-        return f"Preconditioner(kind={self.kind!r}, eps={self.eps}, beta2={self.beta2})"
+    def settings(self) -> Dict[str, Any]:
+        return {"eps": self.eps}
+
+
+#: Preconditioners by name (``precondition=``); ``None``: no preconditioning.
+PRECONDITIONERS: Registry[Preconditioner] = Registry("precondition", Preconditioner)
+
+
+def _check_beta2(beta2: Any) -> float:
+    if isinstance(beta2, bool) or not isinstance(beta2, (int, float)) or not 0.0 <= beta2 < 1.0:
+        raise ValueError(f"beta2 must be in [0, 1), got {beta2!r}")
+    return float(beta2)
+
+
+@PRECONDITIONERS.register
+class Adagrad(Preconditioner):
+    """``v_i <- v_i + g_i^2`` (Duchi et al., 2011), per task."""
+
+    name = "adagrad"
+
+    def second_moment(self, v_old: Tensor, square: Tensor, step: Tensor) -> Tuple[Tensor, Tensor]:
+        v = v_old + square
+        return v, v
+
+
+@PRECONDITIONERS.register
+class RMSProp(Preconditioner):
+    """``v_i <- beta2 v_i + (1 - beta2) g_i^2`` (Tieleman & Hinton, 2012), per task."""
+
+    name = "rmsprop"
+
+    def __init__(self, eps: float = 1e-8, beta2: float = 0.999) -> None:
+        super().__init__(eps)
+        self.beta2 = _check_beta2(beta2)
+
+    def second_moment(self, v_old: Tensor, square: Tensor, step: Tensor) -> Tuple[Tensor, Tensor]:
+        v = torch.lerp(v_old, square, 1.0 - self.beta2)
+        return v, v
+
+    def settings(self) -> Dict[str, Any]:
+        return {"eps": self.eps, "beta2": self.beta2}
+
+
+@PRECONDITIONERS.register
+class Adam(RMSProp):
+    """RMSProp's EMA with bias correction ``v_hat = v / (1 - beta2^t)`` (Kingma & Ba, 2015)."""
+
+    name = "adam"
+
+    def second_moment(self, v_old: Tensor, square: Tensor, step: Tensor) -> Tuple[Tensor, Tensor]:
+        v = torch.lerp(v_old, square, 1.0 - self.beta2)
+        return v, v / (1.0 - self.beta2 ** float(step))

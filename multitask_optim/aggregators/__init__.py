@@ -1,46 +1,32 @@
-"""Gram-space aggregators and their registry by name."""
+"""Gram-space aggregators (``surgery=``) and their registry by name.
+
+Each method is one module whose class registers itself with ``@AGGREGATORS.register``;
+importing the module is all it takes to make ``surgery="name"`` work.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Type, Union
+from typing import Any, Union
 
-from .base import AggregationContext, Aggregator, random_orders
+from . import gradvac, mgda, pareto, pcgrad, sum  # noqa: F401  (each registers its method)
+from .base import AGGREGATORS, AggregationContext, Aggregator, random_orders
 from .gradvac import GradVac, gradvac_coefficients
 from .mgda import MGDA, mgda_coefficients
 from .pareto import ParetoWeights
 from .pcgrad import PCGrad, pcgrad_coefficients
 from .sum import Sum
 
-AGGREGATORS: Dict[str, Type[Aggregator]] = {}
 
-
-def register_aggregator(cls: Type[Aggregator]) -> Type[Aggregator]:
+def register_aggregator(cls: type) -> type:
     """Register an :class:`Aggregator` subclass under its ``name`` (usable as a decorator)."""
-    if not cls.name:
-        raise ValueError(f"{cls.__name__} has no name to register under")
-    AGGREGATORS[cls.name] = cls
-    return cls
-
-
-for _cls in (Sum, PCGrad, GradVac, MGDA, ParetoWeights):
-    register_aggregator(_cls)
+    return AGGREGATORS.register(cls)
 
 
 def get_aggregator(spec: Union[None, str, Aggregator], **kwargs: Any) -> Aggregator:
     """Resolve ``None`` (plain sum), a registered name or an instance to an aggregator."""
-    if spec is None:
-        return Sum(**kwargs)
-    if isinstance(spec, Aggregator):
-        if kwargs:
-            raise TypeError("keyword arguments are only accepted with a surgery given by name")
-        return spec
-    if isinstance(spec, str):
-        cls: Callable[..., Aggregator] | None = AGGREGATORS.get(spec.lower())
-        if cls is None:
-            known = ", ".join(sorted(AGGREGATORS))
-            raise ValueError(f"unknown surgery {spec!r}; known: {known}")
-        return cls(**kwargs)
-    raise TypeError(f"surgery must be None, a name or an Aggregator, got {type(spec).__name__}")
+    out = AGGREGATORS.build(spec, kwargs)
+    assert out is not None
+    return out
 
 
 __all__ = [

@@ -11,14 +11,14 @@ drop it and leave no trace.
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
-from typing import ClassVar, Dict
+from abc import abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
-State = Dict[str, Tensor]
+from ..components import Component, Registry, State
 
 #: Up to this many (block, task) rows the pairwise surgeries run in plain Python floats
 #: (no per-operation dispatch cost); above it, vectorised over blocks and tasks in torch.
@@ -38,22 +38,19 @@ class AggregationContext:
     generator: torch.Generator
     losses: Tensor
     step: int = 0
-    extras: dict = field(default_factory=dict)
 
 
-class Aggregator(ABC):
+class Aggregator(Component):
     """Maps per-block Gram matrices to coefficients over the task gradients.
 
-    Subclasses set ``name`` (the registry key) and implement :meth:`aggregate`.
+    Subclasses set ``name`` (the registry key), validate their hyper-parameters in
+    ``__init__``, report them in :meth:`settings`, and implement :meth:`aggregate`.
+    Registering (``@AGGREGATORS.register``) makes the method available as
+    ``surgery="name"`` and runs the aggregator contract tests on it.
     """
 
-    name: ClassVar[str] = ""
     #: True for methods that are not linear in the Jacobian and need its rows.
     needs_jacobian: ClassVar[bool] = False
-
-    def init_state(self, num_tasks: int, num_blocks: int) -> State:
-        """Fresh state for ``num_tasks`` tasks and ``num_blocks`` blocks."""
-        return {}
 
     @abstractmethod
     def aggregate(self, gram: Tensor, state: State, ctx: AggregationContext) -> tuple[Tensor, State]:
@@ -65,11 +62,9 @@ class Aggregator(ABC):
             return coefs[0], new_state
         return self.aggregate(gram, state, ctx)
 
-    def extra_repr(self) -> str:
-        return ""
 
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.extra_repr()})"
+#: Aggregators by name (``surgery=``); ``None`` builds :class:`~.sum.Sum` (set in ``sum.py``).
+AGGREGATORS: Registry[Aggregator] = Registry("surgery", Aggregator)
 
 
 def random_orders(num_blocks: int, num_tasks: int, generator: torch.Generator) -> Tensor:

@@ -23,10 +23,13 @@ from __future__ import annotations
 
 import math
 
+from typing import Any, Dict
+
 import torch
 from torch import Tensor
 
 from .base import (
+    AGGREGATORS,
     SCALAR_LIMIT,
     AggregationContext,
     Aggregator,
@@ -131,6 +134,7 @@ def gradvac_coefficients(
     return coefs, new_targets
 
 
+@AGGREGATORS.register
 class GradVac(Aggregator):
     """Gradient Vaccine (Wang et al., 2021) in coefficient space.
 
@@ -158,5 +162,5 @@ class GradVac(Aggregator):
         coefs, new_targets = gradvac_coefficients(gram, orders, targets, self.beta, self.reduction)
         return coefs, {"targets": new_targets}
 
-    def extra_repr(self) -> str:
-        return f"beta={self.beta}, reduction={self.reduction!r}"
+    def settings(self) -> Dict[str, Any]:
+        return {"beta": self.beta, "reduction": self.reduction}

@@ -19,11 +19,13 @@ minimum-norm-point active-set method beyond).
 
 from __future__ import annotations
 
+from typing import Any, Dict
+
 import torch
 from torch import Tensor
 
 from ._qp import min_norm_weights
-from .base import AggregationContext, Aggregator, State
+from .base import AGGREGATORS, AggregationContext, Aggregator, State
 
 NORMALIZATIONS = ("none", "l2", "loss", "loss+")
 
@@ -78,6 +80,7 @@ def mgda_coefficients(gram: Tensor, scales: Tensor | None = None) -> Tensor:
     return min_norm_weights(g) / scales
 
 
+@AGGREGATORS.register
 class MGDA(Aggregator):
     """MGDA (Sener & Koltun, 2018): the min-norm point of the convex hull of the gradients.
 
@@ -118,5 +121,5 @@ class MGDA(Aggregator):
         scales = gradient_scales(g, ctx.losses, self.normalization)
         return mgda_coefficients(g, scales), state
 
-    def extra_repr(self) -> str:
-        return f"normalization={self.normalization!r}"
+    def settings(self) -> Dict[str, Any]:
+        return {"normalization": self.normalization}

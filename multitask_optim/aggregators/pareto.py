@@ -17,17 +17,18 @@ balanced (Pareto-stationary) combination allowed by the bounds.
 from __future__ import annotations
 
 import math
-from typing import Sequence, Tuple, Union
+from typing import Any, Dict, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from ._qp import check_lower, min_norm_weights
-from .base import AggregationContext, Aggregator, State
+from .base import AGGREGATORS, AggregationContext, Aggregator, State
 
 LowerBounds = Union[float, Sequence[float], Tensor]
 
 
+@AGGREGATORS.register
 class ParetoWeights(Aggregator):
     """PE-LTR's Pareto-efficient weights (Lin et al., 2019) on the bounded simplex.
 
@@ -89,5 +90,5 @@ class ParetoWeights(Aggregator):
         g = gram.detach().to(device="cpu", dtype=torch.float64)
         return min_norm_weights(g, lower), state
 
-    def extra_repr(self) -> str:
-        return f"lower_bounds={self.lower_bounds!r}"
+    def settings(self) -> Dict[str, Any]:
+        return {"lower_bounds": self.lower_bounds}

@@ -18,10 +18,13 @@ surgery costs ``K - 1`` rounds of a handful of small tensor operations.
 
 from __future__ import annotations
 
+from typing import Any, Dict
+
 import torch
 from torch import Tensor
 
 from .base import (
+    AGGREGATORS,
     SCALAR_LIMIT,
     AggregationContext,
     Aggregator,
@@ -92,6 +95,7 @@ def pcgrad_coefficients(gram: Tensor, orders: Tensor, reduction: str = "sum") ->
     return coefs
 
 
+@AGGREGATORS.register
 class PCGrad(Aggregator):
     """PCGrad (Yu et al., 2020), Algorithm 1, in coefficient space.
 
@@ -108,5 +112,5 @@ class PCGrad(Aggregator):
         orders = random_orders(gram.shape[0], gram.shape[1], ctx.generator)
         return pcgrad_coefficients(gram, orders, self.reduction), state
 
-    def extra_repr(self) -> str:
-        return f"reduction={self.reduction!r}"
+    def settings(self) -> Dict[str, Any]:
+        return {"reduction": self.reduction}

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any, Dict
+
 import torch
 from torch import Tensor
 
-from .base import AggregationContext, Aggregator, State, check_reduction
+from .base import AGGREGATORS, AggregationContext, Aggregator, State, check_reduction
 
 
+@AGGREGATORS.register
 class Sum(Aggregator):
     """``d = sum_i g_i`` (or the mean with ``reduction="mean"``).
 
@@ -25,5 +28,8 @@ class Sum(Aggregator):
         value = 1.0 / k if self.reduction == "mean" else 1.0
         return torch.full((b, k), value, dtype=gram.dtype), state
 
-    def extra_repr(self) -> str:
-        return f"reduction={self.reduction!r}"
+    def settings(self) -> Dict[str, Any]:
+        return {"reduction": self.reduction}
+
+
+AGGREGATORS.default = Sum

@@ -1,10 +1,14 @@
-"""Loss weightings and their registry by name."""
+"""Loss weightings (``weighting=``) and their registry by name.
+
+Each method is one module whose class registers itself with ``@WEIGHTINGS.register``.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Dict, Type, Union
+from typing import Any, Union
 
-from .base import Equal, Weighting, WeightingContext
+from . import dwa, gradnorm, htw, rlw, staged, static, uncertainty  # noqa: F401  (each registers)
+from .base import WEIGHTINGS, Equal, Weighting, WeightingContext
 from .dwa import DynamicWeightAverage
 from .gradnorm import GradNorm
 from .htw import HTW
@@ -13,44 +17,17 @@ from .staged import StagedStart
 from .static import StaticWeights
 from .uncertainty import UncertaintyWeighting
 
-WEIGHTINGS: Dict[str, Type[Weighting]] = {}
 
-
-def register_weighting(cls: Type[Weighting]) -> Type[Weighting]:
+def register_weighting(cls: type) -> type:
     """Register a :class:`Weighting` subclass under its ``name`` (usable as a decorator)."""
-    if not cls.name:
-        raise ValueError(f"{cls.__name__} has no name to register under")
-    WEIGHTINGS[cls.name] = cls
-    return cls
-
-
-for _cls in (
-    Equal,
-    StaticWeights,
-    StagedStart,
-    UncertaintyWeighting,
-    DynamicWeightAverage,
-    HTW,
-    GradNorm,
-    RandomLossWeighting,
-):
-    register_weighting(_cls)
+    return WEIGHTINGS.register(cls)
 
 
 def get_weighting(spec: Union[None, str, Weighting], **kwargs: Any) -> Weighting:
     """Resolve ``None`` (equal weights), a registered name or an instance."""
-    if spec is None:
-        return Equal()
-    if isinstance(spec, Weighting):
-        if kwargs:
-            raise TypeError("keyword arguments are only accepted with a weighting given by name")
-        return spec
-    if isinstance(spec, str):
-        cls = WEIGHTINGS.get(spec.lower())
-        if cls is None:
-            raise ValueError(f"unknown weighting {spec!r}; known: {', '.join(sorted(WEIGHTINGS))}")
-        return cls(**kwargs)
-    raise TypeError(f"weighting must be None, a name or a Weighting, got {type(spec).__name__}")
+    out = WEIGHTINGS.build(spec, kwargs)
+    assert out is not None
+    return out
 
 
 __all__ = [

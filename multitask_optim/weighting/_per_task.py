@@ -9,12 +9,13 @@ resolves and checks the names.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, List, Mapping, Optional, Sequence, TypeVar, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, TypeVar, Union
 
 import torch
 from torch import Tensor
 
 T = TypeVar("T")
+State = Dict[str, Tensor]
 
 PerTask = Union[Sequence[T], Mapping[str, T]]
 
@@ -186,3 +187,26 @@ def accumulate_grad(p: torch.nn.Parameter, grad: Tensor) -> None:
         p.grad = grad.clone()
     else:
         p.grad.add_(grad)
+
+
+class LossRatio:
+    """The loss-ratio bookkeeping of GradNorm and HTW: ``L_i(t) / L_i(0)``.
+
+    ``L_i(0)`` is the first loss observed (the losses of the first taken step), kept in
+    the weighting's state under ``initial_losses`` / ``initialized``.
+    """
+
+    @staticmethod
+    def init_state(num_tasks: int) -> State:
+        return {
+            "initial_losses": torch.zeros(num_tasks, dtype=torch.float64),
+            "initialized": scalar(False, torch.bool),
+        }
+
+    @staticmethod
+    def initial(losses: Tensor, state: State) -> Tuple[Tensor, State]:
+        """``(L(0), state)``: the stored first losses, or ``losses`` (recorded in a new state)."""
+        if state and "initialized" in state and bool(state["initialized"]):
+            return state["initial_losses"], state
+        first = losses.to(torch.float64).clone()
+        return first, {"initial_losses": first, "initialized": scalar(True, torch.bool)}

@@ -1,28 +1,36 @@
 """Weighting contract: task losses in, task weights out.
 
 A weighting maps the current loss values (and its own state) to weights ``w`` of
-shape ``(K,)``; the optimizer then differentiates ``w_i * L_i`` per task (task
-parameters receive ``grad(w_i L_i)``; the shared rows of the Jacobian are scaled by
-``w_i``). Like aggregators, weightings are functional in their *state*: they return a
-new state dict, which the optimizer commits only when the step is not skipped.
+shape ``(K,)``; the optimizer then scales task ``i``'s gradients by ``w_i``. Like every
+component (:mod:`multitask_optim.components`), a weighting is functional in its
+*state*: :meth:`Weighting.weights` returns a new state dict, which the optimizer
+commits only when the step is taken.
 
-Learnable weightings (uncertainty, GradNorm) own ``torch.nn.Parameter`` s, created by
-:meth:`Weighting.setup` once the number of tasks is known. The optimizer puts them in a
-param group of their own (``group["task"] == "weighting"``, learning rate ``lr`` if the
-weighting has one) so the inner optimizer updates them, and calls
-:meth:`Weighting.backward` to fill their ``.grad`` each step.
+Lifecycle (owned by this base class, as torchmetrics' ``Metric`` owns a metric's):
+the optimizer calls :meth:`Weighting.bind` with the task names once they are known
+(at construction when given, else at the first step). ``bind`` resolves per-task
+arguments and creates learnable parameters through the subclass hook
+:meth:`Weighting.build`; no subclass sets itself up lazily.
+
+Learnable weightings (``learnable = True``: uncertainty, GradNorm) own
+``torch.nn.Parameter`` s. The optimizer puts them in a param group of their own
+(``group["task"] == "weighting"``, learning rate ``lr`` if the weighting has one) so the
+inner optimizer updates them, and calls :meth:`Weighting.backward` to fill their
+``.grad`` each step. What ``backward`` needs from the step is declared: with
+``needs_gram = True`` it receives ``gram=``, the Gram matrices of the weighted per-task
+gradients over :meth:`Weighting.gram_params` (or over every block).
 """
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar, Dict, List, Optional, Sequence
+from typing import ClassVar, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-State = Dict[str, Tensor]
+from ..components import Component, Registry, State
 
 
 @dataclass
@@ -31,51 +39,73 @@ class WeightingContext:
 
     Attributes:
         generator: the optimizer's own seeded CPU generator (checkpointed with it).
-        step: index of the step being computed (0 for the first non-skipped step).
+        step: index of the step being computed (0 for the first taken step).
         task_names: the task names, in order.
-        gram: only in :meth:`Weighting.backward` of weightings with ``needs_gram``:
-            ``(B, K, K)`` float64 Gram matrices of the *weighted* per-task gradients
-            ``grad(w_i L_i)`` on the shared blocks, before any preconditioning; the
-            last block is the one over :meth:`Weighting.gram_params` when it is set.
     """
 
     generator: torch.Generator
     step: int
     task_names: Sequence[str]
-    gram: Optional[Tensor] = None
 
 
-class Weighting(ABC):
+class Weighting(Component):
     """Maps loss values to per-task weights.
 
-    Subclasses set ``name`` (registry key) and implement :meth:`weights`.
+    Subclasses set ``name`` (registry key), validate their arguments in ``__init__``,
+    resolve per-task arguments and create parameters in :meth:`build`, and implement
+    :meth:`weights`.
     """
 
-    name: ClassVar[str] = ""
-    #: True if :meth:`backward` needs the Gram matrices of the weighted task gradients.
+    #: Whether the weighting owns learnable parameters (it then adds a param group).
+    learnable: ClassVar[bool] = False
+    #: Whether :meth:`backward` needs the Gram matrices of the weighted task gradients.
     needs_gram: ClassVar[bool] = False
-    #: Learning rate of the weighting's own param group (None: the first group's lr).
+    #: Learning rate of the weighting's own param group (None: the first group's).
     lr: Optional[float] = None
 
-    def setup(self, num_tasks: int, task_names: Sequence[str]) -> None:  # noqa: B027
-        """Called once when the number of tasks is known; create parameters here."""
+    task_names: Optional[Tuple[str, ...]] = None
+
+    def bind(self, task_names: Sequence[str]) -> None:
+        """Fix the tasks (once); calls :meth:`build`. Binding the same names again is a no-op."""
+        names = tuple(task_names)
+        if self.task_names == names:
+            return
+        self.build(names)
+        self.task_names = names
+
+    @property
+    def num_tasks(self) -> int:
+        if self.task_names is None:
+            raise RuntimeError(f"{type(self).__name__} is not bound to tasks yet (call bind(task_names))")
+        return len(self.task_names)
+
+    def build(self, task_names: Tuple[str, ...]) -> None:  # noqa: B027
+        """Hook: resolve per-task arguments and create parameters for these tasks."""
 
     def parameters(self) -> List[torch.nn.Parameter]:
         """Learnable parameters, updated by the inner optimizer."""
         return []
 
     def gram_params(self) -> Optional[List[torch.Tensor]]:
-        """Shared parameters whose Gram ``backward`` reads (``needs_gram``).
+        """Shared parameters whose Gram :meth:`backward` reads (``needs_gram``).
 
-        ``None`` (default): the optimizer passes the Gram of every block, the last
-        block last. A list: the optimizer passes one extra block, over exactly these
-        parameters, as the last block of ``ctx.gram``.
+        ``None`` (default): the Gram of every block, the last block last. A list: one
+        block over exactly these parameters.
         """
         return None
 
-    def init_state(self, num_tasks: int) -> State:
+    def init_state(self, num_tasks: int, num_blocks: int = 1) -> State:
         """Fresh state for ``num_tasks`` tasks."""
         return {}
+
+    def compute(self, losses: Tensor, state: State, ctx: WeightingContext) -> tuple[Tensor, State]:
+        """Bind to ``ctx.task_names`` if needed, check the losses, return :meth:`weights`."""
+        self.bind(ctx.task_names)
+        if losses.dim() != 1 or losses.shape[0] != self.num_tasks:
+            raise ValueError(
+                f"{type(self).__name__}: expected {self.num_tasks} losses, got shape {tuple(losses.shape)}"
+            )
+        return self.weights(losses, state, ctx)
 
     @abstractmethod
     def weights(self, losses: Tensor, state: State, ctx: WeightingContext) -> tuple[Tensor, State]:
@@ -85,11 +115,23 @@ class Weighting(ABC):
         (float64, CPU); the optimizer moves them where the losses live.
         """
 
-    def backward(self, losses: Tensor, weights: Tensor, state: State, ctx: WeightingContext) -> None:  # noqa: B027
-        """Fill ``.grad`` of :meth:`parameters` (accumulating, like ``Tensor.backward``)."""
+    def backward(  # noqa: B027
+        self,
+        losses: Tensor,
+        weights: Tensor,
+        state: State,
+        ctx: WeightingContext,
+        gram: Optional[Tensor] = None,
+    ) -> None:
+        """Fill ``.grad`` of :meth:`parameters` (accumulating, like ``Tensor.backward``).
+
+        ``gram`` is given to weightings with ``needs_gram``: ``(B, K, K)`` float64 Gram
+        matrices of the *weighted* per-task gradients ``grad(w_i L_i)`` on the shared
+        blocks, before any preconditioning (one block over :meth:`gram_params` when set).
+        """
 
     def objective(self, losses: Tensor, weights: Tensor) -> float:
-        """The scalar objective this weighting optimises, reported in diagnostics."""
+        """The scalar objective this weighting optimises (read before the inner step)."""
         return float((weights * losses).sum())
 
     def after_step(self) -> None:  # noqa: B027
@@ -99,13 +141,12 @@ class Weighting(ABC):
         """Epoch boundary (``opt.epoch_end()``); returns the new state."""
         return state
 
-    def extra_repr(self) -> str:
-        return ""
 
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.extra_repr()})"
+#: Weightings by name (``weighting=``); ``None`` builds :class:`Equal`.
+WEIGHTINGS: Registry[Weighting] = Registry("weighting", Weighting)
 
 
+@WEIGHTINGS.register
 class Equal(Weighting):
     """All weights 1: the plain sum of the losses."""
 
@@ -113,3 +154,6 @@ class Equal(Weighting):
 
     def weights(self, losses: Tensor, state: State, ctx: WeightingContext) -> tuple[Tensor, State]:
         return torch.ones_like(losses), state
+
+
+WEIGHTINGS.default = Equal

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Any, Dict, Optional
 
 import torch
 from torch import Tensor
 
-from ._per_task import check_num_losses, check_positive_int, scalar
-from .base import State, Weighting, WeightingContext
+from ._per_task import check_positive_int, scalar
+from .base import WEIGHTINGS, State, Weighting, WeightingContext
 
 
+@WEIGHTINGS.register
 class DynamicWeightAverage(Weighting):
     """Dynamic Weight Average (DWA): weight tasks by how slowly their loss falls.
 
@@ -61,7 +62,7 @@ class DynamicWeightAverage(Weighting):
             None if steps_per_epoch is None else check_positive_int(steps_per_epoch, "steps_per_epoch")
         )
 
-    def init_state(self, num_tasks: int) -> State:
+    def init_state(self, num_tasks: int, num_blocks: int = 1) -> State:
         return {
             "epoch_sum": torch.zeros(num_tasks, dtype=torch.float64),
             "epoch_count": scalar(0, torch.int64),
@@ -87,7 +88,6 @@ class DynamicWeightAverage(Weighting):
         return k * torch.softmax(ratio / self.temperature, dim=0)
 
     def weights(self, losses: Tensor, state: State, ctx: WeightingContext) -> tuple[Tensor, State]:
-        check_num_losses(losses, None, "DynamicWeightAverage")
         state = self._state(state, losses.shape[0])
         w = self.current_weights(state)
         new_state = {
@@ -111,5 +111,5 @@ class DynamicWeightAverage(Weighting):
             "epochs_done": state["epochs_done"] + 1,
         }
 
-    def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, steps_per_epoch={self.steps_per_epoch}"
+    def settings(self) -> Dict[str, Any]:
+        return {"temperature": self.temperature, "steps_per_epoch": self.steps_per_epoch}

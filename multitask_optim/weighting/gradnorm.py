@@ -3,22 +3,16 @@
 from __future__ import annotations
 
 import math
-from typing import Iterable, List, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from ._per_task import (
-    accumulate_grad,
-    check_loss_ratio_inputs,
-    check_lr,
-    check_num_losses,
-    detached_f64,
-    scalar,
-)
-from .base import State, Weighting, WeightingContext
+from ._per_task import LossRatio, accumulate_grad, check_loss_ratio_inputs, check_lr, detached_f64
+from .base import WEIGHTINGS, State, Weighting, WeightingContext
 
 
+@WEIGHTINGS.register
 class GradNorm(Weighting):
     """GradNorm: learn weights that equalise the tasks' gradient norms and training rates.
 
@@ -60,6 +54,7 @@ class GradNorm(Weighting):
     """
 
     name = "gradnorm"
+    learnable = True
     needs_gram = True
     #: Weights are clamped to at least this value before renormalising.
     min_weight: float = 1e-6
@@ -77,13 +72,9 @@ class GradNorm(Weighting):
         if self.layer is not None and not self.layer:
             raise ValueError("layer must hold at least one parameter (or be None)")
         self.task_weights: Optional[torch.nn.Parameter] = None
-        self._names: Optional[List[str]] = None
 
-    def setup(self, num_tasks: int, task_names: Sequence[str]) -> None:
-        if self.task_weights is not None and self._names == list(task_names):
-            return
-        self._names = list(task_names)
-        self.task_weights = torch.nn.Parameter(torch.ones(num_tasks))
+    def build(self, task_names: Tuple[str, ...]) -> None:
+        self.task_weights = torch.nn.Parameter(torch.ones(len(task_names)))
 
     def parameters(self) -> List[torch.nn.Parameter]:
         return [] if self.task_weights is None else [self.task_weights]
@@ -91,32 +82,19 @@ class GradNorm(Weighting):
     def gram_params(self) -> Optional[List[Tensor]]:
         return self.layer
 
-    def init_state(self, num_tasks: int) -> State:
-        return {
-            "initial_losses": torch.zeros(num_tasks, dtype=torch.float64),
-            "initialized": scalar(False, torch.bool),
-        }
+    def init_state(self, num_tasks: int, num_blocks: int = 1) -> State:
+        return LossRatio.init_state(num_tasks)
 
-    def _ready(self, losses: Tensor, ctx: WeightingContext) -> torch.nn.Parameter:
+    def _bound(self) -> torch.nn.Parameter:
         if self.task_weights is None:
-            self.setup(losses.shape[0], ctx.task_names)
-        assert self.task_weights is not None
-        check_num_losses(losses, self.task_weights.shape[0], "GradNorm")
+            raise RuntimeError("GradNorm is not bound to tasks yet (call bind(task_names))")
         return self.task_weights
 
-    @staticmethod
-    def _initial(losses: Tensor, state: State) -> tuple[Tensor, bool]:
-        if state and "initialized" in state and bool(state["initialized"]):
-            return state["initial_losses"], True
-        return losses.to(torch.float64).clone(), False
-
     def weights(self, losses: Tensor, state: State, ctx: WeightingContext) -> tuple[Tensor, State]:
-        w = detached_f64(self._ready(losses, ctx))
-        initial, known = self._initial(losses, state)
+        w = detached_f64(self._bound())
+        initial, new_state = LossRatio.initial(losses, state)
         check_loss_ratio_inputs(losses, initial, ctx.task_names, "GradNorm")
-        if known:
-            return w, state
-        return w, {"initial_losses": initial, "initialized": scalar(True, torch.bool)}
+        return w, new_state
 
     def weight_gradient(self, losses: Tensor, weights: Tensor, gram: Tensor, initial: Tensor) -> Tensor:
         """``d L_grad / d w`` (float64, ``(K,)``), the closed form described above.
@@ -139,19 +117,26 @@ class GradNorm(Weighting):
         unweighted = torch.where(w > 0, norms / torch.where(w > 0, w, 1.0), 0.0)  # ||grad_W L_i||
         return torch.sign(norms - target) * unweighted
 
-    def backward(self, losses: Tensor, weights: Tensor, state: State, ctx: WeightingContext) -> None:
+    def backward(
+        self,
+        losses: Tensor,
+        weights: Tensor,
+        state: State,
+        ctx: WeightingContext,
+        gram: Optional[Tensor] = None,
+    ) -> None:
         """Add ``d L_grad / d w`` to ``w.grad``.
 
         ``state`` may be the state before or after this step's :meth:`weights`: on the
         first step, when ``L_i(0)`` is not stored yet, ``L_i(0) = L_i(t)`` is used, which
         is what :meth:`weights` stores.
         """
-        p = self._ready(losses, ctx)
-        if ctx.gram is None:
-            raise ValueError("GradNorm.backward needs ctx.gram (the Gram of the weighted task gradients)")
-        initial, _ = self._initial(losses, state)
+        p = self._bound()
+        if gram is None:
+            raise ValueError("GradNorm.backward needs gram= (the Gram of the weighted task gradients)")
+        initial, _ = LossRatio.initial(losses, state)
         check_loss_ratio_inputs(losses, initial, ctx.task_names, "GradNorm")
-        accumulate_grad(p, self.weight_gradient(losses, weights, ctx.gram, initial))
+        accumulate_grad(p, self.weight_gradient(losses, weights, gram, initial))
 
     def after_step(self) -> None:
         """Clamp the weights to ``>= min_weight`` and rescale them to sum to ``K``."""
@@ -162,5 +147,6 @@ class GradNorm(Weighting):
             p.clamp_(min=self.min_weight)
             p.mul_(p.shape[0] / p.sum())
 
-    def extra_repr(self) -> str:
-        return f"alpha={self.alpha}, lr={self.lr}"
+    def settings(self) -> Dict[str, Any]:
+        layer = None if self.layer is None else [tuple(p.shape) for p in self.layer]
+        return {"alpha": self.alpha, "lr": self.lr, "layer": layer}

@@ -2,22 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from ._per_task import (
+    LossRatio,
     check_loss_ratio_inputs,
     check_nonnegative_float,
     check_nonnegative_int,
-    check_num_losses,
     check_positive_int,
-    scalar,
 )
-from .base import State, Weighting, WeightingContext
+from .base import WEIGHTINGS, State, Weighting, WeightingContext
 
 
+@WEIGHTINGS.register
 class HTW(Weighting):
     """A main task warmed up linearly, auxiliary tasks weighted by their loss ratio.
 
@@ -77,16 +77,15 @@ class HTW(Weighting):
         if self.warmup > 1.0:
             raise ValueError(f"warmup is a fraction of total_steps and must be in [0, 1], got {warmup!r}")
         self.alpha = check_nonnegative_float(alpha, "alpha")
-        self._main: Optional[int] = None if isinstance(self.main_task, str) else self.main_task
-        self._num_tasks: Optional[int] = None
-        self._names: Optional[Sequence[str]] = None
+        self._main: Optional[int] = None
 
     @property
     def warmup_steps(self) -> float:
         """``W = warmup * total_steps``."""
         return self.warmup * self.total_steps
 
-    def setup(self, num_tasks: int, task_names: Sequence[str]) -> None:
+    def build(self, task_names: Tuple[str, ...]) -> None:
+        num_tasks = len(task_names)
         if isinstance(self.main_task, str):
             if self.main_task not in task_names:
                 raise ValueError(
@@ -95,14 +94,11 @@ class HTW(Weighting):
             self._main = list(task_names).index(self.main_task)
         elif self.main_task >= num_tasks:
             raise ValueError(f"main_task index {self.main_task} is out of range for {num_tasks} tasks")
-        self._num_tasks = num_tasks
-        self._names = list(task_names)
+        else:
+            self._main = self.main_task
 
-    def init_state(self, num_tasks: int) -> State:
-        return {
-            "initial_losses": torch.zeros(num_tasks, dtype=torch.float64),
-            "initialized": scalar(False, torch.bool),
-        }
+    def init_state(self, num_tasks: int, num_blocks: int = 1) -> State:
+        return LossRatio.init_state(num_tasks)
 
     def main_weight(self, step: int) -> float:
         """Main-task weight at step ``step`` (0-based)."""
@@ -112,18 +108,10 @@ class HTW(Weighting):
         return min(1.0, (step + 1) / w)
 
     def weights(self, losses: Tensor, state: State, ctx: WeightingContext) -> tuple[Tensor, State]:
-        check_num_losses(losses, self._num_tasks, "HTW")
         k = losses.shape[0]
-        if self._num_tasks is None:
-            self.setup(k, ctx.task_names)
         assert self._main is not None
         losses = losses.to(torch.float64)
-        if state and "initialized" in state and bool(state["initialized"]):
-            initial = state["initial_losses"]
-            new_state = state
-        else:
-            initial = losses.clone()
-            new_state = {"initial_losses": initial, "initialized": scalar(True, torch.bool)}
+        initial, new_state = LossRatio.initial(losses, state)
         aux = [i for i in range(k) if i != self._main]
         if aux:
             check_loss_ratio_inputs(losses[aux], initial[aux], [ctx.task_names[i] for i in aux], "HTW")
@@ -131,8 +119,5 @@ class HTW(Weighting):
         w[self._main] = self.main_weight(int(ctx.step))
         return w, new_state
 
-    def extra_repr(self) -> str:
-        return (
-            f"main_task={self.main_task!r}, total_steps={self.total_steps}, "
-            f"warmup={self.warmup}, alpha={self.alpha}"
-        )
+    def settings(self) -> Dict[str, Any]:
+        return {"main_task": self.main_task, "total_steps": self.total_steps, "warmup": self.warmup, "alpha": self.alpha}

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+from typing import Any, Dict
+
 import torch
 from torch import Tensor
 
-from ._per_task import check_num_losses
-from .base import State, Weighting, WeightingContext
+from .base import WEIGHTINGS, State, Weighting, WeightingContext
 
 _SCALES = ("sum1", "sumK")
 
 
+@WEIGHTINGS.register
 class RandomLossWeighting(Weighting):
     """Random Loss Weighting (RLW): fresh random weights at every step.
 
@@ -48,7 +50,6 @@ class RandomLossWeighting(Weighting):
         self.scale = scale
 
     def weights(self, losses: Tensor, state: State, ctx: WeightingContext) -> tuple[Tensor, State]:
-        check_num_losses(losses, None, "RandomLossWeighting")
         k = losses.shape[0]
         z = torch.randn(k, generator=ctx.generator, dtype=torch.float64)
         w = torch.softmax(z, dim=0)
@@ -56,5 +57,5 @@ class RandomLossWeighting(Weighting):
             w = w * k
         return w, state
 
-    def extra_repr(self) -> str:
-        return f"scale={self.scale!r}"
+    def settings(self) -> Dict[str, Any]:
+        return {"scale": self.scale}

@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-from typing import List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
-from ._per_task import (
-    check_nonnegative_int,
-    check_num_losses,
-    check_per_task,
-    resolve_per_task,
-)
-from .base import State, Weighting, WeightingContext
+from ._per_task import check_nonnegative_int, check_per_task, resolve_per_task
+from .base import WEIGHTINGS, State, Weighting, WeightingContext
 
 
+@WEIGHTINGS.register
 class StagedStart(Weighting):
     """Task ``i`` has weight 0 before its start step, then ramps linearly to 1.
 
@@ -32,7 +28,7 @@ class StagedStart(Weighting):
     Args:
         start_steps: one start step (integer >= 0) per task, as a sequence in task order
             or a mapping ``{task name: start step}``. Tasks a mapping leaves out start at
-            step 0; naming an unknown task raises in :meth:`setup`.
+            step 0; naming an unknown task raises in :meth:`bind`.
         ramp_steps: length of the linear ramp in steps (0: switch on at once).
 
     Raises:
@@ -45,25 +41,22 @@ class StagedStart(Weighting):
     def __init__(self, start_steps: Union[Sequence[int], Mapping[str, int]], ramp_steps: int = 0) -> None:
         self._spec = check_per_task(start_steps, "start_steps", check_nonnegative_int)
         self.ramp_steps = check_nonnegative_int(ramp_steps, "ramp_steps")
-        self._starts: Optional[List[int]] = list(self._spec) if isinstance(self._spec, list) else None
+        self._starts: Optional[List[int]] = None
 
-    def setup(self, num_tasks: int, task_names: Sequence[str]) -> None:
+    def build(self, task_names: Tuple[str, ...]) -> None:
         self._starts = resolve_per_task(self._spec, task_names, "start_steps", default=0, allow_missing=True)
 
     def weight_at(self, step: int) -> Tensor:
         """The ``(K,)`` float64 weights at optimizer step ``step`` (needs the task count)."""
         if self._starts is None:
-            raise RuntimeError("StagedStart with a mapping needs setup() (the task names) first")
+            raise RuntimeError("StagedStart needs bind(task_names) first")
         start = torch.tensor(self._starts, dtype=torch.float64)
         if self.ramp_steps == 0:
             return (step >= start).to(torch.float64)
         return ((step - start + 1.0) / self.ramp_steps).clamp(0.0, 1.0)
 
     def weights(self, losses: Tensor, state: State, ctx: WeightingContext) -> tuple[Tensor, State]:
-        if self._starts is None:
-            self.setup(losses.shape[0], ctx.task_names)
-        check_num_losses(losses, len(self._starts or ()), "StagedStart")
         return self.weight_at(int(ctx.step)), state
 
-    def extra_repr(self) -> str:
-        return f"start_steps={self._spec!r}, ramp_steps={self.ramp_steps}"
+    def settings(self) -> Dict[str, Any]:
+        return {"start_steps": self._spec, "ramp_steps": self.ramp_steps}

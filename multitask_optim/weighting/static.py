@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from typing import List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
-from ._per_task import check_nonnegative_float, check_num_losses, check_per_task, resolve_per_task
-from .base import State, Weighting, WeightingContext
+from ._per_task import check_nonnegative_float, check_per_task, resolve_per_task
+from .base import WEIGHTINGS, State, Weighting, WeightingContext
 
 
+@WEIGHTINGS.register
 class StaticWeights(Weighting):
     """Fixed per-task weights: the objective is ``sum_i w_i L_i`` with constant ``w``.
 
@@ -20,7 +21,7 @@ class StaticWeights(Weighting):
     Args:
         weights: one non-negative finite weight per task, as a sequence in task order or
             a mapping ``{task name: weight}``. A mapping must name every task and only
-            known tasks; this is checked in :meth:`setup`, once the names are known.
+            known tasks; this is checked in :meth:`bind`, once the names are known.
 
     Raises:
         ValueError: a negative or non-finite weight, a wrong number of weights, or
@@ -31,17 +32,14 @@ class StaticWeights(Weighting):
 
     def __init__(self, weights: Union[Sequence[float], Mapping[str, float]]) -> None:
         self._spec = check_per_task(weights, "weights", check_nonnegative_float)
-        self._weights: Optional[List[float]] = list(self._spec) if isinstance(self._spec, list) else None
+        self._weights: Optional[List[float]] = None
 
-    def setup(self, num_tasks: int, task_names: Sequence[str]) -> None:
+    def build(self, task_names: Tuple[str, ...]) -> None:
         self._weights = resolve_per_task(self._spec, task_names, "weights")
 
     def weights(self, losses: Tensor, state: State, ctx: WeightingContext) -> tuple[Tensor, State]:
-        if self._weights is None:
-            self.setup(losses.shape[0], ctx.task_names)
         assert self._weights is not None
-        check_num_losses(losses, len(self._weights), "StaticWeights")
         return torch.tensor(self._weights, dtype=torch.float64), state
 
-    def extra_repr(self) -> str:
-        return f"weights={self._spec!r}"
+    def settings(self) -> Dict[str, Any]:
+        return {"weights": self._spec}

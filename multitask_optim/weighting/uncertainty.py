@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-from typing import List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
-from ._per_task import (
-    accumulate_grad,
-    check_lr,
-    check_num_losses,
-    check_per_task,
-    detached_f64,
-    resolve_per_task,
-)
-from .base import State, Weighting, WeightingContext
+from ._per_task import accumulate_grad, check_lr, check_per_task, detached_f64, resolve_per_task
+from .base import WEIGHTINGS, State, Weighting, WeightingContext
 
 _KINDS = ("regression", "classification")
 #: Factor c in w = c * exp(-s): 1/2 for a Gaussian likelihood, 1 for a softmax one.
@@ -28,6 +21,7 @@ def _check_kind(value: object, where: str) -> str:
     return str(value)
 
 
+@WEIGHTINGS.register
 class UncertaintyWeighting(Weighting):
     """Learned task weights from homoscedastic (task) uncertainty.
 
@@ -72,6 +66,7 @@ class UncertaintyWeighting(Weighting):
     """
 
     name = "uncertainty"
+    learnable = True
 
     def __init__(
         self,
@@ -82,26 +77,17 @@ class UncertaintyWeighting(Weighting):
         self.lr = check_lr(lr)
         self.log_var: Optional[torch.nn.Parameter] = None
         self._kinds: Optional[List[str]] = None
-        self._names: Optional[List[str]] = None
 
-    def setup(self, num_tasks: int, task_names: Sequence[str]) -> None:
-        kinds = resolve_per_task(self._spec, task_names, "kind", default="regression", allow_missing=True)
-        same = self.log_var is not None and self._names == list(task_names)
-        self._kinds = kinds
-        self._names = list(task_names)
-        if not same:
-            self.log_var = torch.nn.Parameter(torch.zeros(num_tasks))
+    def build(self, task_names: Tuple[str, ...]) -> None:
+        self._kinds = resolve_per_task(self._spec, task_names, "kind", default="regression", allow_missing=True)
+        self.log_var = torch.nn.Parameter(torch.zeros(len(task_names)))
 
     def parameters(self) -> List[torch.nn.Parameter]:
         return [] if self.log_var is None else [self.log_var]
 
-    def _ready(self, losses: Tensor, ctx: Optional[WeightingContext]) -> torch.nn.Parameter:
+    def _bound(self) -> torch.nn.Parameter:
         if self.log_var is None:
-            if ctx is None:
-                raise RuntimeError("UncertaintyWeighting.setup() has not been called")
-            self.setup(losses.shape[0], ctx.task_names)
-        assert self.log_var is not None
-        check_num_losses(losses, self.log_var.shape[0], "UncertaintyWeighting")
+            raise RuntimeError("UncertaintyWeighting is not bound to tasks yet (call bind(task_names))")
         return self.log_var
 
     def _factors(self) -> Tensor:
@@ -110,39 +96,37 @@ class UncertaintyWeighting(Weighting):
 
     @property
     def kinds(self) -> List[str]:
-        """The resolved kind of every task (after :meth:`setup`)."""
-        if self._kinds is None:
-            raise RuntimeError("UncertaintyWeighting.setup() has not been called")
+        """The resolved kind of every task (after :meth:`bind`)."""
+        self._bound()
+        assert self._kinds is not None
         return list(self._kinds)
 
     @property
     def sigma(self) -> Tensor:
         """Learned standard deviations ``sigma_i = sqrt(exp(s_i))``, float64, detached."""
-        if self.log_var is None:
-            raise RuntimeError("UncertaintyWeighting.setup() has not been called")
-        return torch.exp(0.5 * detached_f64(self.log_var))
+        return torch.exp(0.5 * detached_f64(self._bound()))
 
     def weights(self, losses: Tensor, state: State, ctx: WeightingContext) -> tuple[Tensor, State]:
-        s = detached_f64(self._ready(losses, ctx))
+        s = detached_f64(self._bound())
         return self._factors() * torch.exp(-s), state
 
-    def backward(self, losses: Tensor, weights: Tensor, state: State, ctx: WeightingContext) -> None:
-        p = self._ready(losses, ctx)
-        s = detached_f64(p)
-        w = self._factors() * torch.exp(-s)
+    def backward(
+        self,
+        losses: Tensor,
+        weights: Tensor,
+        state: State,
+        ctx: WeightingContext,
+        gram: Optional[Tensor] = None,
+    ) -> None:
+        p = self._bound()
+        w = self._factors() * torch.exp(-detached_f64(p))
         accumulate_grad(p, 0.5 - w * losses.to(torch.float64))
 
     def objective(self, losses: Tensor, weights: Tensor) -> float:
-        """``sum_i (w_i L_i + s_i / 2)`` for the weights of the step.
-
-        ``s_i = log(c_i / w_i)`` is recovered from the weights themselves, so the value
-        is that of the step the weights were used in, even after the inner optimizer
-        has moved ``s``.
-        """
-        self._ready(losses, None)
+        """``sum_i (w_i L_i + s_i / 2)``, with ``s`` read before the inner step moves it."""
+        s = detached_f64(self._bound())
         w = weights.detach().to(device="cpu", dtype=torch.float64)
-        s = torch.log(self._factors()) - torch.log(w)
         return float((w * losses.to(torch.float64) + 0.5 * s).sum())
 
-    def extra_repr(self) -> str:
-        return f"kind={self._spec!r}, lr={self.lr}"
+    def settings(self) -> Dict[str, Any]:
+        return {"kind": self._spec, "lr": self.lr}

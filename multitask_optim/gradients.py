@@ -1,0 +1,209 @@
+"""Per-task gradients of one step, and their algebra.
+
+:class:`TaskGradients` holds what the gather stage computed: for every shared
+parameter its ``(K, *shape)`` Jacobian rows, for every task the gradients of its own
+parameters, and the shared linear layers kept *factored* (:class:`LinearFactor`). Every
+operation the later stages need is a method here -- scale, add, densify, all-finite,
+Gram per block, combine with coefficients, average across ranks -- so the factored
+form lives in this one file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from .distributed import all_average
+from .gram import dense_grams, precise_gram
+
+Rows = List[Optional[Tensor]]
+
+
+@dataclass
+class LinearFactor:
+    """The Jacobian of a shared linear map ``Y = X W^T (+ b)``, kept factored.
+
+    Row ``i`` of the weight's Jacobian is ``deltas[i]^T inputs`` and of the bias'
+    ``deltas[i].sum(0)``; its Gram contribution is ``<delta_i, (X X^T) delta_j>`` and its
+    update for coefficients ``c`` is ``(sum_i c_i delta_i)^T X``: no ``K x P`` buffer.
+
+    Attributes:
+        weight: position of ``W`` in the shared parameter list.
+        bias: position of ``b`` (None without a bias).
+        inputs: ``X``, shape ``(N, in)``.
+        deltas: per-task output gradients, shape ``(K, N, out)``.
+    """
+
+    weight: int
+    bias: Optional[int]
+    inputs: Tensor
+    deltas: Tensor
+
+    def positions(self) -> List[int]:
+        return [self.weight] if self.bias is None else [self.weight, self.bias]
+
+    def scaled(self, factors: Tensor) -> LinearFactor:
+        k = factors.shape[0]
+        scale = factors.to(dtype=self.deltas.dtype, device=self.deltas.device).view(k, 1, 1)
+        return LinearFactor(self.weight, self.bias, self.inputs, self.deltas * scale)
+
+    def rows(self) -> Dict[int, Tensor]:
+        """The explicit Jacobian rows, by shared position."""
+        x = self.inputs.to(self.deltas.dtype)
+        out = {self.weight: torch.einsum("kno,ni->koi", self.deltas, x)}
+        if self.bias is not None:
+            out[self.bias] = self.deltas.sum(dim=1)
+        return out
+
+    def gram(self, position: int) -> Tensor:
+        """Float64 ``(K, K)`` Gram contribution of the weight or the bias."""
+        if position == self.bias:
+            sums = self.deltas.sum(dim=1).to(torch.float64)
+            return sums @ sums.T
+        dtype = torch.promote_types(self.inputs.dtype, torch.float32)
+        return precise_gram(lambda d: _factor_gram(self.inputs, self.deltas, d), dtype)
+
+    def update(self, position: int, coefs: Tensor, dtype: Optional[torch.dtype]) -> Tensor:
+        """``J^T c`` for the weight or the bias, computed in ``dtype`` (None: the deltas')."""
+        d = self.deltas if dtype is None else self.deltas.to(dtype)
+        c = coefs.to(device=d.device, dtype=d.dtype)
+        mixed = torch.tensordot(c, d, dims=1)  # (N, out)
+        out = mixed.sum(dim=0) if position == self.bias else mixed.T @ self.inputs.to(d.dtype)
+        return out.to(self.deltas.dtype)
+
+
+def _factor_gram(inputs: Tensor, deltas: Tensor, dtype: torch.dtype) -> Tensor:
+    x, d = inputs.to(dtype), deltas.to(dtype)
+    k = d.shape[0]
+    return d.reshape(k, -1) @ (x @ x.T @ d).reshape(k, -1).T
+
+
+@dataclass
+class TaskGradients:
+    """Per-task gradients of one step (or of accumulated micro-batches).
+
+    Attributes:
+        shared: per shared parameter, its ``(K, *shape)`` Jacobian; None if no loss
+            reached it or if a factor holds it.
+        tasks: per task, the gradients of its own parameters (None where unreached).
+        factors: factored Jacobians of shared linear layers.
+    """
+
+    shared: Rows
+    tasks: List[List[Optional[Tensor]]]
+    factors: List[LinearFactor] = field(default_factory=list)
+
+    @classmethod
+    def empty(cls, num_shared: int, task_sizes: Sequence[int]) -> TaskGradients:
+        return cls([None] * num_shared, [[None] * n for n in task_sizes])
+
+    def tensors(self) -> List[Tensor]:
+        """Every gradient tensor (for finiteness checks and collectives)."""
+        out = [j for j in self.shared if j is not None]
+        out += [g for t in self.tasks for g in t if g is not None]
+        out += [f.deltas for f in self.factors]
+        return out
+
+    def all_finite(self) -> bool:
+        return all_finite(self.tensors())
+
+    def scaled(self, factors: Sequence[float]) -> TaskGradients:
+        """Task ``i``'s gradients (rows, deltas, own parameters) times ``factors[i]``."""
+        k = len(factors)
+        vector = torch.tensor(factors, dtype=torch.float64)
+        shared: Rows = []
+        for j in self.shared:
+            if j is None:
+                shared.append(None)
+                continue
+            scale = vector.to(dtype=j.dtype, device=j.device).view(k, *([1] * (j.dim() - 1)))
+            shared.append(j * scale)
+        tasks = [
+            task if f == 1.0 else [None if g is None else g * f for g in task]
+            for task, f in zip(self.tasks, factors)
+        ]
+        return TaskGradients(shared, tasks, [f.scaled(vector) for f in self.factors])
+
+    def dense(self) -> TaskGradients:
+        """The same gradients with every factored layer turned into explicit rows."""
+        if not self.factors:
+            return self
+        rows = list(self.shared)
+        for f in self.factors:
+            for pos, r in f.rows().items():
+                prev = rows[pos]
+                rows[pos] = r if prev is None else prev + r
+        return TaskGradients(rows, self.tasks, [])
+
+    def __add__(self, other: TaskGradients) -> TaskGradients:
+        """The sum of two micro-batches' gradients (factors are densified: bounded memory)."""
+        a, b = self.dense(), other.dense()
+        return TaskGradients(_add_lists(a.shared, b.shared), [_add_lists(x, y) for x, y in zip(a.tasks, b.tasks)])
+
+    def with_shared(self, shared: Rows) -> TaskGradients:
+        return TaskGradients(list(shared), self.tasks, self.factors)
+
+    def grams(self, blocks: Sequence[Sequence[int]], num_tasks: int) -> Tensor:
+        """Gram matrices ``G_b = J_b J_b^T`` of every block, ``(B, K, K)`` float64 on the CPU."""
+        out = dense_grams(self.shared, blocks, num_tasks)
+        block_of = {p: b for b, block in enumerate(blocks) for p in block}
+        for f in self.factors:
+            for pos in f.positions():
+                if pos in block_of:
+                    out[block_of[pos]] += f.gram(pos).cpu()
+        return out
+
+    def combine(self, blocks: Sequence[Sequence[int]], coefs: Tensor) -> Tuple[Rows, bool]:
+        """Shared updates ``J_b^T c_b`` per parameter, and whether they are all finite.
+
+        Recomputed in float64 when the parameters' dtype overflows.
+        """
+        out = self._combine(blocks, coefs, None)
+        if all_finite([u for u in out if u is not None]):
+            return out, True
+        out = self._combine(blocks, coefs, torch.float64)
+        return out, all_finite([u for u in out if u is not None])
+
+    def _combine(self, blocks: Sequence[Sequence[int]], coefs: Tensor, dtype: Optional[torch.dtype]) -> Rows:
+        out: Rows = [None] * len(self.shared)
+        block_of = {p: b for b, block in enumerate(blocks) for p in block}
+        for i, rows in enumerate(self.shared):
+            if rows is None or i not in block_of:
+                continue
+            work = rows if dtype is None else rows.to(dtype)
+            c = coefs[block_of[i]].to(device=rows.device, dtype=work.dtype)
+            out[i] = torch.tensordot(c, work, dims=1).to(rows.dtype)
+        for f in self.factors:
+            for pos in f.positions():
+                if pos in block_of:
+                    out[pos] = f.update(pos, coefs[block_of[pos]], dtype)
+        return out
+
+    def averaged(self, values: Tensor) -> Tuple[TaskGradients, Tensor]:
+        """Gradients and loss values averaged across ranks (one bucketed collective)."""
+        grads = self.dense()
+        like = next(iter(grads.tensors()), None)
+        head = values if like is None else values.to(like.device, like.dtype)
+        reduced = iter(all_average([head, *grads.tensors()]))
+        new_values = next(reduced).to(torch.float64).cpu()
+        shared = [None if j is None else next(reduced) for j in grads.shared]
+        tasks = [[None if g is None else next(reduced) for g in task] for task in grads.tasks]
+        return TaskGradients(shared, tasks), new_values
+
+
+def _add_lists(a: Sequence[Optional[Tensor]], b: Sequence[Optional[Tensor]]) -> List[Optional[Tensor]]:
+    return [x if y is None else (y if x is None else x + y) for x, y in zip(a, b)]
+
+
+def all_finite(tensors: Sequence[Tensor]) -> bool:
+    """Whether every element of every tensor is finite: one min/max pass per tensor
+    (NaN and inf propagate through both) and one host sync per device."""
+    extremes: Dict[torch.device, List[Tensor]] = {}
+    for t in tensors:
+        if t.numel():
+            low, high = torch.aminmax(t.detach())
+            extremes.setdefault(t.device, []).extend((low.double(), high.double()))
+    return all(bool(torch.isfinite(torch.stack(v)).all()) for v in extremes.values())

@@ -1,0 +1,147 @@
+"""The stages of one step, as functions with one job each.
+
+``optimizer.py`` conducts them in this order::
+
+    gather      per-task rows (parameter Jacobian or representation), summed over
+                micro-batches                                   -> Gathered
+    reduce      average across ranks (Source.reduce)
+    weigh       losses -> task weights w (Weighting)            -> Weighed
+    precondition  per-task accumulators rescale the rows (Preconditioner)
+    gram        G_b = J_b J_b^T per block, the weights applied as W G W
+    aggregate   G -> coefficients c (Aggregator)
+    combine     update J_b^T (c * w) (Source.updates)           -> Outcome
+    commit      write .grad, component states (optimizer)
+    inner step, stats
+
+Nothing before ``commit`` changes any state: a stage that finds a problem returns a
+reason to skip, and the conductor drops every new state computed so far.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from .aggregators import AggregationContext, Aggregator
+from .components import State
+from .gradients import Rows, TaskGradients, all_finite
+from .partition import Partition
+from .precondition import Preconditioner
+from .weighting import Weighting, WeightingContext
+
+
+@dataclass
+class Structure:
+    """What the losses of a step reach: the partition and the blocks of shared parameters."""
+
+    partition: Partition
+    blocks: List[List[int]]
+
+
+@dataclass
+class Gathered:
+    """The gather stage's result: one or more micro-batches' per-task gradients.
+
+    ``grads`` is None when a micro-batch was already known to be bad (``bad`` says why).
+    """
+
+    names: Tuple[str, ...]
+    values: Tensor
+    structure: Optional[Structure] = None
+    grads: Optional[TaskGradients] = None
+    bad: Optional[str] = None
+    micro_batches: int = 1
+
+    def __add__(self, other: Gathered) -> Gathered:
+        """Sum of two micro-batches (gradients and loss values)."""
+        if self.grads is None or other.grads is None:
+            grads = None
+        else:
+            grads = self.grads + other.grads
+        return Gathered(
+            self.names,
+            self.values + other.values,
+            self.structure or other.structure,
+            grads,
+            self.bad or other.bad,
+            self.micro_batches + other.micro_batches,
+        )
+
+
+@dataclass
+class Outcome:
+    """Everything a taken step writes, computed before anything is written."""
+
+    weights: Tensor
+    coefficients: Tensor
+    gram: Tensor
+    shared_updates: Rows
+    task_grads: List[List[Optional[Tensor]]]
+    states: Dict[str, State] = field(default_factory=dict)
+    weighting_gram: Optional[Tensor] = None
+    stats: Dict[str, Any] = field(default_factory=dict)
+
+
+def non_finite_losses(names: Sequence[str], values: Tensor) -> Optional[str]:
+    if bool(torch.isfinite(values).all()):
+        return None
+    bad = [n for n, v in zip(names, values.tolist()) if not torch.isfinite(torch.tensor(v))]
+    return f"non-finite loss for task(s) {bad}"
+
+
+def weigh(
+    weighting: Weighting, values: Tensor, state: State, ctx: WeightingContext
+) -> Tuple[Tensor, State, Optional[str]]:
+    """Task weights ``(K,)`` float64 and the weighting's new state (or a reason to skip)."""
+    weights, new_state = weighting.compute(values, state, ctx)
+    weights = weights.detach().to(torch.float64).cpu().reshape(values.shape[0])
+    if not bool(torch.isfinite(weights).all()):
+        return weights, new_state, "non-finite task weights"
+    return weights, new_state, None
+
+
+def precondition(
+    preconditioner: Preconditioner, grads: TaskGradients, keys: Sequence[str], state: State
+) -> Tuple[TaskGradients, State, Optional[str]]:
+    """Rows rescaled by each task's accumulator; a step that would overflow one is refused."""
+    rows, new_state = preconditioner.apply(grads.shared, keys, state)
+    touched = [new_state[f"{key}.v"] for key, r in zip(keys, grads.shared) if r is not None]
+    if not all_finite(touched):
+        return grads, state, "a per-task accumulator would overflow"
+    return grads.with_shared(rows), new_state, None
+
+
+def weighted_gram(gram: Tensor, weights: Tensor) -> Tensor:
+    """``W G W`` in float64: the Gram of the rows ``w_i g_i`` without forming them."""
+    k = weights.shape[0]
+    w = weights.to(gram.dtype)
+    return gram * w.view(1, k, 1) * w.view(1, 1, k)
+
+
+def aggregate(
+    aggregator: Aggregator, gram: Tensor, state: State, ctx: AggregationContext
+) -> Tuple[Tensor, State, Optional[str]]:
+    coefs, new_state = aggregator(gram, state, ctx)
+    if not bool(torch.isfinite(coefs).all()):
+        return coefs, state, "non-finite aggregation"
+    return coefs, new_state, None
+
+
+def scale_tasks(task_grads: List[List[Optional[Tensor]]], weights: Sequence[float]) -> List[List[Optional[Tensor]]]:
+    """Task parameters' gradients ``grad(w_i L_i)``."""
+    return [
+        task if w == 1.0 else [None if g is None else g * w for g in task] for task, w in zip(task_grads, weights)
+    ]
+
+
+def write_grad(param: Tensor, grad: Optional[Tensor]) -> None:
+    """Add ``grad`` to ``param.grad`` (as ``backward`` would), creating it if absent."""
+    if grad is None:
+        return
+    if param.grad is None:
+        param.grad = grad.detach().to(param.dtype).clone() if grad.dtype != param.dtype else grad.detach()
+    else:
+        param.grad.add_(grad.detach())

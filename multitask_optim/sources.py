@@ -1,0 +1,112 @@
+"""Where the per-task rows come from, and how the combined update goes back.
+
+The step pipeline runs the same stages in both modes; a *source* is the part that
+differs:
+
+- :class:`ParameterRows` (the default, exact): rows are the Jacobian of the losses with
+  respect to the shared parameters (:mod:`.jacobian`); the update of a block is
+  ``J_b^T c_b``. Under ``torch.distributed`` the rows are averaged across ranks.
+- :class:`RepresentationRows` (``step(losses, representation=z)``, an approximation):
+  rows are the gradients with respect to the shared representation ``z`` (K cheap head
+  backwards, the batch flattened into the row as in the MGDA-UB paper's code); the
+  combined feature gradient ``Z^T c`` runs one backward through the trunk. Under
+  ``torch.distributed`` the global Gram is the sum of the ranks' Grams over the global
+  batch size squared, and the trunk updates are averaged.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from .distributed import all_average, world_size
+from .gradients import Rows, TaskGradients
+from .graph import LossGraph
+from .jacobian import GradientEngine, feature_gradients
+from .partition import Partition
+
+
+class ParameterRows:
+    """Per-task rows over the shared parameters (exact, parameter level)."""
+
+    mode = "parameters"
+
+    def __init__(self, engine: GradientEngine) -> None:
+        self.engine = engine
+
+    def gather(self, losses: Sequence[Tensor], graph: LossGraph, partition: Partition) -> TaskGradients:
+        return self.engine.compute(losses, graph, partition.shared, partition.tasks)
+
+    def blocks(self, blocks: List[List[int]]) -> List[List[int]]:
+        return blocks
+
+    def reduce(self, grads: TaskGradients, values: Tensor) -> Tuple[TaskGradients, Tensor]:
+        return grads.averaged(values) if world_size() > 1 else (grads, values)
+
+    def grams(self, grads: TaskGradients, blocks: Sequence[Sequence[int]], num_tasks: int) -> Tensor:
+        return grads.grams(blocks, num_tasks)
+
+    def updates(
+        self, grads: TaskGradients, blocks: Sequence[Sequence[int]], mix: Tensor, partition: Partition
+    ) -> Tuple[Rows, bool]:
+        return grads.combine(blocks, mix)
+
+    def path(self) -> Optional[str]:
+        return self.engine.mode
+
+
+class RepresentationRows:
+    """Per-task rows with respect to a shared representation ``z`` (an approximation)."""
+
+    mode = "representation"
+
+    def __init__(self, features: Tensor, graph: LossGraph) -> None:
+        self.features = features
+        self.graph = graph
+
+    def gather(self, losses: Sequence[Tensor], graph: LossGraph, partition: Partition) -> TaskGradients:
+        rows, task_grads = feature_gradients(losses, self.features, partition.tasks, graph)
+        return TaskGradients([rows], task_grads)
+
+    def blocks(self, blocks: List[List[int]]) -> List[List[int]]:
+        return [[0]]
+
+    def reduce(self, grads: TaskGradients, values: Tensor) -> Tuple[TaskGradients, Tensor]:
+        if world_size() == 1:
+            return grads, values
+        tasks = [g for task in grads.tasks for g in task if g is not None]
+        reduced = iter(all_average([values, *tasks]))
+        values = next(reduced)
+        new_tasks = [[None if g is None else next(reduced) for g in task] for task in grads.tasks]
+        return TaskGradients(grads.shared, new_tasks), values
+
+    def grams(self, grads: TaskGradients, blocks: Sequence[Sequence[int]], num_tasks: int) -> Tensor:
+        gram = grads.grams(blocks, num_tasks)
+        size = world_size()
+        if size > 1:  # the global batch concatenates the ranks' rows
+            gram = all_average([gram])[0] / size
+        return gram
+
+    def updates(
+        self, grads: TaskGradients, blocks: Sequence[Sequence[int]], mix: Tensor, partition: Partition
+    ) -> Tuple[Rows, bool]:
+        z_rows = grads.shared[0]
+        assert z_rows is not None
+        feature_grad = torch.tensordot(mix[0].to(device=z_rows.device, dtype=z_rows.dtype), z_rows, dims=1)
+        trunk = [p for p in partition.shared if self.graph.reached_by(p)]
+        got = {}
+        if trunk:
+            grads_ = torch.autograd.grad(self.features, trunk, feature_grad, allow_unused=True)
+            got = {id(p): g for p, g in zip(trunk, grads_)}
+        updates: Rows = [got.get(id(p)) for p in partition.shared]
+        if world_size() > 1:
+            present = [u for u in updates if u is not None]
+            averaged = iter(all_average(present))
+            updates = [None if u is None else next(averaged) for u in updates]
+        finite = all(bool(torch.isfinite(u).all()) for u in updates if u is not None)
+        return updates, finite
+
+    def path(self) -> Optional[str]:
+        return "representation"
