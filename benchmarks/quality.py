@@ -85,7 +85,7 @@ class Method:
         surgery: ``surgery=`` argument.
         precondition: ``precondition=`` argument.
         weighting: ``weighting=`` argument (its kwargs are chosen per suite).
-        representation: step in representation mode (``step(losses, features=z)``).
+        representation: step in representation mode (``step(losses, representation=z)``).
         inner: the inner optimizer: ``"adam"`` (``Adam(lr)``, every method) or ``"sgd"``
             (``SGD(sgd_lr, momentum=0.9)``), with which per-task Adam preconditioning is
             exactly per-task Adam on the shared trunk (with an inner Adam a second, global
@@ -441,7 +441,7 @@ def train_run(suite_name: str, method_name: str, seed: int, cfg: Config) -> Dict
             losses = dict(zip(suite.tasks, suite.losses(outs, y[idx])))
             opt.zero_grad()
             if method.representation:
-                opt.step(losses, features=z)
+                opt.step(losses, representation=z)
             else:
                 opt.step(losses)
             st = opt.last_stats

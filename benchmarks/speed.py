@@ -120,7 +120,7 @@ def _ours(surgery: str, mode: str = "auto", representation: bool = False) -> Cal
             if representation:
                 x, y = batch
                 z = model.features(x)
-                opt.step(model.task_losses(z, y), features=z)
+                opt.step(model.task_losses(z, y), representation=z)
             else:
                 opt.step(model.losses(batch))
 

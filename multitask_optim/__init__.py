@@ -22,6 +22,7 @@ __all__ = [
     "AggregationContext",
     "Aggregator",
     "MultiTaskOptimizer",
+    "PRECONDITIONERS",
     "Preconditioner",
     "Weighting",
     "WeightingContext",

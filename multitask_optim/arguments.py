@@ -19,9 +19,13 @@ DEPRECATED = {"reduction": "surgery", "beta": "surgery", "eps": "precondition", 
 
 
 def component_kwargs(
-    kind: str, given: Optional[Mapping[str, Any]], deprecated: Mapping[str, Any]
+    kind: str, spec: Any, given: Optional[Mapping[str, Any]], deprecated: Mapping[str, Any]
 ) -> Dict[str, Any]:
-    """``<kind>_kwargs`` merged with the old top-level spellings (with a DeprecationWarning)."""
+    """``<kind>_kwargs`` merged with the old top-level spellings (with a DeprecationWarning).
+
+    As before the split, an old spelling is ignored when that component is off
+    (``precondition=None`` with ``eps=``).
+    """
     out = dict(given or {})
     for key, value in deprecated.items():
         if value is None or DEPRECATED[key] != kind:
@@ -31,6 +35,8 @@ def component_kwargs(
             DeprecationWarning,
             stacklevel=4,
         )
+        if spec is None and kind == "precondition":
+            continue
         if key in out and out[key] != value:
             raise ValueError(f"{key}= and {kind}_kwargs[{key!r}] disagree")
         out[key] = value
@@ -52,7 +58,9 @@ def check_granularity(granularity: Granularity, index_of: Mapping[int, int]) -> 
         indices = []
         for p in block:
             if id(p) not in index_of:
-                raise ValueError(f"granularity: block {b} holds a parameter that is not in the inner optimizer")
+                raise ValueError(
+                    f"granularity: block {b} holds a parameter that is not in the inner optimizer"
+                )
             n = index_of[id(p)]
             if n in seen:
                 raise ValueError(f"granularity: parameter #{n} is in blocks {seen[n]} and {b}")
@@ -78,7 +86,9 @@ def blocks_of(
     covered = {i for block in blocks for i in block}
     missing = [i for i in range(n) if i not in covered]
     if missing:
-        shown = ", ".join(describe(index_of[id(partition.shared[i])], partition.shared[i]) for i in missing[:5])
+        shown = ", ".join(
+            describe(index_of[id(partition.shared[i])], partition.shared[i]) for i in missing[:5]
+        )
         raise ValueError(f"granularity: shared {shown} is in no block")
     return [block for block in blocks if block] or [[]]
 

@@ -141,7 +141,9 @@ class TaskGradients:
     def __add__(self, other: TaskGradients) -> TaskGradients:
         """The sum of two micro-batches' gradients (factors are densified: bounded memory)."""
         a, b = self.dense(), other.dense()
-        return TaskGradients(_add_lists(a.shared, b.shared), [_add_lists(x, y) for x, y in zip(a.tasks, b.tasks)])
+        return TaskGradients(
+            _add_lists(a.shared, b.shared), [_add_lists(x, y) for x, y in zip(a.tasks, b.tasks)]
+        )
 
     def with_shared(self, shared: Rows) -> TaskGradients:
         return TaskGradients(list(shared), self.tasks, self.factors)

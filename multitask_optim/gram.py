@@ -13,7 +13,9 @@ import torch
 from torch import Tensor
 
 
-def dense_grams(jacobians: Sequence[Optional[Tensor]], blocks: Sequence[Sequence[int]], num_tasks: int) -> Tensor:
+def dense_grams(
+    jacobians: Sequence[Optional[Tensor]], blocks: Sequence[Sequence[int]], num_tasks: int
+) -> Tensor:
     """Gram matrices of every block as a ``(B, K, K)`` float64 CPU tensor.
 
     ``jacobians[p]`` is the ``(K, *shape)`` Jacobian of shared parameter ``p`` (None when

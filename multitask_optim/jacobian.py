@@ -52,7 +52,7 @@ class GradientEngine:
 
     def __init__(self, mode: str = "auto", factored: bool = True) -> None:
         if mode != "auto" and mode not in MODES:
-            raise ValueError(f"gradient_mode must be 'auto' or one of {MODES}, got {mode!r}")
+            raise ValueError(f"gradient mode must be 'auto' or one of {MODES}, got {mode!r}")
         if mode == "lean" and not factored:
             raise ValueError(
                 "gradient_mode='lean' keeps linear layers factored, which per-task preconditioning and "
@@ -205,7 +205,9 @@ def _frontier(
     for i, loss in enumerate(losses):
         own = _reached(graph, tasks[i], 1 << i)
         own_shared = [p for p in shared if graph.reached_by(p) == 1 << i]
-        captured, own_grads, shared_grads = _head_backward(i, loss, graph, private[i], useful, own, own_shared)
+        captured, own_grads, shared_grads = _head_backward(
+            i, loss, graph, private[i], useful, own, own_shared
+        )
         own_map = {id(p): g for p, g in zip(own, own_grads)}
         out.tasks[i] = [own_map.get(id(p)) for p in tasks[i]]
         for p, g in zip(own_shared, shared_grads):

@@ -20,7 +20,9 @@ def check_losses(losses: Losses, known: Optional[Tuple[str, ...]]) -> Tuple[Tupl
         known: the task names when already known (the losses must match them).
     """
     if isinstance(losses, Tensor):
-        raise TypeError("losses must be a sequence or a mapping of scalar tensors, one per task, not one tensor")
+        raise TypeError(
+            "losses must be a sequence or a mapping of scalar tensors, one per task, not one tensor"
+        )
     if isinstance(losses, Mapping):
         names, items = _from_mapping(losses, known)
     elif isinstance(losses, (list, tuple)):

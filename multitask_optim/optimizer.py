@@ -146,9 +146,11 @@ class MultiTaskOptimizer(Optimizer):
             raise ValueError("optimizer: a parameter appears in more than one param group")
 
         old = {"reduction": reduction, "beta": beta, "eps": eps, "beta2": beta2}
-        self.aggregator: Aggregator = AGGREGATORS.build(surgery, component_kwargs("surgery", surgery_kwargs, old))  # type: ignore[assignment]
+        self.aggregator: Aggregator = AGGREGATORS.build(
+            surgery, component_kwargs("surgery", surgery, surgery_kwargs, old)
+        )  # type: ignore[assignment]
         self.preconditioner: Optional[Preconditioner] = PRECONDITIONERS.build(
-            precondition, component_kwargs("precondition", precondition_kwargs, old)
+            precondition, component_kwargs("precondition", precondition, precondition_kwargs, old)
         )
         self.weighting: Weighting = WEIGHTINGS.build(weighting, weighting_kwargs)  # type: ignore[assignment]
         self.engine = GradientEngine(
@@ -358,7 +360,9 @@ class MultiTaskOptimizer(Optimizer):
             if tensor is not None:
                 _check_passes(tensor, graph, name)
         structure = self._structure(names, loss_list, graph, into.structure if into is not None else None)
-        source: Source = RepresentationRows(representation, graph) if representation is not None else self._rows
+        source: Source = (
+            RepresentationRows(representation, graph) if representation is not None else self._rows
+        )
         scale = current_scale(self.grad_scaler)
         scaled = [loss * scale for loss in loss_list] if scale != 1.0 else loss_list
         grads = source.gather(scaled, graph, structure.partition)
@@ -380,7 +384,11 @@ class MultiTaskOptimizer(Optimizer):
         check_against_graph(partition, graph, self._params)
         if self._partition is None and self._task_lr is not None:
             task_rates(self._task_lr, partition.names)  # validate before anything is committed
-        blocks = self._blocks if self._blocks is not None else blocks_of(self._granularity, partition, self._index_of)
+        blocks = (
+            self._blocks
+            if self._blocks is not None
+            else blocks_of(self._granularity, partition, self._index_of)
+        )
         if not self._weighting_ready:
             groups.check_can_add_weighting(self.optimizer, self.weighting)
             self.weighting.bind(names)
@@ -440,7 +448,9 @@ class MultiTaskOptimizer(Optimizer):
         updates, finite = source.updates(grads, blocks, coefs * mix_weights.view(1, k), structure.partition)
         if not finite:
             return None, "non-finite aggregation", values
-        task_grads = grads.tasks if self.preconditioner is not None else scale_tasks(grads.tasks, weights.tolist())
+        task_grads = (
+            grads.tasks if self.preconditioner is not None else scale_tasks(grads.tasks, weights.tolist())
+        )
         stats = _path_stats(grads, source)
         return Outcome(weights, coefs, gram, updates, task_grads, states, weighting_gram, stats), None, values
 
@@ -490,7 +500,9 @@ class MultiTaskOptimizer(Optimizer):
         weights = outcome.weights
         if self.weighting.parameters():
             ctx = WeightingContext(self._generator, self._steps, names)
-            self.weighting.backward(values, weights, self._states["weighting"], ctx, gram=outcome.weighting_gram)
+            self.weighting.backward(
+                values, weights, self._states["weighting"], ctx, gram=outcome.weighting_gram
+            )
         objective = self.weighting.objective(values, weights)
         self._steps += 1
         self.optimizer.step()
@@ -523,10 +535,14 @@ class MultiTaskOptimizer(Optimizer):
         return self._params[0].device if self._params else torch.device("cpu")
 
     # ------------------------------------------------------------------ committed structure
-    def _adopt_partition(self, partition: Partition, warn: bool, blocks: Optional[List[List[int]]] = None) -> None:
+    def _adopt_partition(
+        self, partition: Partition, warn: bool, blocks: Optional[List[List[int]]] = None
+    ) -> None:
         self._partition = partition
         self._names = partition.names
-        self._blocks = blocks if blocks is not None else blocks_of(self._granularity, partition, self._index_of)
+        self._blocks = (
+            blocks if blocks is not None else blocks_of(self._granularity, partition, self._index_of)
+        )
         if not self._states["surgery"]:
             self._states["surgery"] = self.aggregator.init_state(len(partition.names), len(self._blocks))
         if warn and partition.unused:
@@ -643,7 +659,10 @@ def _path_stats(grads: TaskGradients, source: Source) -> Dict[str, Any]:
     if isinstance(source, RepresentationRows):
         return {}
     factored = {pos for f in grads.factors for pos in f.positions()}
-    return {"factored_params": len(factored), "jacobian_params": sum(1 for j in grads.shared if j is not None)}
+    return {
+        "factored_params": len(factored),
+        "jacobian_params": sum(1 for j in grads.shared if j is not None),
+    }
 
 
 def _check_tensor(tensor: Any, name: str) -> None:

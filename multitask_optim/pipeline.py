@@ -130,10 +130,13 @@ def aggregate(
     return coefs, new_state, None
 
 
-def scale_tasks(task_grads: List[List[Optional[Tensor]]], weights: Sequence[float]) -> List[List[Optional[Tensor]]]:
+def scale_tasks(
+    task_grads: List[List[Optional[Tensor]]], weights: Sequence[float]
+) -> List[List[Optional[Tensor]]]:
     """Task parameters' gradients ``grad(w_i L_i)``."""
     return [
-        task if w == 1.0 else [None if g is None else g * w for g in task] for task, w in zip(task_grads, weights)
+        task if w == 1.0 else [None if g is None else g * w for g in task]
+        for task, w in zip(task_grads, weights)
     ]
 
 

@@ -55,7 +55,9 @@ class Preconditioner(Component):
     def second_moment(self, v_old: Tensor, square: Tensor, step: Tensor) -> Tuple[Tensor, Tensor]:
         """``(v, v_hat)`` from the previous accumulator, ``g^2`` and the new step count."""
 
-    def apply(self, rows: Sequence[Optional[Tensor]], keys: Sequence[str], state: State) -> Tuple[Rows, State]:
+    def apply(
+        self, rows: Sequence[Optional[Tensor]], keys: Sequence[str], state: State
+    ) -> Tuple[Rows, State]:
         """Rescale each ``(K, *shape)`` Jacobian; return the rows and the new state.
 
         A parameter no loss reached (``rows[p] is None``) keeps its state unchanged.

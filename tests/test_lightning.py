@@ -107,8 +107,8 @@ def test_fit_checkpoint_resume_equals_an_uninterrupted_run(tmp_path: Path) -> No
     saved = torch.load(ckpt, weights_only=True)["optimizer_states"][0]
     mt = saved["multitask"]
     assert mt["steps"] == 4
-    assert mt["aggregator"], "GradVac targets are saved"
-    assert mt["precondition"], "per-task accumulators are saved"
+    assert mt["states"]["surgery"], "GradVac targets are saved"
+    assert mt["states"]["precondition"], "per-task accumulators are saved"
     assert mt["weighting_params"], "the uncertainty log-variances are saved"
     assert_same(saved, first_trainer.optimizers[0].state_dict())
 

@@ -44,7 +44,7 @@ def _run(surgery: Optional[str], features: bool, k: int = 3, steps: int = 3):
         z, losses = model(x, targets)
         opt.zero_grad()
         if features:
-            opt.step(losses, features=z)
+            opt.step(losses, representation=z)
         else:
             opt.step(losses)
     return [p.detach().clone() for p in model.parameters()], opt
@@ -77,7 +77,7 @@ def test_representation_differs_from_parameter_level_in_general() -> None:
         x = torch.randn(5, 12, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 3
         _, targets = _data(3)
         z, losses = model(x, targets)
-        opt.step(losses, features=z) if features else opt.step(losses)
+        opt.step(losses, representation=z) if features else opt.step(losses)
         results.append(model.trunk.weight.detach().clone())
     assert not torch.allclose(results[0], results[1])
 
@@ -94,7 +94,7 @@ def test_mgda_ub_gives_a_common_descent_direction_on_the_features() -> None:
     signs = [1.0, -1.0, 2.0, -0.5]
     losses = [((h(z).squeeze(-1) - s * x[:, 0]) ** 2).mean() for h, s in zip(heads, signs)]
     rows = torch.stack([torch.autograd.grad(loss, z, retain_graph=True)[0].flatten() for loss in losses])
-    opt.step(losses, features=z)
+    opt.step(losses, representation=z)
     coefs = torch.tensor(opt.last_stats["coefficients"], dtype=torch.float64)
     assert bool((coefs >= -1e-12).all()) and abs(float(coefs.sum()) - 1.0) < 1e-9  # in the convex hull
     d = coefs @ rows  # the aggregated feature gradient
@@ -119,7 +119,7 @@ def test_representation_mode_heads_get_their_own_gradients() -> None:
         torch.autograd.grad(loss, list(h.parameters()), retain_graph=True)
         for loss, h in zip(losses, model.heads)
     ]
-    opt.step(losses, features=z)
+    opt.step(losses, representation=z)
     for head, grads in zip(model.heads, expected):
         for p, g in zip(head.parameters(), grads):
             torch.testing.assert_close(p.grad, g)
@@ -130,10 +130,10 @@ def test_representation_mode_rejects_bad_features_and_preconditioning() -> None:
     x, targets = _data(2)
     z, losses = model(x, targets)
     opt = MultiTaskOptimizer(torch.optim.SGD(model.parameters(), lr=0.1))
-    with pytest.raises(ValueError, match="features"):
-        opt.step(losses, features=z.detach())
-    with pytest.raises(TypeError, match="features"):
-        opt.step(losses, features=[z])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="representation"):
+        opt.step(losses, representation=z.detach())
+    with pytest.raises(TypeError, match="representation"):
+        opt.step(losses, representation=[z])  # type: ignore[arg-type]
     pre = MultiTaskOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), precondition="adam")
     with pytest.raises(ValueError, match="representation"):
-        pre.step(losses, features=z)
+        pre.step(losses, representation=z)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import math
-from typing import Optional, Sequence
+from typing import Sequence
 
 import pytest
 import torch
@@ -31,11 +31,10 @@ DETERMINISTIC = settings(derandomize=True, deadline=None, max_examples=60)
 def make_ctx(
     step: int = 0,
     names: Sequence[str] = ("a", "b", "c"),
-    gram: Optional[torch.Tensor] = None,
     seed: int = 0,
 ) -> WeightingContext:
     gen = torch.Generator().manual_seed(seed)
-    return WeightingContext(generator=gen, step=step, task_names=list(names), gram=gram)
+    return WeightingContext(generator=gen, step=step, task_names=list(names))
 
 
 def t64(values: Sequence[float]) -> torch.Tensor:
@@ -114,23 +113,23 @@ def test_bad_arguments_raise_value_error_naming_them(build, argname):
 
 
 def test_static_sequence_and_mapping():
-    w, state = StaticWeights([1.0, 0.5, 2.0]).weights(t64([3.0, 1.0, 2.0]), {}, make_ctx())
+    w, state = StaticWeights([1.0, 0.5, 2.0]).compute(t64([3.0, 1.0, 2.0]), {}, make_ctx())
     assert w.dtype == F64 and torch.equal(w, t64([1.0, 0.5, 2.0]))
     assert state == {}
 
     mapped = StaticWeights({"c": 3.0, "a": 1.0, "b": 0.0})
-    mapped.setup(3, ["a", "b", "c"])
-    w, _ = mapped.weights(t64([1.0, 1.0, 1.0]), {}, make_ctx())
+    mapped.bind(["a", "b", "c"])
+    w, _ = mapped.compute(t64([1.0, 1.0, 1.0]), {}, make_ctx())
     assert torch.equal(w, t64([1.0, 0.0, 3.0]))
 
 
 def test_static_mapping_names_are_checked():
     with pytest.raises(ValueError, match="'x'"):
-        StaticWeights({"a": 1.0, "b": 1.0, "c": 1.0, "x": 2.0}).setup(3, ["a", "b", "c"])
+        StaticWeights({"a": 1.0, "b": 1.0, "c": 1.0, "x": 2.0}).bind(["a", "b", "c"])
     with pytest.raises(ValueError, match="'c'"):
-        StaticWeights({"a": 1.0, "b": 1.0}).setup(3, ["a", "b", "c"])
+        StaticWeights({"a": 1.0, "b": 1.0}).bind(["a", "b", "c"])
     with pytest.raises(ValueError, match="weights"):
-        StaticWeights([1.0, 1.0]).setup(3, ["a", "b", "c"])
+        StaticWeights([1.0, 1.0]).bind(["a", "b", "c"])
 
 
 # --------------------------------------------------------------------------- staged
@@ -138,8 +137,8 @@ def test_static_mapping_names_are_checked():
 
 def test_staged_exact_schedule_without_ramp():
     staged = StagedStart([0, 2, 5])
-    staged.setup(3, ["a", "b", "c"])
-    rows = [staged.weights(t64([1, 1, 1]), {}, make_ctx(step=s))[0].tolist() for s in range(7)]
+    staged.bind(["a", "b", "c"])
+    rows = [staged.compute(t64([1, 1, 1]), {}, make_ctx(step=s))[0].tolist() for s in range(7)]
     assert rows == [
         [1, 0, 0],
         [1, 0, 0],
@@ -153,16 +152,16 @@ def test_staged_exact_schedule_without_ramp():
 
 def test_staged_exact_schedule_with_ramp():
     staged = StagedStart({"b": 2}, ramp_steps=4)  # "a" starts at 0
-    staged.setup(2, ["a", "b"])
-    got = [staged.weights(t64([1, 1]), {}, make_ctx(step=s, names="ab"))[0][1].item() for s in range(8)]
+    staged.bind(["a", "b"])
+    got = [staged.compute(t64([1, 1]), {}, make_ctx(step=s, names="ab"))[0][1].item() for s in range(8)]
     assert got == [0.0, 0.0, 0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
-    first = [staged.weights(t64([1, 1]), {}, make_ctx(step=s, names="ab"))[0][0].item() for s in range(5)]
+    first = [staged.compute(t64([1, 1]), {}, make_ctx(step=s, names="ab"))[0][0].item() for s in range(5)]
     assert first == [0.25, 0.5, 0.75, 1.0, 1.0]
 
 
 def test_staged_unknown_name():
     with pytest.raises(ValueError, match="'z'"):
-        StagedStart({"z": 3}).setup(2, ["a", "b"])
+        StagedStart({"z": 3}).bind(["a", "b"])
 
 
 @DETERMINISTIC
@@ -172,7 +171,7 @@ def test_staged_unknown_name():
     step=st.integers(0, 100),
 )
 def test_staged_matches_rule(start, ramp, step):
-    w = StagedStart([start], ramp_steps=ramp).weights(t64([1.0]), {}, make_ctx(step=step, names="a"))[0]
+    w = StagedStart([start], ramp_steps=ramp).compute(t64([1.0]), {}, make_ctx(step=step, names="a"))[0]
     if ramp == 0:
         expected = 1.0 if step >= start else 0.0
     else:
@@ -190,7 +189,7 @@ def test_rlw_is_softmax_of_generator_normal_draw(scale, total):
     reference = torch.Generator().manual_seed(123)
     losses = t64([1.0, 2.0, 3.0, 4.0])
     for _ in range(5):
-        w, state = rlw.weights(losses, {}, ctx)
+        w, state = rlw.compute(losses, {}, ctx)
         z = torch.randn(4, generator=reference, dtype=F64)
         assert torch.allclose(w, total * torch.softmax(z, 0), rtol=0, atol=1e-15)
         assert w.sum().item() == pytest.approx(total, abs=1e-12)
@@ -202,11 +201,11 @@ def test_rlw_same_seed_same_weights_and_default_sums_to_one():
     assert rlw.scale == "sum1"
     losses = t64([1.0, 1.0, 1.0])
     ctx1, ctx2 = make_ctx(seed=7), make_ctx(seed=7)
-    a = [rlw.weights(losses, {}, ctx1)[0] for _ in range(3)]
-    b = [rlw.weights(losses, {}, ctx2)[0] for _ in range(3)]
+    a = [rlw.compute(losses, {}, ctx1)[0] for _ in range(3)]
+    b = [rlw.compute(losses, {}, ctx2)[0] for _ in range(3)]
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert not torch.equal(a[0], a[1])
-    assert not torch.equal(a[0], rlw.weights(losses, {}, make_ctx(seed=8))[0])
+    assert not torch.equal(a[0], rlw.compute(losses, {}, make_ctx(seed=8))[0])
 
 
 # --------------------------------------------------------------------------- uncertainty
@@ -214,7 +213,7 @@ def test_rlw_same_seed_same_weights_and_default_sums_to_one():
 
 def _uncertainty(kinds, s_values):
     u = UncertaintyWeighting(kinds)
-    u.setup(len(s_values), ["a", "b", "c"][: len(s_values)])
+    u.bind(["a", "b", "c"][: len(s_values)])
     with torch.no_grad():
         u.log_var.copy_(torch.tensor(s_values))
     return u
@@ -226,7 +225,7 @@ def test_uncertainty_weights_and_grad_closed_form():
     assert u.kinds == ["regression", "classification", "regression"]
     losses = t64([2.0, 0.7, 5.0])
     ctx = make_ctx()
-    w, state = u.weights(losses, {}, ctx)
+    w, state = u.compute(losses, {}, ctx)
     s64 = u.log_var.detach().to(F64)
     c = t64([0.5, 1.0, 0.5])
     assert torch.allclose(w, c * torch.exp(-s64), rtol=1e-15, atol=0)
@@ -250,21 +249,21 @@ def test_uncertainty_weights_and_grad_closed_form():
 def test_uncertainty_single_kind_and_parameters():
     u = UncertaintyWeighting("classification", lr=0.05)
     assert u.parameters() == [] and u.lr == 0.05
-    u.setup(2, ["a", "b"])
+    u.bind(["a", "b"])
     (p,) = u.parameters()
     assert torch.equal(p.detach(), torch.zeros(2))
-    w, _ = u.weights(t64([1.0, 1.0]), {}, make_ctx(names="ab"))
+    w, _ = u.compute(t64([1.0, 1.0]), {}, make_ctx(names="ab"))
     assert torch.equal(w, t64([1.0, 1.0]))
-    u.setup(2, ["a", "b"])  # same tasks: the parameter (and its param group) is kept
+    u.bind(["a", "b"])  # same tasks: the parameter (and its param group) is kept
     assert u.parameters()[0] is p
     with pytest.raises(ValueError, match="'q'"):
-        UncertaintyWeighting({"q": "classification"}).setup(2, ["a", "b"])
+        UncertaintyWeighting({"q": "classification"}).bind(["a", "b"])
 
 
 def test_uncertainty_learns_noise_levels():
     sigmas = torch.tensor([0.1, 1.0, 10.0], dtype=F64)
     u = UncertaintyWeighting()
-    u.setup(3, ["a", "b", "c"])
+    u.bind(["a", "b", "c"])
     opt = torch.optim.Adam(u.parameters(), lr=0.05)
     gen = torch.Generator().manual_seed(0)
     ctx = make_ctx()
@@ -272,7 +271,7 @@ def test_uncertainty_learns_noise_levels():
         residuals = sigmas[:, None] * torch.randn(3, 512, generator=gen, dtype=F64)
         losses = residuals.pow(2).mean(dim=1)  # E[L_i] = sigma_i^2
         opt.zero_grad()
-        w, state = u.weights(losses, {}, ctx)
+        w, state = u.compute(losses, {}, ctx)
         u.backward(losses, w, state, ctx)
         opt.step()
     assert torch.allclose(u.sigma, sigmas, rtol=0.1, atol=0)
@@ -302,7 +301,7 @@ def test_dwa_matches_closed_form_on_scripted_history():
         scale = t64([1.0, 0.5, 3.0]) * (0.8**epoch) * t64([1.0, 1.0 + 0.3 * epoch, 0.9])
         history = [scale * (1.0 + 0.2 * torch.rand(k, generator=gen, dtype=F64)) for _ in range(n)]
         for losses in history:
-            w, state = dwa.weights(losses, state, make_ctx())
+            w, state = dwa.compute(losses, state, make_ctx())
             assert torch.allclose(w, expected, rtol=1e-12, atol=0)
             assert w.sum().item() == pytest.approx(k, rel=1e-12)
             if epoch < 2:
@@ -320,8 +319,8 @@ def test_dwa_steps_per_epoch_closes_automatically():
     manual = DynamicWeightAverage()
     s_auto, s_manual = auto.init_state(k), manual.init_state(k)
     for step, losses in enumerate(history):
-        w_auto, s_auto = auto.weights(losses, s_auto, make_ctx(names="ab"))
-        w_manual, s_manual = manual.weights(losses, s_manual, make_ctx(names="ab"))
+        w_auto, s_auto = auto.compute(losses, s_auto, make_ctx(names="ab"))
+        w_manual, s_manual = manual.compute(losses, s_manual, make_ctx(names="ab"))
         assert torch.equal(w_auto, w_manual)
         if step % 3 == 2:
             assert int(s_auto["epoch_count"]) == 0  # closed by itself
@@ -337,10 +336,10 @@ def test_dwa_is_functional_and_handles_empty_state():
     dwa = DynamicWeightAverage()
     state = dwa.init_state(2)
     before = {key: v.clone() for key, v in state.items()}
-    _, new_state = dwa.weights(t64([1.0, 2.0]), state, make_ctx(names="ab"))
+    _, new_state = dwa.compute(t64([1.0, 2.0]), state, make_ctx(names="ab"))
     assert all(torch.equal(state[key], before[key]) for key in state)  # input untouched
     assert int(new_state["epoch_count"]) == 1
-    w, s2 = dwa.weights(t64([1.0, 2.0]), {}, make_ctx(names="ab"))  # no init_state given
+    w, s2 = dwa.compute(t64([1.0, 2.0]), {}, make_ctx(names="ab"))  # no init_state given
     assert torch.equal(w, torch.ones(2, dtype=F64)) and int(s2["epoch_count"]) == 1
 
 
@@ -357,9 +356,9 @@ def test_dwa_weights_sum_to_k(means, temperature):
     dwa = DynamicWeightAverage(temperature=temperature)
     state = dwa.init_state(3)
     for m in means:
-        _, state = dwa.weights(t64(m), state, make_ctx())
+        _, state = dwa.compute(t64(m), state, make_ctx())
         state = dwa.epoch_end(state)
-    w, _ = dwa.weights(t64([1.0, 1.0, 1.0]), state, make_ctx())
+    w, _ = dwa.compute(t64([1.0, 1.0, 1.0]), state, make_ctx())
     assert w.sum().item() == pytest.approx(3.0, rel=1e-12)
     assert torch.allclose(w, _dwa_reference(means, temperature, 3), rtol=1e-10, atol=0)
 
@@ -369,16 +368,16 @@ def test_dwa_weights_sum_to_k(means, temperature):
 
 def test_htw_exact_schedule():
     htw = HTW("b", total_steps=100, warmup=0.1, alpha=0.5)  # W = 10 warm-up steps
-    htw.setup(3, ["a", "b", "c"])
+    htw.bind(["a", "b", "c"])
     state = htw.init_state(3)
     first = t64([2.0, 5.0, 8.0])
-    w, state = htw.weights(first, state, make_ctx(step=0))
+    w, state = htw.compute(first, state, make_ctx(step=0))
     assert torch.allclose(w, t64([1.0, 0.1, 1.0]), rtol=1e-15, atol=0)
     assert torch.equal(state["initial_losses"], first)
     state = roundtrip(state)
     for step in range(1, 15):
         losses = t64([2.0 / (step + 1), 5.0 * 0.9**step, 8.0 * 0.5**step])
-        w, new_state = htw.weights(losses, state, make_ctx(step=step))
+        w, new_state = htw.compute(losses, state, make_ctx(step=step))
         assert new_state is state  # L(0) is stored once
         main = min(1.0, (step + 1) / 10)
         expected = t64([(losses[0] / 2.0).sqrt(), main, (losses[2] / 8.0).sqrt()])
@@ -388,23 +387,23 @@ def test_htw_exact_schedule():
 
 def test_htw_alpha_and_no_warmup():
     htw = HTW(total_steps=7, warmup=0.0, alpha=2.0)
-    w, state = htw.weights(t64([3.0, 4.0]), {}, make_ctx(names="xy"))
+    w, state = htw.compute(t64([3.0, 4.0]), {}, make_ctx(names="xy"))
     assert torch.equal(w, t64([1.0, 1.0]))
-    w, _ = htw.weights(t64([3.0, 1.0]), state, make_ctx(step=1, names="xy"))
+    w, _ = htw.compute(t64([3.0, 1.0]), state, make_ctx(step=1, names="xy"))
     assert torch.allclose(w, t64([1.0, 1.0 / 16.0]), rtol=1e-15, atol=0)
 
 
 def test_htw_checks_tasks_and_losses():
     with pytest.raises(ValueError, match="main_task"):
-        HTW("z", total_steps=10).setup(2, ["a", "b"])
+        HTW("z", total_steps=10).bind(["a", "b"])
     with pytest.raises(ValueError, match="main_task"):
-        HTW(2, total_steps=10).setup(2, ["a", "b"])
+        HTW(2, total_steps=10).bind(["a", "b"])
     with pytest.raises(ValueError, match="'b'"):
-        HTW(total_steps=10).weights(t64([1.0, 0.0]), {}, make_ctx(names="ab"))
+        HTW(total_steps=10).compute(t64([1.0, 0.0]), {}, make_ctx(names="ab"))
     htw = HTW(total_steps=10)
-    _, state = htw.weights(t64([1.0, 1.0]), {}, make_ctx(names="ab"))
+    _, state = htw.compute(t64([1.0, 1.0]), {}, make_ctx(names="ab"))
     with pytest.raises(ValueError, match="'b'"):
-        htw.weights(t64([1.0, -1.0]), state, make_ctx(step=1, names="ab"))
+        htw.compute(t64([1.0, -1.0]), state, make_ctx(step=1, names="ab"))
 
 
 # --------------------------------------------------------------------------- gradnorm
@@ -435,16 +434,15 @@ def test_gradnorm_gradient_matches_autograd(alpha):
     initial = t64([2.0, 1.0, 4.0, 0.5])
     losses = t64([1.0, 0.9, 1.0, 0.1])
     gn = GradNorm(alpha=alpha)
-    gn.setup(k, list("abcd"))
+    gn.bind(list("abcd"))
     with torch.no_grad():
         gn.task_weights.copy_(torch.tensor([0.5, 1.5, 1.2, 0.8]))
     weights = gn.task_weights.detach().to(F64)
     gram = torch.stack([other_block @ other_block.T, _weighted_gram(weights, grads)])  # last = last layer
     ctx = make_ctx(names="abcd")
-    w, state = gn.weights(initial, gn.init_state(k), ctx)  # first call stores L(0)
+    w, state = gn.compute(initial, gn.init_state(k), ctx)  # first call stores L(0)
     assert torch.equal(w, weights) and torch.equal(state["initial_losses"], initial)
-    ctx.gram = gram
-    gn.backward(losses, weights, roundtrip(state), ctx)
+    gn.backward(losses, weights, roundtrip(state), ctx, gram=gram)
     expected = _gradnorm_autograd(weights, grads, losses, initial, alpha)
     assert torch.allclose(gn.task_weights.grad.to(F64), expected, rtol=1e-6, atol=1e-6)
     assert gn.task_weights.grad.abs().sum() > 0
@@ -457,15 +455,15 @@ def test_gradnorm_first_step_uses_current_losses_as_initial():
     weights = torch.ones(k, dtype=F64)
     losses = t64([3.0, 1.0, 0.2])
     gn = GradNorm()
-    gn.setup(k, ["a", "b", "c"])
-    gn.backward(losses, weights, {}, make_ctx(gram=_weighted_gram(weights, grads)[None]))
+    gn.bind(["a", "b", "c"])
+    gn.backward(losses, weights, {}, make_ctx(), gram=_weighted_gram(weights, grads)[None])
     expected = _gradnorm_autograd(weights, grads, losses, losses, 1.5)  # r_i = 1
     assert torch.allclose(gn.task_weights.grad.to(F64), expected, rtol=1e-6, atol=1e-6)
 
 
 def test_gradnorm_after_step_keeps_weights_positive_summing_to_k():
     gn = GradNorm(lr=0.025)
-    gn.setup(4, list("abcd"))
+    gn.bind(list("abcd"))
     (p,) = gn.parameters()
     assert gn.needs_gram and gn.lr == 0.025
     assert torch.equal(p.detach(), torch.ones(4))
@@ -475,7 +473,7 @@ def test_gradnorm_after_step_keeps_weights_positive_summing_to_k():
     assert gn.parameters()[0] is p  # renormalised in place
     assert (p > 0).all()
     assert p.sum().item() == pytest.approx(4.0, rel=1e-6)
-    w, _ = gn.weights(t64([1.0, 1.0, 1.0, 1.0]), {}, make_ctx(names="abcd"))
+    w, _ = gn.compute(t64([1.0, 1.0, 1.0, 1.0]), {}, make_ctx(names="abcd"))
     assert w.dtype == F64 and not w.requires_grad
     assert torch.allclose(w, p.detach().to(F64))
 
@@ -484,7 +482,7 @@ def test_gradnorm_after_step_keeps_weights_positive_summing_to_k():
 @given(raw=st.lists(st.floats(-10.0, 10.0), min_size=1, max_size=8))
 def test_gradnorm_renormalisation_property(raw):
     gn = GradNorm()
-    gn.setup(len(raw), [str(i) for i in range(len(raw))])
+    gn.bind([str(i) for i in range(len(raw))])
     with torch.no_grad():
         gn.task_weights.copy_(torch.tensor(raw))
     gn.after_step()
@@ -495,8 +493,8 @@ def test_gradnorm_renormalisation_property(raw):
 
 def test_gradnorm_needs_gram_and_positive_initial_losses():
     gn = GradNorm()
-    gn.setup(2, ["a", "b"])
+    gn.bind(["a", "b"])
     with pytest.raises(ValueError, match="gram"):
         gn.backward(t64([1.0, 1.0]), t64([1.0, 1.0]), {}, make_ctx(names="ab"))
     with pytest.raises(ValueError, match="'a'"):
-        gn.weights(t64([0.0, 1.0]), {}, make_ctx(names="ab"))
+        gn.compute(t64([0.0, 1.0]), {}, make_ctx(names="ab"))

@@ -22,7 +22,6 @@ rounding noise, so ``phi = 0`` and no correction is made. ``beta`` defaults to 0
 from __future__ import annotations
 
 import math
-
 from typing import Any, Dict
 
 import torch

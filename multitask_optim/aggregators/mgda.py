@@ -11,7 +11,7 @@ gradients::
 
 ``d`` is the common descent direction of the paper: ``<d, g_i> >= ||d||^2`` for every
 task, and ``d = 0`` exactly at a Pareto-stationary point. MGDA-UB (the paper's upper
-bound) is this aggregator applied in representation mode (``step(losses, features=z)``).
+bound) is this aggregator applied in representation mode (``step(losses, representation=z)``).
 
 The QP is solved exactly by :mod:`._qp` (closed form for two tasks, Wolfe's
 minimum-norm-point active-set method beyond).

@@ -120,4 +120,9 @@ class HTW(Weighting):
         return w, new_state
 
     def settings(self) -> Dict[str, Any]:
-        return {"main_task": self.main_task, "total_steps": self.total_steps, "warmup": self.warmup, "alpha": self.alpha}
+        return {
+            "main_task": self.main_task,
+            "total_steps": self.total_steps,
+            "warmup": self.warmup,
+            "alpha": self.alpha,
+        }

@@ -79,7 +79,9 @@ class UncertaintyWeighting(Weighting):
         self._kinds: Optional[List[str]] = None
 
     def build(self, task_names: Tuple[str, ...]) -> None:
-        self._kinds = resolve_per_task(self._spec, task_names, "kind", default="regression", allow_missing=True)
+        self._kinds = resolve_per_task(
+            self._spec, task_names, "kind", default="regression", allow_missing=True
+        )
         self.log_var = torch.nn.Parameter(torch.zeros(len(task_names)))
 
     def parameters(self) -> List[torch.nn.Parameter]:
