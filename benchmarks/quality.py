@@ -198,9 +198,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             plots.append(str(diagnostics))
         doc["plots"] = [portable_path(p, args.plot_dir) for p in plots]
     write_outputs(doc, text, args)
-    print(
-        f"\nwrote {portable_path(args.json, args.out)} and {portable_path(args.markdown, args.out)} in {args.out}"
-    )
+    where = f" and plots in {args.plot_dir}" if "plots" in doc else ""
+    print(f"\nwrote {args.json}, {args.markdown}{where}")
     return doc
 
 
