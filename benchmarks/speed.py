@@ -410,9 +410,9 @@ def _scaling_trunk(
         for n, cell in k_cells(res, names, skipped).items():
             section["results"][n][str(k)] = cell
         for n, mode in res.modes.items():
-            section["modes"].setdefault(n, {})[str(k)] = (
-                f"{mode} ({res.paths[n]})" if res.paths.get(n) else mode
-            )
+            if mode:
+                detail = f" ({res.paths[n]})" if res.paths.get(n) else ""
+                section["modes"].setdefault(n, {})[str(k)] = mode + detail
         print(f"  {cfg.kind} K={k}: {res.rounds} rounds in {time.perf_counter() - t0:.0f}s", flush=True)
     if not args.no_memory:
         mem_names = [n for n in (args.memory_impls or runnable) if n in runnable]
@@ -586,7 +586,8 @@ def _sweep_setup(args: argparse.Namespace, cfg: WorkloadConfig) -> Tuple[List[in
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = build_parser().parse_args(argv)
-    args.threads = args.threads or os.cpu_count() or 1
+    # --tiny: one thread (its ops are too small to split; a second thread only adds contention)
+    args.threads = args.threads or (1 if args.tiny else os.cpu_count() or 1)
     torch.set_num_threads(args.threads)
     cfg = config_from(args)
     if args.one is not None:
