@@ -35,6 +35,8 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from .trunks import cnn_trunk, last_linear, mlp_trunk
+
 # ---------------------------------------------------------------------- MultiDigits
 
 DIGIT_SIDE = 8
@@ -121,24 +123,12 @@ class MultiDigitsNet(nn.Module):
 
     def __init__(self, cfg: DigitsConfig = DigitsConfig(), num_tasks: int = 2, classes: int = 10) -> None:
         super().__init__()
-        c1, c2 = cfg.channels
-        side = cfg.canvas // 2 // 2
-        self.trunk = nn.Sequential(
-            nn.Conv2d(1, c1, 3, padding=1),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Conv2d(c1, c2, 3, padding=1),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Flatten(),
-            nn.Linear(c2 * side * side, cfg.width),
-            nn.ReLU(),
-        )
+        self.trunk = cnn_trunk(1, cfg.canvas, cfg.channels, cfg.width)
         self.heads = nn.ModuleList(nn.Linear(cfg.width, classes) for _ in range(num_tasks))
 
     def last_shared(self) -> List[nn.Parameter]:
         """The last shared layer (GradNorm's ``W``)."""
-        return list(self.trunk[7].parameters())
+        return list(last_linear(self.trunk).parameters())
 
     def forward(self, x: Tensor) -> Tuple[Tensor, List[Tensor]]:
         z = self.trunk(x)
@@ -210,17 +200,12 @@ class ScaleNet(nn.Module):
 
     def __init__(self, cfg: ScaleConfig = ScaleConfig()) -> None:
         super().__init__()
-        layers: List[nn.Module] = []
-        width_in = cfg.in_dim
-        for _ in range(cfg.depth):
-            layers += [nn.Linear(width_in, cfg.width), nn.ReLU()]
-            width_in = cfg.width
-        self.trunk = nn.Sequential(*layers)
+        self.trunk = mlp_trunk(cfg.in_dim, [cfg.width] * cfg.depth)
         self.heads = nn.ModuleList(nn.Linear(cfg.width, cfg.out_dim) for _ in cfg.sigmas)
         self.register_buffer("sigmas", torch.tensor(cfg.sigmas, dtype=torch.float32))
 
     def last_shared(self) -> List[nn.Parameter]:
-        return list(self.trunk[-2].parameters())
+        return list(last_linear(self.trunk).parameters())
 
     def forward(self, x: Tensor) -> Tuple[Tensor, List[Tensor]]:
         z = self.trunk(x)

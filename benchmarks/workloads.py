@@ -15,10 +15,12 @@ identical models and data (each implementation under test gets its own copy).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
+
+from .trunks import cnn_trunk, mlp_trunk
 
 Batch = Tuple[Tensor, Tensor]
 
@@ -28,13 +30,17 @@ class WorkloadConfig:
     """Sizes of one benchmark workload.
 
     Attributes:
-        kind: ``"mlp"`` (512 -> 1024 -> 1024 -> 1024 trunk) or ``"cnn"`` (MultiDigits-style).
+        kind: ``"mlp"`` (default: 512 -> 1024 -> 1024 -> 1024 trunk) or ``"cnn"``
+            (default: MultiDigits-style; :data:`CNN32` is the 3x32x32 one). Both trunks
+            come from :mod:`benchmarks.trunks`.
         in_dim: MLP input width.
         width: MLP hidden width (every trunk layer).
         depth: number of Linear+ReLU layers in the MLP trunk.
+        hidden: explicit MLP hidden widths, overriding ``width`` x ``depth`` (e.g. ``(5, 3)``).
         batch: batch size.
-        image: CNN input side (1 x image x image).
-        channels: CNN conv channels.
+        in_channels: CNN input channels.
+        image: CNN input side (in_channels x image x image).
+        channels: CNN conv channels (one 3x3 conv + ReLU + 2x2 max-pool each).
         cnn_hidden: width of the CNN trunk's last Linear.
         n_batches: distinct batches cycled through during timing.
         noise: std of the per-task target noise.
@@ -47,9 +53,11 @@ class WorkloadConfig:
     in_dim: int = 512
     width: int = 1024
     depth: int = 3
+    hidden: Tuple[int, ...] = ()
     batch: int = 256
+    in_channels: int = 1
     image: int = 16
-    channels: Tuple[int, int] = (16, 32)
+    channels: Tuple[int, ...] = (16, 32)
     cnn_hidden: int = 128
     n_batches: int = 4
     noise: float = 0.1
@@ -59,6 +67,24 @@ class WorkloadConfig:
 
     def to_dict(self) -> Dict[str, object]:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> WorkloadConfig:
+        d = dict(d)
+        d["hidden"] = tuple(d.get("hidden", ()))
+        d["channels"] = tuple(d.get("channels", (16, 32)))
+        return cls(**d)
+
+    @property
+    def mlp_widths(self) -> Tuple[int, ...]:
+        return self.hidden or (self.width,) * self.depth
+
+
+#: TorchJD's ``mtl_backward`` example network: shared ``10 -> 5 -> 3`` MLP, two ``Linear(3, 1)``
+#: heads, batch 16, MSE losses (torchjd 0.18 README).
+TINY = WorkloadConfig(kind="mlp", in_dim=10, hidden=(5, 3), batch=16)
+#: The 3x32x32 CNN: 3x3 convs with 32/64/64 channels and 2x2 pooling, then Linear(1024, 256), batch 128.
+CNN32 = WorkloadConfig(kind="cnn", in_channels=3, image=32, channels=(32, 64, 64), cnn_hidden=256, batch=128)
 
 
 class MultiHeadModel(nn.Module):
@@ -96,33 +122,14 @@ class MultiHeadModel(nn.Module):
         return [list(h.parameters()) for h in self.heads]
 
 
-def mlp_trunk(cfg: WorkloadConfig) -> nn.Sequential:
-    layers: List[nn.Module] = []
-    width_in = cfg.in_dim
-    for _ in range(cfg.depth):
-        layers += [nn.Linear(width_in, cfg.width), nn.ReLU()]
-        width_in = cfg.width
-    return nn.Sequential(*layers)
-
-
-def cnn_trunk(cfg: WorkloadConfig) -> nn.Sequential:
-    c1, c2 = cfg.channels
-    side = cfg.image // 4  # two 2x2 max-pools, padding keeps the conv sizes
-    return nn.Sequential(
-        nn.Conv2d(1, c1, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(c1, c2, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Flatten(),
-        nn.Linear(c2 * side * side, cfg.cnn_hidden),
-        nn.ReLU(),
-    )
-
-
 def feature_dim(cfg: WorkloadConfig) -> int:
-    return cfg.width if cfg.kind == "mlp" else cfg.cnn_hidden
+    return cfg.mlp_widths[-1] if cfg.kind == "mlp" else cfg.cnn_hidden
+
+
+def build_trunk(cfg: WorkloadConfig) -> nn.Sequential:
+    if cfg.kind == "mlp":
+        return mlp_trunk(cfg.in_dim, cfg.mlp_widths)
+    return cnn_trunk(cfg.in_channels, cfg.image, cfg.channels, cfg.cnn_hidden)
 
 
 def build_model(cfg: WorkloadConfig, k: int) -> MultiHeadModel:
@@ -131,12 +138,12 @@ def build_model(cfg: WorkloadConfig, k: int) -> MultiHeadModel:
         raise ValueError(f"unknown workload kind {cfg.kind!r}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        trunk = mlp_trunk(cfg) if cfg.kind == "mlp" else cnn_trunk(cfg)
+        trunk = build_trunk(cfg)
         return MultiHeadModel(trunk, feature_dim(cfg), k)
 
 
 def input_shape(cfg: WorkloadConfig) -> Tuple[int, ...]:
-    return (cfg.in_dim,) if cfg.kind == "mlp" else (1, cfg.image, cfg.image)
+    return (cfg.in_dim,) if cfg.kind == "mlp" else (cfg.in_channels, cfg.image, cfg.image)
 
 
 def signs(k: int) -> Tensor:

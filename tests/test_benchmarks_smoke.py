@@ -100,3 +100,42 @@ def test_pytorch_optimizer_pcgrad_runs_k2():
     # with (a different shared update by design); only check that it drives the model.
     grads = _one_step_grads("pytorch_optimizer-pcgrad", 2)
     assert all(torch.isfinite(g).all() for g in grads)
+
+
+def test_tiny_workload_is_torchjds_example_and_reports_ratios(tmp_path):
+    pytest.importorskip("torchjd")
+    from benchmarks.workloads import TINY
+
+    model = build_model(TINY, 2)
+    assert [m.weight.shape for m in model.trunk if isinstance(m, torch.nn.Linear)] == [(5, 10), (3, 5)]
+    assert [h.weight.shape for h in model.heads] == [(1, 3), (1, 3)] and TINY.batch == 16
+    doc = speed.main(["--tiny", "--quick", "--reps", "5", "--warmup", "1", "--out", str(tmp_path)])
+    for label in ("ours-pcgrad / torchjd-pcgrad", "ours-sum / floor"):
+        ratio = doc["ratios"][label]
+        assert ratio["median"] > 0 and ratio["best"] > 0 and ratio["paired"] > 0
+    assert doc["results"]["ours-pcgrad"]["reps"] == 5
+    assert json.loads((tmp_path / "speed_tiny.json").read_text())["config"]["workload"]["hidden"] == [5, 3]
+
+
+def test_scaling_quick_times_both_trunks_and_measures_memory(tmp_path):
+    argv = ["--scaling", "--quick", "--out", str(tmp_path), "--cnn-ks", "2", "--mlp-ks", "2"]
+    argv += ["--impls", "floor,ours-pcgrad,ours-pcgrad-looped,ours-pcgrad-representation"]
+    argv += ["--memory-impls", "ours-pcgrad", "--warmup", "1"]
+    doc = speed.main(argv)
+    assert set(doc["trunks"]) == {"cnn", "mlp"}
+    for section in doc["trunks"].values():
+        for name in ("floor", "ours-pcgrad", "ours-pcgrad-looped", "ours-pcgrad-representation"):
+            cell = section["results"][name]["2"]
+            assert cell["median_ms"] > 0 and cell["min_ms"] <= cell["median_ms"]
+        assert section["memory_mb"]["ours-pcgrad"]["2"].get("delta_mb", -1) >= 0
+        assert section["modes"]["ours-pcgrad-looped"]["2"].startswith("looped")
+    assert (tmp_path / "speed_scaling.png").stat().st_size > 0
+    assert "| ours-pcgrad |" in (tmp_path / "speed_scaling.md").read_text()
+
+
+def test_speed_writes_no_absolute_path(tmp_path):
+    argv = ["--width", "32", "--in-dim", "16", "--batch", "8", "--ks", "2", "--reps", "1", "--agg-calls", "5"]
+    argv += ["--impls", "floor,ours-pcgrad", "--no-plot", "--out", str(tmp_path)]
+    speed.main(argv)
+    text = (tmp_path / "speed.json").read_text()
+    assert str(tmp_path) not in text and '"/' not in text

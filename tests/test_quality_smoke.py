@@ -1,14 +1,18 @@
 """Smoke test of the training-quality benchmark (``benchmarks.quality``) at tiny sizes.
 
 Runs the harness in-process (1 seed, a few steps, 2-3 methods per suite) and checks the
-JSON it writes, Delta_m% on hand-made numbers, that the toy's batched starts follow the
-same trajectories as separate runs, and the toy's Pareto set.
+JSON it writes (no absolute path in it, nothing written into the repository), Delta_m%
+on hand-made numbers, that the toy's batched starts follow the same trajectories as
+separate runs, that every method's argument builder gives a working optimizer, and the
+toy's Pareto set.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,31 +21,37 @@ pytest.importorskip("sklearn", reason="the MultiDigits suite needs scikit-learn 
 
 from benchmarks import quality  # noqa: E402
 from benchmarks.quality_data import TOY_STARTS, toy_losses, toy_pareto_set, toy_stationarity  # noqa: E402
+from benchmarks.quality_methods import ALL_METHODS, METHODS, MethodContext, MethodSettings  # noqa: E402
+from benchmarks.quality_report import delta_m, summarise_suite  # noqa: E402
+from benchmarks.quality_suites import DigitsSuite, DigitsSuiteConfig, ToyConfig  # noqa: E402
+from benchmarks.quality_train import Config, toy_run  # noqa: E402
 from multitask_optim import MultiTaskOptimizer  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def test_delta_m_by_hand():
     higher = {"a": True, "b": True}
     # task a: accuracy 0.9 vs 0.8 is 12.5 % better -> -12.5; task b unchanged -> 0
-    assert quality.delta_m({"a": 0.9, "b": 0.8}, {"a": 0.8, "b": 0.8}, higher) == pytest.approx(-6.25)
+    assert delta_m({"a": 0.9, "b": 0.8}, {"a": 0.8, "b": 0.8}, higher) == pytest.approx(-6.25)
     # mixed directions: accuracy +12.5 % (-12.5) and an error 0.5 vs 0.4, 25 % worse (+25)
-    mixed = quality.delta_m({"acc": 0.9, "err": 0.5}, {"acc": 0.8, "err": 0.4}, {"acc": True, "err": False})
+    mixed = delta_m({"acc": 0.9, "err": 0.5}, {"acc": 0.8, "err": 0.4}, {"acc": True, "err": False})
     assert mixed == pytest.approx((-12.5 + 25.0) / 2)
-    assert quality.delta_m({"a": 0.8}, {"a": 0.8}, {"a": True}) == 0.0
+    assert delta_m({"a": 0.8}, {"a": 0.8}, {"a": True}) == 0.0
     with pytest.raises(ValueError, match="baseline"):
-        quality.delta_m({"a": 1.0}, {"a": 0.0}, {"a": False})
+        delta_m({"a": 1.0}, {"a": 0.0}, {"a": False})
     with pytest.raises(ValueError, match="tasks differ"):
-        quality.delta_m({"a": 1.0}, {"b": 1.0}, {"a": False})
+        delta_m({"a": 1.0}, {"b": 1.0}, {"a": False})
 
 
 def test_summary_uses_the_seed_mean_single_task_baseline():
-    suite = quality.DigitsSuite(quality.Config())
+    suite = DigitsSuite(DigitsSuiteConfig())
     runs = []
     for seed, (s_left, s_right, m_left, m_right) in enumerate([(0.8, 0.6, 0.9, 0.6), (0.6, 0.6, 0.7, 0.3)]):
         runs.append(_run("single:0", seed, {"left": _acc(s_left)}))
         runs.append(_run("single:1", seed, {"right": _acc(s_right)}))
         runs.append(_run("equal", seed, {"left": _acc(m_left), "right": _acc(m_right)}))
-    section = quality.summarise_suite(suite, runs, ["equal"])
+    section = summarise_suite(suite, runs, ["equal"])
     assert section["single_task"]["left"]["accuracy"]["mean"] == pytest.approx(0.7)
     entry = section["methods"]["equal"]
     # baselines: left 0.7, right 0.6 (means over seeds)
@@ -66,8 +76,10 @@ def test_harness_tiny_writes_json_tables_and_plots(tmp_path, capsys):
     argv += ["--methods", "equal,pcgrad,mgda-ub", "--toy-methods", "equal,pcgrad"]
     argv += ["--digits-epochs", "1", "--digits-train", "128", "--digits-test", "64"]
     argv += ["--scale-epochs", "1", "--scale-train", "100", "--scale-test", "50", "--toy-steps", "20"]
-    argv += ["--json", str(out), "--markdown", str(tmp_path / "quality.md"), "--plot-dir", str(tmp_path)]
+    argv += ["--out", str(tmp_path)]
+    before = _repo_files()
     quality.main(argv)
+    assert _repo_files() == before, "the run wrote into the repository"
     printed = capsys.readouterr().out
     assert "Δm%" in printed and "reached Pareto set" in printed
 
@@ -93,7 +105,7 @@ def test_harness_tiny_writes_json_tables_and_plots(tmp_path, capsys):
             baseline = {t: section["single_task"][t][primary]["mean"] for t in tasks}
             higher = {t: section["primary_metric"]["higher_is_better"] for t in tasks}
             prim = {t: run["metrics"][t][primary] for t in tasks}
-            assert run["delta_m"] == pytest.approx(quality.delta_m(prim, baseline, higher))
+            assert run["delta_m"] == pytest.approx(delta_m(prim, baseline, higher))
     assert (
         doc["suites"]["multidigits"]["methods"]["mgda-ub"]["per_seed"][0]["gradient_mode"] == "representation"
     )
@@ -109,23 +121,78 @@ def test_harness_tiny_writes_json_tables_and_plots(tmp_path, capsys):
     for png in ("quality_delta_m.png", "quality_toy.png", "quality_toy_objectives.png"):
         pytest.importorskip("matplotlib")
         assert (tmp_path / png).stat().st_size > 0
-        assert str((tmp_path / png).resolve()) in doc["plots"]
+        assert png in doc["plots"]
+    _assert_no_absolute_path(doc, tmp_path)
+    assert str(tmp_path) not in (tmp_path / "quality.md").read_text()
+
+
+def _repo_files() -> dict:
+    """Every file of the checkout (caches aside) with its modification time."""
+    skip = {".git", "__pycache__", ".pytest_cache", ".hypothesis", ".ruff_cache"}
+    out = {}
+    for root, dirs, files in os.walk(REPO):
+        dirs[:] = [d for d in dirs if d not in skip and not d.endswith(".egg-info")]
+        for name in files:
+            path = os.path.join(root, name)
+            out[path] = os.stat(path).st_mtime_ns
+    return out
+
+
+def _assert_no_absolute_path(doc, tmp_path) -> None:
+    def strings(x):
+        if isinstance(x, dict):
+            for k, v in x.items():
+                yield str(k)
+                yield from strings(v)
+        elif isinstance(x, list):
+            for v in x:
+                yield from strings(v)
+        elif isinstance(x, str):
+            yield x
+
+    for text in strings(doc):
+        assert not os.path.isabs(text), f"absolute path in the JSON: {text!r}"
+        assert str(tmp_path) not in text and str(REPO) not in text, f"local path in the JSON: {text!r}"
 
 
 @pytest.mark.parametrize("method", ["pcgrad", "mgda", "adam-pre+pcgrad"])
 def test_toy_starts_in_blocks_equal_separate_runs(method):
-    cfg = quality.Config(toy_steps=40, toy_lr=0.05)
-    batched = quality.toy_run(method, cfg)
-    spec = quality.METHODS[method]
+    cfg = Config(toy=ToyConfig(steps=40, lr=0.05))
+    batched = toy_run(method, cfg)
+    spec = METHODS[method]
     for s, start in enumerate(TOY_STARTS):
         x = torch.tensor(start, dtype=torch.float64, requires_grad=True)
         opt = MultiTaskOptimizer(
-            torch.optim.Adam([x], lr=cfg.toy_lr), surgery=spec.surgery, precondition=spec.precondition, seed=0
+            torch.optim.Adam([x], lr=cfg.toy.lr), surgery=spec.surgery, precondition=spec.precondition, seed=0
         )
-        for _ in range(cfg.toy_steps):
+        for _ in range(cfg.toy.steps):
             opt.zero_grad()
             opt.step(list(toy_losses(x)))
         assert batched[s]["final"] == pytest.approx(x.detach().tolist(), abs=1e-12)
+
+
+def test_every_method_builds_its_optimizer():
+    # each row of the table carries its own argument builder: all of them construct
+    w = torch.nn.Linear(3, 3)
+    heads = [torch.nn.Linear(3, 1) for _ in range(2)]
+    params = [*w.parameters(), *heads[0].parameters(), *heads[1].parameters()]
+    ctx = MethodContext(
+        num_tasks=2,
+        settings=MethodSettings(),
+        kind="regression",
+        first_losses=[1.0, 4.0],
+        total_steps=10,
+        last_shared=lambda: list(w.parameters()),
+    )
+    for method in ALL_METHODS:
+        kwargs = method.optimizer_kwargs(ctx)
+        opt = MultiTaskOptimizer(method.make_inner(params, 1e-3, 1e-3), task_names=["a", "b"], **kwargs)
+        x = torch.randn(4, 3)
+        z = w(x)
+        opt.zero_grad()
+        opt.step({"a": heads[0](z).pow(2).mean(), "b": heads[1](z).pow(2).mean()})
+    static = METHODS["static"].optimizer_kwargs(ctx)["weighting_kwargs"]["weights"]
+    assert static == pytest.approx([1.6, 0.4])  # 1/L_i(0), normalised to sum K
 
 
 def test_toy_pareto_set():

@@ -1,0 +1,203 @@
+"""Measurements of the speed benchmark: interleaved step timing, aggregation-only timing,
+peak memory in fresh processes."""
+
+from __future__ import annotations
+
+import gc
+import json
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from .common import REPO
+from .speed_impls import IMPLS, InnerFactory, Skip, StepFn, adam, check_ours, gradient_mode, path_detail
+from .workloads import WorkloadConfig, build_model, make_data
+
+
+@dataclass
+class KResult:
+    times_ms: Dict[str, List[float]] = field(default_factory=dict)
+    failed: Dict[str, str] = field(default_factory=dict)
+    modes: Dict[str, Optional[str]] = field(default_factory=dict)
+    paths: Dict[str, Optional[str]] = field(default_factory=dict)
+    rounds: int = 0
+
+
+def time_steps(
+    names: Sequence[str],
+    cfg: WorkloadConfig,
+    k: int,
+    reps: Union[int, Callable[[float], int]],
+    warmup: int,
+    rng: random.Random,
+    inner: InnerFactory = adam,
+    gc_every: int = 1,
+) -> KResult:
+    """Interleaved timing of one full step per implementation per round.
+
+    ``reps`` is the number of timed rounds, or a function of the duration (seconds) of
+    the last warm-up round that returns it (to fit a time budget). The garbage collector
+    runs, untimed, before every ``gc_every``-th round.
+    """
+    data = make_data(cfg, k)
+    result = KResult()
+    steps: Dict[str, StepFn] = {}
+    for name in names:
+        try:
+            steps[name] = IMPLS[name].setup(build_model(cfg, k), inner)
+        except Exception as error:  # an anchor that cannot drive this model
+            result.failed[name] = f"setup failed: {type(error).__name__}: {error}"
+    counter = {name: 0 for name in steps}
+
+    def run(name: str) -> float:
+        batch = data[counter[name] % len(data)]
+        counter[name] += 1
+        start = time.perf_counter()
+        steps[name](batch)
+        return (time.perf_counter() - start) * 1e3
+
+    round_seconds = 0.0
+    for _ in range(max(warmup, 1)):
+        round_start = time.perf_counter()
+        for name in list(steps):
+            try:
+                run(name)
+            except Exception as error:
+                result.failed[name] = f"step failed: {type(error).__name__}: {error}"
+                del steps[name]
+        round_seconds = time.perf_counter() - round_start
+    result.rounds = reps(round_seconds) if callable(reps) else reps
+    for name, step in steps.items():
+        result.modes[name] = gradient_mode(step)
+        result.paths[name] = path_detail(step)
+        result.times_ms[name] = []
+    order = list(steps)
+    for r in range(result.rounds):
+        rng.shuffle(order)
+        if r % gc_every == 0:
+            gc.collect()
+        for name in order:
+            result.times_ms[name].append(run(name))
+    return result
+
+
+def time_aggregation(gram: Tensor, calls: int = 300, warmup: int = 20) -> Dict[str, float]:
+    """Median microseconds of ``Aggregator(gram (1, K, K), state, ctx)`` for PCGrad and GradVac."""
+    from multitask_optim.aggregators import AggregationContext, GradVac, PCGrad
+
+    k = gram.shape[-1]
+    gram = gram.reshape(1, k, k).to(torch.float64)
+    out: Dict[str, float] = {}
+    for label, aggregator in (("pcgrad", PCGrad()), ("gradvac", GradVac())):
+        ctx = AggregationContext(torch.Generator().manual_seed(0), torch.ones(k, dtype=torch.float64))
+        state = aggregator.init_state(k, 1)
+        samples = []
+        for n in range(warmup + calls):
+            start = time.perf_counter_ns()
+            _, state = aggregator(gram, state, ctx)
+            if n >= warmup:
+                samples.append((time.perf_counter_ns() - start) / 1e3)
+        out[label] = statistics.median(samples)
+    return out
+
+
+def maxrss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+
+
+def memory_child(
+    name: str, cfg: WorkloadConfig, k: int, steps: int = 3, inner: InnerFactory = adam
+) -> Dict[str, Any]:
+    """Peak extra RSS of ``steps`` steps of ``name``, over a forward-only baseline."""
+    impl = IMPLS[name]
+    check_ours()  # every child imports the same modules before its baseline
+    try:
+        impl.check()
+    except Skip as why:
+        return {"impl": name, "k": k, "skipped": str(why)}
+    model = build_model(cfg, k)
+    data = make_data(cfg, k)
+    loss = sum(model.losses(data[0]))  # one floor forward, no backward
+    del loss
+    gc.collect()
+    base = maxrss_mb()
+    step = impl.setup(model, inner)
+    for n in range(steps):
+        step(data[n % len(data)])
+    peak = maxrss_mb()
+    return {"impl": name, "k": k, "baseline_mb": base, "peak_mb": peak, "delta_mb": peak - base}
+
+
+def memory_in_subprocess(
+    name: str, cfg: WorkloadConfig, k: int, timeout: float, threads: int
+) -> Dict[str, Any]:
+    """:func:`memory_child` of ``name`` at ``k`` in a fresh interpreter (``--memory-child``)."""
+    cmd = [sys.executable, "-m", "benchmarks.speed", "--one", name, "--k", str(k), "--memory-child"]
+    cmd += ["--workload-json", json.dumps(cfg.to_dict()), "--threads", str(threads)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    except subprocess.TimeoutExpired:
+        return {"impl": name, "k": k, "failed": f"timed out after {timeout:.0f}s"}
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("MEMORY_RESULT ")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
+        return {"impl": name, "k": k, "failed": f"exit {proc.returncode}: {tail}"}
+    return json.loads(lines[-1][len("MEMORY_RESULT ") :])
+
+
+def run_memory(
+    names: Sequence[str], ks: Sequence[int], cfg: WorkloadConfig, timeout: float, threads: int
+) -> Dict[str, Dict[str, Any]]:
+    """Peak extra RSS per implementation and K, each in a fresh process."""
+    out: Dict[str, Dict[str, Any]] = {}
+    for name in names:
+        for k in ks:
+            record = memory_in_subprocess(name, cfg, k, timeout, threads)
+            out.setdefault(name, {})[str(k)] = record
+            shown = (
+                f"{record['delta_mb']:.1f} MB"
+                if "delta_mb" in record
+                else record.get("skipped") or record.get("failed")
+            )
+            print(f"  memory {cfg.kind} {name:30s} K={k:<3d} {shown}", flush=True)
+    return out
+
+
+def cell_stats(times: Sequence[float], floor_times: Sequence[float]) -> Dict[str, Any]:
+    """Median and best of the rounds, and their ratios to the floor's in the same run."""
+    med = statistics.median(times)
+    floor = statistics.median(floor_times) if floor_times else None
+    paired = [t / f for t, f in zip(times, floor_times)]
+    return {
+        "median_ms": med,
+        "ratio_to_floor": med / floor if floor else None,
+        # median over rounds of (this step / floor's step in the same round)
+        "ratio_paired": statistics.median(paired) if paired else None,
+        "min_ms": min(times),
+        # best-of-R ratio: robust to bursts of CPU contention from other jobs
+        "ratio_min": min(times) / min(floor_times) if floor_times else None,
+        "reps": len(times),
+        "times_ms": list(times),
+    }
+
+
+def k_cells(res: KResult, names: Sequence[str], skipped: Dict[str, str]) -> Dict[str, Dict[str, Any]]:
+    """``{impl: cell}`` at one K: timings, or why the implementation failed or was skipped."""
+    floor_times = res.times_ms.get("floor") or []
+    out: Dict[str, Dict[str, Any]] = {}
+    for n in names:
+        if n in res.times_ms:
+            out[n] = cell_stats(res.times_ms[n], floor_times)
+        elif n in res.failed:
+            out[n] = {"failed": res.failed[n]}
+        elif n in skipped:
+            out[n] = {"skipped": skipped[n]}
+    return out
