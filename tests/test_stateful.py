@@ -63,7 +63,7 @@ INNER: Dict[str, Callable[[List[Tensor]], torch.optim.Optimizer]] = {
 #: with its defaults.
 WEIGHTING_KWARGS: Dict[str, Callable[[int], st.SearchStrategy[Dict[str, Any]]]] = {
     "static": lambda k: st.fixed_dictionaries(
-        {"weights": st.lists(st.sampled_from([1.0, 0.5, 3.0, 0.0, 1e-40]), min_size=k, max_size=k)}
+        {"weights": st.lists(st.sampled_from([1.0, 0.5, 3.0, 0.0, 1e-42]), min_size=k, max_size=k)}
     ),
     "staged": lambda k: st.fixed_dictionaries(
         {"start_steps": st.lists(st.integers(0, 3), min_size=k, max_size=k), "ramp_steps": st.integers(0, 2)}
