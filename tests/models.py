@@ -265,3 +265,40 @@ class Conflicting(nn.Module):
         x, (t0, t1) = batch
         h = self.trunk(x)
         return [F.mse_loss(self.heads[0](h), t0), F.mse_loss(self.heads[1](h), t1)]
+
+
+class FaultNet(nn.Module):
+    """A tiny MLP or Conv1d trunk with ``K`` linear heads, for the stateful fault suite.
+
+    ``trunk="mlp"``: ``Linear(in_dim, hidden) -> tanh``; ``trunk="conv"``: the input as
+    one channel, ``Conv1d(1, 2, 3) -> tanh -> flatten``. :meth:`layers` lists the modules
+    that hold parameters (trunk layers, then heads), for a per-layer granularity.
+    """
+
+    def __init__(self, trunk: str = "mlp", num_tasks: int = 2, in_dim: int = 6, hidden: int = 6) -> None:
+        super().__init__()
+        self.in_dim = in_dim
+        self.out_dims = tuple(1 + i % 2 for i in range(num_tasks))
+        if trunk == "mlp":
+            self.trunk = nn.Sequential(nn.Linear(in_dim, hidden), nn.Tanh())
+            width = hidden
+        elif trunk == "conv":
+            self.trunk = nn.Sequential(
+                nn.Unflatten(1, (1, in_dim)), nn.Conv1d(1, 2, 3), nn.Tanh(), nn.Flatten()
+            )
+            width = 2 * (in_dim - 2)
+        else:
+            raise ValueError(f"trunk must be 'mlp' or 'conv', got {trunk!r}")
+        self.heads = nn.ModuleList(nn.Linear(width, d) for d in self.out_dims)
+
+    def layers(self) -> List[nn.Module]:
+        """Modules holding parameters, trunk first."""
+        return [m for m in self.trunk if any(True for _ in m.parameters(recurse=False))] + list(self.heads)
+
+    def batch(self, step: int, seed: int = 0) -> Batch:
+        return regression_batch(step, self.in_dim, self.out_dims, batch=4, seed=seed)
+
+    def outputs(self, x: Tensor) -> Tuple[Tensor, List[Tensor]]:
+        """The representation ``z`` and every head's output."""
+        z = self.trunk(x)
+        return z, [head(z) for head in self.heads]
