@@ -1,7 +1,6 @@
 """Helpers shared by the fault tests and the stateful suite.
 
-- :func:`representation_step`: representation mode through whichever keyword the
-  optimizer's ``step`` has today (``representation=``, formerly ``features=``).
+- :func:`representation_step`: one step in representation mode.
 - :func:`clone_state` / :func:`state_diff`: deep copies and bitwise comparison of
   ``state_dict()`` trees (tensors compared byte for byte, so NaN == NaN and -0.0 != 0.0).
 - :func:`round_trip`: a state dict through ``torch.save`` / ``torch.load(weights_only=True)``.
@@ -9,7 +8,6 @@
 
 from __future__ import annotations
 
-import inspect
 import io
 from typing import Any, List, Optional, Sequence
 
@@ -17,15 +15,9 @@ import torch
 from torch import Tensor
 
 
-def representation_keyword(opt: Any) -> str:
-    """``"representation"`` when ``opt.step`` has that keyword, else ``"features"``."""
-    params = inspect.signature(opt.step).parameters
-    return "representation" if "representation" in params else "features"
-
-
 def representation_step(opt: Any, losses: Sequence[Tensor], z: Tensor) -> Any:
-    """``opt.step(losses, representation=z)`` (today: ``features=z``)."""
-    return opt.step(losses, **{representation_keyword(opt): z})
+    """``opt.step(losses, representation=z)``."""
+    return opt.step(losses, representation=z)
 
 
 def clone_state(obj: Any) -> Any:

@@ -98,10 +98,9 @@ def test_gradient_spike_does_not_stop_training(kind: str) -> None:
                 f"(spike step skipped: {spike_skipped}; last_stats={opt.last_stats})"
             )
     bad = [
-        f"{n}/{k}"
-        for n, st in opt.state_dict()["multitask"]["precondition"].items()
-        for k, v in st.items()
-        if not bool(torch.isfinite(v).all())
+        key
+        for key, value in opt.state_dict()["multitask"]["states"]["precondition"].items()
+        if not bool(torch.isfinite(value).all())
     ]
     assert not bad, f"the spike left non-finite accumulators {bad}"
 
@@ -208,7 +207,7 @@ def test_uncertainty_objective_stays_finite_when_a_weight_underflows() -> None:
         seed=0,
     )
     losses = model.losses(model.batch(0))
-    opt.step([losses[0] * (2000.0 / float(losses[0])), losses[1]])  # s_0 <- 0 - (1/2 - 1000) = 999.5
+    opt.step([losses[0] * (2000.0 / float(losses[0].detach())), losses[1]])  # s_0 <- 0 - (1/2 - 1000) = 999.5
     assert opt.weighting.log_var is not None and float(opt.weighting.log_var[0]) > 745
     opt.step(model.losses(model.batch(1)))
     assert opt.last_stats["weights"][0] == 0.0  # the weight underflowed (the premise)
