@@ -10,9 +10,13 @@ differs, before anything changes.
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+import torch
+from torch import Tensor
 
 from .components import Component, State
+from .partition import Partition
 
 VERSION = 2
 
@@ -46,3 +50,31 @@ def _show(value: Any) -> str:
 
 def clone_state(state: State) -> State:
     return {key: value.clone() for key, value in state.items()}
+
+
+def saved_partition(
+    data: Optional[Mapping[str, Any]],
+    params: Sequence[Tensor],
+    current: Optional[Partition],
+    index_of: Mapping[int, int],
+) -> Optional[Partition]:
+    """The checkpoint's partition over ``params``; raises if it cannot be this optimizer's."""
+    if data is None:
+        return None
+    every = [n for key in ("shared", "unused") for n in data[key]] + [n for t in data["tasks"] for n in t]
+    if every and max(every) >= len(params):
+        raise ValueError("state_dict's partition refers to more parameters than this optimizer has")
+    if current is not None and current.to_indices(index_of) != data:
+        raise ValueError("state_dict's partition differs from this optimizer's partition")
+    return Partition.from_indices(data, params)
+
+
+def place_precondition_state(state: State, params: Sequence[Tensor]) -> None:
+    """Move loaded accumulators to their parameter's device and dtype (counters: float64, CPU)."""
+    for key in list(state):
+        index, kind = key.split(".")
+        p = params[int(index)]
+        if kind == "step":
+            state[key] = state[key].to(device=torch.device("cpu"), dtype=torch.float64)
+        else:
+            state[key] = state[key].to(device=p.device, dtype=p.dtype)

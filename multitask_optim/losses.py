@@ -1,12 +1,14 @@
-"""Checking the losses handed to ``step`` / ``accumulate``: names, count, types."""
+"""Checking what ``step`` / ``accumulate`` are handed: the losses (names, count, types) and the
+``representation=`` / ``features=`` tensors (they must require grad and feed the losses)."""
 
 from __future__ import annotations
 
-from typing import List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
+from .graph import LossGraph
 from .partition import check_names
 
 Losses = Union[Sequence[Tensor], Mapping[str, Tensor], Tensor]
@@ -70,3 +72,31 @@ def _check_one(name: str, loss: object) -> None:
 def loss_values(losses: Sequence[Tensor]) -> Tensor:
     """The losses' values as a detached float64 CPU vector."""
     return torch.stack([loss.detach().reshape(()).to(torch.float64).cpu() for loss in losses])
+
+
+def check_tensor(tensor: Any, name: str) -> None:
+    if not isinstance(tensor, Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(tensor).__name__}")
+    if not tensor.requires_grad:
+        raise ValueError(f"{name} does not require grad: pass the shared trunk's output, not a detached copy")
+
+
+def named_features(features: Optional[Union[Tensor, Sequence[Tensor]]]) -> List[Tuple[str, Tensor]]:
+    if features is None:
+        return []
+    items = [features] if isinstance(features, Tensor) else list(features)
+    out = []
+    for n, t in enumerate(items):
+        name = "features" if isinstance(features, Tensor) else f"features[{n}]"
+        check_tensor(t, name)
+        out.append((name, t))
+    return out
+
+
+def check_passes(tensor: Tensor, graph: LossGraph, name: str) -> None:
+    if not graph.passes_through(tensor):
+        raise ValueError(
+            f"{name}: no loss is computed from this tensor, so nothing would train through it. Pass the "
+            "tensor the heads actually read (for a multi-input model, one per task: features=[z_1, ..., z_K]), "
+            "or leave it out."
+        )

@@ -37,8 +37,8 @@ from .distributed import world_size
 from .gradients import TaskGradients
 from .graph import LossGraph, analyse
 from .jacobian import GradientEngine
-from .losses import Losses, check_losses, loss_values
-from .partition import Partition, TasksArg, check_against_graph, describe, discover, explicit
+from .losses import Losses, check_losses, check_passes, check_tensor, loss_values, named_features
+from .partition import Partition, TasksArg, check_against_graph, discover, explicit, warn_unused
 from .pipeline import (
     Gathered,
     Outcome,
@@ -185,7 +185,7 @@ class MultiTaskOptimizer(Optimizer):
             task_rates(self._task_lr, names)
         if partition is not None:
             if partition.unused:
-                _warn_unused(partition.unused, self._index_of, "were not listed in shared= or tasks=")
+                warn_unused(partition.unused, self._index_of, "were not listed in shared= or tasks=")
             self._adopt_partition(partition, warn=False)
         if names is not None:
             self._adopt_weighting(names)
@@ -347,7 +347,7 @@ class MultiTaskOptimizer(Optimizer):
         known = self._names if self._names is not None else (into.names if into is not None else None)
         names, loss_list = check_losses(losses, known)
         if representation is not None:
-            _check_tensor(representation, "representation")
+            check_tensor(representation, "representation")
             if self.preconditioner is not None:
                 raise ValueError("precondition is not supported in representation mode (representation=)")
         values = loss_values(loss_list)
@@ -356,9 +356,9 @@ class MultiTaskOptimizer(Optimizer):
             out = Gathered(names, values, bad=bad)
             return (out if into is None else into + out), self._rows
         graph = analyse(loss_list)
-        for name, tensor in (("representation", representation), *_named_features(features)):
+        for name, tensor in (("representation", representation), *named_features(features)):
             if tensor is not None:
-                _check_passes(tensor, graph, name)
+                check_passes(tensor, graph, name)
         structure = self._structure(names, loss_list, graph, into.structure if into is not None else None)
         source: Source = (
             RepresentationRows(representation, graph) if representation is not None else self._rows
@@ -451,7 +451,7 @@ class MultiTaskOptimizer(Optimizer):
         task_grads = (
             grads.tasks if self.preconditioner is not None else scale_tasks(grads.tasks, weights.tolist())
         )
-        stats = _path_stats(grads, source)
+        stats = source.stats(grads)
         return Outcome(weights, coefs, gram, updates, task_grads, states, weighting_gram, stats), None, values
 
     def _weighting_gram(
@@ -546,7 +546,7 @@ class MultiTaskOptimizer(Optimizer):
         if not self._states["surgery"]:
             self._states["surgery"] = self.aggregator.init_state(len(partition.names), len(self._blocks))
         if warn and partition.unused:
-            _warn_unused(partition.unused, self._index_of, "are reached by no loss")
+            warn_unused(partition.unused, self._index_of, "are reached by no loss")
         if self._task_lr is not None and not self._split:
             groups.split_groups(self.optimizer, partition, task_rates(self._task_lr, partition.names))
             self._split = True
@@ -610,7 +610,7 @@ class MultiTaskOptimizer(Optimizer):
         names = tuple(mt["names"]) if mt["names"] is not None else None
         if self._names is not None and names is not None and names != self._names:
             raise ValueError(f"state_dict is for tasks {list(names)}, this optimizer has {list(self._names)}")
-        partition = self._saved_partition(mt["partition"])
+        partition = checkpoint.saved_partition(mt["partition"], self._params, self._partition, self._index_of)
         if names is not None and not self._weighting_ready:
             self.weighting.bind(names)
         params = self.weighting.parameters() if names is not None else []
@@ -628,75 +628,7 @@ class MultiTaskOptimizer(Optimizer):
             for p, value in zip(params, mt["weighting_params"]):
                 p.copy_(value)
         self._states = {key: checkpoint.clone_state(state) for key, state in mt["states"].items()}
-        self._place_precondition_state()
+        checkpoint.place_precondition_state(self._states.get("precondition", {}), self._params)
         self._generator.set_state(mt["generator"].clone())
         self._steps = int(mt["steps"])
         self.engine.restore(mt["gradient_mode"])
-
-    def _saved_partition(self, data: Optional[Mapping[str, Any]]) -> Optional[Partition]:
-        if data is None:
-            return None
-        every = [n for key in ("shared", "unused") for n in data[key]] + [n for t in data["tasks"] for n in t]
-        if every and max(every) >= len(self._params):
-            raise ValueError("state_dict's partition refers to more parameters than this optimizer has")
-        if self._partition is not None and self._partition.to_indices(self._index_of) != data:
-            raise ValueError("state_dict's partition differs from this optimizer's partition")
-        return Partition.from_indices(data, self._params)
-
-    def _place_precondition_state(self) -> None:
-        state = self._states.get("precondition", {})
-        for key in list(state):
-            index, kind = key.split(".")
-            p = self._params[int(index)]
-            dtype = torch.float64 if kind == "step" else p.dtype
-            device = torch.device("cpu") if kind == "step" else p.device
-            state[key] = state[key].to(device=device, dtype=dtype)
-
-
-# ---------------------------------------------------------------------- helpers
-def _path_stats(grads: TaskGradients, source: Source) -> Dict[str, Any]:
-    """Which shared tensors went through a factored linear rule, which through Jacobian rows."""
-    if isinstance(source, RepresentationRows):
-        return {}
-    factored = {pos for f in grads.factors for pos in f.positions()}
-    return {
-        "factored_params": len(factored),
-        "jacobian_params": sum(1 for j in grads.shared if j is not None),
-    }
-
-
-def _check_tensor(tensor: Any, name: str) -> None:
-    if not isinstance(tensor, Tensor):
-        raise TypeError(f"{name} must be a tensor, got {type(tensor).__name__}")
-    if not tensor.requires_grad:
-        raise ValueError(f"{name} does not require grad: pass the shared trunk's output, not a detached copy")
-
-
-def _named_features(features: Optional[Union[Tensor, Sequence[Tensor]]]) -> List[Tuple[str, Tensor]]:
-    if features is None:
-        return []
-    items = [features] if isinstance(features, Tensor) else list(features)
-    out = []
-    for n, t in enumerate(items):
-        name = "features" if isinstance(features, Tensor) else f"features[{n}]"
-        _check_tensor(t, name)
-        out.append((name, t))
-    return out
-
-
-def _check_passes(tensor: Tensor, graph: LossGraph, name: str) -> None:
-    if not graph.passes_through(tensor):
-        raise ValueError(
-            f"{name}: no loss is computed from this tensor, so nothing would train through it. Pass the "
-            "tensor the heads actually read (for a multi-input model, one per task: features=[z_1, ..., z_K]), "
-            "or leave it out."
-        )
-
-
-def _warn_unused(params: Sequence[Tensor], index_of: Mapping[int, int], why: str) -> None:
-    shown = ", ".join(describe(index_of[id(p)], p) for p in params[:8])
-    more = f" and {len(params) - 8} more" if len(params) > 8 else ""
-    warnings.warn(
-        f"MultiTaskOptimizer: {shown}{more} {why}; they are left to the inner optimizer unchanged",
-        stacklevel=4,
-    )

@@ -174,3 +174,12 @@ def check_against_graph(partition: Partition, graph: LossGraph, params: Sequence
                     f"{describe(index_of[id(p)], p)} belongs to task {name!r} but the loss of task "
                     f"{partition.names[j]!r} also reaches it; declare it shared"
                 )
+
+
+def warn_unused(params: Sequence[Tensor], index_of: Mapping[int, int], why: str) -> None:
+    shown = ", ".join(describe(index_of[id(p)], p) for p in params[:8])
+    more = f" and {len(params) - 8} more" if len(params) > 8 else ""
+    warnings.warn(
+        f"MultiTaskOptimizer: {shown}{more} {why}; they are left to the inner optimizer unchanged",
+        stacklevel=4,
+    )

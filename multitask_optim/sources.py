@@ -16,7 +16,7 @@ differs:
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -55,6 +55,14 @@ class ParameterRows:
 
     def path(self) -> Optional[str]:
         return self.engine.mode
+
+    def stats(self, grads: TaskGradients) -> Dict[str, Any]:
+        """Which shared tensors went through a factored linear rule, which through Jacobian rows."""
+        factored = {pos for f in grads.factors for pos in f.positions()}
+        return {
+            "factored_params": len(factored),
+            "jacobian_params": sum(1 for j in grads.shared if j is not None),
+        }
 
 
 class RepresentationRows:
@@ -110,3 +118,6 @@ class RepresentationRows:
 
     def path(self) -> Optional[str]:
         return "representation"
+
+    def stats(self, grads: TaskGradients) -> Dict[str, Any]:
+        return {}
