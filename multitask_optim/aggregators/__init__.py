@@ -4,12 +4,21 @@ from __future__ import annotations
 
 from typing import Any, Callable, Dict, Type, Union
 
+from .aligned_mtl import AlignedMTL
 from .base import AggregationContext, Aggregator, random_orders
+from .cagrad import CAGrad
+from .config import ConFIG
+from .dualproj import DualProj
+from .fairgrad import FairGrad
 from .gradvac import GradVac, gradvac_coefficients
+from .imtl_g import IMTLG
+from .krum import Krum
 from .mgda import MGDA, mgda_coefficients
+from .nash_mtl import NashMTL
 from .pareto import ParetoWeights
 from .pcgrad import PCGrad, pcgrad_coefficients
 from .sum import Sum
+from .upgrad import UPGrad
 
 AGGREGATORS: Dict[str, Type[Aggregator]] = {}
 
@@ -22,7 +31,22 @@ def register_aggregator(cls: Type[Aggregator]) -> Type[Aggregator]:
     return cls
 
 
-for _cls in (Sum, PCGrad, GradVac, MGDA, ParetoWeights):
+for _cls in (
+    Sum,
+    PCGrad,
+    GradVac,
+    MGDA,
+    ParetoWeights,
+    UPGrad,
+    DualProj,
+    CAGrad,
+    IMTLG,
+    AlignedMTL,
+    ConFIG,
+    NashMTL,
+    FairGrad,
+    Krum,
+):
     register_aggregator(_cls)
 
 
@@ -47,6 +71,15 @@ __all__ = [
     "AGGREGATORS",
     "AggregationContext",
     "Aggregator",
+    "AlignedMTL",
+    "CAGrad",
+    "ConFIG",
+    "DualProj",
+    "FairGrad",
+    "IMTLG",
+    "Krum",
+    "NashMTL",
+    "UPGrad",
     "GradVac",
     "MGDA",
     "PCGrad",

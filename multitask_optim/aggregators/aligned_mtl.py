@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._pref import PrefVector, check_pref_vector, pref_weights
+from ._common import PrefVector, check_pref_vector, nan_coefficients, pref_weights
 from .base import AggregationContext, Aggregator, State
 
 SCALE_MODES = ("min", "median", "rmse")
@@ -66,6 +66,9 @@ class AlignedMTL(Aggregator):
         return s.sqrt() * (vec @ ((vec.T @ w) / lam.sqrt()))
 
     def aggregate(self, gram: Tensor, state: State, ctx: AggregationContext) -> tuple[Tensor, State]:
+        bad = nan_coefficients(gram)
+        if bad is not None:
+            return bad, state
         g = gram.to(torch.float64)
         g = 0.5 * (g + g.transpose(-1, -2))
         w = pref_weights(self.pref_vector, g.shape[-1], 1.0 / g.shape[-1])

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._pref import PrefVector, check_pref_vector, pref_weights
+from ._common import PrefVector, check_pref_vector, nan_coefficients, pref_weights
 from .base import AggregationContext, Aggregator, State
 
 #: Eigenvalues of the cosine matrix below this (relative to the largest) are dropped.
@@ -50,6 +50,9 @@ class ConFIG(Aggregator):
         self.pref_vector = check_pref_vector(pref_vector)
 
     def aggregate(self, gram: Tensor, state: State, ctx: AggregationContext) -> tuple[Tensor, State]:
+        bad = nan_coefficients(gram)
+        if bad is not None:
+            return bad, state
         g = gram.to(torch.float64)
         g = 0.5 * (g + g.transpose(-1, -2))
         k = g.shape[-1]

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from ._common import PrefVector, check_pref_vector, nan_coefficients, pref_weights
 from ._dual_cone import project_weights
-from ._pref import PrefVector, check_pref_vector, pref_weights
 from .base import AggregationContext, Aggregator, State
 from .upgrad import check_eps
 
@@ -48,6 +48,9 @@ class DualProj(Aggregator):
         self.reg_eps = check_eps(reg_eps, "reg_eps")
 
     def aggregate(self, gram: Tensor, state: State, ctx: AggregationContext) -> tuple[Tensor, State]:
+        bad = nan_coefficients(gram)
+        if bad is not None:
+            return bad, state
         b, k, _ = gram.shape
         u = pref_weights(self.pref_vector, k, 1.0 / k).expand(b, 1, k)
         return project_weights(gram, u, self.reg_eps, self.norm_eps)[:, 0], state

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._common import nan_coefficients
 from .base import AggregationContext, Aggregator, State
 
 #: ``|sum(v)| * max_i ||g_i||`` below this counts as zero (no balanced combination).
@@ -42,6 +43,9 @@ class IMTLG(Aggregator):
     name = "imtl_g"
 
     def aggregate(self, gram: Tensor, state: State, ctx: AggregationContext) -> tuple[Tensor, State]:
+        bad = nan_coefficients(gram)
+        if bad is not None:
+            return bad, state
         g = gram.to(torch.float64)
         g = 0.5 * (g + g.transpose(-1, -2))
         n = g.diagonal(dim1=-2, dim2=-1).clamp_min(0.0).sqrt()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._common import nan_coefficients
 from .base import AggregationContext, Aggregator, State
 
 
@@ -48,11 +49,18 @@ class Krum(Aggregator):
         self.n_selected = int(n_selected)
 
     def aggregate(self, gram: Tensor, state: State, ctx: AggregationContext) -> tuple[Tensor, State]:
+        bad = nan_coefficients(gram)
+        if bad is not None:
+            return bad, state
         b, k, _ = gram.shape
         if k < self.n_byzantine + 3:
-            raise ValueError(f"krum with n_byzantine={self.n_byzantine} needs at least {self.n_byzantine + 3} tasks, got {k}")
+            raise ValueError(
+                f"krum with n_byzantine={self.n_byzantine} needs at least {self.n_byzantine + 3} tasks, got {k}"
+            )
         if k < self.n_selected:
-            raise ValueError(f"krum with n_selected={self.n_selected} needs at least that many tasks, got {k}")
+            raise ValueError(
+                f"krum with n_selected={self.n_selected} needs at least that many tasks, got {k}"
+            )
         g = gram.to(torch.float64)
         diag = g.diagonal(dim1=-2, dim2=-1)
         dist = (diag.unsqueeze(-1) + diag.unsqueeze(-2) - 2.0 * g).clamp_min(0.0).sqrt()

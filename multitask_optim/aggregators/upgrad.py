@@ -11,8 +11,8 @@ import math
 import torch
 from torch import Tensor
 
+from ._common import PrefVector, check_pref_vector, nan_coefficients, pref_weights
 from ._dual_cone import project_weights
-from ._pref import PrefVector, check_pref_vector, pref_weights
 from .base import AggregationContext, Aggregator, State
 
 
@@ -66,6 +66,9 @@ class UPGrad(Aggregator):
         self.reg_eps = check_eps(reg_eps, "reg_eps")
 
     def aggregate(self, gram: Tensor, state: State, ctx: AggregationContext) -> tuple[Tensor, State]:
+        bad = nan_coefficients(gram)
+        if bad is not None:
+            return bad, state
         b, k, _ = gram.shape
         p = pref_weights(self.pref_vector, k, 1.0 / k)
         u = torch.diag(p).expand(b, k, k)

@@ -1,4 +1,4 @@
-"""Validation of the ``pref_vector`` hyper-parameter shared by several aggregators."""
+"""Helpers shared by the second-wave aggregators: ``pref_vector`` and non-finite input."""
 
 from __future__ import annotations
 
@@ -45,3 +45,11 @@ def pref_weights(pref_vector: Optional[Tuple[float, ...]], k: int, default: floa
     if len(pref_vector) != k:
         raise ValueError(f"pref_vector has {len(pref_vector)} entries but there are {k} tasks")
     return torch.tensor(pref_vector, dtype=torch.float64)
+
+
+def nan_coefficients(gram: Tensor) -> Optional[Tensor]:
+    """``(B, K)`` NaN coefficients when ``gram`` is not finite (the optimizer then skips
+    the step, as for any non-finite gradient), else ``None``."""
+    if bool(torch.isfinite(gram).all()):
+        return None
+    return torch.full(gram.shape[:2], float("nan"), dtype=torch.float64)
