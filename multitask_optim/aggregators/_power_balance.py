@@ -30,16 +30,18 @@ RIDGE = 1e-10
 DECREMENT_TOL = 1e-20
 
 
-def _phi(g: Tensor, w: Tensor, alpha: float) -> float:
+def _phi(g: Tensor, w: Tensor, alpha: float, a: Tensor) -> float:
     quad = 0.5 * float(w @ (g @ w))
     if alpha == 1.0:
-        return quad - float(w.log().sum())
+        return quad - float((a * w.log()).sum())
     e = 1.0 - 1.0 / alpha
-    return quad - float((w.pow(e) / e).sum())
+    return quad - float((a * w.pow(e) / e).sum())
 
 
-def solve_power_balance(g: Tensor, alpha: float, start: Tensor, max_iter: int) -> tuple[Tensor, int]:
-    """``w > 0`` with ``(G + RIDGE I) w = w^(-1/alpha)`` for one ``(K, K)`` matrix ``G``.
+def solve_power_balance(
+    g: Tensor, alpha: float, start: Tensor, max_iter: int, a: Tensor | None = None
+) -> tuple[Tensor, int]:
+    """``w > 0`` with ``(G + RIDGE I) w = a w^(-1/alpha)`` for one ``(K, K)`` matrix ``G``.
 
     Args:
         g: float64 ``K x K`` positive semi-definite matrix, scaled to a diagonal of at
@@ -47,6 +49,7 @@ def solve_power_balance(g: Tensor, alpha: float, start: Tensor, max_iter: int) -
         alpha: FairGrad's ``alpha > 0`` (1 for Nash-MTL).
         start: positive float64 starting point (a warm start).
         max_iter: cap on Newton iterations.
+        a: positive per-task factors of the right-hand side (default 1).
 
     Returns:
         ``(w, iterations)``.
@@ -54,14 +57,15 @@ def solve_power_balance(g: Tensor, alpha: float, start: Tensor, max_iter: int) -
     k = g.shape[0]
     m = g + RIDGE * torch.eye(k, dtype=torch.float64)
     w = start.clone()
+    a = torch.ones(k, dtype=torch.float64) if a is None else a
     inv_alpha = 1.0 / alpha
-    f = _phi(m, w, alpha)
+    f = _phi(m, w, alpha, a)
     it = 0
     while it < max_iter:
         it += 1
         mw = m @ w
-        grad = mw - w.pow(-inv_alpha)
-        hess = m + torch.diag(inv_alpha * w.pow(-inv_alpha - 1.0))
+        grad = mw - a * w.pow(-inv_alpha)
+        hess = m + torch.diag(inv_alpha * a * w.pow(-inv_alpha - 1.0))
         chol, info = torch.linalg.cholesky_ex(hess)
         if int(info) == 0:
             step = -torch.cholesky_solve(grad.unsqueeze(-1), chol).squeeze(-1)
@@ -77,7 +81,7 @@ def solve_power_balance(g: Tensor, alpha: float, start: Tensor, max_iter: int) -
             t = min(1.0, 0.99 * float((-w[neg] / step[neg]).min()))
         while True:
             cand = w + t * step
-            fc = _phi(m, cand, alpha)
+            fc = _phi(m, cand, alpha, a)
             if fc <= f - 0.25 * t * dec or t < 1e-12:
                 break
             t *= 0.5

@@ -71,6 +71,9 @@ class AlignedMTL(Aggregator):
             return bad, state
         g = gram.to(torch.float64)
         g = 0.5 * (g + g.transpose(-1, -2))
+        # B does not change when G is scaled: work at unit max diagonal
+        s = g.diagonal(dim1=-2, dim2=-1).amax(-1).view(-1, 1, 1)
+        g = g / torch.where(s > 0, s, 1.0)
         w = pref_weights(self.pref_vector, g.shape[-1], 1.0 / g.shape[-1])
         return torch.stack([self._one(g_b, w) for g_b in g]), state
 

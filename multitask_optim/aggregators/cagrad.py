@@ -18,8 +18,9 @@ from .base import AggregationContext, Aggregator, State
 
 #: Relative accuracy of the root in ``beta`` (see :class:`CAGrad`).
 BETA_RTOL = 1e-12
-#: ``||g_w||`` below this (relative to ``max_i ||g_i||``) is treated as 0.
-ZERO_TOL = 1e-12
+#: ``||g_w||`` below this (relative to ``max_i ||g_i||``) is treated as 0: a norm read from
+#: the Gram matrix is only known to about ``sqrt(eps) max_i ||g_i||``.
+ZERO_TOL = 1e-7
 
 
 def _shifted_gram(g: List[List[float]], b: List[float], s0: float, beta: float) -> List[List[float]]:

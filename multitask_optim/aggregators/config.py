@@ -55,6 +55,9 @@ class ConFIG(Aggregator):
             return bad, state
         g = gram.to(torch.float64)
         g = 0.5 * (g + g.transpose(-1, -2))
+        # the coefficients do not change when G is scaled: work at unit max diagonal
+        s = g.diagonal(dim1=-2, dim2=-1).amax(-1).view(-1, 1, 1)
+        g = g / torch.where(s > 0, s, 1.0)
         k = g.shape[-1]
         w = pref_weights(self.pref_vector, k, 1.0)
         n = g.diagonal(dim1=-2, dim2=-1).clamp_min(0.0).sqrt()

@@ -30,11 +30,12 @@ class FairGrad(Aggregator):
     i.e. every task improves by ``w_i^(-1/alpha) > 0``. ``alpha = 1`` is proportional
     fairness (the same condition as Nash-MTL, ``w_i (G w)_i = 1``), ``alpha -> 0``
     utilitarian, large ``alpha`` approaches max-min fairness. Solved by our own damped
-    Newton method (:mod:`._power_balance`) on ``G / s`` (``s = max_i G_ii``) and rescaled
-    by ``s^(-alpha / (1 + alpha))``. Zero gradients get weight 0 (their condition has
+    Newton method (:mod:`._power_balance`) on ``G / s`` (``s = max_i G_ii``), in the
+    unknowns ``z_i = ||g_i|| w_i`` (so the matrix is the cosine matrix and rows of any
+    scale are resolved), and rescaled by ``s^(-alpha / (1 + alpha))``. Zero gradients get weight 0 (their condition has
     no solution and they do not move the update). When no solution exists because a
     non-negative combination of the gradients vanishes (a Pareto-stationary point, e.g.
-    two opposite gradients), a ridge ``1e-10 s`` keeps the weights finite.
+    two opposite gradients), a ridge ``1e-10`` on the cosine matrix keeps the weights finite.
 
     Scaling: ``f(cJ) = c^((1 - alpha) / (1 + alpha)) f(J)``; positively homogeneous
     only in the limit ``alpha -> 0``.
@@ -66,10 +67,16 @@ class FairGrad(Aggregator):
         if not bool(nonzero.any()):
             return out
         idx = nonzero.nonzero().squeeze(-1)
-        sub = g.index_select(0, idx).index_select(1, idx)
         s = float(diag.max())
-        w, _ = solve_power_balance(sub / s, self.alpha, torch.ones(len(idx), dtype=torch.float64), MAX_ITER)
-        out[idx] = w * s ** (-self.alpha / (1.0 + self.alpha))
+        sub = g.index_select(0, idx).index_select(1, idx) / s
+        # unknowns z = D w (D = diag ||g_i||, after scaling): the matrix becomes the cosine
+        # matrix and the ridge is relative to every row's own norm
+        n = sub.diagonal().sqrt()
+        cos = (sub / n.unsqueeze(-1) / n).clamp(-1.0, 1.0)
+        cos.diagonal().fill_(1.0)
+        a = n.pow(1.0 / self.alpha - 1.0)
+        z, _ = solve_power_balance(cos, self.alpha, torch.ones(len(idx), dtype=torch.float64), MAX_ITER, a)
+        out[idx] = z / n * s ** (-self.alpha / (1.0 + self.alpha))
         return out
 
     def aggregate(self, gram: Tensor, state: State, ctx: AggregationContext) -> tuple[Tensor, State]:

@@ -62,6 +62,8 @@ class Krum(Aggregator):
                 f"krum with n_selected={self.n_selected} needs at least that many tasks, got {k}"
             )
         g = gram.to(torch.float64)
+        s = g.diagonal(dim1=-2, dim2=-1).amax(-1).view(-1, 1, 1)
+        g = g / torch.where(s > 0, s, 1.0)  # the ranking does not change with the scale
         diag = g.diagonal(dim1=-2, dim2=-1)
         dist = (diag.unsqueeze(-1) + diag.unsqueeze(-2) - 2.0 * g).clamp_min(0.0).sqrt()
         # the smallest entry of row i is its own distance 0 (when rounding allows): drop it
