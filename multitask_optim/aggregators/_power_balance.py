@@ -39,7 +39,7 @@ def _phi(g: Tensor, w: Tensor, alpha: float, a: Tensor) -> float:
 
 
 def solve_power_balance(
-    g: Tensor, alpha: float, start: Tensor, max_iter: int, a: Tensor | None = None
+    g: Tensor, alpha: float, start: Tensor | None, max_iter: int, a: Tensor | None = None
 ) -> tuple[Tensor, int]:
     """``w > 0`` with ``(G + RIDGE I) w = a w^(-1/alpha)`` for one ``(K, K)`` matrix ``G``.
 
@@ -47,7 +47,8 @@ def solve_power_balance(
         g: float64 ``K x K`` positive semi-definite matrix, scaled to a diagonal of at
             most about 1.
         alpha: FairGrad's ``alpha > 0`` (1 for Nash-MTL).
-        start: positive float64 starting point (a warm start).
+        start: positive float64 starting point (a warm start), or ``None`` for the best
+            multiple of the all-ones vector.
         max_iter: cap on Newton iterations.
         a: positive per-task factors of the right-hand side (default 1).
 
@@ -56,9 +57,14 @@ def solve_power_balance(
     """
     k = g.shape[0]
     m = g + RIDGE * torch.eye(k, dtype=torch.float64)
-    w = start.clone()
     a = torch.ones(k, dtype=torch.float64) if a is None else a
     inv_alpha = 1.0 / alpha
+    if start is None:
+        # the best multiple of 1: minimise phi(t 1) over t > 0
+        quad = float(m.sum())
+        t = (float(a.sum()) / quad) ** (alpha / (1.0 + alpha)) if quad > 0.0 else 1.0
+        start = torch.full((k,), t, dtype=torch.float64)
+    w = start.clone()
     f = _phi(m, w, alpha, a)
     it = 0
     while it < max_iter:

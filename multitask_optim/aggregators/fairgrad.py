@@ -75,7 +75,7 @@ class FairGrad(Aggregator):
         cos = (sub / n.unsqueeze(-1) / n).clamp(-1.0, 1.0)
         cos.diagonal().fill_(1.0)
         a = n.pow(1.0 / self.alpha - 1.0)
-        z, _ = solve_power_balance(cos, self.alpha, torch.ones(len(idx), dtype=torch.float64), MAX_ITER, a)
+        z, _ = solve_power_balance(cos, self.alpha, None, MAX_ITER, a)
         out[idx] = z / n * s ** (-self.alpha / (1.0 + self.alpha))
         return out
 

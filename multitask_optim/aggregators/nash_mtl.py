@@ -89,9 +89,9 @@ class NashMTL(Aggregator):
         ns = n[idx]
         cos = (g.index_select(0, idx).index_select(1, idx) / ns.unsqueeze(-1) / ns).clamp(-1.0, 1.0)
         cos.diagonal().fill_(1.0)
-        start = prev[idx] * ns
+        start: Tensor | None = prev[idx] * ns
         if not bool((start > 0).all() and torch.isfinite(start).all()):
-            start = torch.ones(len(idx), dtype=torch.float64)
+            start = None
         beta, _ = solve_power_balance(cos, 1.0, start, self.optim_niter)
         out[idx] = beta / ns
         return out
