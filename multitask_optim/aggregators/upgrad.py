@@ -41,8 +41,9 @@ class UPGrad(Aggregator):
 
     Relation to TorchJD 0.18: its default ``QuadprogProjector`` solves the problem on
     ``G / tr(G) + 1e-4 I`` and replaces ``G`` by 0 when ``tr(G) < 1e-4``. That ridge
-    moves the result by up to about ``1e-4 K`` relative and can leave a slightly
-    negative inner product; the threshold turns UPGrad into the plain mean for small
+    is large next to the small eigenvalues of ``G / tr(G)`` (it moved the update by up to
+    1% on the agreement tests' Jacobians) and can leave a slightly negative inner
+    product; the threshold turns UPGrad into the plain mean for small
     gradients (``sum ||g_i||^2 < 1e-4``), so the method is no longer positively
     homogeneous. By default we solve the paper's problem exactly; ``reg_eps=1e-4,
     norm_eps=1e-4`` reproduces TorchJD's default output.
