@@ -8,13 +8,37 @@ from __future__ import annotations
 
 from typing import Any, Union
 
-from . import gradvac, mgda, pareto, pcgrad, sum  # noqa: F401  (each registers its method)
+from . import (  # noqa: F401  (each module registers its method)
+    aligned_mtl,
+    cagrad,
+    config,
+    dualproj,
+    fairgrad,
+    gradvac,
+    imtl_g,
+    krum,
+    mgda,
+    nash_mtl,
+    pareto,
+    pcgrad,
+    sum,
+    upgrad,
+)
+from .aligned_mtl import AlignedMTL
 from .base import AGGREGATORS, AggregationContext, Aggregator, random_orders
+from .cagrad import CAGrad
+from .config import ConFIG
+from .dualproj import DualProj
+from .fairgrad import FairGrad
 from .gradvac import GradVac, gradvac_coefficients
+from .imtl_g import IMTLG
+from .krum import Krum
 from .mgda import MGDA, mgda_coefficients
+from .nash_mtl import NashMTL
 from .pareto import ParetoWeights
 from .pcgrad import PCGrad, pcgrad_coefficients
 from .sum import Sum
+from .upgrad import UPGrad
 
 
 def register_aggregator(cls: type) -> type:
@@ -33,11 +57,20 @@ __all__ = [
     "AGGREGATORS",
     "AggregationContext",
     "Aggregator",
+    "AlignedMTL",
+    "CAGrad",
+    "ConFIG",
+    "DualProj",
+    "FairGrad",
     "GradVac",
+    "IMTLG",
+    "Krum",
     "MGDA",
+    "NashMTL",
     "PCGrad",
     "ParetoWeights",
     "Sum",
+    "UPGrad",
     "get_aggregator",
     "gradvac_coefficients",
     "mgda_coefficients",

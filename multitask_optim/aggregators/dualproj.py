@@ -1,0 +1,62 @@
+"""DualProj: project the combined gradient onto the dual cone (Quinton & Rey, 2024).
+
+Reference: P. Quinton, V. Rey, "Jacobian Descent for Multi-Objective Optimization",
+arXiv:2406.16232, 2024 (the DualProj baseline; the projection is Equation 11 of
+Lopez-Paz & Ranzato, "Gradient Episodic Memory for Continual Learning", NeurIPS 2017).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict
+
+from torch import Tensor
+
+from ._common import PrefVector, check_pref_vector, nan_coefficients, pref_weights
+from ._dual_cone import project_weights
+from .base import AGGREGATORS, AggregationContext, Aggregator, State
+from .upgrad import check_eps
+
+
+@AGGREGATORS.register
+class DualProj(Aggregator):
+    """DualProj: the preference-weighted gradient projected onto the dual cone.
+
+    With ``p`` the preference vector (default ``1/K`` each, the mean)::
+
+        d = pi(J^T p) = J^T v,   v = argmin_v v^T G v  subject to  v >= p,
+
+    the closest vector to ``J^T p`` that conflicts with no task gradient
+    (``<g_j, d> >= 0`` for every ``j``). Solved exactly by :mod:`._dual_cone`.
+
+    Relation to TorchJD 0.18: as for :class:`~multitask_optim.aggregators.upgrad.UPGrad`,
+    TorchJD's default projector adds a ridge ``1e-4`` to ``G / tr(G)`` and treats
+    ``tr(G) < 1e-4`` as ``G = 0``; the defaults here solve the exact problem and
+    ``reg_eps=1e-4, norm_eps=1e-4`` reproduce TorchJD.
+
+    Args:
+        pref_vector: ``K`` weights of the vector to project; ``None`` means ``1/K`` each.
+        norm_eps: TorchJD's threshold on ``tr(G)`` (used only with ``reg_eps > 0``).
+        reg_eps: ridge added to ``G / tr(G)``; 0 (default) solves the exact problem.
+
+    Raises:
+        ValueError: naming the argument if ``pref_vector`` is not a 1-D finite vector
+            (or, at a call, does not have ``K`` entries) or an eps is negative.
+    """
+
+    name = "dualproj"
+
+    def __init__(self, pref_vector: PrefVector = None, norm_eps: float = 0.0, reg_eps: float = 0.0) -> None:
+        self.pref_vector = check_pref_vector(pref_vector)
+        self.norm_eps = check_eps(norm_eps, "norm_eps")
+        self.reg_eps = check_eps(reg_eps, "reg_eps")
+
+    def aggregate(self, gram: Tensor, state: State, ctx: AggregationContext) -> tuple[Tensor, State]:
+        bad = nan_coefficients(gram)
+        if bad is not None:
+            return bad, state
+        b, k, _ = gram.shape
+        u = pref_weights(self.pref_vector, k, 1.0 / k).expand(b, 1, k)
+        return project_weights(gram, u, self.reg_eps, self.norm_eps)[:, 0], state
+
+    def settings(self) -> Dict[str, Any]:
+        return {"pref_vector": self.pref_vector, "norm_eps": self.norm_eps, "reg_eps": self.reg_eps}

@@ -1,0 +1,65 @@
+"""IMTL-G: impartial multi-task learning, gradient balance (Liu et al., 2021).
+
+Reference: L. Liu, Y. Li, Z. Kuang, J.-H. Xue, Y. Chen, W. Yang, Q. Liao, W. Zhang,
+"Towards Impartial Multi-task Learning", ICLR 2021 (IMTL-G); generalised to linearly
+dependent gradients in P. Quinton, V. Rey, "Jacobian Descent for Multi-Objective
+Optimization", 2024.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict
+
+import torch
+from torch import Tensor
+
+from ._common import nan_coefficients
+from .base import AGGREGATORS, AggregationContext, Aggregator, State
+
+#: ``|sum(v)| * max_i ||g_i||`` below this counts as zero (no balanced combination).
+SUM_TOL = 1e-12
+
+
+@AGGREGATORS.register
+class IMTLG(Aggregator):
+    """IMTL-G: the update whose projections onto every unit task gradient are equal.
+
+    The paper looks for ``d = sum_i alpha_i g_i`` with ``sum_i alpha_i = 1`` and
+    ``<d, u_i>`` equal for every task, ``u_i = g_i / ||g_i||``. In Gram space, with
+    ``n_i = ||g_i|| = sqrt(G_ii)``::
+
+        v = G^+ n,    alpha = v / sum(v),    d = J^T alpha,
+
+    since ``<J^T v, g_i> = (G G^+ n)_i = n_i`` gives ``<J^T v, u_i> = 1`` for every
+    ``i`` whenever ``n`` is in the range of ``G`` (always when the gradients are linearly
+    independent, where this is the paper's closed form). The pseudo-inverse is the
+    generalisation of Quinton & Rey (and TorchJD) to linearly dependent gradients. When
+    ``sum(v)`` vanishes (``|sum(v)| max_i n_i < 1e-12``: e.g. two opposite gradients, no
+    balanced combination exists) the coefficients are 0.
+
+    Relation to TorchJD 0.18: the same formula, except that TorchJD compares
+    ``|sum(v)|`` with ``1e-12`` in absolute terms, which returns 0 for every Jacobian
+    with gradients larger than about ``1e12``; the threshold here is relative, so the
+    method is positively homogeneous.
+    """
+
+    name = "imtl_g"
+
+    def aggregate(self, gram: Tensor, state: State, ctx: AggregationContext) -> tuple[Tensor, State]:
+        bad = nan_coefficients(gram)
+        if bad is not None:
+            return bad, state
+        g = gram.to(torch.float64)
+        g = 0.5 * (g + g.transpose(-1, -2))
+        # the coefficients do not change when G is scaled: work at unit max diagonal
+        s = g.diagonal(dim1=-2, dim2=-1).amax(-1).view(-1, 1, 1)
+        g = g / torch.where(s > 0, s, 1.0)
+        n = g.diagonal(dim1=-2, dim2=-1).clamp_min(0.0).sqrt()
+        v = (torch.linalg.pinv(g) @ n.unsqueeze(-1)).squeeze(-1)
+        total = v.sum(-1, keepdim=True)
+        zero = total.abs() * n.amax(-1, keepdim=True) < SUM_TOL
+        coefs = torch.where(zero, 0.0, v / torch.where(zero, 1.0, total))
+        return coefs, state
+
+    def settings(self) -> Dict[str, Any]:
+        return {}
