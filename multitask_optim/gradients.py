@@ -184,6 +184,42 @@ class TaskGradients:
                     out[pos] = f.update(pos, coefs[block_of[pos]], dtype)
         return out
 
+    def block_rows(self, blocks: Sequence[Sequence[int]], like: Sequence[Tensor]) -> List[Tensor]:
+        """Per block, the ``(K, P_b)`` rows (flattened, concatenated; zeros where unreached).
+
+        ``like`` are the shared parameters (for the shapes of unreached ones).
+        """
+        dense = self.dense()
+        k = len(self.tasks)
+        out = []
+        for block in blocks:
+            parts = []
+            for pos in block:
+                j = dense.shared[pos]
+                p = like[pos]
+                parts.append(
+                    j.reshape(k, -1)
+                    if j is not None
+                    else torch.zeros(k, p.numel(), dtype=p.dtype, device=p.device)
+                )
+            out.append(torch.cat(parts, dim=1) if parts else torch.zeros(k, 0))
+        return out
+
+    def split_updates(
+        self, blocks: Sequence[Sequence[int]], updates: Sequence[Tensor], like: Sequence[Tensor]
+    ) -> Rows:
+        """Per-parameter updates from per-block flat updates (None where no loss reached)."""
+        out: Rows = [None] * len(self.shared)
+        reached = self.dense().shared
+        for block, flat in zip(blocks, updates):
+            offset = 0
+            for pos in block:
+                numel = like[pos].numel()
+                if reached[pos] is not None:
+                    out[pos] = flat[offset : offset + numel].view_as(like[pos])
+                offset += numel
+        return out
+
     def averaged(self, values: Tensor) -> Tuple[TaskGradients, Tensor]:
         """Gradients and loss values averaged across ranks (one bucketed collective)."""
         grads = self.dense()

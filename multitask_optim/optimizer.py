@@ -18,7 +18,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import checkpoint, groups
-from .aggregators import AGGREGATORS, AggregationContext, Aggregator
+from .aggregators import AGGREGATORS, AggregationContext, Aggregator, RowAggregator
 from .amp import current_scale
 from .amp import update as amp_update
 from .arguments import (
@@ -34,7 +34,7 @@ from .arguments import (
 from .components import State
 from .diagnostics import step_stats
 from .distributed import world_size
-from .gradients import TaskGradients
+from .gradients import Rows, TaskGradients, all_finite
 from .graph import LossGraph, analyse
 from .jacobian import GradientEngine
 from .losses import Losses, check_losses, check_passes, check_tensor, loss_values, named_features
@@ -350,6 +350,11 @@ class MultiTaskOptimizer(Optimizer):
             check_tensor(representation, "representation")
             if self.preconditioner is not None:
                 raise ValueError("precondition is not supported in representation mode (representation=)")
+            if self.aggregator.needs_jacobian:
+                raise ValueError(
+                    f"surgery {self.aggregator.name!r} reads the Jacobian's rows and does not run in "
+                    "representation mode (representation=); use a Gram-based surgery or parameter mode"
+                )
         values = loss_values(loss_list)
         bad = None if world_size() > 1 else non_finite_losses(names, values)
         if bad is not None:
@@ -414,6 +419,7 @@ class MultiTaskOptimizer(Optimizer):
         return None
 
     def _compute(self, gathered: Gathered, source: Source) -> Tuple[Optional[Outcome], Optional[str], Tensor]:
+        """Reduce, weigh, precondition, Gram, aggregate, combine: an Outcome, or why to skip."""
         assert gathered.grads is not None and gathered.structure is not None
         names, structure = gathered.names, gathered.structure
         k = len(names)
@@ -426,33 +432,59 @@ class MultiTaskOptimizer(Optimizer):
             return None, why, values
         states = {"weighting": weighting_state}
         blocks = source.blocks(structure.blocks)
-        if self.preconditioner is not None:  # element-wise: the rows must carry their weights
+        # Element-wise stages (preconditioning, row methods) need rows that carry their
+        # weights; otherwise the weights are applied in Gram space (float64), where tiny
+        # weights keep their precision, and to the coefficients.
+        carry = self.preconditioner is not None or self.aggregator.needs_jacobian
+        if carry:
             grads = grads.scaled(weights.tolist()) if bool((weights != 1.0).any()) else grads
             weighting_gram = self._weighting_gram(grads, structure, source, None, None)
-            keys = [str(self._index_of[id(p)]) for p in structure.partition.shared]
-            grads, states["precondition"], why = precondition(
-                self.preconditioner, grads, keys, self._states["precondition"]
-            )
-            if why is not None:
-                return None, why, values
+            if self.preconditioner is not None:
+                keys = [str(self._index_of[id(p)]) for p in structure.partition.shared]
+                grads, states["precondition"], why = precondition(
+                    self.preconditioner, grads, keys, self._states["precondition"]
+                )
+                if why is not None:
+                    return None, why, values
             gram = source.grams(grads, blocks, k)
-            mix_weights = torch.ones_like(weights)
-        else:  # weights applied in Gram space (float64): tiny weights keep their precision
+        else:
             gram = weighted_gram(source.grams(grads, blocks, k), weights)
             weighting_gram = self._weighting_gram(grads, structure, source, gram, weights)
-            mix_weights = weights
         agg_ctx = AggregationContext(self._generator, values * weights, self._steps)
-        coefs, states["surgery"], why = aggregate(self.aggregator, gram, self._states["surgery"], agg_ctx)
+        combined = self._combine(grads, gram, blocks, structure, source, agg_ctx, weights, carry)
+        coefs, updates, states["surgery"], why = combined
         if why is not None:
             return None, why, values
-        updates, finite = source.updates(grads, blocks, coefs * mix_weights.view(1, k), structure.partition)
-        if not finite:
-            return None, "non-finite aggregation", values
-        task_grads = (
-            grads.tasks if self.preconditioner is not None else scale_tasks(grads.tasks, weights.tolist())
-        )
+        task_grads = grads.tasks if carry else scale_tasks(grads.tasks, weights.tolist())
         stats = source.stats(grads)
         return Outcome(weights, coefs, gram, updates, task_grads, states, weighting_gram, stats), None, values
+
+    def _combine(
+        self,
+        grads: TaskGradients,
+        gram: Tensor,
+        blocks: List[List[int]],
+        structure: Structure,
+        source: Source,
+        ctx: AggregationContext,
+        weights: Tensor,
+        carried: bool,
+    ) -> Tuple[Optional[Tensor], Rows, State, Optional[str]]:
+        """Aggregate and combine: ``(coefficients, shared updates, new surgery state, why not)``."""
+        state = self._states["surgery"]
+        shared = structure.partition.shared
+        if isinstance(self.aggregator, RowAggregator):
+            rows = grads.block_rows(blocks, shared)
+            flat, coefs, new_state = self.aggregator.aggregate_rows(rows, gram, state, ctx)
+            updates = grads.split_updates(blocks, flat, shared)
+            finite = all_finite([u for u in updates if u is not None])
+            return coefs, updates, new_state, None if finite else "non-finite aggregation"
+        coefs, new_state, why = aggregate(self.aggregator, gram, state, ctx)
+        if why is not None:
+            return coefs, [], state, why
+        mix = coefs if carried else coefs * weights.view(1, -1)
+        updates, finite = source.updates(grads, blocks, mix, structure.partition)
+        return coefs, updates, new_state, None if finite else "non-finite aggregation"
 
     def _weighting_gram(
         self,
@@ -512,8 +544,8 @@ class MultiTaskOptimizer(Optimizer):
         self.last_stats = step_stats(
             outcome.gram.sum(dim=0), None, weights.tolist(), values.tolist(), self.skipped
         )
-        self.last_stats["coefficients"] = coefs.mean(dim=0).tolist()
-        self.last_stats["block_coefficients"] = coefs.tolist()
+        self.last_stats["coefficients"] = None if coefs is None else coefs.mean(dim=0).tolist()
+        self.last_stats["block_coefficients"] = None if coefs is None else coefs.tolist()
         self.last_stats["objective"] = objective
         self.last_stats["gradient_mode"] = source.path()
         self.last_stats.update(outcome.stats)

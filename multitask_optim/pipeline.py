@@ -76,7 +76,7 @@ class Outcome:
     """Everything a taken step writes, computed before anything is written."""
 
     weights: Tensor
-    coefficients: Tensor
+    coefficients: Optional[Tensor]
     gram: Tensor
     shared_updates: Rows
     task_grads: List[List[Optional[Tensor]]]

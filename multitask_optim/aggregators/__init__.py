@@ -25,7 +25,7 @@ from . import (  # noqa: F401  (each module registers its method)
     upgrad,
 )
 from .aligned_mtl import AlignedMTL
-from .base import AGGREGATORS, AggregationContext, Aggregator, random_orders
+from .base import AGGREGATORS, AggregationContext, Aggregator, RowAggregator, random_orders
 from .cagrad import CAGrad
 from .config import ConFIG
 from .dualproj import DualProj
@@ -69,6 +69,7 @@ __all__ = [
     "NashMTL",
     "PCGrad",
     "ParetoWeights",
+    "RowAggregator",
     "Sum",
     "UPGrad",
     "get_aggregator",

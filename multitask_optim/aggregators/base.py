@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -61,6 +61,40 @@ class Aggregator(Component):
             coefs, new_state = self.aggregate(gram.unsqueeze(0), state, ctx)
             return coefs[0], new_state
         return self.aggregate(gram, state, ctx)
+
+
+class RowAggregator(Aggregator):
+    """A method that is not linear in the Jacobian and reads its rows (GradDrop, ...).
+
+    Subclasses implement :meth:`aggregate_rows` instead of :meth:`aggregate`. They run in
+    parameter mode only (representation mode refuses them with a clear error) and
+    never take the factored fast path. The rows they see carry the task weights (and
+    the per-task preconditioning when it is on).
+    """
+
+    needs_jacobian: ClassVar[bool] = True
+
+    def aggregate(self, gram: Tensor, state: State, ctx: AggregationContext) -> tuple[Tensor, State]:
+        raise TypeError(f"surgery {self.name!r} needs the Jacobian's rows, not only their Gram")
+
+    @abstractmethod
+    def aggregate_rows(
+        self, rows: List[Tensor], gram: Tensor, state: State, ctx: AggregationContext
+    ) -> Tuple[List[Tensor], Optional[Tensor], State]:
+        """Combine the rows of every block.
+
+        Args:
+            rows: per block ``b``, the ``(K, P_b)`` Jacobian (its parameters flattened and
+                concatenated in block order), in the parameters' dtype.
+            gram: ``(B, K, K)`` float64 Gram matrices of the same rows.
+            state: the method's state (never mutated).
+            ctx: generator (every random draw comes from it), losses, step.
+
+        Returns:
+            ``(updates, coefficients, new_state)``: per block the ``(P_b,)`` update; the
+            ``(B, K)`` coefficients to report in ``last_stats`` when the update is a
+            combination ``J_b^T c_b`` (else None); the new state.
+        """
 
 
 #: Aggregators by name (``surgery=``); ``None`` builds :class:`~.sum.Sum` (set in ``sum.py``).
