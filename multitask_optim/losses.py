@@ -18,13 +18,16 @@ def check_losses(losses: Losses, known: Optional[Tuple[str, ...]]) -> Tuple[Tupl
     """Names and scalar losses in task order; raises naming the task, before any change.
 
     Args:
-        losses: a sequence or a mapping of scalar tensors.
+        losses: a sequence or a mapping of scalar tensors, or one 1-D tensor of ``K`` losses.
         known: the task names when already known (the losses must match them).
     """
     if isinstance(losses, Tensor):
-        raise TypeError(
-            "losses must be a sequence or a mapping of scalar tensors, one per task, not one tensor"
-        )
+        if losses.dim() != 1:
+            raise ValueError(
+                "losses as one tensor must be 1-D, one loss per task (as torch.stack(losses) gives), "
+                f"got shape {tuple(losses.shape)}"
+            )
+        losses = [losses[i] for i in range(losses.shape[0])]  # one node per task; the graph walk sees through
     if isinstance(losses, Mapping):
         names, items = _from_mapping(losses, known)
     elif isinstance(losses, (list, tuple)):

@@ -122,8 +122,12 @@ def discover(params: Sequence[Tensor], graph: LossGraph, names: Sequence[str]) -
 
     Through a compiled region (``torch.compile``) reachability over-approximates, so
     task parameters inside it look shared: a warning says to compile only the trunk or
-    to partition explicitly.
+    to partition explicitly. Losses that are elements of one tensor computed from the
+    same values cannot be told apart: a ValueError says to pass separate losses or to
+    partition explicitly.
     """
+    if graph.ambiguous is not None:
+        raise ValueError(graph.ambiguous)
     if graph.opaque:
         warnings.warn(
             "MultiTaskOptimizer: the losses pass through a torch.compile region, which the automatic "
