@@ -14,7 +14,9 @@ Configurations: PCGrad and GradVac with K = 2 and K = 3, each for a plain replic
 model and for the model wrapped in ``DistributedDataParallel`` whose forward runs
 under ``ddp.no_sync()`` (DDP's own reducer is never used); plus GradVac with per-task
 Adam preconditioning and uncertainty weighting, accumulation of two micro-batches per
-rank, and a NaN loss on one rank only (both ranks skip that step, no deadlock).
+rank, a NaN loss on one rank only (both ranks skip that step, no deadlock), and PCGrad
+under DDP with an inner SGD without momentum (whose update is linear in the averaged
+gradients, so a mis-scaled average cannot hide behind Adam's normalisation).
 """
 
 from __future__ import annotations
@@ -58,6 +60,9 @@ CONFIGS["plain-gradvac-k3-adam-uncertainty"] = {
 }
 CONFIGS["ddp-pcgrad-k2-accumulate"] = {"wrap": "ddp", "surgery": "pcgrad", "k": 2, "micro": 2}
 CONFIGS["plain-pcgrad-k2-nan-on-rank1"] = {"wrap": "plain", "surgery": "pcgrad", "k": 2, "nan_step": 4}
+# Inner SGD without momentum: the update is linear in the averaged gradients, so an
+# average divided by the world size twice shows (Adam's normalisation would hide it).
+CONFIGS["ddp-pcgrad-k2-sgd"] = {"wrap": "ddp", "surgery": "pcgrad", "k": 2, "inner": "sgd"}
 
 
 class MultiHead(nn.Module):
@@ -95,8 +100,12 @@ def full_batch(step: int, k: int) -> Tuple[Tensor, List[Tensor]]:
 
 
 def make_optimizer(model: nn.Module, cfg: Dict[str, Any]) -> MultiTaskOptimizer:
+    if cfg.get("inner") == "sgd":
+        inner: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    else:
+        inner = torch.optim.Adam(model.parameters(), lr=1e-2)
     return MultiTaskOptimizer(
-        torch.optim.Adam(model.parameters(), lr=1e-2),
+        inner,
         surgery=cfg["surgery"],
         precondition=cfg.get("precondition"),
         weighting=cfg.get("weighting"),
