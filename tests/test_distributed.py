@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from models import MultiHead
 from torch import Tensor, nn
 
 from multitask_optim import MultiTaskOptimizer
@@ -65,30 +66,10 @@ CONFIGS["plain-pcgrad-k2-nan-on-rank1"] = {"wrap": "plain", "surgery": "pcgrad",
 CONFIGS["ddp-pcgrad-k2-sgd"] = {"wrap": "ddp", "surgery": "pcgrad", "k": 2, "inner": "sgd"}
 
 
-class MultiHead(nn.Module):
-    """Shared tanh trunk and ``k`` linear heads; ``forward`` returns one output per task.
-
-    The heads start as small perturbations of one another and the targets of
-    consecutive tasks have opposite signs, so the tasks' trunk gradients conflict.
-    """
-
-    def __init__(self, k: int) -> None:
-        super().__init__()
-        self.trunk = nn.Sequential(nn.Linear(IN_DIM, HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, HIDDEN), nn.Tanh())
-        self.heads = nn.ModuleList(nn.Linear(HIDDEN, 2) for _ in range(k))
-        with torch.no_grad():
-            for head in self.heads[1:]:
-                head.weight.copy_(self.heads[0].weight + 0.1 * torch.randn_like(head.weight))
-
-    def forward(self, x: Tensor) -> List[Tensor]:
-        h = self.trunk(x)
-        return [head(h) for head in self.heads]
-
-
 def build_model(k: int) -> MultiHead:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(1234)
-        return MultiHead(k)
+        return MultiHead(k, IN_DIM, HIDDEN)
 
 
 def full_batch(step: int, k: int) -> Tuple[Tensor, List[Tensor]]:
