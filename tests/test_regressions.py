@@ -7,7 +7,7 @@
 - d: the Gram's float64 fallback triggers below ``tiny / eps``, not only below ``tiny``;
 - e: the aggregator reads the *weighted* losses (MGDA ``normalization="loss"``).
 
-(The project design, DESIGN.md §2 and §3, shared with the developers.)
+(See the project design (DESIGN.md, shared with the developers), sections 2 and 3.)
 """
 
 from __future__ import annotations
