@@ -590,9 +590,9 @@ def _relative_change(a: Tensor, b: Tensor, start: Tensor) -> float:
     return float((a - b).norm() / (a - start).norm())
 
 
-# With an inner SGD a task head's own step is not preconditioned (the project design (DESIGN.md, shared with the developers),
-# section 2, step 4), so the
-# SGD case uses a model whose every parameter is shared. With an inner Adam the
+# With an inner SGD a task head's own step is not preconditioned (the project design
+# (DESIGN.md, shared with the developers), section 2, step 4), so the SGD case uses a
+# model whose every parameter is shared. With an inner Adam the
 # preconditioner's eps is set negligible: the invariance holds "up to eps", and an inner
 # Adam turns eps-sized differences in coordinates where the tasks' normalised gradients
 # cancel into full lr-sized steps (the default eps is checked on the update itself below).
