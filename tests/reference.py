@@ -17,8 +17,8 @@ import torch
 from torch import Tensor
 
 #: A running gradient whose squared norm is at most ``RELATIVE_ZERO**2 * ||g_i||^2``
-#: (a correction cancelled it) is treated as zero by GradVac (the project design (DESIGN.md, shared with the developers),
-#: section 3).
+#: (a correction cancelled it) is treated as zero by GradVac (the project design
+#: (DESIGN.md, shared with the developers), section 3).
 RELATIVE_ZERO = 1e-6
 
 Order = Sequence[Sequence[int]]

@@ -1,9 +1,9 @@
 """Contract suites over every registered component.
 
 Parametrised over ``sorted(AGGREGATORS)`` and ``sorted(WEIGHTINGS)``: a method
-registered later runs every test here with no new test code (the project design (DESIGN.md, shared with the developers),
-section 2 "Stages and components" and section 4). Components
-that cannot be built with their defaults take their arguments from the one table in
+registered later runs every test here with no new test code (the project design
+(DESIGN.md, shared with the developers), section 2 "Stages and components" and
+section 4). Components that cannot be built with their defaults take their arguments from the one table in
 ``tests/components.py``.
 
 Aggregators (hypothesis, the derandomised ``ci`` profile, few examples):

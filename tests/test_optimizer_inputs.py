@@ -619,8 +619,8 @@ def test_per_task_preconditioning_is_scale_invariant(inner: str, all_shared: boo
 
 
 def test_preconditioned_update_is_scale_invariant_at_default_eps() -> None:
-    """What the inner optimizer receives on the first step: unchanged up to eps (the project design (DESIGN.md, shared with the developers),
-    section 4)."""
+    """What the inner optimizer receives on the first step: unchanged up to eps (the
+    project design (DESIGN.md, shared with the developers), section 4)."""
     _, _, ref = _trajectory("adam", False, "adam", 1.0)
     _, _, scaled = _trajectory("adam", False, "adam", 1000.0)
     assert float((scaled - ref).norm() / ref.norm()) < 1e-4
