@@ -175,14 +175,20 @@ def test_aggregator_finite_on_degenerate_rows(name: str, jac: Tensor, seed: int)
         assert bool(torch.isfinite(value).all()), f"{name}: state {key} not finite"
 
 
+@pytest.mark.parametrize("blocks", [2, 40], ids=["few-blocks", "many-blocks"])
 @pytest.mark.parametrize("name", AGGREGATOR_NAMES)
 @FEW
 @given(first=jacobians(min_tasks=3, max_tasks=3), second=jacobians(min_tasks=3, max_tasks=3))
-def test_aggregator_state_round_trip_and_no_mutation(name: str, first: Tensor, second: Tensor) -> None:
+def test_aggregator_state_round_trip_and_no_mutation(
+    name: str, blocks: int, first: Tensor, second: Tensor
+) -> None:
+    """Few and many blocks: implementations may switch code paths with the problem size."""
     agg = make_aggregator(name, 3)
-    k, blocks = 3, 2
-    gram1 = torch.stack([first @ first.T, first.flip(1) @ first.flip(1).T])
-    gram2 = torch.stack([second @ second.T, (0.5 * second) @ (0.5 * second).T])
+    k = 3
+    scales = torch.logspace(-1, 1, blocks, dtype=torch.float64).view(blocks, 1, 1)
+    gram1 = (first @ first.T).unsqueeze(0) * scales
+    gram1[1::2] = first.flip(1) @ first.flip(1).T
+    gram2 = (second @ second.T).unsqueeze(0) * scales.flip(0)
     state0 = agg.init_state(k, blocks)
     assert all(isinstance(v, Tensor) for v in state0.values()), f"{name}: init_state holds a non-tensor"
     _, state1 = agg(gram1, state0, _context(k, 3))
