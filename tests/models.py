@@ -302,3 +302,28 @@ class FaultNet(nn.Module):
         """The representation ``z`` and every head's output."""
         z = self.trunk(x)
         return z, [head(z) for head in self.heads]
+
+
+class MultiHead(nn.Module):
+    """Shared tanh trunk (``depth`` Linear + Tanh layers) and ``k`` linear heads;
+    ``forward`` returns one output per task.
+
+    The heads start as small perturbations of head 0, so with opposite-sign targets for
+    consecutive tasks the tasks' trunk gradients conflict.
+    """
+
+    def __init__(self, k: int = 3, in_dim: int = 6, hidden: int = 12, depth: int = 2, out: int = 2) -> None:
+        super().__init__()
+        self.k = k
+        layers: List[nn.Module] = [nn.Linear(in_dim, hidden), nn.Tanh()]
+        for _ in range(depth - 1):
+            layers += [nn.Linear(hidden, hidden), nn.Tanh()]
+        self.trunk = nn.Sequential(*layers)
+        self.heads = nn.ModuleList(nn.Linear(hidden, out) for _ in range(k))
+        with torch.no_grad():
+            for head in self.heads[1:]:
+                head.weight.copy_(self.heads[0].weight + 0.1 * torch.randn_like(head.weight))
+
+    def forward(self, x: Tensor) -> List[Tensor]:
+        h = self.trunk(x)
+        return [head(h) for head in self.heads]

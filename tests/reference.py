@@ -4,7 +4,7 @@ These live in the tests only. They work on the explicit Jacobian ``J`` (a ``K x 
 float64 tensor, one task gradient per row), one ``P``-vector operation at a time, exactly
 as the papers write the algorithms, so that the Gram-space implementations in
 :mod:`multitask_optim.aggregators` can be checked against them for the same visiting
-orders (DESIGN.md sections 3 and 4).
+orders (the project design (DESIGN.md, shared with the developers), sections 3 and 4).
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ import torch
 from torch import Tensor
 
 #: A running gradient whose squared norm is at most ``RELATIVE_ZERO**2 * ||g_i||^2``
-#: (a correction cancelled it) is treated as zero by GradVac (DESIGN.md section 3).
+#: (a correction cancelled it) is treated as zero by GradVac (the project design
+#: (DESIGN.md, shared with the developers), section 3).
 RELATIVE_ZERO = 1e-6
 
 Order = Sequence[Sequence[int]]

@@ -18,6 +18,7 @@ from typing import Any, Dict, List, Tuple
 import pytest
 import torch
 import torch.nn.functional as F
+from models import MultiHead
 from torch import Tensor, nn
 
 from multitask_optim import MultiTaskOptimizer
@@ -27,27 +28,10 @@ IN_DIM = 6
 HIDDEN = 12
 
 
-class MultiHead(nn.Module):
-    """Shared tanh trunk, ``k`` near-identical linear heads; opposite-sign targets conflict."""
-
-    def __init__(self, k: int = 3) -> None:
-        super().__init__()
-        self.k = k
-        self.trunk = nn.Sequential(nn.Linear(IN_DIM, HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, HIDDEN), nn.Tanh())
-        self.heads = nn.ModuleList(nn.Linear(HIDDEN, 2) for _ in range(k))
-        with torch.no_grad():
-            for head in self.heads[1:]:
-                head.weight.copy_(self.heads[0].weight + 0.1 * torch.randn_like(head.weight))
-
-    def forward(self, x: Tensor) -> List[Tensor]:
-        h = self.trunk(x)
-        return [head(h) for head in self.heads]
-
-
 def build(k: int = 3, dtype: torch.dtype = torch.float64) -> MultiHead:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(321)
-        return MultiHead(k).to(dtype)
+        return MultiHead(k, IN_DIM, HIDDEN).to(dtype)
 
 
 def batch(step: int, k: int = 3, dtype: torch.dtype = torch.float64) -> Tuple[Tensor, List[Tensor]]:

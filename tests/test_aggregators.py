@@ -1,4 +1,5 @@
-"""Property tests of the Gram-space pairwise surgeries (DESIGN.md sections 3 and 4).
+"""Property tests of the Gram-space pairwise surgeries (the project design (DESIGN.md,
+shared with the developers), sections 3 and 4).
 
 The aggregators only ever see the Gram matrix ``G = J J^T``; ``tests/reference.py``
 runs the same algorithms as plain vector loops over the explicit ``J``. Every property

@@ -21,6 +21,7 @@ from typing import List, Tuple
 import pytest
 import torch
 import torch.nn.functional as F
+from models import MultiHead
 from torch import Tensor, nn
 
 from multitask_optim import MultiTaskOptimizer
@@ -31,26 +32,10 @@ HIDDEN = 16
 BACKEND = "aot_eager"
 
 
-class Net(nn.Module):
-    """Shared trunk, two heads; near-identical heads with opposite-sign targets conflict."""
-
-    def __init__(self, k: int = 2) -> None:
-        super().__init__()
-        self.trunk = nn.Sequential(nn.Linear(IN_DIM, HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, HIDDEN), nn.Tanh())
-        self.heads = nn.ModuleList(nn.Linear(HIDDEN, 2) for _ in range(k))
-        with torch.no_grad():
-            for head in self.heads[1:]:
-                head.weight.copy_(self.heads[0].weight + 0.1 * torch.randn_like(head.weight))
-
-    def forward(self, x: Tensor) -> List[Tensor]:
-        h = self.trunk(x)
-        return [head(h) for head in self.heads]
-
-
-def build(k: int = 2) -> Net:
+def build(k: int = 2) -> MultiHead:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(2024)
-        return Net(k)
+        return MultiHead(k, IN_DIM, HIDDEN)
 
 
 def batch(step: int, k: int = 2) -> Tuple[Tensor, List[Tensor]]:
@@ -78,12 +63,12 @@ def assert_relative(a: nn.Module, b: nn.Module, rtol: float = 1e-5) -> None:
         assert err <= rtol * scale, f"{name}: max |diff| {err:.3e}, scale {scale:.3e}"
 
 
-def make_opt(model: Net, **kw) -> MultiTaskOptimizer:
+def make_opt(model: MultiHead, **kw) -> MultiTaskOptimizer:
     kw.setdefault("surgery", "pcgrad")
     return MultiTaskOptimizer(torch.optim.Adam(model.parameters(), lr=1e-2), seed=3, **kw)
 
 
-def compiled_trunk_forward(model: Net):
+def compiled_trunk_forward(model: MultiHead):
     trunk = torch.compile(model.trunk, backend=BACKEND)
 
     def forward(x: Tensor) -> List[Tensor]:
@@ -145,7 +130,7 @@ def test_compiled_whole_model_with_explicit_partition_matches_the_uncompiled_twi
     model = build()
     eager = copy.deepcopy(model)
 
-    def opt_for(m: Net) -> MultiTaskOptimizer:
+    def opt_for(m: MultiHead) -> MultiTaskOptimizer:
         return make_opt(
             m, surgery=surgery, shared=m.trunk.parameters(), tasks=[h.parameters() for h in m.heads]
         )

@@ -11,7 +11,8 @@ from typing import Any, List, Tuple
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from models import MultiHead
+from torch import Tensor
 
 from multitask_optim import AGGREGATORS, MultiTaskOptimizer
 from multitask_optim.diagnostics import StatsHistory, log_stats, plot_history
@@ -21,27 +22,10 @@ IN_DIM = 5
 HIDDEN = 10
 
 
-class MultiHead(nn.Module):
-    """Shared trunk, ``k`` near-identical heads; opposite-sign targets make some pairs conflict."""
-
-    def __init__(self, k: int = 3) -> None:
-        super().__init__()
-        self.k = k
-        self.trunk = nn.Sequential(nn.Linear(IN_DIM, HIDDEN), nn.Tanh())
-        self.heads = nn.ModuleList(nn.Linear(HIDDEN, 2) for _ in range(k))
-        with torch.no_grad():
-            for head in self.heads[1:]:
-                head.weight.copy_(self.heads[0].weight + 0.1 * torch.randn_like(head.weight))
-
-    def forward(self, x: Tensor) -> List[Tensor]:
-        h = self.trunk(x)
-        return [head(h) for head in self.heads]
-
-
 def build(k: int = 3) -> MultiHead:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(99)
-        return MultiHead(k)
+        return MultiHead(k, IN_DIM, HIDDEN, depth=1)
 
 
 def batch(step: int, k: int = 3) -> Tuple[Tensor, List[Tensor]]:

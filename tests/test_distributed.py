@@ -14,7 +14,9 @@ Configurations: PCGrad and GradVac with K = 2 and K = 3, each for a plain replic
 model and for the model wrapped in ``DistributedDataParallel`` whose forward runs
 under ``ddp.no_sync()`` (DDP's own reducer is never used); plus GradVac with per-task
 Adam preconditioning and uncertainty weighting, accumulation of two micro-batches per
-rank, and a NaN loss on one rank only (both ranks skip that step, no deadlock).
+rank, a NaN loss on one rank only (both ranks skip that step, no deadlock), and PCGrad
+under DDP with an inner SGD without momentum (whose update is linear in the averaged
+gradients, so a mis-scaled average cannot hide behind Adam's normalisation).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from models import MultiHead
 from torch import Tensor, nn
 
 from multitask_optim import MultiTaskOptimizer
@@ -58,32 +61,15 @@ CONFIGS["plain-gradvac-k3-adam-uncertainty"] = {
 }
 CONFIGS["ddp-pcgrad-k2-accumulate"] = {"wrap": "ddp", "surgery": "pcgrad", "k": 2, "micro": 2}
 CONFIGS["plain-pcgrad-k2-nan-on-rank1"] = {"wrap": "plain", "surgery": "pcgrad", "k": 2, "nan_step": 4}
-
-
-class MultiHead(nn.Module):
-    """Shared tanh trunk and ``k`` linear heads; ``forward`` returns one output per task.
-
-    The heads start as small perturbations of one another and the targets of
-    consecutive tasks have opposite signs, so the tasks' trunk gradients conflict.
-    """
-
-    def __init__(self, k: int) -> None:
-        super().__init__()
-        self.trunk = nn.Sequential(nn.Linear(IN_DIM, HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, HIDDEN), nn.Tanh())
-        self.heads = nn.ModuleList(nn.Linear(HIDDEN, 2) for _ in range(k))
-        with torch.no_grad():
-            for head in self.heads[1:]:
-                head.weight.copy_(self.heads[0].weight + 0.1 * torch.randn_like(head.weight))
-
-    def forward(self, x: Tensor) -> List[Tensor]:
-        h = self.trunk(x)
-        return [head(h) for head in self.heads]
+# Inner SGD without momentum: the update is linear in the averaged gradients, so an
+# average divided by the world size twice shows (Adam's normalisation would hide it).
+CONFIGS["ddp-pcgrad-k2-sgd"] = {"wrap": "ddp", "surgery": "pcgrad", "k": 2, "inner": "sgd"}
 
 
 def build_model(k: int) -> MultiHead:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(1234)
-        return MultiHead(k)
+        return MultiHead(k, IN_DIM, HIDDEN)
 
 
 def full_batch(step: int, k: int) -> Tuple[Tensor, List[Tensor]]:
@@ -95,8 +81,12 @@ def full_batch(step: int, k: int) -> Tuple[Tensor, List[Tensor]]:
 
 
 def make_optimizer(model: nn.Module, cfg: Dict[str, Any]) -> MultiTaskOptimizer:
+    if cfg.get("inner") == "sgd":
+        inner: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    else:
+        inner = torch.optim.Adam(model.parameters(), lr=1e-2)
     return MultiTaskOptimizer(
-        torch.optim.Adam(model.parameters(), lr=1e-2),
+        inner,
         surgery=cfg["surgery"],
         precondition=cfg.get("precondition"),
         weighting=cfg.get("weighting"),

@@ -52,8 +52,9 @@ DTYPE = torch.float64
 
 @st.composite
 def jacobians(draw: st.DrawFn, min_k: int = 1, max_k: int = 12) -> Tensor:
-    """A ``K x P`` float64 Jacobian with the degenerate structures of DESIGN.md §4
-    (plus nearly parallel copies of rows, the solver's hardest case)."""
+    """A ``K x P`` float64 Jacobian with the degenerate structures of section 4 of the
+    project design (DESIGN.md, shared with the developers), plus nearly parallel copies
+    of rows, the solver's hardest case."""
     k = draw(st.integers(min_k, max_k))
     p = draw(st.integers(1, 24))
     gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))

@@ -1,4 +1,5 @@
-"""Core behaviour of MultiTaskOptimizer (DESIGN.md sections 1-4).
+"""Core behaviour of MultiTaskOptimizer (the project design (DESIGN.md, shared with the
+developers), sections 1-4).
 
 Drop-in equivalence with the inner optimizer, PCGrad's K = 2 guarantee, agreement of
 the gradient paths, bitwise resume, LR schedulers and param-group splitting, automatic

@@ -1,7 +1,7 @@
 """MultiTaskOptimizer at its boundary: bad input, non-finite steps, scales, statistics.
 
-What DESIGN.md section 2 (steps 1, 4, 5, 9) promises a user who hands ``step`` the wrong
-thing or extreme values:
+What the project design (DESIGN.md, shared with the developers), section 2 (steps 1, 4, 5, 9),
+promises a user who hands ``step`` the wrong thing or extreme values:
 
 - bad input raises a ``ValueError``/``TypeError`` naming the task or the argument, before
   *any* state changes (parameters, ``.grad``, the inner optimizer's state, the partition,
@@ -590,8 +590,9 @@ def _relative_change(a: Tensor, b: Tensor, start: Tensor) -> float:
     return float((a - b).norm() / (a - start).norm())
 
 
-# With an inner SGD a task head's own step is not preconditioned (DESIGN.md 2.4), so the
-# SGD case uses a model whose every parameter is shared. With an inner Adam the
+# With an inner SGD a task head's own step is not preconditioned (the project design
+# (DESIGN.md, shared with the developers), section 2, step 4), so the SGD case uses a
+# model whose every parameter is shared. With an inner Adam the
 # preconditioner's eps is set negligible: the invariance holds "up to eps", and an inner
 # Adam turns eps-sized differences in coordinates where the tasks' normalised gradients
 # cancel into full lr-sized steps (the default eps is checked on the update itself below).
@@ -618,7 +619,8 @@ def test_per_task_preconditioning_is_scale_invariant(inner: str, all_shared: boo
 
 
 def test_preconditioned_update_is_scale_invariant_at_default_eps() -> None:
-    """What the inner optimizer receives on the first step (DESIGN.md 4: unchanged up to eps)."""
+    """What the inner optimizer receives on the first step: unchanged up to eps (the
+    project design (DESIGN.md, shared with the developers), section 4)."""
     _, _, ref = _trajectory("adam", False, "adam", 1.0)
     _, _, scaled = _trajectory("adam", False, "adam", 1000.0)
     assert float((scaled - ref).norm() / ref.norm()) < 1e-4
