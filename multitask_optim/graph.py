@@ -104,7 +104,9 @@ def _route(losses: Sequence[Tensor]) -> Tuple[Dict[Node, Dict[int, Set[int]]], O
         root = loss.grad_fn
         if not _moves(root):
             continue
-        pending: List[Tuple[Node, Tuple[Tensor, ...]]] = [(root, _one_hot_outputs(root, loss.output_nr, None))]
+        pending: List[Tuple[Node, Tuple[Tensor, ...]]] = [
+            (root, _one_hot_outputs(root, loss.output_nr, None))
+        ]
         while pending:
             node, grads = pending.pop()
             with torch.no_grad():

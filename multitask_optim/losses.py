@@ -23,7 +23,7 @@ def check_losses(losses: Losses, known: Optional[Tuple[str, ...]]) -> Tuple[Tupl
     """
     if isinstance(losses, Tensor):
         if losses.dim() != 1:
-            raise ValueError(
+            raise TypeError(
                 "losses as one tensor must be 1-D, one loss per task (as torch.stack(losses) gives), "
                 f"got shape {tuple(losses.shape)}"
             )

@@ -51,6 +51,16 @@ class Aggregator(Component):
 
     #: True for methods that are not linear in the Jacobian and need its rows.
     needs_jacobian: ClassVar[bool] = False
+    #: Whether scaling the Jacobian by ``c > 0`` scales the update by ``c`` (the contract
+    #: tests check it; a method that is not says so here and in its docstring).
+    homogeneous: ClassVar[bool] = True
+    #: Whether exact ties are broken by task index (then relabelling the tasks can change
+    #: the result on tied inputs, e.g. Krum's selection).
+    breaks_ties_by_index: ClassVar[bool] = False
+
+    def min_tasks(self) -> int:
+        """The fewest tasks the method is defined for (a step with fewer raises)."""
+        return 1
 
     @abstractmethod
     def aggregate(self, gram: Tensor, state: State, ctx: AggregationContext) -> tuple[Tensor, State]:

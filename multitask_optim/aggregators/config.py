@@ -18,6 +18,10 @@ from .base import AGGREGATORS, AggregationContext, Aggregator, State
 RCOND = 1e-13
 
 
+#: Below this fraction of ``||w||`` the preference vector's projection counts as zero.
+_CANCEL = 1e-10
+
+
 @AGGREGATORS.register
 class ConFIG(Aggregator):
     """ConFIG: the direction with equal cosine to every task gradient, scaled by projections.
@@ -71,10 +75,15 @@ class ConFIG(Aggregator):
         cut = lam.amax(-1, keepdim=True) * RCOND
         keep = lam > cut
         lam_inv = torch.where(keep, 1.0 / torch.where(keep, lam, 1.0), 0.0)
-        a = inv * (vec @ (lam_inv * (vec.transpose(-1, -2) @ w)).unsqueeze(-1)).squeeze(-1)
+        wv = vec.transpose(-1, -2) @ w
+        a = inv * (vec @ (lam_inv * wv).unsqueeze(-1)).squeeze(-1)
         ga = (g @ a.unsqueeze(-1)).squeeze(-1)
         sq = (a * ga).sum(-1, keepdim=True)
-        ok = sq > 0
+        # b = U^+ w is 0 exactly when w is orthogonal to the span of the cosine matrix
+        # (e.g. opposite unit rows that cancel); decide that on the projection of w, so
+        # rounding noise is not normalised into a full-size update.
+        projected = (torch.where(keep, wv, 0.0) ** 2).sum(-1, keepdim=True).sqrt()
+        ok = (sq > 0) & (projected > _CANCEL * w.norm())
         coefs = torch.where(ok, a * ga.sum(-1, keepdim=True) / torch.where(ok, sq, 1.0), 0.0)
         return coefs, state
 

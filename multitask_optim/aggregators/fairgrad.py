@@ -54,6 +54,8 @@ class FairGrad(Aggregator):
     """
 
     name = "fairgrad"
+    #: Not positively homogeneous: the update scales as c^((1-alpha)/(1+alpha)), not c.
+    homogeneous = False
 
     def __init__(self, alpha: float = 1.0) -> None:
         alpha = float(alpha)

@@ -42,6 +42,7 @@ class Krum(Aggregator):
     """
 
     name = "krum"
+    breaks_ties_by_index = True
 
     def __init__(self, n_byzantine: int = 0, n_selected: int = 1) -> None:
         if isinstance(n_byzantine, bool) or int(n_byzantine) != n_byzantine or n_byzantine < 0:
@@ -50,6 +51,9 @@ class Krum(Aggregator):
             raise ValueError(f"n_selected must be a positive integer, got {n_selected!r}")
         self.n_byzantine = int(n_byzantine)
         self.n_selected = int(n_selected)
+
+    def min_tasks(self) -> int:
+        return max(self.n_byzantine + 3, self.n_selected)
 
     def aggregate(self, gram: Tensor, state: State, ctx: AggregationContext) -> tuple[Tensor, State]:
         bad = nan_coefficients(gram)

@@ -62,6 +62,8 @@ class NashMTL(Aggregator):
     """
 
     name = "nash_mtl"
+    #: Not positively homogeneous: the bargaining solution's update is invariant to the Jacobian's scale (degree 0).
+    homogeneous = False
 
     def __init__(self, max_norm: float = 1.0, update_weights_every: int = 1, optim_niter: int = 20) -> None:
         max_norm = float(max_norm)
