@@ -57,8 +57,11 @@ def step_stats(
         g = gram.tolist()
         k = len(g)
         norms = [math.sqrt(max(g[i][i], 0.0)) for i in range(k)]
-        cosine = [
-            [g[i][j] / (norms[i] * norms[j]) if norms[i] > 0 and norms[j] > 0 else 0.0 for j in range(k)]
+        cosine = [  # clipped: rounding can put |cos| a hair above 1
+            [
+                min(1.0, max(-1.0, g[i][j] / (norms[i] * norms[j]))) if norms[i] > 0 and norms[j] > 0 else 0.0
+                for j in range(k)
+            ]
             for i in range(k)
         ]
         stats["grad_norms"] = norms

@@ -18,7 +18,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import checkpoint, groups
-from .aggregators import AGGREGATORS, AggregationContext, Aggregator, RowAggregator
+from .aggregators import AGGREGATORS, AggregationContext, Aggregator, GramianCallable, RowAggregator
 from .amp import current_scale
 from .amp import update as amp_update
 from .arguments import (
@@ -75,7 +75,9 @@ class MultiTaskOptimizer(Optimizer):
         tasks: per-task parameters, a mapping ``{name: params}`` or a list. When omitted
             the partition is discovered from the autograd graph on the first step.
         surgery: ``None`` (plain sum), a registered name (default ``"pcgrad"``;
-            ``"gradvac"``, ``"mgda"``, ...) or an :class:`~multitask_optim.aggregators.Aggregator`.
+            ``"gradvac"``, ``"mgda"``, ...), an :class:`~multitask_optim.aggregators.Aggregator`,
+            or a callable mapping a ``(K, K)`` Gram matrix to ``K`` weights (e.g. TorchJD's
+            ``UPGradWeighting()``; see :mod:`~multitask_optim.aggregators.external`).
         precondition: ``None`` (default), ``"adagrad"``, ``"rmsprop"`` or ``"adam"``:
             per-task second-moment accumulators on the shared parameters, or a
             :class:`~multitask_optim.precondition.Preconditioner`.
@@ -146,6 +148,8 @@ class MultiTaskOptimizer(Optimizer):
             raise ValueError("optimizer: a parameter appears in more than one param group")
 
         old = {"reduction": reduction, "beta": beta, "eps": eps, "beta2": beta2}
+        if surgery is not None and not isinstance(surgery, (str, Aggregator)) and callable(surgery):
+            surgery = GramianCallable(surgery)  # e.g. a TorchJD Gramian weighting
         self.aggregator: Aggregator = AGGREGATORS.build(
             surgery, component_kwargs("surgery", surgery, surgery_kwargs, old)
         )  # type: ignore[assignment]
@@ -303,9 +307,52 @@ class MultiTaskOptimizer(Optimizer):
             gathered, self._accumulated = self._accumulated, None
             assert gathered is not None
             self._run(gathered, self._rows)
+        elif representation is None and self._plain():
+            self._plain_step(losses, features)
         else:
             self._run(*self._gather_with_source(losses, features, representation))
         return result
+
+    # ------------------------------------------------------------------ the plain path
+    def _plain(self) -> bool:
+        """Nothing to do per task: plain sum, equal weights, no preconditioning, one process."""
+        return (
+            self.aggregator.is_plain_sum()
+            and self.weighting.is_constant_one()
+            and self.preconditioner is None
+            and self._task_lr is None
+            and current_scale(self.grad_scaler) == 1.0
+            and world_size() == 1
+        )
+
+    def _plain_step(self, losses: Losses, features: Optional[Union[Tensor, Sequence[Tensor]]]) -> None:
+        """Exactly ``sum(losses).backward(); inner.step()`` (bitwise), with the usual checks."""
+        names, loss_list = check_losses(losses, self._names)
+        values = loss_values(loss_list)
+        bad = non_finite_losses(names, values)
+        if bad is not None:
+            return self._skip(bad, values)
+        named = named_features(features)
+        if named:
+            graph = analyse(loss_list)
+            for name, tensor in named:
+                check_passes(tensor, graph, name)
+        params = [p for p in self._params if p.requires_grad]
+        grads = torch.autograd.grad(sum(loss_list), params, allow_unused=True)
+        if not all_finite([g for g in grads if g is not None]):
+            return self._skip("non-finite gradient", values)
+        for p, g in zip(params, grads):
+            write_grad(p, g)
+        if self._names is None:
+            self._names = names
+        self._steps += 1
+        self.optimizer.step()
+        k = len(names)
+        self.last_stats = step_stats(None, None, [1.0] * k, values.tolist(), self.skipped)
+        self.last_stats["coefficients"] = [1.0] * k
+        self.last_stats["objective"] = float(values.sum())
+        self.last_stats["gradient_mode"] = "plain"
+        return None
 
     def accumulate(self, losses: Losses) -> None:
         """Add one micro-batch's per-task gradients; the next ``step()`` aggregates them once.
@@ -579,6 +626,13 @@ class MultiTaskOptimizer(Optimizer):
             self._states["surgery"] = self.aggregator.init_state(len(partition.names), len(self._blocks))
         if warn and partition.unused:
             warn_unused(partition.unused, self._index_of, "are reached by no loss")
+        if warn and not partition.shared and len(partition.names) > 1:
+            warnings.warn(
+                "MultiTaskOptimizer: no parameter is shared between the tasks (each is reached by one loss "
+                f"only), so surgery={self.aggregator.name!r} has nothing to act on; every task trains on its "
+                "own gradient",
+                stacklevel=5,
+            )
         if self._task_lr is not None and not self._split:
             groups.split_groups(self.optimizer, partition, task_rates(self._task_lr, partition.names))
             self._split = True

@@ -29,6 +29,7 @@ from .base import AGGREGATORS, AggregationContext, Aggregator, RowAggregator, ra
 from .cagrad import CAGrad
 from .config import ConFIG
 from .dualproj import DualProj
+from .external import GramianCallable
 from .fairgrad import FairGrad
 from .gradvac import GradVac, gradvac_coefficients
 from .imtl_g import IMTLG
@@ -63,6 +64,7 @@ __all__ = [
     "DualProj",
     "FairGrad",
     "GradVac",
+    "GramianCallable",
     "IMTLG",
     "Krum",
     "MGDA",

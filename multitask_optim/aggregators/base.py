@@ -62,6 +62,10 @@ class Aggregator(Component):
         """The fewest tasks the method is defined for (a step with fewer raises)."""
         return 1
 
+    def is_plain_sum(self) -> bool:
+        """Whether the update is always ``sum_i g_i`` (the step then is one backward of the sum)."""
+        return False
+
     @abstractmethod
     def aggregate(self, gram: Tensor, state: State, ctx: AggregationContext) -> tuple[Tensor, State]:
         """Return ``(coefficients (B, K), new_state)`` for Gram matrices ``gram (B, K, K)``."""

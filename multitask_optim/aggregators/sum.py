@@ -28,6 +28,9 @@ class Sum(Aggregator):
         value = 1.0 / k if self.reduction == "mean" else 1.0
         return torch.full((b, k), value, dtype=gram.dtype), state
 
+    def is_plain_sum(self) -> bool:
+        return self.reduction == "sum"
+
     def settings(self) -> Dict[str, Any]:
         return {"reduction": self.reduction}
 

@@ -130,6 +130,10 @@ class Weighting(Component):
         blocks, before any preconditioning (one block over :meth:`gram_params` when set).
         """
 
+    def is_constant_one(self) -> bool:
+        """Whether every weight is always 1 (the plain sum of the losses)."""
+        return False
+
     def objective(self, losses: Tensor, weights: Tensor) -> float:
         """The scalar objective this weighting optimises (read before the inner step)."""
         return float((weights * losses).sum())
@@ -151,6 +155,9 @@ class Equal(Weighting):
     """All weights 1: the plain sum of the losses."""
 
     name = "equal"
+
+    def is_constant_one(self) -> bool:
+        return True
 
     def weights(self, losses: Tensor, state: State, ctx: WeightingContext) -> tuple[Tensor, State]:
         return torch.ones_like(losses), state
