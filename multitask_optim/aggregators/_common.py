@@ -1,12 +1,16 @@
-"""Helpers shared by the second-wave aggregators: ``pref_vector`` and non-finite input."""
+"""Helpers shared by the second-wave aggregators: ``pref_vector``, non-finite input, and
+:class:`GramSolver`, the prologue every Gram method shares."""
 
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Tuple, Union
+from abc import abstractmethod
+from typing import ClassVar, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
+
+from .base import AggregationContext, Aggregator, State
 
 PrefVector = Union[None, Sequence[float], Tensor]
 
@@ -53,3 +57,31 @@ def nan_coefficients(gram: Tensor) -> Optional[Tensor]:
     if bool(torch.isfinite(gram).all()):
         return None
     return torch.full(gram.shape[:2], float("nan"), dtype=torch.float64)
+
+
+class GramSolver(Aggregator):
+    """A Gram method whose coefficients come from a clean float64 Gram matrix.
+
+    :meth:`aggregate` returns NaN coefficients for a non-finite Gram (the step is then
+    skipped), symmetrises it in float64 and, with ``unit_scale``, divides each block by
+    its largest diagonal entry (for methods whose coefficients do not change when ``G``
+    is scaled), then calls :meth:`solve`.
+    """
+
+    #: Divide each block by its largest squared gradient norm before :meth:`solve`.
+    unit_scale: ClassVar[bool] = False
+
+    def aggregate(self, gram: Tensor, state: State, ctx: AggregationContext) -> tuple[Tensor, State]:
+        bad = nan_coefficients(gram)
+        if bad is not None:
+            return bad, state
+        g = gram.to(torch.float64)
+        g = 0.5 * (g + g.transpose(-1, -2))
+        if self.unit_scale:
+            s = g.diagonal(dim1=-2, dim2=-1).amax(-1).view(-1, 1, 1)
+            g = g / torch.where(s > 0, s, 1.0)
+        return self.solve(g, state, ctx)
+
+    @abstractmethod
+    def solve(self, gram: Tensor, state: State, ctx: AggregationContext) -> tuple[Tensor, State]:
+        """Coefficients ``(B, K)`` and the new state from the prepared ``(B, K, K)`` Gram."""

@@ -29,8 +29,14 @@ are duplicated or linearly dependent; it moves ``<g_j, d>`` by at most
 
 from __future__ import annotations
 
+import math
+from typing import Any, Dict
+
 import torch
 from torch import Tensor
+
+from ._common import PrefVector, check_pref_vector
+from .base import Aggregator
 
 #: Ridge added to the unit diagonal of the cosine matrix.
 RIDGE = 1e-13
@@ -112,3 +118,33 @@ def project_weights(gram: Tensor, u: Tensor, reg_eps: float = 0.0, norm_eps: flo
     scale = torch.where(scale > 0, scale, 1.0)
     vp = _solve_lcp(c.unsqueeze(1), up / scale, RIDGE) * scale
     return torch.where(nonzero.unsqueeze(1), vp / safe.unsqueeze(1), u)
+
+
+def check_eps(value: float, name: str) -> float:
+    """A finite, non-negative float, or a ``ValueError`` naming ``name``."""
+    value = float(value)
+    if not (math.isfinite(value) and value >= 0.0):
+        raise ValueError(f"{name} must be a finite non-negative float, got {value!r}")
+    return value
+
+
+class ConeProjection(Aggregator):
+    """The hyper-parameters UPGrad and DualProj share (TorchJD's names).
+
+    Args:
+        pref_vector: ``K`` weights; ``None`` means ``1/K`` each.
+        norm_eps: TorchJD's threshold on ``tr(G)`` (used only with ``reg_eps > 0``).
+        reg_eps: ridge added to ``G / tr(G)``; 0 (default) solves the exact problem.
+
+    Raises:
+        ValueError: naming the argument if ``pref_vector`` is not a 1-D finite vector
+            (or, at a call, does not have ``K`` entries) or an eps is negative.
+    """
+
+    def __init__(self, pref_vector: PrefVector = None, norm_eps: float = 0.0, reg_eps: float = 0.0) -> None:
+        self.pref_vector = check_pref_vector(pref_vector)
+        self.norm_eps = check_eps(norm_eps, "norm_eps")
+        self.reg_eps = check_eps(reg_eps, "reg_eps")
+
+    def settings(self) -> Dict[str, Any]:
+        return {"pref_vector": self.pref_vector, "norm_eps": self.norm_eps, "reg_eps": self.reg_eps}

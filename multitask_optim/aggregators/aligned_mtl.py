@@ -11,14 +11,14 @@ from typing import Any, Dict
 import torch
 from torch import Tensor
 
-from ._common import PrefVector, check_pref_vector, nan_coefficients, pref_weights
-from .base import AGGREGATORS, AggregationContext, Aggregator, State
+from ._common import GramSolver, PrefVector, check_pref_vector, pref_weights
+from .base import AGGREGATORS, AggregationContext, State
 
 SCALE_MODES = ("min", "median", "rmse")
 
 
 @AGGREGATORS.register
-class AlignedMTL(Aggregator):
+class AlignedMTL(GramSolver):
     """Aligned-MTL: align the Jacobian to condition number 1, then combine.
 
     With the eigendecomposition ``G = V diag(lambda) V^T`` restricted to its ``r``
@@ -45,6 +45,7 @@ class AlignedMTL(Aggregator):
     """
 
     name = "aligned_mtl"
+    unit_scale = True  # the coefficients do not change when G is scaled
 
     def __init__(self, pref_vector: PrefVector = None, scale_mode: str = "min") -> None:
         if scale_mode not in SCALE_MODES:
@@ -68,15 +69,7 @@ class AlignedMTL(Aggregator):
             s = lam.mean()
         return s.sqrt() * (vec @ ((vec.T @ w) / lam.sqrt()))
 
-    def aggregate(self, gram: Tensor, state: State, ctx: AggregationContext) -> tuple[Tensor, State]:
-        bad = nan_coefficients(gram)
-        if bad is not None:
-            return bad, state
-        g = gram.to(torch.float64)
-        g = 0.5 * (g + g.transpose(-1, -2))
-        # B does not change when G is scaled: work at unit max diagonal
-        s = g.diagonal(dim1=-2, dim2=-1).amax(-1).view(-1, 1, 1)
-        g = g / torch.where(s > 0, s, 1.0)
+    def solve(self, g: Tensor, state: State, ctx: AggregationContext) -> tuple[Tensor, State]:
         w = pref_weights(self.pref_vector, g.shape[-1], 1.0 / g.shape[-1])
         return torch.stack([self._one(g_b, w) for g_b in g]), state
 

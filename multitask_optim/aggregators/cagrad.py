@@ -12,9 +12,9 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import Tensor
 
-from ._common import nan_coefficients
+from ._common import GramSolver
 from ._qp import _solve_small, solve_simplex_qp
-from .base import AGGREGATORS, AggregationContext, Aggregator, State
+from .base import AGGREGATORS, AggregationContext, State
 
 #: Relative accuracy of the root in ``beta`` (see :class:`CAGrad`).
 BETA_RTOL = 1e-12
@@ -129,7 +129,7 @@ def cagrad_weights(gram: List[List[float]], c: float) -> List[float]:
 
 
 @AGGREGATORS.register
-class CAGrad(Aggregator):
+class CAGrad(GramSolver):
     """CAGrad (Liu et al., 2021): the best worst-case improvement near the average gradient.
 
     With ``g_0 = J^T 1/K`` (the average gradient) the update solves::
@@ -177,12 +177,7 @@ class CAGrad(Aggregator):
             raise ValueError(f"c must be a finite non-negative float, got {c!r}")
         self.c = c
 
-    def aggregate(self, gram: Tensor, state: State, ctx: AggregationContext) -> tuple[Tensor, State]:
-        bad = nan_coefficients(gram)
-        if bad is not None:
-            return bad, state
-        g = gram.to(torch.float64)
-        g = 0.5 * (g + g.transpose(-1, -2))
+    def solve(self, g: Tensor, state: State, ctx: AggregationContext) -> tuple[Tensor, State]:
         out = [cagrad_weights(g_b, self.c) for g_b in g.tolist()]
         return torch.tensor(out, dtype=torch.float64).reshape(g.shape[0], g.shape[1]), state
 

@@ -11,8 +11,8 @@ from typing import Any, Dict
 import torch
 from torch import Tensor
 
-from ._common import PrefVector, check_pref_vector, nan_coefficients, pref_weights
-from .base import AGGREGATORS, AggregationContext, Aggregator, State
+from ._common import GramSolver, PrefVector, check_pref_vector, pref_weights
+from .base import AGGREGATORS, AggregationContext, State
 
 #: Eigenvalues of the cosine matrix below this (relative to the largest) are dropped.
 RCOND = 1e-13
@@ -23,7 +23,7 @@ _CANCEL = 1e-10
 
 
 @AGGREGATORS.register
-class ConFIG(Aggregator):
+class ConFIG(GramSolver):
     """ConFIG: the direction with equal cosine to every task gradient, scaled by projections.
 
     With unit gradients ``u_i = g_i / ||g_i||`` (zero rows stay zero) stacked in ``U``
@@ -52,19 +52,12 @@ class ConFIG(Aggregator):
     """
 
     name = "config"
+    unit_scale = True  # the coefficients do not change when G is scaled
 
     def __init__(self, pref_vector: PrefVector = None) -> None:
         self.pref_vector = check_pref_vector(pref_vector)
 
-    def aggregate(self, gram: Tensor, state: State, ctx: AggregationContext) -> tuple[Tensor, State]:
-        bad = nan_coefficients(gram)
-        if bad is not None:
-            return bad, state
-        g = gram.to(torch.float64)
-        g = 0.5 * (g + g.transpose(-1, -2))
-        # the coefficients do not change when G is scaled: work at unit max diagonal
-        s = g.diagonal(dim1=-2, dim2=-1).amax(-1).view(-1, 1, 1)
-        g = g / torch.where(s > 0, s, 1.0)
+    def solve(self, g: Tensor, state: State, ctx: AggregationContext) -> tuple[Tensor, State]:
         k = g.shape[-1]
         w = pref_weights(self.pref_vector, k, 1.0)
         n = g.diagonal(dim1=-2, dim2=-1).clamp_min(0.0).sqrt()

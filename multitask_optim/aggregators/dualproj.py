@@ -7,18 +7,15 @@ Lopez-Paz & Ranzato, "Gradient Episodic Memory for Continual Learning", NeurIPS 
 
 from __future__ import annotations
 
-from typing import Any, Dict
-
 from torch import Tensor
 
-from ._common import PrefVector, check_pref_vector, nan_coefficients, pref_weights
-from ._dual_cone import project_weights
-from .base import AGGREGATORS, AggregationContext, Aggregator, State
-from .upgrad import check_eps
+from ._common import nan_coefficients, pref_weights
+from ._dual_cone import ConeProjection, project_weights
+from .base import AGGREGATORS, AggregationContext, State
 
 
 @AGGREGATORS.register
-class DualProj(Aggregator):
+class DualProj(ConeProjection):
     """DualProj: the preference-weighted gradient projected onto the dual cone.
 
     With ``p`` the preference vector (default ``1/K`` each, the mean)::
@@ -33,22 +30,11 @@ class DualProj(Aggregator):
     ``tr(G) < 1e-4`` as ``G = 0``; the defaults here solve the exact problem and
     ``reg_eps=1e-4, norm_eps=1e-4`` reproduce TorchJD.
 
-    Args:
-        pref_vector: ``K`` weights of the vector to project; ``None`` means ``1/K`` each.
-        norm_eps: TorchJD's threshold on ``tr(G)`` (used only with ``reg_eps > 0``).
-        reg_eps: ridge added to ``G / tr(G)``; 0 (default) solves the exact problem.
-
-    Raises:
-        ValueError: naming the argument if ``pref_vector`` is not a 1-D finite vector
-            (or, at a call, does not have ``K`` entries) or an eps is negative.
+    Hyper-parameters: see :class:`~._dual_cone.ConeProjection` (``pref_vector``, ``norm_eps``,
+    ``reg_eps``).
     """
 
     name = "dualproj"
-
-    def __init__(self, pref_vector: PrefVector = None, norm_eps: float = 0.0, reg_eps: float = 0.0) -> None:
-        self.pref_vector = check_pref_vector(pref_vector)
-        self.norm_eps = check_eps(norm_eps, "norm_eps")
-        self.reg_eps = check_eps(reg_eps, "reg_eps")
 
     def aggregate(self, gram: Tensor, state: State, ctx: AggregationContext) -> tuple[Tensor, State]:
         bad = nan_coefficients(gram)
@@ -57,6 +43,3 @@ class DualProj(Aggregator):
         b, k, _ = gram.shape
         u = pref_weights(self.pref_vector, k, 1.0 / k).expand(b, 1, k)
         return project_weights(gram, u, self.reg_eps, self.norm_eps)[:, 0], state
-
-    def settings(self) -> Dict[str, Any]:
-        return {"pref_vector": self.pref_vector, "norm_eps": self.norm_eps, "reg_eps": self.reg_eps}

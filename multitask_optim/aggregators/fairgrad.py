@@ -12,16 +12,16 @@ from typing import Any, Dict
 import torch
 from torch import Tensor
 
-from ._common import nan_coefficients
+from ._common import GramSolver
 from ._power_balance import solve_power_balance
-from .base import AGGREGATORS, AggregationContext, Aggregator, State
+from .base import AGGREGATORS, AggregationContext, State
 
 #: Newton iterations allowed (the solve normally converges in 5 to 10).
 MAX_ITER = 100
 
 
 @AGGREGATORS.register
-class FairGrad(Aggregator):
+class FairGrad(GramSolver):
     """FairGrad: alpha-fair weights, ``G w = w^(-1/alpha)`` with ``w > 0``.
 
     The update ``d = J^T w`` maximises the alpha-fair utility of the tasks' first-order
@@ -83,12 +83,7 @@ class FairGrad(Aggregator):
         out[idx] = z / n * s ** (-self.alpha / (1.0 + self.alpha))
         return out
 
-    def aggregate(self, gram: Tensor, state: State, ctx: AggregationContext) -> tuple[Tensor, State]:
-        bad = nan_coefficients(gram)
-        if bad is not None:
-            return bad, state
-        g = gram.to(torch.float64)
-        g = 0.5 * (g + g.transpose(-1, -2))
+    def solve(self, g: Tensor, state: State, ctx: AggregationContext) -> tuple[Tensor, State]:
         return torch.stack([self._one(g_b) for g_b in g]), state
 
     def settings(self) -> Dict[str, Any]:

@@ -13,15 +13,15 @@ from typing import Any, Dict
 import torch
 from torch import Tensor
 
-from ._common import nan_coefficients
-from .base import AGGREGATORS, AggregationContext, Aggregator, State
+from ._common import GramSolver
+from .base import AGGREGATORS, AggregationContext, State
 
 #: ``|sum(v)| * max_i ||g_i||`` below this counts as zero (no balanced combination).
 SUM_TOL = 1e-12
 
 
 @AGGREGATORS.register
-class IMTLG(Aggregator):
+class IMTLG(GramSolver):
     """IMTL-G: the update whose projections onto every unit task gradient are equal.
 
     The paper looks for ``d = sum_i alpha_i g_i`` with ``sum_i alpha_i = 1`` and
@@ -44,16 +44,9 @@ class IMTLG(Aggregator):
     """
 
     name = "imtl_g"
+    unit_scale = True  # the coefficients do not change when G is scaled
 
-    def aggregate(self, gram: Tensor, state: State, ctx: AggregationContext) -> tuple[Tensor, State]:
-        bad = nan_coefficients(gram)
-        if bad is not None:
-            return bad, state
-        g = gram.to(torch.float64)
-        g = 0.5 * (g + g.transpose(-1, -2))
-        # the coefficients do not change when G is scaled: work at unit max diagonal
-        s = g.diagonal(dim1=-2, dim2=-1).amax(-1).view(-1, 1, 1)
-        g = g / torch.where(s > 0, s, 1.0)
+    def solve(self, g: Tensor, state: State, ctx: AggregationContext) -> tuple[Tensor, State]:
         n = g.diagonal(dim1=-2, dim2=-1).clamp_min(0.0).sqrt()
         v = (torch.linalg.pinv(g) @ n.unsqueeze(-1)).squeeze(-1)
         total = v.sum(-1, keepdim=True)

@@ -12,13 +12,13 @@ from typing import Any, Dict
 import torch
 from torch import Tensor
 
-from ._common import nan_coefficients
+from ._common import GramSolver
 from ._power_balance import solve_power_balance
-from .base import AGGREGATORS, AggregationContext, Aggregator, State
+from .base import AGGREGATORS, AggregationContext, State
 
 
 @AGGREGATORS.register
-class NashMTL(Aggregator):
+class NashMTL(GramSolver):
     """Nash-MTL: the Nash bargaining solution, ``alpha_i (G alpha)_i = 1``, ``alpha > 0``.
 
     The update ``d = J^T alpha`` maximises ``sum_i log <g_i, d>`` over ``||d|| <= 1``
@@ -100,12 +100,7 @@ class NashMTL(Aggregator):
         out[idx] = beta / ns
         return out
 
-    def aggregate(self, gram: Tensor, state: State, ctx: AggregationContext) -> tuple[Tensor, State]:
-        bad = nan_coefficients(gram)
-        if bad is not None:
-            return bad, state
-        g = gram.to(torch.float64)
-        g = 0.5 * (g + g.transpose(-1, -2))
+    def solve(self, g: Tensor, state: State, ctx: AggregationContext) -> tuple[Tensor, State]:
         b, k, _ = g.shape
         step = state.get("step")
         step = torch.zeros((), dtype=torch.long) if step is None else step

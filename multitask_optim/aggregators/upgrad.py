@@ -6,27 +6,16 @@ arXiv:2406.16232, 2024 (Section 3, UPGrad).
 
 from __future__ import annotations
 
-import math
-from typing import Any, Dict
-
 import torch
 from torch import Tensor
 
-from ._common import PrefVector, check_pref_vector, nan_coefficients, pref_weights
-from ._dual_cone import project_weights
-from .base import AGGREGATORS, AggregationContext, Aggregator, State
-
-
-def check_eps(value: float, name: str) -> float:
-    """A finite, non-negative float, or a ``ValueError`` naming ``name``."""
-    value = float(value)
-    if not (math.isfinite(value) and value >= 0.0):
-        raise ValueError(f"{name} must be a finite non-negative float, got {value!r}")
-    return value
+from ._common import nan_coefficients, pref_weights
+from ._dual_cone import ConeProjection, project_weights
+from .base import AGGREGATORS, AggregationContext, State
 
 
 @AGGREGATORS.register
-class UPGrad(Aggregator):
+class UPGrad(ConeProjection):
     """UPGrad (Quinton & Rey, 2024): project every gradient onto the dual cone, then combine.
 
     With ``pi`` the Euclidean projection onto the dual cone
@@ -50,23 +39,11 @@ class UPGrad(Aggregator):
     homogeneous. By default we solve the paper's problem exactly; ``reg_eps=1e-4,
     norm_eps=1e-4`` reproduces TorchJD's default output.
 
-    Args:
-        pref_vector: ``K`` weights combining the projected gradients; ``None`` means
-            ``1/K`` each.
-        norm_eps: TorchJD's threshold on ``tr(G)`` (used only with ``reg_eps > 0``).
-        reg_eps: ridge added to ``G / tr(G)``; 0 (default) solves the exact problem.
-
-    Raises:
-        ValueError: naming the argument if ``pref_vector`` is not a 1-D finite vector
-            (or, at a call, does not have ``K`` entries) or an eps is negative.
+    Hyper-parameters: see :class:`~._dual_cone.ConeProjection` (``pref_vector``, ``norm_eps``,
+    ``reg_eps``).
     """
 
     name = "upgrad"
-
-    def __init__(self, pref_vector: PrefVector = None, norm_eps: float = 0.0, reg_eps: float = 0.0) -> None:
-        self.pref_vector = check_pref_vector(pref_vector)
-        self.norm_eps = check_eps(norm_eps, "norm_eps")
-        self.reg_eps = check_eps(reg_eps, "reg_eps")
 
     def aggregate(self, gram: Tensor, state: State, ctx: AggregationContext) -> tuple[Tensor, State]:
         bad = nan_coefficients(gram)
@@ -77,6 +54,3 @@ class UPGrad(Aggregator):
         u = torch.diag(p).expand(b, k, k)
         v = project_weights(gram, u, self.reg_eps, self.norm_eps)
         return v.sum(1), state
-
-    def settings(self) -> Dict[str, Any]:
-        return {"pref_vector": self.pref_vector, "norm_eps": self.norm_eps, "reg_eps": self.reg_eps}

@@ -32,6 +32,9 @@ from torch import Tensor
 
 from ..components import Component, Registry, State
 
+#: The Gram matrices a weighting with ``needs_gram`` receives (``None`` for the others).
+Gram = Optional[Tensor]
+
 
 @dataclass
 class WeightingContext:
@@ -116,12 +119,7 @@ class Weighting(Component):
         """
 
     def backward(  # noqa: B027
-        self,
-        losses: Tensor,
-        weights: Tensor,
-        state: State,
-        ctx: WeightingContext,
-        gram: Optional[Tensor] = None,
+        self, losses: Tensor, weights: Tensor, state: State, ctx: WeightingContext, gram: Gram = None
     ) -> None:
         """Fill ``.grad`` of :meth:`parameters` (accumulating, like ``Tensor.backward``).
 

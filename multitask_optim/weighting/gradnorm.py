@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from ._per_task import LossRatio, accumulate_grad, check_loss_ratio_inputs, check_lr, detached_f64
-from .base import WEIGHTINGS, State, Weighting, WeightingContext
+from .base import WEIGHTINGS, Gram, State, Weighting, WeightingContext
 
 
 @WEIGHTINGS.register
@@ -118,12 +118,7 @@ class GradNorm(Weighting):
         return torch.sign(norms - target) * unweighted
 
     def backward(
-        self,
-        losses: Tensor,
-        weights: Tensor,
-        state: State,
-        ctx: WeightingContext,
-        gram: Optional[Tensor] = None,
+        self, losses: Tensor, weights: Tensor, state: State, ctx: WeightingContext, gram: Gram = None
     ) -> None:
         """Add ``d L_grad / d w`` to ``w.grad``.
 

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from ._per_task import accumulate_grad, check_lr, check_per_task, detached_f64, resolve_per_task
-from .base import WEIGHTINGS, State, Weighting, WeightingContext
+from .base import WEIGHTINGS, Gram, State, Weighting, WeightingContext
 
 _KINDS = ("regression", "classification")
 #: Factor c in w = c * exp(-s): 1/2 for a Gaussian likelihood, 1 for a softmax one.
@@ -113,12 +113,7 @@ class UncertaintyWeighting(Weighting):
         return self._factors() * torch.exp(-s), state
 
     def backward(
-        self,
-        losses: Tensor,
-        weights: Tensor,
-        state: State,
-        ctx: WeightingContext,
-        gram: Optional[Tensor] = None,
+        self, losses: Tensor, weights: Tensor, state: State, ctx: WeightingContext, gram: Gram = None
     ) -> None:
         p = self._bound()
         w = self._factors() * torch.exp(-detached_f64(p))
