@@ -302,12 +302,21 @@ def plot_history(
     if len(history) == 0:
         raise ValueError("history is empty: append opt.last_stats after each step first")
 
-    steps = history.steps
-    names = history.names
-    pairs, rows = history.pair_cosines()
     fig = Figure(figsize=(10, 10.5), constrained_layout=True)
     FigureCanvasAgg(fig)
     grid = fig.add_gridspec(4, 2, height_ratios=[1.3, 0.45, 1, 1])
+    _plot_conflicts(fig, grid, history)
+    _plot_series(fig, grid, history)
+    if title:
+        fig.suptitle(title)
+    fig.savefig(str(path), dpi=dpi, format="png")
+    return str(path)
+
+
+def _plot_conflicts(fig: Any, grid: Any, history: StatsHistory) -> None:
+    """The pair-cosine heat map and the count of conflicting pairs per step."""
+    steps, names = history.steps, history.names
+    pairs, rows = history.pair_cosines()
     heat = fig.add_subplot(grid[0, :])
     count = fig.add_subplot(grid[1, :], sharex=heat)
     lo, hi = steps[0] - 0.5, steps[-1] + 0.5
@@ -334,12 +343,17 @@ def plot_history(
     count.set_ylabel("conflicts")
     count.set_xlabel("step")
 
+
+def _plot_series(fig: Any, grid: Any, history: StatsHistory) -> None:
+    """Weights, coefficients, losses and gradient norms per task; skipped steps dotted."""
+    steps, names = history.steps, history.names
     panels = [
         (fig.add_subplot(grid[2, 0]), "weights", "task weights", False),
         (fig.add_subplot(grid[2, 1]), "coefficients", "aggregation coefficients", False),
         (fig.add_subplot(grid[3, 0]), "losses", "losses", True),
         (fig.add_subplot(grid[3, 1]), "grad_norms", "gradient norms (shared)", True),
     ]
+    skipped = [s for s, flag in zip(steps, history.skipped_step) if flag]
     for ax, key, label, log in panels:
         series = history.series(key)
         for name, values in zip(names, series):
@@ -351,11 +365,5 @@ def plot_history(
         ax.set_xlabel("step")
         if names:
             ax.legend(fontsize="small")
-    skipped = [s for s, flag in zip(steps, history.skipped_step) if flag]
-    for ax, *_ in panels:
         for s in skipped:
             ax.axvline(s, color="grey", linestyle=":", linewidth=0.8)
-    if title:
-        fig.suptitle(title)
-    fig.savefig(str(path), dpi=dpi, format="png")
-    return str(path)

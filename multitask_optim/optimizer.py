@@ -101,8 +101,10 @@ class MultiTaskOptimizer(Optimizer):
         weighting_kwargs: hyper-parameters of a weighting given by name.
         precondition_kwargs: hyper-parameters of a preconditioner given by name
             (``eps``, ``beta2``).
-        gradient_mode: ``"auto"`` (frontier, falling back to batched then looped),
-            ``"frontier"``, ``"lean"``, ``"batched"`` or ``"looped"``.
+        gradient_mode: ``"auto"`` (frontier, falling back to batched then looped; with
+            no surgery, weighting or preconditioning, one plain backward of the sum: the
+            inner optimizer bitwise, without per-task statistics), ``"frontier"``,
+            ``"lean"``, ``"batched"`` or ``"looped"``.
         grad_scaler: a ``torch.amp.GradScaler`` for float16 training: losses are
             scaled, per-task gradients unscaled before anything reads them, and a step
             with an inf/NaN is skipped and lowers the scale (see :mod:`.amp`). Do not
@@ -315,9 +317,12 @@ class MultiTaskOptimizer(Optimizer):
 
     # ------------------------------------------------------------------ the plain path
     def _plain(self) -> bool:
-        """Nothing to do per task: plain sum, equal weights, no preconditioning, one process."""
+        """Nothing to do per task: plain sum, equal weights, no preconditioning, one process,
+        and ``gradient_mode="auto"`` (an explicit mode asks for the per-task gradients, and
+        with them the per-task statistics in ``last_stats``)."""
         return (
-            self.aggregator.is_plain_sum()
+            self.engine.requested == "auto"
+            and self.aggregator.is_plain_sum()
             and self.weighting.is_constant_one()
             and self.preconditioner is None
             and self._task_lr is None

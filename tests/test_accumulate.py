@@ -123,7 +123,7 @@ def assert_same_state(a: Dict[str, Any], b: Dict[str, Any], ignore: Tuple[str, .
 CASES = [
     (surgery, precondition, weighting, mode)
     for surgery, precondition, weighting, mode in itertools.product(
-        [None, "pcgrad", "gradvac"], [None, "adam"], [None, "uncertainty", "dwa"], ["auto", "lean"]
+        [None, "pcgrad", "gradvac"], [None, "adam"], [None, "uncertainty", "dwa"], ["frontier", "lean"]
     )
     if not (mode == "lean" and precondition is not None)  # lean keeps layers factored: no per-task access
 ]

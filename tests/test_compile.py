@@ -26,6 +26,16 @@ from torch import Tensor, nn
 
 from multitask_optim import MultiTaskOptimizer
 
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Each test compiles afresh: a compiled backward first run without retain_graph (the
+    plain path) donates its buffers, and a cached copy then refuses the per-task paths."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
 BATCH = 16
 IN_DIM = 5
 HIDDEN = 16
@@ -52,7 +62,7 @@ def train(forward, opt: MultiTaskOptimizer, steps: int, k: int = 2) -> List[int]
         losses = [F.mse_loss(y, t) for y, t in zip(forward(x), targets)]
         opt.zero_grad()
         opt.step(losses)
-        conflicts.append(opt.last_stats["conflicts"])
+        conflicts.append(opt.last_stats.get("conflicts", 0))  # the plain path has no per-task stats
     return conflicts
 
 
@@ -118,7 +128,7 @@ def test_compiled_whole_model_trains_plain_sum() -> None:
     train(compiled, opt, 5)
     train(eager, eager_opt, 5)
     assert_relative(model, eager)
-    assert opt.engine.mode in ("frontier", "batched", "looped")
+    assert opt.last_stats["gradient_mode"] == "plain"  # one backward of the sum, as the inner optimizer
 
 
 @pytest.mark.parametrize("surgery", ["pcgrad", "gradvac"])

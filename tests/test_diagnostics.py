@@ -68,7 +68,11 @@ class FakeWriter:
 @pytest.mark.parametrize("surgery", sorted({None, "pcgrad", "gradvac"} | set(AGGREGATORS) - {"sum"}, key=str))
 def test_last_stats_are_plain_python_values(surgery) -> None:
     model = build()
-    opt = MultiTaskOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), surgery=surgery, seed=0)
+    # with no surgery, "auto" takes the plain path (no per-task gradients): ask for them
+    mode = "frontier" if surgery is None else "auto"
+    opt = MultiTaskOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.05), surgery=surgery, seed=0, gradient_mode=mode
+    )
     for step in range(3):
         opt.zero_grad()
         opt.step(losses_of(model, step))

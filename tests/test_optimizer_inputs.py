@@ -719,7 +719,11 @@ def test_mean_reduction_halves_the_shared_update(surgery: Optional[str]) -> None
         model = _Aligned()
         params = list(model.parameters())
         opt = MultiTaskOptimizer(
-            torch.optim.SGD(params, lr=0.0), surgery=surgery, reduction=reduction, seed=0
+            torch.optim.SGD(params, lr=0.0),
+            surgery=surgery,
+            surgery_kwargs={"reduction": reduction},
+            seed=0,
+            gradient_mode="frontier",  # per-task statistics also for the plain sum
         )
         losses = model.losses()
         g = _task_grads(losses, list(model.trunk.parameters()))
