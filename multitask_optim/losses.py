@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -108,7 +107,9 @@ def observed_values(losses: Any, known: Tuple[str, ...]) -> Tensor:
 
     Accepts a sequence or a mapping by task name of real scalars (tensors, with or
     without grad, or numbers), or a 1-D tensor of ``K`` values; raises a ``ValueError`` /
-    ``TypeError`` naming the task before any change.
+    ``TypeError`` naming the task before any change. Values are not checked for
+    finiteness here: under torch.distributed that check follows the averaging, so every
+    rank reaches the same verdict.
     """
     if isinstance(losses, Tensor):
         if losses.dim() != 1:
@@ -134,7 +135,5 @@ def observed_values(losses: Any, known: Tuple[str, ...]) -> Tensor:
             value = float(item)
         else:
             raise TypeError(f"loss of task {name!r} must be a real scalar, got {type(item).__name__}")
-        if not math.isfinite(value):
-            raise ValueError(f"loss of task {name!r} is not finite ({value})")
         values.append(value)
     return torch.tensor(values, dtype=torch.float64)

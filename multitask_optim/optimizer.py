@@ -354,6 +354,9 @@ class MultiTaskOptimizer(Optimizer):
         if self._names is None or not self._weighting_ready:
             raise RuntimeError("update_weighting() needs the tasks: take a step first")
         values = all_average([observed_values(losses, self._names)])[0]
+        bad = non_finite_losses(self._names, values)
+        if bad is not None:
+            raise ValueError(f"update_weighting: {bad}")
         self._states["weighting"] = self.weighting.observe(values, self._states["weighting"])
 
     # ------------------------------------------------------------------ gather

@@ -443,7 +443,8 @@ def test_famo_same_batch_resumes_bitwise() -> None:
     "bad, error, match",
     [
         ([1.0, 2.0], ValueError, "expected 3 losses"),
-        ([1.0, float("nan"), 2.0], ValueError, "'1'.*not finite"),
+        ([1.0, float("nan"), 2.0], ValueError, "non-finite.*'1'"),
+        ([1.0, torch.tensor(float("inf")), 2.0], ValueError, "non-finite.*'1'"),
         ([1.0, 2.0, 0.0], ValueError, "'2'"),
         ([1.0, "x", 2.0], TypeError, "'1'"),
         ([1.0, torch.ones(2), 2.0], TypeError, "'1'"),
