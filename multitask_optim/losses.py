@@ -103,3 +103,40 @@ def check_passes(tensor: Tensor, graph: LossGraph, name: str) -> None:
             "tensor the heads actually read (for a multi-input model, one per task: features=[z_1, ..., z_K]), "
             "or leave it out."
         )
+
+
+def observed_values(losses: Any, known: Tuple[str, ...]) -> Tensor:
+    """Loss values recomputed after a step (``update_weighting``), as a float64 CPU vector.
+
+    Accepts a sequence or a mapping by task name of real scalars (tensors, with or
+    without grad, or numbers), or a 1-D tensor of ``K`` values; raises a ``ValueError`` /
+    ``TypeError`` naming the task before any change. Values are not checked for
+    finiteness here: under torch.distributed that check follows the averaging, so every
+    rank reaches the same verdict.
+    """
+    if isinstance(losses, Tensor):
+        if losses.dim() != 1:
+            raise ValueError(
+                f"losses as one tensor must have shape ({len(known)},), got {tuple(losses.shape)}"
+            )
+        items: List[Any] = list(losses.unbind())
+    elif isinstance(losses, Mapping):
+        items = _from_mapping(losses, known)[1]
+    elif isinstance(losses, (list, tuple)):
+        items = list(losses)
+    else:
+        raise TypeError(f"losses must be a sequence, a mapping or a 1-D tensor, got {type(losses).__name__}")
+    if len(items) != len(known):
+        raise ValueError(f"expected {len(known)} losses (tasks {list(known)}), got {len(items)}")
+    values = []
+    for name, item in zip(known, items):
+        if isinstance(item, Tensor):
+            if item.numel() != 1 or item.is_complex() or not item.is_floating_point():
+                raise TypeError(f"loss of task {name!r} must be a real floating-point scalar, got {item!r}")
+            value = float(item.detach().reshape(()).to(torch.float64).cpu())
+        elif isinstance(item, (int, float)) and not isinstance(item, bool):
+            value = float(item)
+        else:
+            raise TypeError(f"loss of task {name!r} must be a real scalar, got {type(item).__name__}")
+        values.append(value)
+    return torch.tensor(values, dtype=torch.float64)

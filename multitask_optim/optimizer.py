@@ -33,11 +33,19 @@ from .arguments import (
 )
 from .components import State
 from .diagnostics import step_stats
-from .distributed import world_size
+from .distributed import all_average, world_size
 from .gradients import Rows, TaskGradients, all_finite
 from .graph import LossGraph, analyse
 from .jacobian import GradientEngine
-from .losses import Losses, check_losses, check_passes, check_tensor, loss_values, named_features
+from .losses import (
+    Losses,
+    check_losses,
+    check_passes,
+    check_tensor,
+    loss_values,
+    named_features,
+    observed_values,
+)
 from .partition import Partition, TasksArg, check_against_graph, discover, explicit, warn_unused
 from .pipeline import (
     Gathered,
@@ -374,6 +382,34 @@ class MultiTaskOptimizer(Optimizer):
     def epoch_end(self) -> None:
         """Mark an epoch boundary for epoch-based weightings (DWA)."""
         self._states["weighting"] = self.weighting.epoch_end(self._states["weighting"])
+
+    def update_weighting(self, losses: Any) -> None:
+        """Update the weighting's state from the losses recomputed on the same batch after ``step``.
+
+        For weightings that learn from how a step changed the losses (FAMO's same-batch
+        variant): ``opt.step(losses)``, then recompute the losses on the same batch (e.g.
+        under ``torch.no_grad()``) and pass them here, on the same footing as those given
+        to ``step``. Under torch.distributed they are averaged across ranks (call it on
+        every rank). Call it once per step; see the weighting for what a call with no
+        step pending does.
+
+        Args:
+            losses: one real scalar per task (tensors or numbers), as a sequence or a
+                mapping by task name, or a 1-D tensor of ``K`` values.
+
+        Raises:
+            RuntimeError: before the tasks are known (no step taken, no ``task_names=``).
+            ValueError, TypeError: a wrong count, name or type, or a non-finite value (or
+                a value the weighting refuses), naming the task; nothing changes.
+            NotImplementedError: the weighting does not use such losses.
+        """
+        if self._names is None or not self._weighting_ready:
+            raise RuntimeError("update_weighting() needs the tasks: take a step first")
+        values = all_average([observed_values(losses, self._names)])[0]
+        bad = non_finite_losses(self._names, values)
+        if bad is not None:
+            raise ValueError(f"update_weighting: {bad}")
+        self._states["weighting"] = self.weighting.observe(values, self._states["weighting"])
 
     # ------------------------------------------------------------------ gather
     def _gather_with_source(

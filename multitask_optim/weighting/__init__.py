@@ -7,14 +7,18 @@ from __future__ import annotations
 
 from typing import Any, Union
 
-from . import dwa, gradnorm, htw, rlw, staged, static, uncertainty  # noqa: F401  (each registers)
+from . import dwa, famo, gls, gradnorm, htw, imtl_l, rlw, staged, static, stch, uncertainty  # noqa: F401
 from .base import WEIGHTINGS, Equal, Weighting, WeightingContext
 from .dwa import DynamicWeightAverage
+from .famo import FAMO
+from .gls import GeometricLossStrategy
 from .gradnorm import GradNorm
 from .htw import HTW
+from .imtl_l import IMTLL
 from .rlw import RandomLossWeighting
 from .staged import StagedStart
 from .static import StaticWeights
+from .stch import SmoothTchebycheff
 from .uncertainty import UncertaintyWeighting
 
 
@@ -31,12 +35,16 @@ def get_weighting(spec: Union[None, str, Weighting], **kwargs: Any) -> Weighting
 
 
 __all__ = [
+    "FAMO",
     "HTW",
+    "IMTLL",
     "WEIGHTINGS",
     "DynamicWeightAverage",
     "Equal",
+    "GeometricLossStrategy",
     "GradNorm",
     "RandomLossWeighting",
+    "SmoothTchebycheff",
     "StagedStart",
     "StaticWeights",
     "UncertaintyWeighting",

@@ -210,3 +210,25 @@ class LossRatio:
             return state["initial_losses"], state
         first = losses.to(torch.float64).clone()
         return first, {"initial_losses": first, "initialized": scalar(True, torch.bool)}
+
+
+def check_positive_losses(losses: Tensor, task_names: Optional[Sequence[str]], who: str, why: str) -> None:
+    """Raise a ValueError naming every task whose loss is not ``> 0`` (NaN included).
+
+    Args:
+        losses: the loss values ``(K,)``.
+        task_names: the task names, for the message.
+        who: the method's name, for the message.
+        why: what needs the positive losses (e.g. "takes log L_i").
+    """
+    bad = [f"{task_label(i, task_names)} ({float(v)!r})" for i, v in enumerate(losses) if not v > 0]
+    if bad:
+        raise ValueError(f"{who} {why}, so every loss must be > 0; it is not for task(s) {', '.join(bad)}")
+
+
+def check_positive_float(value: Any, where: str) -> float:
+    """A finite float > 0."""
+    out = check_nonnegative_float(value, where)
+    if out == 0.0:
+        raise ValueError(f"{where} must be > 0, got {value!r}")
+    return out

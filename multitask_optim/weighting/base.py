@@ -143,6 +143,19 @@ class Weighting(Component):
         """Epoch boundary (``opt.epoch_end()``); returns the new state."""
         return state
 
+    def observe(self, losses: Tensor, state: State) -> State:
+        """Losses recomputed on the same batch after a step (``opt.update_weighting``); new state.
+
+        ``losses`` is a float64 CPU vector ``(K,)``. Only weightings that learn from the
+        change of the losses across a step (FAMO) override this.
+
+        Raises:
+            NotImplementedError: this weighting does not use such losses.
+        """
+        raise NotImplementedError(
+            f"weighting {self.name!r} does not use losses recomputed after a step (update_weighting)"
+        )
+
 
 #: Weightings by name (``weighting=``); ``None`` builds :class:`Equal`.
 WEIGHTINGS: Registry[Weighting] = Registry("weighting", Weighting)

@@ -1,0 +1,56 @@
+"""Geometric Loss Strategy (Chennupati et al., 2019)."""
+
+from __future__ import annotations
+
+from typing import Any, Dict
+
+import torch
+from torch import Tensor
+
+from ._per_task import check_positive_losses
+from .base import WEIGHTINGS, State, Weighting, WeightingContext
+
+
+@WEIGHTINGS.register
+class GeometricLossStrategy(Weighting):
+    """Geometric Loss Strategy (GLS): minimise the geometric mean of the losses.
+
+    Reference: S. Chennupati, G. Sistu, S. Yogamani, S. A. Rawashdeh, "MultiNet++:
+    Multi-Stream Feature Aggregation and Geometric Loss Strategy for Multi-Task
+    Learning", CVPR 2019 Workshops (arXiv:1904.08492), eq. (2).
+
+    The objective is ``G = (prod_i L_i)^(1/K)``. Its gradient is
+    ``grad G = sum_i G / (K L_i) grad L_i``, so the weights are::
+
+        w_i = G / (K L_i) = exp(mean_j log L_j - log L_i) / K
+
+    computed in log space (no product over- or underflows, whatever K and the loss
+    scales). Multiplying one task's loss by ``c > 0`` scales its weight by
+    ``c^(1/K) / c`` and every other weight by ``c^(1/K)``, so the update direction
+    ``sum_i w_i grad L_i`` does not change, only its length (by ``c^(1/K)``): GLS is
+    invariant to the loss scales in direction. :meth:`objective` reports ``G``.
+
+    LibMTL's ``GLS`` back-propagates ``(prod_i L_i)^(1/K)`` (the same gradient, up to the
+    product's float32 range) but reports the weights ``L_i / (K prod_j L_j)``, which are
+    not the weights its gradient uses; we report the weights we apply.
+
+    Losses that are not positive: ``log L_i`` is undefined for ``L_i <= 0``, so
+    :meth:`weights` raises a ``ValueError`` naming the task(s), before any state changes
+    (the optimizer then changes nothing).
+
+    GLS has no hyper-parameters and no state.
+    """
+
+    name = "gls"
+
+    def weights(self, losses: Tensor, state: State, ctx: WeightingContext) -> tuple[Tensor, State]:
+        check_positive_losses(losses, ctx.task_names, "GLS", "takes log L_i")
+        log = torch.log(losses.to(torch.float64))
+        return torch.exp(log.mean() - log) / losses.shape[0], state
+
+    def objective(self, losses: Tensor, weights: Tensor) -> float:
+        """The geometric mean ``G`` of the losses."""
+        return float(torch.exp(torch.log(losses.to(torch.float64)).mean()))
+
+    def settings(self) -> Dict[str, Any]:
+        return {}

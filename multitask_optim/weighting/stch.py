@@ -1,0 +1,126 @@
+"""Smooth Tchebycheff scalarization (Lin et al., 2024)."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+import torch
+from torch import Tensor
+
+from ._per_task import check_positive_float, check_positive_int, check_positive_losses, scalar
+from .base import WEIGHTINGS, State, Weighting, WeightingContext
+
+
+@WEIGHTINGS.register
+class SmoothTchebycheff(Weighting):
+    """Smooth Tchebycheff (STCH): a smoothed max of the log-losses relative to a nadir point.
+
+    Reference: X. Lin, X. Zhang, Z. Yang, F. Liu, Z. Wang, Q. Zhang, "Smooth Tchebycheff
+    Scalarization for Multi-Objective Optimization", ICML 2024 (arXiv:2402.19078),
+    eq. (8): ``g_mu(x) = mu log sum_i exp(lambda_i (f_i(x) - z_i) / mu)``.
+
+    What is implemented (the paper's multi-task set-up as in its official code, which
+    LibMTL's ``STCH`` copies): equal preferences ``lambda_i = 1``, objectives
+    ``f_i = log L_i``, reference point ``z_i = log n_i`` with ``n`` a nadir point, the
+    smoothed maximum scaled by ``K``. After the warm-up the objective and the weights are::
+
+        u_i = (log L_i - log n_i) / mu
+        objective = K mu log sum_i exp(u_i)
+        w_i = d objective / d L_i = K softmax(u)_i / L_i
+
+    (``sum_i w_i L_i = K``). The smaller ``mu``, the closer this is to the plain
+    Tchebycheff ``K max_i log(L_i / n_i)``: nearly all the weight goes to the task
+    furthest above its nadir loss.
+
+    Warm-up: for the first ``warmup_epochs`` epochs the objective is ``sum_i log L_i``
+    (weights ``w_i = 1 / L_i``), and the nadir point ``n`` is the mean of the raw loss
+    values over the *last* warm-up epoch (the official code's schedule:
+    ``warmup_epochs = W + 1`` reproduces its ``STCH_warmup_epoch = W``; the default 5
+    its default 4). Epochs end with ``opt.epoch_end()`` (:meth:`epoch_end`) or, with
+    ``steps_per_epoch`` set, by themselves after that many steps; an epoch with no step
+    in it is not counted. Without either the warm-up never ends.
+
+    Departures from the official code: it adds ``1e-20`` inside its logs; we require
+    ``L_i > 0`` instead (below). It reports all-ones weights; we report the weights the
+    gradient uses.
+
+    Losses that are not positive: ``log L_i`` is undefined for ``L_i <= 0``, so
+    :meth:`weights` raises a ``ValueError`` naming the task(s), before any state changes.
+
+    State (tensors): ``epoch_sum (K,)`` and ``epoch_count`` (0-d) of the current warm-up
+    epoch, ``epochs_done`` (0-d), ``nadir (K,)`` (zeros until the warm-up ends).
+
+    Args:
+        mu: smoothing parameter ``mu > 0`` (default 1.0, the official code's).
+        warmup_epochs: number of warm-up epochs (>= 1, default 5).
+        steps_per_epoch: close an epoch automatically after this many steps
+            (``None``: only :meth:`epoch_end` closes it).
+
+    Raises:
+        ValueError: a non-positive ``mu``, ``warmup_epochs`` or ``steps_per_epoch``.
+    """
+
+    name = "stch"
+
+    def __init__(
+        self, mu: float = 1.0, warmup_epochs: int = 5, steps_per_epoch: Optional[int] = None
+    ) -> None:
+        self.mu = check_positive_float(mu, "mu")
+        self.warmup_epochs = check_positive_int(warmup_epochs, "warmup_epochs")
+        self.steps_per_epoch = (
+            None if steps_per_epoch is None else check_positive_int(steps_per_epoch, "steps_per_epoch")
+        )
+
+    def init_state(self, num_tasks: int, num_blocks: int = 1) -> State:
+        return {
+            "epoch_sum": torch.zeros(num_tasks, dtype=torch.float64),
+            "epoch_count": scalar(0, torch.int64),
+            "epochs_done": scalar(0, torch.int64),
+            "nadir": torch.zeros(num_tasks, dtype=torch.float64),
+        }
+
+    def _state(self, state: State, num_tasks: int) -> State:
+        if not state or "nadir" not in state:
+            return self.init_state(num_tasks)
+        if state["nadir"].shape[0] != num_tasks:
+            raise ValueError(f"STCH state is for {state['nadir'].shape[0]} tasks, got {num_tasks} losses")
+        return state
+
+    def warming_up(self, state: State) -> bool:
+        """Whether the warm-up is still running (no nadir point yet)."""
+        return not state or int(state["epochs_done"]) < self.warmup_epochs
+
+    def weights(self, losses: Tensor, state: State, ctx: WeightingContext) -> tuple[Tensor, State]:
+        losses = losses.to(torch.float64)
+        check_positive_losses(losses, ctx.task_names, "STCH", "takes log L_i")
+        state = self._state(state, losses.shape[0])
+        if not self.warming_up(state):
+            u = (torch.log(losses) - torch.log(state["nadir"])) / self.mu
+            return losses.shape[0] * torch.softmax(u, dim=0) / losses, state
+        new_state = {
+            "epoch_sum": state["epoch_sum"] + losses,
+            "epoch_count": state["epoch_count"] + 1,
+            "epochs_done": state["epochs_done"].clone(),
+            "nadir": state["nadir"].clone(),
+        }
+        if self.steps_per_epoch is not None and int(new_state["epoch_count"]) >= self.steps_per_epoch:
+            new_state = self.epoch_end(new_state)
+        return 1.0 / losses, new_state
+
+    def epoch_end(self, state: State) -> State:
+        """Close a warm-up epoch; closing the last sets the nadir point (no-op after the warm-up)."""
+        if not state or "epoch_count" not in state or not self.warming_up(state):
+            return state
+        if int(state["epoch_count"]) == 0:
+            return state
+        mean = state["epoch_sum"] / state["epoch_count"].to(torch.float64)
+        done = state["epochs_done"] + 1
+        return {
+            "epoch_sum": torch.zeros_like(state["epoch_sum"]),
+            "epoch_count": torch.zeros_like(state["epoch_count"]),
+            "epochs_done": done,
+            "nadir": mean if int(done) == self.warmup_epochs else state["nadir"].clone(),
+        }
+
+    def settings(self) -> Dict[str, Any]:
+        return {"mu": self.mu, "warmup_epochs": self.warmup_epochs, "steps_per_epoch": self.steps_per_epoch}
