@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from ._per_task import accumulate_grad, check_lr, check_positive_losses, detached_f64
-from .base import WEIGHTINGS, State, Weighting, WeightingContext
+from .base import WEIGHTINGS, Gram, State, Weighting, WeightingContext
 
 
 @WEIGHTINGS.register
@@ -69,12 +69,7 @@ class IMTLL(Weighting):
         return torch.exp(detached_f64(self._bound())), state
 
     def backward(
-        self,
-        losses: Tensor,
-        weights: Tensor,
-        state: State,
-        ctx: WeightingContext,
-        gram: Optional[Tensor] = None,
+        self, losses: Tensor, weights: Tensor, state: State, ctx: WeightingContext, gram: Gram = None
     ) -> None:
         p = self._bound()
         grad = torch.exp(detached_f64(p)) * losses.to(torch.float64) - 1.0
