@@ -53,6 +53,7 @@ CONFIGS: Dict[str, Dict[str, Any]] = {
     "pcgrad-k3-uncertainty": {"surgery": "pcgrad", "k": 3, "weighting": "uncertainty"},
     "pcgrad-k3-explicit": {"surgery": "pcgrad", "k": 3, "explicit": True},
     "gradvac-k2-tensor-looped": {"surgery": "gradvac", "k": 2, "granularity": "tensor", "mode": "looped"},
+    "pcgrad-k3-accumulate": {"surgery": "pcgrad", "k": 3, "micro": 2},
     "mgda-k3-gradnorm": {"surgery": "mgda", "k": 3, "weighting": "gradnorm"},
     "pcgrad-k2-nan-on-rank1": {"surgery": "pcgrad", "k": 2, "nan_step": 2},
     # FSDP's policies: CPU offload is exact; bf16 compute is compared loosely (bf16 rounding)
@@ -138,14 +139,19 @@ def train(
     skipped, coefs, sent, modes = [], [], [], []
     for step in steps:
         x, targets = full_batch(step, cfg["k"])
-        outputs = model(x[rows])
-        losses = [F.mse_loss(y, t[rows]) for y, t in zip(outputs, targets)]
-        if cfg.get("nan_step") == step and rank == 1:
-            losses[0] = losses[0] * float("nan")
+        x, targets = x[rows], [t[rows] for t in targets]
         opt.zero_grad()
+        micro = cfg.get("micro", 1)
+        for idx in torch.arange(per_rank).chunk(micro):
+            outputs = model(x[idx])
+            losses = [F.mse_loss(y, t[idx]) / micro for y, t in zip(outputs, targets)]
+            if cfg.get("nan_step") == step and rank == 1:
+                losses[0] = losses[0] * float("nan")
+            if micro > 1:
+                opt.accumulate(losses)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            opt.step(losses)
+            opt.step(losses if micro == 1 else None)
         if opt.last_stats.get("skipped_step"):
             skipped.append(step)
         else:
