@@ -15,6 +15,7 @@ to the ``floor`` (inner optimizer on ``sum(losses)``) of the same run.
     python -m benchmarks.speed --cnn                 # small conv trunk (MultiDigits-style)
     python -m benchmarks.speed --tiny                # TorchJD's example network: ratios to TorchJD / floor
     python -m benchmarks.speed --scaling             # 3x32x32 CNN at K=8,16,40 and the MLP at K=40
+    python -m benchmarks.speed --distributed         # 2 gloo ranks: DDP and FSDP2, bytes sent per step
     python -m benchmarks.speed --one ours-pcgrad --k 8 --steps 20   # e.g. under cProfile
 
 Results go to ``benchmarks/out/`` (git-ignored) unless ``--out`` says otherwise (the
@@ -493,6 +494,11 @@ def _add_mode_flags(p: argparse.ArgumentParser) -> None:
         "--quick", action="store_true", help="smoke run: K in {2,4}, 3 reps (with --tiny/--scaling: tiny)"
     )
     p.add_argument("--cnn", action="store_true", help="convolutional trunk instead of the MLP")
+    p.add_argument(
+        "--distributed",
+        action="store_true",
+        help="2 gloo ranks: DDP and FSDP2 (ours vs sum(losses)), ms/step and bytes sent per step (--k, --reps)",
+    )
     p.add_argument("--tiny", action="store_true", help="TorchJD's example network, many rounds, as ratios")
     p.add_argument(
         "--scaling",
@@ -594,6 +600,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         return run_one(args, cfg)
     if args.tiny:
         return run_tiny(args, args.out)
+    if args.distributed:
+        from .distributed import main as run_distributed
+
+        return run_distributed(args, cfg)
     if args.scaling:
         return run_scaling(args, args.out)
     ks, names = _sweep_setup(args, cfg)

@@ -10,7 +10,7 @@ form lives in this one file.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -125,7 +125,7 @@ class TaskGradients:
             task if f == 1.0 else [None if g is None else g * f for g in task]
             for task, f in zip(self.tasks, factors)
         ]
-        return TaskGradients(shared, tasks, [f.scaled(vector) for f in self.factors])
+        return replace(self, shared=shared, tasks=tasks, factors=[f.scaled(vector) for f in self.factors])
 
     def dense(self) -> TaskGradients:
         """The same gradients with every factored layer turned into explicit rows."""
@@ -146,7 +146,12 @@ class TaskGradients:
         )
 
     def with_shared(self, shared: Rows) -> TaskGradients:
-        return TaskGradients(list(shared), self.tasks, self.factors)
+        return replace(self, shared=list(shared))
+
+    def agree(self, ok: bool) -> bool:
+        """Whether a check of these gradients holds everywhere: ``ok`` itself here; sharded
+        gradients (:mod:`.fsdp`) ask every rank, since each checked only its shards."""
+        return ok
 
     def grams(self, blocks: Sequence[Sequence[int]], num_tasks: int) -> Tensor:
         """Gram matrices ``G_b = J_b J_b^T`` of every block, ``(B, K, K)`` float64 on the CPU."""

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import checkpoint, groups
+from . import checkpoint, fsdp, groups
 from .aggregators import AGGREGATORS, AggregationContext, Aggregator, GramianCallable, RowAggregator
 from .amp import current_scale
 from .amp import update as amp_update
@@ -171,6 +171,10 @@ class MultiTaskOptimizer(Optimizer):
             gradient_mode, factored=self.preconditioner is None and not self.aggregator.needs_jacobian
         )
         self._rows = ParameterRows(self.engine)
+        sharded = fsdp.source_for(self._params, self.engine, self.aggregator)  # FSDP2: DTensor parameters
+        self._sharded = sharded is not None
+        if sharded is not None:
+            self._rows = sharded
         self._granularity = check_granularity(granularity, self._index_of)
         self._task_lr = check_task_lr(task_lr)
         if seed is None:
@@ -336,6 +340,7 @@ class MultiTaskOptimizer(Optimizer):
             and self._task_lr is None
             and current_scale(self.grad_scaler) == 1.0
             and world_size() == 1
+            and not self._sharded
         )
 
     def _plain_step(self, losses: Losses, features: Optional[Union[Tensor, Sequence[Tensor]]]) -> None:
@@ -448,7 +453,7 @@ class MultiTaskOptimizer(Optimizer):
         if bad is not None:
             out = Gathered(names, values, bad=bad)
             return (out if into is None else into + out), self._rows
-        graph = analyse(loss_list)
+        graph = self._rows.map_graph(analyse(loss_list), self._params, representation)
         for name, tensor in (("representation", representation), *named_features(features)):
             if tensor is not None:
                 check_passes(tensor, graph, name)

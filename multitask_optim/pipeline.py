@@ -27,6 +27,7 @@ from torch import Tensor
 
 from .aggregators import AggregationContext, Aggregator
 from .components import State
+from .fsdp import as_param_grad
 from .gradients import Rows, TaskGradients, all_finite
 from .partition import Partition
 from .precondition import Preconditioner
@@ -109,7 +110,7 @@ def precondition(
     """Rows rescaled by each task's accumulator; a step that would overflow one is refused."""
     rows, new_state = preconditioner.apply(grads.shared, keys, state)
     touched = [new_state[f"{key}.v"] for key, r in zip(keys, grads.shared) if r is not None]
-    if not all_finite(touched):
+    if not grads.agree(all_finite(touched)):
         return grads, state, "a per-task accumulator would overflow"
     return grads.with_shared(rows), new_state, None
 
@@ -144,6 +145,7 @@ def write_grad(param: Tensor, grad: Optional[Tensor]) -> None:
     """Add ``grad`` to ``param.grad`` (as ``backward`` would), creating it if absent."""
     if grad is None:
         return
+    grad = as_param_grad(param, grad)  # FSDP2: a local shard becomes a DTensor gradient
     if param.grad is None:
         param.grad = grad.detach().to(param.dtype).clone() if grad.dtype != param.dtype else grad.detach()
     else:

@@ -36,6 +36,12 @@ class ParameterRows:
     def __init__(self, engine: GradientEngine) -> None:
         self.engine = engine
 
+    def map_graph(
+        self, graph: LossGraph, params: Sequence[Tensor], representation: Optional[Tensor]
+    ) -> LossGraph:
+        """The graph as the partition reads it (FSDP2 maps unsharded leaves to sharded parameters)."""
+        return graph
+
     def gather(self, losses: Sequence[Tensor], graph: LossGraph, partition: Partition) -> TaskGradients:
         return self.engine.compute(losses, graph, partition.shared, partition.tasks)
 

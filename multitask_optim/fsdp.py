@@ -1,0 +1,520 @@
+"""Sharded models (FSDP2, ``torch.distributed.fsdp.fully_shard``).
+
+The optimizer holds the *sharded* parameters (``DTensor`` with ``Shard(dim)`` on a 1-D
+mesh); the autograd graph of a forward pass holds FSDP's *unsharded* parameters (one
+``nn.Parameter`` per sharded one, all-gathered for the forward). :class:`FSDPRows` is the
+source of per-task rows for such a model, with the interface of
+:class:`~multitask_optim.sources.ParameterRows`, so the step pipeline is unchanged:
+
+1. **gather** (no communication of ours): the partition is found from the graph as
+   without FSDP, through the map *unsharded graph leaf -> sharded parameter* read from
+   FSDP's own registry of module states (no ``model=`` argument). The gradient engine
+   differentiates the losses w.r.t. the unsharded leaves -- the same exact paths
+   (frontier, batched, looped) as without FSDP -- giving each task's gradient of the
+   full parameter on this rank's batch, ``(K, *shape)``. FSDP's hooks still unshard the
+   parameters for backward and reshard them afterwards; since ``autograd.grad`` fills
+   no ``.grad``, FSDP reduces nothing itself.
+2. **reduce**: ONE ``reduce_scatter`` of every stacked per-task gradient (shared rows
+   and task-parameter gradients, pre-divided by the world size: an average), cut along
+   each parameter's shard dimension exactly as FSDP cuts it. It leaves every rank with
+   its shard of each task's gradient averaged over the global batch -- what K separate
+   backwards through FSDP would deliver, in one collective instead of K. The loss values
+   and a "non-finite on this rank" flag ride in every rank's chunk, so every rank gets
+   their global sums and every rank skips a step that any rank finds non-finite.
+3. **gram**: each rank computes the partial Gram of its shards, ``G_r = J_r J_r^T``
+   (float64), and ONE ``all_reduce`` of the ``(B, K, K)`` partials (plus one number, the
+   sum of the ranks' largest row entries, for the overflow check below) gives
+   ``G = sum_r G_r``, bitwise the same on every rank; every rank then computes the same
+   coefficients.
+4. **combine**: each rank forms its shard of the update ``J_b^T c_b`` from its own rows
+   and writes it as a ``DTensor`` ``.grad`` with the parameter's placements.
+
+Why this is exact: the rows of the Jacobian split into shards, so
+``<g_i, g_j> = sum_r <g_i^(r), g_j^(r)>`` (the Gram), and ``J^T c`` restricted to a shard
+is ``J_r^T c`` (the update). The per-task gradients are those of the global batch
+because the reduce-scatter averages the ranks' full gradients, as FSDP's own
+reduce-scatter does. Per-task preconditioning is element-wise, so its accumulators stay
+sharded like the parameters.
+
+Per step each rank sends about ``(W-1)/W * 4 (K*P + W*(K+1))`` bytes (float32) in the
+reduce-scatter and ``8 (B*K*K + 1)`` in the Gram all-reduce, against ``2 (W-1)/W * 4 K*P``
+for the all-reduce of the replicated (DDP) path; FSDP's own all-gathers of the parameters
+for forward and backward come on top, as for any FSDP training.
+
+Refused, with an error: per-task parameters and shared ones that are not sharded by FSDP
+in one optimizer (shard the whole model), HSDP / 2-D meshes, methods that read the
+Jacobian's rows (:class:`~multitask_optim.aggregators.RowAggregator`: they would see only
+a shard), representation mode, and ``gradient_mode="lean"`` (factored linear layers).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from .gradients import Rows, TaskGradients
+from .gram import dense_grams
+from .graph import LossGraph
+from .jacobian import GradientEngine
+from .partition import Partition, describe
+from .sources import ParameterRows
+
+try:  # torch.distributed is optional at build time
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor, Shard
+except ImportError:  # pragma: no cover - builds without distributed support
+    dist = None  # type: ignore[assignment]
+    DTensor = None  # type: ignore[assignment,misc]
+    Shard = None  # type: ignore[assignment,misc]
+
+
+def is_sharded(param: Tensor) -> bool:
+    """Whether ``param`` is a ``DTensor`` (a parameter sharded by FSDP2)."""
+    return DTensor is not None and isinstance(param, DTensor)
+
+
+def as_param_grad(param: Tensor, grad: Tensor) -> Tensor:
+    """``grad`` as ``param``'s gradient: a local shard becomes a ``DTensor`` with ``param``'s
+    mesh, placements, global shape and stride (required for uneven shards); anything else
+    is returned unchanged."""
+    if not is_sharded(param) or is_sharded(grad):
+        return grad
+    local = param.to_local()  # type: ignore[attr-defined]
+    grad = grad.to(device=local.device, dtype=local.dtype).contiguous()
+    return DTensor.from_local(  # type: ignore[union-attr]
+        grad, param.device_mesh, param.placements, shape=param.shape, stride=param.stride(), run_check=False
+    )
+
+
+def local(t: Tensor) -> Tensor:
+    return t.to_local() if is_sharded(t) else t  # type: ignore[attr-defined]
+
+
+def source_for(params: Sequence[Tensor], engine: GradientEngine, aggregator: Any) -> Optional[FSDPRows]:
+    """The FSDP2 source when the optimizer's parameters are sharded (``DTensor``), else None.
+
+    Raises:
+        ValueError: a configuration the sharded path cannot run exactly (see the module
+            docstring), naming the argument or the parameter.
+    """
+    if not any(is_sharded(p) for p in params):
+        return None
+    for n, p in enumerate(params):
+        if not is_sharded(p):
+            raise ValueError(
+                f"optimizer: {describe(n, p)} is not sharded while others are (FSDP2 DTensors): apply "
+                "fully_shard to the whole model (the root module too) before building the optimizer"
+            )
+    mesh = params[0].device_mesh  # type: ignore[attr-defined]
+    for n, p in enumerate(params):
+        placements = p.placements  # type: ignore[attr-defined]
+        if p.device_mesh is not mesh and p.device_mesh != mesh:  # type: ignore[attr-defined]
+            raise ValueError(f"optimizer: {describe(n, p)} lives on another device mesh than the others")
+        if len(placements) != 1 or not isinstance(placements[0], Shard):
+            raise ValueError(
+                f"optimizer: {describe(n, p)} has placements {placements}; only FSDP2's Shard(dim) on a "
+                "1-D mesh is supported (not HSDP or tensor parallelism)"
+            )
+    if getattr(aggregator, "needs_jacobian", False):
+        raise ValueError(
+            f"surgery {aggregator.name!r} reads the Jacobian's rows, which FSDP2 shards across ranks; "
+            "use a Gram-based surgery with a sharded model"
+        )
+    if engine.requested == "lean":
+        raise ValueError(
+            "gradient_mode='lean' keeps linear layers factored, which FSDP2 (sharded rows) cannot use; "
+            "use 'auto', 'frontier', 'batched' or 'looped'"
+        )
+    engine.factored = False  # factored layers hold full-size inputs, not shards
+    return FSDPRows(engine, mesh)
+
+
+def unsharded_leaves(params: Sequence[Tensor]) -> Dict[int, Tensor]:
+    """``id(sharded parameter) -> FSDP's unsharded parameter`` (the graph leaf) for ``params``.
+
+    Read from FSDP2's registry of module states (private attributes of torch 2.4 to
+    2.13: ``FSDPState._fsdp_param_groups[*].fsdp_params[*]._unsharded_param`` /
+    ``.sharded_param``); a parameter whose group was never all-gathered has no entry.
+    """
+    from torch.distributed._composable_state import _module_state_mapping
+    from torch.distributed.fsdp._fully_shard._fsdp_state import FSDPState
+
+    wanted = {id(p) for p in params}
+    out: Dict[int, Tensor] = {}
+    seen = set()
+    for ref in list(_module_state_mapping.values()):
+        state = ref() if callable(ref) else ref
+        if not isinstance(state, FSDPState) or id(state) in seen:
+            continue
+        seen.add(id(state))
+        for group in getattr(state, "_fsdp_param_groups", []):
+            for fsdp_param in group.fsdp_params:
+                sharded = fsdp_param.sharded_param
+                leaf = getattr(fsdp_param, "_unsharded_param", None)
+                if id(sharded) in wanted and leaf is not None:
+                    out[id(sharded)] = leaf
+    return out
+
+
+@dataclass
+class ShardedGradients(TaskGradients):
+    """Per-task gradients as this rank's shards; :meth:`grams` sums the ranks' partial Grams.
+
+    Attributes:
+        source: the :class:`FSDPRows` that reduced them (its process group, and the
+            overflow bound it keeps for the update).
+    """
+
+    source: Optional[FSDPRows] = field(default=None, repr=False)
+
+    def grams(self, blocks: Sequence[Sequence[int]], num_tasks: int) -> Tensor:
+        """``G_b = sum_r J_b^(r) J_b^(r)T``: partial Grams, one all-reduce (float64)."""
+        partial = dense_grams(self.shared, blocks, num_tasks)
+        assert self.source is not None
+        return self.source.sum_grams(partial, self.shared)
+
+    def agree(self, ok: bool) -> bool:
+        """Whether every rank found ``ok`` (a local check of sharded values)."""
+        assert self.source is not None
+        return self.source.agree(ok)
+
+
+@dataclass
+class _Piece:
+    """Where one gradient goes in the reduce-scatter buffer."""
+
+    lead: Tuple[int, ...]  # leading axes (K,) for Jacobian rows, () for a task gradient
+    dim: int  # shard dimension of the parameter
+    size: int  # full length along dim
+    chunk: int  # ceil(size / world)
+    local: int  # this rank's length along dim
+    rest: Tuple[int, ...]  # the moved shape after dim
+    numel: int  # elements per rank in the buffer
+    dtype: torch.dtype
+
+
+class FSDPRows(ParameterRows):
+    """Per-task rows of a model sharded with FSDP2 (see the module docstring)."""
+
+    mode = "parameters"
+
+    def __init__(self, engine: GradientEngine, mesh: Any) -> None:
+        super().__init__(engine)
+        self.mesh = mesh
+        self.group = mesh.get_group()
+        self.world = int(dist.get_world_size(self.group))  # type: ignore[union-attr]
+        self.rank = int(dist.get_rank(self.group))  # type: ignore[union-attr]
+        self._leaves: Dict[int, Tensor] = {}
+        self._partition: Optional[Partition] = None
+        self._bound = 0.0
+        self.sent_bytes = 0  # bytes this rank sent in the optimizer's collectives, last step
+
+    # ---------------------------------------------------------------- graph
+    def map_graph(
+        self, graph: LossGraph, params: Sequence[Tensor], representation: Optional[Tensor]
+    ) -> LossGraph:
+        """Give every sharded parameter the reachability of its unsharded graph leaf."""
+        if representation is not None:
+            raise ValueError(
+                "representation= is not supported with a model sharded by FSDP2; use parameter mode"
+            )
+        self._leaves = unsharded_leaves(params)
+        for p in params:
+            leaf = self._leaves.get(id(p))
+            if leaf is not None and id(leaf) in graph.param_mask:
+                graph.param_mask[id(p)] = graph.param_mask[id(leaf)]
+                graph.leaves[id(p)] = graph.leaves[id(leaf)]
+        return graph
+
+    # ---------------------------------------------------------------- stages
+    def gather(self, losses: Sequence[Tensor], graph: LossGraph, partition: Partition) -> TaskGradients:
+        """Each task's gradient of the full (unsharded) parameters on this rank's batch."""
+        self.sent_bytes = 0
+        self._partition = partition
+
+        def leaf(p: Tensor) -> Tensor:
+            return self._leaves.get(id(p), p)
+
+        shared = [leaf(p) for p in partition.shared]
+        tasks = [[leaf(p) for p in params] for params in partition.tasks]
+        return self.engine.compute(losses, graph, shared, tasks).dense()
+
+    def reduce(self, grads: TaskGradients, values: Tensor) -> Tuple[TaskGradients, Tensor]:
+        """ONE reduce-scatter: every rank's shard of the averaged per-task gradients, the
+        averaged loss values, and the count of ranks that saw a non-finite value."""
+        assert self._partition is not None
+        partition = self._partition
+        k = values.shape[0]
+        local_bad = not (bool(torch.isfinite(values).all()) and grads.all_finite())
+        items: List[Tuple[Tensor, Optional[Tensor], Tuple[int, ...]]] = []
+        for p, rows in zip(partition.shared, grads.shared):
+            items.append((p, rows, (k,)))
+        for params, task in zip(partition.tasks, grads.tasks):
+            for p, g in zip(params, task):
+                items.append((p, g, ()))
+        present = [(p, g, lead) for p, g, lead in items if g is not None]
+        dtype = torch.float32
+        for p, _, _ in present:
+            dtype = torch.promote_types(dtype, p.dtype)
+        device = self._device()
+        pieces: List[_Piece] = []
+        columns: List[Tensor] = []
+        for p, g, lead in present:
+            assert g is not None
+            piece = self._piece(p, lead, dtype)
+            pieces.append(piece)
+            columns.append(self._split(g, piece, device))
+        tail = torch.cat([values.to(dtype), torch.tensor([float(local_bad)], dtype=dtype)]).to(device)
+        columns.append(tail.expand(self.world, k + 1))
+        send = torch.cat(columns, dim=1).div_(self.world)  # (W, n): pre-divided, so the sum is the mean
+        out = torch.empty(send.shape[1], dtype=dtype, device=device)
+        _reduce_scatter(out, send.reshape(-1), self.group)
+        self.sent_bytes += send.numel() * send.element_size() * (self.world - 1) // self.world
+        got: Dict[int, Tensor] = {}
+        offset = 0
+        for (p, _, _), piece in zip(present, pieces):
+            got[id(p)] = self._join(out[offset : offset + piece.numel], piece, p)
+            offset += piece.numel
+        new_values = out[offset : offset + k].to(torch.float64).cpu()
+        if float(out[offset + k]) > 0:  # a rank saw a non-finite loss or gradient: all skip
+            new_values = torch.full_like(new_values, float("nan"))
+        shared: Rows = [
+            got.get(id(p)) if rows is not None else None for p, rows in zip(partition.shared, grads.shared)
+        ]
+        tasks = [
+            [got.get(id(p)) if g is not None else None for p, g in zip(params, task)]
+            for params, task in zip(partition.tasks, grads.tasks)
+        ]
+        self._bound = 0.0
+        return ShardedGradients(shared, tasks, [], source=self), new_values
+
+    def grams(self, grads: TaskGradients, blocks: Sequence[Sequence[int]], num_tasks: int) -> Tensor:
+        return grads.grams(blocks, num_tasks)
+
+    def updates(
+        self, grads: TaskGradients, blocks: Sequence[Sequence[int]], mix: Tensor, partition: Partition
+    ) -> Tuple[Rows, bool]:
+        """This rank's shards of ``J_b^T c_b``; whether they are finite on every rank.
+
+        The update of each element is bounded by ``sum_i |c_i| * max |J|``; when that bound
+        (the same on every rank) cannot overflow, no rank's update is non-finite and no
+        collective is needed; otherwise the ranks vote (one small all-reduce).
+        """
+        updates, finite = grads.combine(blocks, mix)
+        dtypes = [u.dtype for u in updates if u is not None]
+        if not dtypes:
+            return updates, finite
+        limit = min(torch.finfo(d).max for d in dtypes)
+        bound = float(mix.abs().sum(dim=1).max()) * self._bound
+        if math.isfinite(bound) and bound < 0.25 * limit:
+            return updates, finite
+        return updates, self.agree(finite)
+
+    def stats(self, grads: TaskGradients) -> Dict[str, Any]:
+        return {
+            "factored_params": 0,
+            "jacobian_params": sum(1 for j in grads.shared if j is not None),
+            "sent_bytes": self.sent_bytes,
+        }
+
+    # ---------------------------------------------------------------- collectives
+    def sum_grams(self, partial: Tensor, rows: Sequence[Optional[Tensor]]) -> Tensor:
+        """All-reduce the ``(B, K, K)`` partial Grams with the ranks' largest row entries."""
+        peak = 0.0
+        present = [r for r in rows if r is not None and r.numel()]
+        if present:
+            peak = float(torch.stack([r.detach().abs().amax().double() for r in present]).amax())
+        buf = torch.cat([partial.reshape(-1), torch.tensor([peak], dtype=torch.float64)])
+        buf = buf.to(self._device())
+        dist.all_reduce(buf, group=self.group)  # type: ignore[union-attr]
+        self.sent_bytes += 2 * buf.numel() * buf.element_size() * (self.world - 1) // self.world
+        buf = buf.cpu()
+        self._bound = max(self._bound, float(buf[-1]))
+        return buf[:-1].view_as(partial)
+
+    def agree(self, ok: bool) -> bool:
+        """Whether ``ok`` holds on every rank (one all-reduce of one number)."""
+        flag = torch.tensor([0.0 if ok else 1.0], dtype=torch.float64, device=self._device())
+        dist.all_reduce(flag, group=self.group)  # type: ignore[union-attr]
+        self.sent_bytes += 2 * flag.element_size() * (self.world - 1) // self.world
+        return float(flag) == 0.0
+
+    def _device(self) -> torch.device:
+        """Where this group's collectives run (CUDA for NCCL, else the CPU)."""
+        if dist.get_backend(self.group) == "nccl":  # type: ignore[union-attr]
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    # ---------------------------------------------------------------- layout
+    def _piece(self, p: Tensor, lead: Tuple[int, ...], dtype: torch.dtype) -> _Piece:
+        dim = p.placements[0].dim  # type: ignore[attr-defined]
+        dim = dim if dim >= 0 else dim + p.dim()
+        size = int(p.shape[dim])
+        chunk = -(-size // self.world)
+        mine = int(local(p).shape[dim])
+        expected = max(0, min(chunk, size - self.rank * chunk))
+        if mine != expected:
+            raise RuntimeError(
+                f"FSDP2 parameter of shape {tuple(p.shape)}: local shard has {mine} rows along dim {dim}, "
+                f"expected {expected} (torch.chunk layout)"
+            )
+        rest = tuple(int(s) for i, s in enumerate(p.shape) if i != dim)
+        numel = math.prod(lead) * chunk * math.prod(rest)
+        return _Piece(lead, dim, size, chunk, mine, rest, numel, dtype)
+
+    def _split(self, g: Tensor, piece: _Piece, device: torch.device) -> Tensor:
+        """``(W, numel)``: the full gradient cut into the ranks' chunks (zero padded)."""
+        n = len(piece.lead)
+        moved = g.detach().to(device=device, dtype=piece.dtype).movedim(n + piece.dim, n)
+        pad = piece.chunk * self.world - piece.size
+        if pad:
+            zeros = torch.zeros((*piece.lead, pad, *piece.rest), dtype=piece.dtype, device=device)
+            moved = torch.cat([moved, zeros], dim=n)
+        moved = moved.reshape(*piece.lead, self.world, piece.chunk, *piece.rest).movedim(n, 0)
+        return moved.reshape(self.world, -1)
+
+    def _join(self, flat: Tensor, piece: _Piece, p: Tensor) -> Tensor:
+        """This rank's shard, in the parameter's local layout and dtype."""
+        n = len(piece.lead)
+        block = flat.view(*piece.lead, piece.chunk, *piece.rest).narrow(n, 0, piece.local)
+        block = block.movedim(n, n + piece.dim)
+        return block.to(local(p).dtype).contiguous()
+
+
+def _reduce_scatter(out: Tensor, send: Tensor, group: Any) -> None:
+    fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor  # type: ignore[union-attr]
+    fn(out, send, group=group)
+
+
+# ---------------------------------------------------------------------------- checkpoint
+class MultiTaskState:
+    """The optimizer's multi-task state as a ``torch.distributed.checkpoint`` ``Stateful``.
+
+    ``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict`` carries the inner
+    optimizer's sharded state but drops the ``"multitask"`` entry of
+    ``MultiTaskOptimizer.state_dict()``, and fails on a parameter that is not the
+    model's (a learnable weighting's): use :func:`get_optimizer_state_dict` /
+    :func:`set_optimizer_state_dict` below for the model's groups and this object for
+    the rest. Each rank's entry (component states, its shards of the per-task
+    accumulators, the generator, counters, the weighting group's parameters and inner
+    state) is saved as one opaque object under its rank's key, so it loads into a fresh
+    optimizer whose partition is not known yet; it loads on the same world size only (a
+    different one raises). Use::
+
+        from multitask_optim import fsdp
+        state = {"model": get_model_state_dict(model),
+                 "optim": fsdp.get_optimizer_state_dict(model, opt),
+                 "multitask": fsdp.MultiTaskState(opt)}
+        dcp.save(state, checkpoint_id=path)
+        # fresh ranks: build model and optimizer as before, the same dict, then
+        dcp.load(state, checkpoint_id=path)
+        set_model_state_dict(model, state["model"])
+        fsdp.set_optimizer_state_dict(model, opt, state["optim"])
+    """
+
+    def __init__(self, optimizer: Any) -> None:
+        self.optimizer = optimizer
+
+    def state_dict(self) -> Dict[str, Any]:
+        rank, world = _rank_and_world()
+        entry = {
+            "multitask": self.optimizer.state_dict()["multitask"],
+            "weighting_state": [
+                _plain(self.optimizer.optimizer.state.get(p, {})) for p in _weighting_params(self.optimizer)
+            ],
+        }
+        buffer = io.BytesIO()
+        torch.save(entry, buffer)
+        return {"world_size": world, f"rank{rank}": buffer.getvalue()}
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        rank, world = _rank_and_world()
+        saved_world = int(state_dict.get("world_size", world))
+        payload = state_dict.get(f"rank{rank}")
+        if saved_world != world or not isinstance(payload, (bytes, bytearray)) or not payload:
+            raise ValueError(
+                f"MultiTaskState: the checkpoint was saved by {saved_world} ranks, this run has {world}; "
+                "the multi-task state (per-task accumulator shards) loads on the same world size only"
+            )
+        entry = torch.load(io.BytesIO(payload), weights_only=True)
+        inner = self.optimizer.optimizer
+        self.optimizer.load_state_dict({**inner.state_dict(), "multitask": entry["multitask"]})
+        params = _weighting_params(self.optimizer)
+        if len(params) != len(entry["weighting_state"]):
+            raise ValueError(
+                "MultiTaskState: the checkpoint's weighting group does not match this optimizer's"
+            )
+        for p, saved in zip(params, entry["weighting_state"]):
+            inner.state[p] = {key: value.clone() for key, value in saved.items()}
+
+
+def get_optimizer_state_dict(model: torch.nn.Module, optimizer: Any, **kwargs: Any) -> Dict[str, Any]:
+    """``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict`` over the model's
+    param groups (the weighting's group, not the model's, rides in :class:`MultiTaskState`)."""
+    from torch.distributed.checkpoint import state_dict as dcp_state
+
+    with _without_weighting_group(optimizer):
+        return dcp_state.get_optimizer_state_dict(model, optimizer, **kwargs)
+
+
+def set_optimizer_state_dict(
+    model: torch.nn.Module, optimizer: Any, optim_state_dict: Dict[str, Any], **kwargs: Any
+) -> None:
+    """``torch.distributed.checkpoint.state_dict.set_optimizer_state_dict`` over the model's
+    param groups; the weighting group's state (loaded by :class:`MultiTaskState`) is kept."""
+    from torch.distributed.checkpoint import state_dict as dcp_state
+
+    kept = {
+        p: optimizer.optimizer.state[p]
+        for p in _weighting_params(optimizer)
+        if p in optimizer.optimizer.state
+    }
+    with _without_weighting_group(optimizer):
+        dcp_state.set_optimizer_state_dict(model, optimizer, optim_state_dict, **kwargs)
+    optimizer.optimizer.state.update(kept)
+
+
+class _without_weighting_group:
+    """Hide the weighting's param group and its state (parameters that are not the model's) from DCP."""
+
+    def __init__(self, optimizer: Any) -> None:
+        self.inner = optimizer.optimizer
+        self.hidden: List[Tuple[int, Dict[str, Any]]] = []
+        self.states: Dict[Tensor, Any] = {}
+
+    def __enter__(self) -> None:
+        groups = self.inner.param_groups
+        self.hidden = [(n, g) for n, g in enumerate(groups) if g.get("task") == "weighting"]
+        for n, _ in reversed(self.hidden):
+            del groups[n]
+        for _, group in self.hidden:
+            for p in group["params"]:
+                if p in self.inner.state:
+                    self.states[p] = self.inner.state.pop(p)
+
+    def __exit__(self, *exc: Any) -> None:
+        for n, group in self.hidden:
+            self.inner.param_groups.insert(n, group)
+        self.inner.state.update(self.states)
+
+
+def _weighting_params(optimizer: Any) -> List[Tensor]:
+    return [p for g in optimizer.optimizer.param_groups if g.get("task") == "weighting" for p in g["params"]]
+
+
+def _plain(state: Dict[str, Any]) -> Dict[str, Tensor]:
+    return {
+        key: value.detach().clone() if isinstance(value, Tensor) else torch.tensor(value)
+        for key, value in state.items()
+    }
+
+
+def _rank_and_world() -> Tuple[int, int]:
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return 0, 1
+    return int(dist.get_rank()), int(dist.get_world_size())
