@@ -78,3 +78,52 @@ def place_precondition_state(state: State, params: Sequence[Tensor]) -> None:
             state[key] = state[key].to(device=torch.device("cpu"), dtype=torch.float64)
         else:
             state[key] = state[key].to(device=p.device, dtype=p.dtype)
+
+
+def entry(opt: Any) -> Dict[str, Any]:
+    """The ``"multitask"`` entry of ``opt.state_dict()``."""
+    weighting_params = opt.weighting.parameters() if opt._weighting_ready else []
+    return {
+        "version": VERSION,
+        "config": opt._config(),
+        "names": list(opt._names) if opt._names is not None else None,
+        "partition": opt._partition.to_indices(opt._index_of) if opt._partition is not None else None,
+        "split": opt._split,
+        "steps": opt._steps,
+        "generator": opt._generator.get_state(),
+        "states": {key: dict(state) for key, state in opt._states.items()},
+        "weighting_params": [p.detach().clone() for p in weighting_params],
+        "gradient_mode": opt.engine.mode if opt.engine.confirmed else None,
+    }
+
+
+def restore(opt: Any, mt: Mapping[str, Any], inner: Mapping[str, Any]) -> None:
+    """Load an :func:`entry` (and the inner optimizer's ``inner`` state) into ``opt``.
+
+    Everything that can be refused is checked before anything changes.
+    """
+    if mt.get("version") != VERSION:
+        raise ValueError(f"unsupported multitask state version {mt.get('version')!r}")
+    check_config(mt["config"], opt._config())
+    names = tuple(mt["names"]) if mt["names"] is not None else None
+    if opt._names is not None and names is not None and names != opt._names:
+        raise ValueError(f"state_dict is for tasks {list(names)}, this optimizer has {list(opt._names)}")
+    partition = saved_partition(mt["partition"], opt._params, opt._partition, opt._index_of)
+    if names is not None and not opt._weighting_ready:
+        opt.weighting.bind(names)
+    params = opt.weighting.parameters() if names is not None else []
+    if len(params) != len(mt["weighting_params"]):
+        raise ValueError("state_dict's weighting parameters do not match this optimizer's weighting")
+    if partition is not None and opt._partition is None:
+        opt._adopt_partition(partition, warn=False, split=bool(mt["split"]))
+    if names is not None and not opt._weighting_ready:
+        opt._adopt_weighting(names)
+    opt.optimizer.load_state_dict(inner)
+    with torch.no_grad():
+        for p, value in zip(params, mt["weighting_params"]):
+            p.copy_(value)
+    opt._states = {key: clone_state(state) for key, state in mt["states"].items()}
+    place_precondition_state(opt._states.get("precondition", {}), opt._params)
+    opt._generator.set_state(mt["generator"].clone())
+    opt._steps = int(mt["steps"])
+    opt.engine.restore(mt["gradient_mode"])

@@ -18,7 +18,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import checkpoint, fsdp, groups
-from .aggregators import AGGREGATORS, AggregationContext, Aggregator, GramianCallable, RowAggregator
+from .aggregators import AGGREGATORS, AggregationContext, Aggregator, GramianCallable
 from .amp import current_scale
 from .amp import update as amp_update
 from .arguments import (
@@ -34,7 +34,7 @@ from .arguments import (
 from .components import State
 from .diagnostics import step_stats
 from .distributed import all_average, world_size
-from .gradients import Rows, TaskGradients, all_finite
+from .gradients import all_finite
 from .graph import LossGraph, analyse
 from .jacobian import GradientEngine
 from .losses import (
@@ -51,12 +51,13 @@ from .pipeline import (
     Gathered,
     Outcome,
     Structure,
-    aggregate,
+    aggregate_and_combine,
     non_finite_losses,
     precondition,
     scale_tasks,
     weigh,
     weighted_gram,
+    weighting_gram,
     write_grad,
 )
 from .precondition import PRECONDITIONERS, Preconditioner
@@ -158,15 +159,9 @@ class MultiTaskOptimizer(Optimizer):
             raise ValueError("optimizer: a parameter appears in more than one param group")
 
         old = {"reduction": reduction, "beta": beta, "eps": eps, "beta2": beta2}
-        if surgery is not None and not isinstance(surgery, (str, Aggregator)) and callable(surgery):
-            surgery = GramianCallable(surgery)  # e.g. a TorchJD Gramian weighting
-        self.aggregator: Aggregator = AGGREGATORS.build(
-            surgery, component_kwargs("surgery", surgery, surgery_kwargs, old)
-        )  # type: ignore[assignment]
-        self.preconditioner: Optional[Preconditioner] = PRECONDITIONERS.build(
-            precondition, component_kwargs("precondition", precondition, precondition_kwargs, old)
+        self._build_components(
+            surgery, precondition, weighting, surgery_kwargs, precondition_kwargs, weighting_kwargs, old
         )
-        self.weighting: Weighting = WEIGHTINGS.build(weighting, weighting_kwargs)  # type: ignore[assignment]
         self.engine = GradientEngine(
             gradient_mode, factored=self.preconditioner is None and not self.aggregator.needs_jacobian
         )
@@ -195,6 +190,37 @@ class MultiTaskOptimizer(Optimizer):
         self._steps = 0
         self._states: Dict[str, State] = {"surgery": {}, "weighting": {}, "precondition": {}}
 
+        self._adopt_known_tasks(shared, tasks, task_names, num_tasks)
+
+    def _build_components(
+        self,
+        surgery: Any,
+        precondition: Any,
+        weighting: Any,
+        surgery_kwargs: Optional[Mapping[str, Any]],
+        precondition_kwargs: Optional[Mapping[str, Any]],
+        weighting_kwargs: Optional[Mapping[str, Any]],
+        old: Mapping[str, Any],
+    ) -> None:
+        """Each component from its name (+ kwargs, + deprecated spellings) or instance."""
+        if surgery is not None and not isinstance(surgery, (str, Aggregator)) and callable(surgery):
+            surgery = GramianCallable(surgery)  # e.g. a TorchJD Gramian weighting
+        self.aggregator: Aggregator = AGGREGATORS.build(
+            surgery, component_kwargs("surgery", surgery, surgery_kwargs, old)
+        )  # type: ignore[assignment]
+        self.preconditioner: Optional[Preconditioner] = PRECONDITIONERS.build(
+            precondition, component_kwargs("precondition", precondition, precondition_kwargs, old)
+        )
+        self.weighting: Weighting = WEIGHTINGS.build(weighting, weighting_kwargs)  # type: ignore[assignment]
+
+    def _adopt_known_tasks(
+        self,
+        shared: Optional[Iterable[Tensor]],
+        tasks: Optional[TasksArg],
+        task_names: Optional[Sequence[str]],
+        num_tasks: Optional[int],
+    ) -> None:
+        """An explicit partition, and task names known at construction, are committed now."""
         if shared is not None and tasks is None:
             raise ValueError("shared= needs tasks= (the per-task parameters) as well")
         partition = explicit(self._params, shared, tasks) if tasks is not None else None
@@ -531,7 +557,7 @@ class MultiTaskOptimizer(Optimizer):
         carry = self.preconditioner is not None or self.aggregator.needs_jacobian
         if carry:
             grads = grads.scaled(weights.tolist()) if bool((weights != 1.0).any()) else grads
-            weighting_gram = self._weighting_gram(grads, structure, source, None, None)
+            wgram = weighting_gram(self.weighting, grads, structure, source, None, None)
             if self.preconditioner is not None:
                 keys = [str(self._index_of[id(p)]) for p in structure.partition.shared]
                 grads, states["precondition"], why = precondition(
@@ -542,68 +568,25 @@ class MultiTaskOptimizer(Optimizer):
             gram = source.grams(grads, blocks, k)
         else:
             gram = weighted_gram(source.grams(grads, blocks, k), weights)
-            weighting_gram = self._weighting_gram(grads, structure, source, gram, weights)
+            wgram = weighting_gram(self.weighting, grads, structure, source, gram, weights)
         agg_ctx = AggregationContext(self._generator, values * weights, self._steps)
-        combined = self._combine(grads, gram, blocks, structure, source, agg_ctx, weights, carry)
+        combined = aggregate_and_combine(
+            self.aggregator,
+            self._states["surgery"],
+            grads,
+            gram,
+            blocks,
+            structure.partition,
+            source,
+            agg_ctx,
+            weights if not carry else None,
+        )
         coefs, updates, states["surgery"], why = combined
         if why is not None:
             return None, why, values
         task_grads = grads.tasks if carry else scale_tasks(grads.tasks, weights.tolist())
         stats = source.stats(grads)
-        return Outcome(weights, coefs, gram, updates, task_grads, states, weighting_gram, stats), None, values
-
-    def _combine(
-        self,
-        grads: TaskGradients,
-        gram: Tensor,
-        blocks: List[List[int]],
-        structure: Structure,
-        source: Source,
-        ctx: AggregationContext,
-        weights: Tensor,
-        carried: bool,
-    ) -> Tuple[Optional[Tensor], Rows, State, Optional[str]]:
-        """Aggregate and combine: ``(coefficients, shared updates, new surgery state, why not)``."""
-        state = self._states["surgery"]
-        shared = structure.partition.shared
-        if isinstance(self.aggregator, RowAggregator):
-            rows = grads.block_rows(blocks, shared)
-            flat, coefs, new_state = self.aggregator.aggregate_rows(rows, gram, state, ctx)
-            updates = grads.split_updates(blocks, flat, shared)
-            finite = all_finite([u for u in updates if u is not None])
-            return coefs, updates, new_state, None if finite else "non-finite aggregation"
-        coefs, new_state, why = aggregate(self.aggregator, gram, state, ctx)
-        if why is not None:
-            return coefs, [], state, why
-        mix = coefs if carried else coefs * weights.view(1, -1)
-        updates, finite = source.updates(grads, blocks, mix, structure.partition)
-        return coefs, updates, new_state, None if finite else "non-finite aggregation"
-
-    def _weighting_gram(
-        self,
-        grads: TaskGradients,
-        structure: Structure,
-        source: Source,
-        gram: Optional[Tensor],
-        weights: Optional[Tensor],
-    ) -> Optional[Tensor]:
-        """The Gram a weighting declared it needs (``needs_gram``): every block, or its own."""
-        if not self.weighting.needs_gram:
-            return None
-        params = self.weighting.gram_params()
-        k = len(grads.tasks)
-        if params is None or isinstance(source, RepresentationRows):
-            raw = gram if gram is not None else source.grams(grads, source.blocks(structure.blocks), k)
-            return raw
-        position = {id(p): i for i, p in enumerate(structure.partition.shared)}
-        missing = [p for p in params if id(p) not in position]
-        if missing:
-            raise ValueError(
-                f"weighting {self.weighting.name!r}: {len(missing)} of its gram parameters are not shared "
-                f"parameters (shapes {[tuple(p.shape) for p in missing[:3]]})"
-            )
-        raw = grads.grams([[position[id(p)] for p in params]], k)
-        return raw if weights is None else weighted_gram(raw, weights)
+        return Outcome(weights, coefs, gram, updates, task_grads, states, wgram, stats), None, values
 
     def _commit(self, structure: Structure, outcome: Outcome) -> None:
         """Nothing before this changed any state; from here the step is taken."""
@@ -661,8 +644,9 @@ class MultiTaskOptimizer(Optimizer):
 
     # ------------------------------------------------------------------ committed structure
     def _adopt_partition(
-        self, partition: Partition, warn: bool, blocks: Optional[List[List[int]]] = None
+        self, partition: Partition, warn: bool, blocks: Optional[List[List[int]]] = None, split: bool = False
     ) -> None:
+        """Commit the partition (and split the groups for ``task_lr`` or a loaded split)."""
         self._partition = partition
         self._names = partition.names
         self._blocks = (
@@ -679,7 +663,7 @@ class MultiTaskOptimizer(Optimizer):
                 "own gradient",
                 stacklevel=5,
             )
-        if self._task_lr is not None and not self._split:
+        if (self._task_lr is not None or split) and not self._split:
             groups.split_groups(self.optimizer, partition, task_rates(self._task_lr, partition.names))
             self._split = True
 
@@ -694,6 +678,7 @@ class MultiTaskOptimizer(Optimizer):
 
     # ------------------------------------------------------------------ state
     def _config(self) -> Dict[str, Any]:
+        """What a checkpoint must match: each component's name and settings, the granularity."""
         granularity = self._granularity if isinstance(self._granularity, str) else repr(self._granularity)
         return {
             "surgery": checkpoint.record(self.aggregator),
@@ -712,55 +697,18 @@ class MultiTaskOptimizer(Optimizer):
         loads with ``torch.load(..., weights_only=True)``.
         """
         out = self.optimizer.state_dict()
-        out["multitask"] = {
-            "version": checkpoint.VERSION,
-            "config": self._config(),
-            "names": list(self._names) if self._names is not None else None,
-            "partition": self._partition.to_indices(self._index_of) if self._partition is not None else None,
-            "split": self._split,
-            "steps": self._steps,
-            "generator": self._generator.get_state(),
-            "states": {key: dict(state) for key, state in self._states.items()},
-            "weighting_params": [p.detach().clone() for p in self._weighting_params()],
-            "gradient_mode": self.engine.mode if self.engine.confirmed else None,
-        }
+        out["multitask"] = checkpoint.entry(self)
         return out
 
-    def _weighting_params(self) -> List[torch.nn.Parameter]:
-        return self.weighting.parameters() if self._weighting_ready else []
-
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:  # type: ignore[override]
-        """Restore a :meth:`state_dict` into an optimizer built over the same model and configuration."""
+        """Restore a :meth:`state_dict` into an optimizer built over the same model and configuration.
+
+        A checkpoint of another configuration (surgery, weighting, preconditioning,
+        granularity, tasks or partition) raises a ``ValueError`` naming what differs.
+        """
         sd = dict(state_dict)
         mt = sd.pop("multitask", None)
         if mt is None:
             self.optimizer.load_state_dict(sd)
             return
-        if mt.get("version") != checkpoint.VERSION:
-            raise ValueError(f"unsupported multitask state version {mt.get('version')!r}")
-        checkpoint.check_config(mt["config"], self._config())
-        names = tuple(mt["names"]) if mt["names"] is not None else None
-        if self._names is not None and names is not None and names != self._names:
-            raise ValueError(f"state_dict is for tasks {list(names)}, this optimizer has {list(self._names)}")
-        partition = checkpoint.saved_partition(mt["partition"], self._params, self._partition, self._index_of)
-        if names is not None and not self._weighting_ready:
-            self.weighting.bind(names)
-        params = self.weighting.parameters() if names is not None else []
-        if len(params) != len(mt["weighting_params"]):
-            raise ValueError("state_dict's weighting parameters do not match this optimizer's weighting")
-        if partition is not None and self._partition is None:
-            self._adopt_partition(partition, warn=False)
-            if mt["split"] and not self._split:
-                groups.split_groups(self.optimizer, partition, task_rates(self._task_lr, partition.names))
-                self._split = True
-        if names is not None and not self._weighting_ready:
-            self._adopt_weighting(names)
-        self.optimizer.load_state_dict(sd)
-        with torch.no_grad():
-            for p, value in zip(params, mt["weighting_params"]):
-                p.copy_(value)
-        self._states = {key: checkpoint.clone_state(state) for key, state in mt["states"].items()}
-        checkpoint.place_precondition_state(self._states.get("precondition", {}), self._params)
-        self._generator.set_state(mt["generator"].clone())
-        self._steps = int(mt["steps"])
-        self.engine.restore(mt["gradient_mode"])
+        checkpoint.restore(self, mt, sd)

@@ -25,7 +25,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .aggregators import AggregationContext, Aggregator
+from .aggregators import AggregationContext, Aggregator, RowAggregator
 from .components import State
 from .fsdp import as_param_grad
 from .gradients import Rows, TaskGradients, all_finite
@@ -150,3 +150,64 @@ def write_grad(param: Tensor, grad: Optional[Tensor]) -> None:
         param.grad = grad.detach().to(param.dtype).clone() if grad.dtype != param.dtype else grad.detach()
     else:
         param.grad.add_(grad.detach())
+
+
+def aggregate_and_combine(
+    aggregator: Aggregator,
+    state: State,
+    grads: TaskGradients,
+    gram: Tensor,
+    blocks: List[List[int]],
+    partition: Partition,
+    source: Any,
+    ctx: AggregationContext,
+    weights: Optional[Tensor],
+) -> Tuple[Optional[Tensor], Rows, State, Optional[str]]:
+    """Aggregate, then combine the rows: ``(coefficients, shared updates, new state, why not)``.
+
+    ``weights`` multiply the coefficients when the rows do not carry them (Gram-space
+    weighting); ``None`` when they do.
+    """
+    shared = partition.shared
+    if isinstance(aggregator, RowAggregator):
+        rows = grads.block_rows(blocks, shared)
+        flat, coefs, new_state = aggregator.aggregate_rows(rows, gram, state, ctx)
+        updates = grads.split_updates(blocks, flat, shared)
+        finite = all_finite([u for u in updates if u is not None])
+        return coefs, updates, new_state, None if finite else "non-finite aggregation"
+    coefs, new_state, why = aggregate(aggregator, gram, state, ctx)
+    if why is not None:
+        return coefs, [], state, why
+    mix = coefs if weights is None else coefs * weights.view(1, -1)
+    updates, finite = source.updates(grads, blocks, mix, partition)
+    return coefs, updates, new_state, None if finite else "non-finite aggregation"
+
+
+def weighting_gram(
+    weighting: Weighting,
+    grads: TaskGradients,
+    structure: Structure,
+    source: Any,
+    gram: Optional[Tensor],
+    weights: Optional[Tensor],
+) -> Optional[Tensor]:
+    """The Gram a weighting declared it needs (``needs_gram``): every block, or its own block.
+
+    ``gram`` is the step's (weighted) Gram when it is already the right one; ``weights``
+    are applied in Gram space when the rows do not carry them.
+    """
+    if not weighting.needs_gram:
+        return None
+    params = weighting.gram_params()
+    k = len(grads.tasks)
+    if params is None or source.mode == "representation":
+        return gram if gram is not None else source.grams(grads, source.blocks(structure.blocks), k)
+    position = {id(p): i for i, p in enumerate(structure.partition.shared)}
+    missing = [p for p in params if id(p) not in position]
+    if missing:
+        raise ValueError(
+            f"weighting {weighting.name!r}: {len(missing)} of its gram parameters are not shared "
+            f"parameters (shapes {[tuple(p.shape) for p in missing[:3]]})"
+        )
+    raw = grads.grams([[position[id(p)] for p in params]], k)
+    return raw if weights is None else weighted_gram(raw, weights)
