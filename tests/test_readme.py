@@ -175,3 +175,42 @@ def test_demo_command_runs_the_quality_benchmark() -> None:
     commands = re.findall(r"```bash\n(.*?)\n```", _section("Fresh machine"), flags=re.S)
     assert "python -m benchmarks.quality" in commands[0]
     assert (ROOT / "benchmarks" / "quality.py").exists()
+
+
+def test_pytorch_optimizer_pcgrad_is_as_the_porting_table_says() -> None:
+    """The table's pytorch_optimizer row: whole-vector projection (heads included), mean on
+    the shared parameters only; ours leaves the heads their own loss's gradient."""
+    pytorch_optimizer = pytest.importorskip("pytorch_optimizer")
+    from multitask_optim import MultiTaskOptimizer
+
+    def run(make_opt, theirs: bool) -> List[torch.Tensor]:
+        torch.manual_seed(0)
+        trunk, head1, head2 = torch.nn.Linear(3, 2), torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
+        with torch.no_grad():
+            head2.weight.copy_(-head1.weight)  # opposite trunk gradients (norms 1 : 2): a conflict
+        params = [*trunk.parameters(), *head1.parameters(), *head2.parameters()]
+        opt = make_opt(params)
+        z = trunk(torch.randn(4, 3))
+        losses = [head1(z).sum(), 2 * head2(z).sum()]
+        opt.zero_grad()
+        if theirs:
+            opt.pc_backward(losses)
+        else:
+            opt.step(losses)
+        return [p.grad.clone() for p in params]
+
+    def pytorch_optimizer_pcgrad(reduction: str):
+        return lambda ps: pytorch_optimizer.PCGrad(torch.optim.SGD(ps, lr=0.0), reduction=reduction)
+
+    mean = run(pytorch_optimizer_pcgrad("mean"), theirs=True)
+    total = run(pytorch_optimizer_pcgrad("sum"), theirs=True)
+    ours = run(lambda ps: MultiTaskOptimizer(torch.optim.SGD(ps, lr=0.0), seed=0), theirs=False)
+    for a, b in zip(mean[:2], total[:2]):  # trunk: averaged under "mean", summed under "sum"
+        torch.testing.assert_close(2 * a, b)
+    for a, b in zip(mean[2:], total[2:]):  # heads: summed under both
+        torch.testing.assert_close(a, b)
+    own_head = [torch.full_like(ours[3], 4.0)]  # d(sum of 4 outputs)/d bias
+    torch.testing.assert_close(ours[3], own_head[0])  # ours: the head's own gradient
+    assert not torch.allclose(mean[3], own_head[0]), "theirs: the head's gradient is projected"
+    assert all(float(g.abs().max()) < 1e-6 for g in ours[:2]), "opposite trunk rows cancel under PCGrad"
+    assert float(mean[0].abs().max()) > 1e-3, "their coefficients count the heads: the rows do not cancel"
