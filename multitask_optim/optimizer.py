@@ -546,7 +546,9 @@ class MultiTaskOptimizer(Optimizer):
         if not bool(torch.isfinite(values).all()) or not grads.all_finite():
             return None, "non-finite loss or gradient", values
         ctx = WeightingContext(self._generator, self._steps, names)
-        weights, weighting_state, why = weigh(self.weighting, values, self._states["weighting"], ctx)
+        fresh = not self._weighting_ready  # the first step sees the contract's fresh state
+        wstate = self.weighting.init_state(k) if fresh else self._states["weighting"]
+        weights, weighting_state, why = weigh(self.weighting, values, wstate, ctx)
         if why is not None:
             return None, why, values
         states = {"weighting": weighting_state}
@@ -570,9 +572,14 @@ class MultiTaskOptimizer(Optimizer):
             gram = weighted_gram(source.grams(grads, blocks, k), weights)
             wgram = weighting_gram(self.weighting, grads, structure, source, gram, weights)
         agg_ctx = AggregationContext(self._generator, values * weights, self._steps)
+        astate = (
+            self._states["surgery"]
+            if self._partition is not None
+            else self.aggregator.init_state(k, len(blocks))
+        )
         combined = aggregate_and_combine(
             self.aggregator,
-            self._states["surgery"],
+            astate,
             grads,
             gram,
             blocks,

@@ -151,6 +151,13 @@ def test_a_torchjd_gramian_weighting_is_accepted_as_surgery() -> None:
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
 
 
+def test_a_torchjd_matrix_weighting_is_refused() -> None:
+    aggregation = pytest.importorskip("torchjd.aggregation")
+    model = net()
+    with pytest.raises(TypeError, match="Gramian"):
+        MultiTaskOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), surgery=aggregation.MeanWeighting())
+
+
 # ---------------------------------------------------------------------- 7. the plain path is the inner optimizer
 @pytest.mark.parametrize("inner", ["sgd", "adam"])
 def test_plain_configuration_is_the_inner_optimizer_bitwise(inner: str) -> None:

@@ -38,6 +38,12 @@ class GramianCallable(Aggregator):
             raise TypeError(
                 f"surgery: expected an Aggregator, a name or a callable on a Gram matrix, got {fn!r}"
             )
+        if _is_torchjd_matrix_weighting(fn):
+            raise TypeError(
+                f"surgery: {type(fn).__name__} is a TorchJD weighting of the Jacobian matrix, not of its Gramian; "
+                "given a Gram matrix it would compute something else. Pass a Gramian weighting (e.g. "
+                "UPGradWeighting()) or the built-in method by name."
+            )
         self.fn = fn
 
     def aggregate(self, gram: Tensor, state: State, ctx: AggregationContext) -> tuple[Tensor, State]:
@@ -54,3 +60,11 @@ class GramianCallable(Aggregator):
 
     def settings(self) -> Dict[str, Any]:
         return {"fn": type(self.fn).__qualname__}
+
+
+def _is_torchjd_matrix_weighting(fn: object) -> bool:
+    """A TorchJD ``Weighting`` that is not one of its Gramian weightings (which read ``J J^T``)."""
+    bases = [f"{c.__module__}.{c.__qualname__}" for c in type(fn).__mro__]
+    from_torchjd = any(b.startswith("torchjd.") and b.endswith(".Weighting") for b in bases)
+    gramian = any(b.startswith("torchjd.") and "GramianWeighting" in b for b in bases)
+    return from_torchjd and not gramian
