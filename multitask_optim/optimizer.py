@@ -525,32 +525,32 @@ class MultiTaskOptimizer(Optimizer):
             return self._skip(gathered.bad or "non-finite loss", gathered.values)
         generator_state = self._generator.get_state()
         try:
-            outcome, why, values = self._compute(gathered, source)
+            outcome, why, values, weights = self._compute(gathered, source)
         except BaseException:
             self._generator.set_state(generator_state)
             self.engine.forget()
             raise
         if outcome is None:
             self._generator.set_state(generator_state)
-            return self._skip(why or "non-finite values", values)
+            return self._skip(why or "non-finite values", values, weights)
         self._commit(gathered.structure, outcome)
         self._take(gathered.names, values, outcome, source)
         return None
 
-    def _compute(self, gathered: Gathered, source: Source) -> Tuple[Optional[Outcome], Optional[str], Tensor]:
+    def _compute(self, gathered: Gathered, source: Source) -> Tuple[Optional[Outcome], Optional[str], Tensor, Optional[Tensor]]:
         """Reduce, weigh, precondition, Gram, aggregate, combine: an Outcome, or why to skip."""
         assert gathered.grads is not None and gathered.structure is not None
         names, structure = gathered.names, gathered.structure
         k = len(names)
         grads, values = source.reduce(gathered.grads, gathered.values)
         if not bool(torch.isfinite(values).all()) or not grads.all_finite():
-            return None, "non-finite loss or gradient", values
+            return None, "non-finite loss or gradient", values, None
         ctx = WeightingContext(self._generator, self._steps, names)
         fresh = not self._weighting_ready  # the first step sees the contract's fresh state
         wstate = self.weighting.init_state(k) if fresh else self._states["weighting"]
         weights, weighting_state, why = weigh(self.weighting, values, wstate, ctx)
         if why is not None:
-            return None, why, values
+            return None, why, values, weights
         states = {"weighting": weighting_state}
         blocks = source.blocks(structure.blocks)
         # Element-wise stages (preconditioning, row methods) need rows that carry their
@@ -566,7 +566,7 @@ class MultiTaskOptimizer(Optimizer):
                     self.preconditioner, grads, keys, self._states["precondition"]
                 )
                 if why is not None:
-                    return None, why, values
+                    return None, why, values, weights
             gram = source.grams(grads, blocks, k)
         else:
             gram = weighted_gram(source.grams(grads, blocks, k), weights)
@@ -590,10 +590,10 @@ class MultiTaskOptimizer(Optimizer):
         )
         coefs, updates, states["surgery"], why = combined
         if why is not None:
-            return None, why, values
+            return None, why, values, weights
         task_grads = grads.tasks if carry else scale_tasks(grads.tasks, weights.tolist())
         stats = source.stats(grads)
-        return Outcome(weights, coefs, gram, updates, task_grads, states, wgram, stats), None, values
+        return Outcome(weights, coefs, gram, updates, task_grads, states, wgram, stats), None, values, weights
 
     def _commit(self, structure: Structure, outcome: Outcome) -> None:
         """Nothing before this changed any state; from here the step is taken."""
@@ -633,7 +633,7 @@ class MultiTaskOptimizer(Optimizer):
         self.last_stats["gradient_mode"] = source.path()
         self.last_stats.update(outcome.stats)
 
-    def _skip(self, why: str, values: Tensor) -> None:
+    def _skip(self, why: str, values: Tensor, weights: Optional[Tensor] = None) -> None:
         self.engine.forget()
         amp_update(self.grad_scaler, self, True, self._device())
         self.skipped += 1
@@ -644,6 +644,8 @@ class MultiTaskOptimizer(Optimizer):
             )
             self._warned_skip = True
         self.last_stats = {"skipped": self.skipped, "losses": values.tolist(), "skipped_step": True}
+        if weights is not None:  # the weights were computed: say what they were
+            self.last_stats["weights"] = weights.tolist()
         return None
 
     def _device(self) -> torch.device:
