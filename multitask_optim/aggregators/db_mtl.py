@@ -15,7 +15,7 @@ from torch import Tensor
 from ._rows import block_buffer, calls, check_number, combine, counter, row_norms
 from .base import AGGREGATORS, AggregationContext, RowAggregator, State
 
-#: Added to each loss under the log and to each EMA norm, as in the authors' code.
+#: Added to each loss under the log, as in the authors' code.
 EPS = 1e-8
 
 
@@ -23,20 +23,25 @@ EPS = 1e-8
 class DBMTL(RowAggregator):
     """DB-MTL: log losses, EMA of the gradients, every task scaled to the largest norm.
 
-    Loss-scale balancing differentiates ``log(L_i + eps)`` instead of ``L_i``, so a task's
+    Loss-scale balancing differentiates ``log(L_i + eps)`` (``eps = 1e-8``, as in the
+    authors' code) instead of ``L_i``, so a task's
     gradient is ``g_i / (L_i + eps)``: multiplying a loss by a constant no longer changes
     its gradient. Gradient-magnitude balancing keeps an exponential moving average of
     those gradients per block and rescales each task's average to the largest norm::
 
         beta_t = beta / t^beta_sigma                           (t = 1, 2, ... this method's steps)
         m_i    <- beta_t m_i + (1 - beta_t) g_i / (L_i + eps)   (m_i = 0 before the first step)
-        d      = sum_i (max_j ||m_j|| / (||m_i|| + eps)) m_i
+        d      = sum_i (max_j ||m_j|| / ||m_i||) m_i              (0 for a zero m_i)
 
-    so every scaled ``m_i`` has the norm ``max_j ||m_j||`` (up to ``eps``). The losses are
-    the ones the surgery sees (``ctx.losses``: weighted when a weighting is on, in which
-    case the rows carry the same weights and ``g_i / L_i`` does not depend on them). The
-    EMA has no bias correction, as in the paper and LibMTL, whose update ours equals on
-    the same Jacobians over several steps (``eps = 1e-8`` in both places as there).
+    so every scaled non-zero ``m_i`` has the norm ``max_j ||m_j||``. The losses are the
+    ones the surgery sees (``ctx.losses``: weighted when a weighting is on, in which case
+    the rows carry the same weights and ``g_i / L_i`` does not depend on them). The EMA
+    has no bias correction, as in the paper and LibMTL, whose update ours equals on the
+    same Jacobians over several steps. One departure from LibMTL's code: it divides by
+    ``||m_i|| + 1e-8``, an absolute floor that shrinks every task whose EMA norm is not
+    far above 1e-8 (so the balance depends on the parameters' scale, and fails for small
+    per-tensor blocks); we follow the paper's exact ratio, which changes nothing
+    measurable when the norms are large (relative ``1e-8 / ||m_i||``).
 
     The update is a combination of the EMAs, not of the current rows, so no
     coefficients are reported. Needs the Jacobian's rows: parameter mode only
@@ -85,7 +90,8 @@ class DBMTL(RowAggregator):
             ema = g + rate * (block_buffer(state, f"ema.{b}", r) - g)
             new_state[f"ema.{b}"] = ema
             norms = row_norms(ema)
-            updates.append(combine(norms.max() / (norms + EPS), ema))
+            scale = torch.where(norms > 0, norms.max() / norms.where(norms > 0, 1.0), 0.0)
+            updates.append(combine(scale, ema))
         return updates, None, new_state
 
     def settings(self) -> Dict[str, Any]:
