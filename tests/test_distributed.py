@@ -58,6 +58,10 @@ CONFIGS["plain-gradvac-k3-adam-uncertainty"] = {
 }
 CONFIGS["ddp-pcgrad-k2-accumulate"] = {"wrap": "ddp", "surgery": "pcgrad", "k": 2, "micro": 2}
 CONFIGS["plain-pcgrad-k2-nan-on-rank1"] = {"wrap": "plain", "surgery": "pcgrad", "k": 2, "nan_step": 4}
+# the row-based surgeries: rows (and loss values) are averaged before them, and every
+# random draw (GradDrop) comes from the optimizer's generator, the same on every rank
+for _surgery in ("graddrop", "trimmed_mean", "excess_mtl", "db_mtl", "moco"):
+    CONFIGS[f"ddp-{_surgery}-k3"] = {"wrap": "ddp", "surgery": _surgery, "k": 3}
 
 
 class MultiHead(nn.Module):
