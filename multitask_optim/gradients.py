@@ -174,7 +174,7 @@ class TaskGradients:
             scale = torch.where(peak > 0, torch.exp2(torch.floor(torch.log2(peak.where(peak > 0, 1.0)))), 1.0)
             block_of = {p: b for b, block in enumerate(blocks) for p in block}
             out, finite = self.combine(blocks, coefs / scale.unsqueeze(1))
-            back = [None if u is None else u * float(scale[block_of[i]]) for i, u in enumerate(out)]
+            back = [None if u is None else _rescaled(u, float(scale[block_of[i]])) for i, u in enumerate(out)]
             return back, finite and all_finite([u for u in back if u is not None])
         out = self._combine(blocks, coefs, None)
         if all_finite([u for u in out if u is not None]):
@@ -251,6 +251,11 @@ def _below_normal(factors: Sequence[float], dtype: torch.dtype) -> bool:
         return False
     tiny = torch.finfo(dtype).tiny
     return any(f != 0.0 and abs(f) < tiny for f in factors)
+
+
+def _rescaled(update: Tensor, factor: float) -> Tensor:
+    """``update * factor`` with the factor in float64 (a float32 scalar would flush it to 0)."""
+    return (update.to(torch.float64) * factor).to(update.dtype)
 
 
 def scaled_grad(grad: Tensor, factor: float) -> Tensor:
