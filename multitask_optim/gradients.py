@@ -21,6 +21,9 @@ from .gram import dense_grams, precise_gram
 
 Rows = List[Optional[Tensor]]
 
+#: Coefficients below this are rescaled before combining (see :meth:`TaskGradients.combine`).
+_TINY_COEF = 2.0**-60
+
 
 @dataclass
 class LinearFactor:
@@ -119,10 +122,11 @@ class TaskGradients:
             if j is None:
                 shared.append(None)
                 continue
-            scale = vector.to(dtype=j.dtype, device=j.device).view(k, *([1] * (j.dim() - 1)))
-            shared.append(j * scale)
+            work = j.to(torch.float64) if _below_normal(factors, j.dtype) else j
+            scale = vector.to(dtype=work.dtype, device=j.device).view(k, *([1] * (j.dim() - 1)))
+            shared.append((work * scale).to(j.dtype))
         tasks = [
-            task if f == 1.0 else [None if g is None else g * f for g in task]
+            task if f == 1.0 else [None if g is None else scaled_grad(g, f) for g in task]
             for task, f in zip(self.tasks, factors)
         ]
         return replace(self, shared=shared, tasks=tasks, factors=[f.scaled(vector) for f in self.factors])
@@ -166,8 +170,17 @@ class TaskGradients:
     def combine(self, blocks: Sequence[Sequence[int]], coefs: Tensor) -> Tuple[Rows, bool]:
         """Shared updates ``J_b^T c_b`` per parameter, and whether they are all finite.
 
-        Recomputed in float64 when the parameters' dtype overflows.
+        Recomputed in float64 when the parameters' dtype overflows. Tiny coefficients (a
+        weight of 1e-42) are scaled by a power of two first and the updates scaled back
+        once, so the products stay out of the subnormal range until the last rounding.
         """
+        peak = coefs.abs().amax(dim=1) if coefs.numel() else coefs.new_zeros(coefs.shape[0])
+        if bool(((peak > 0) & (peak < _TINY_COEF)).any()):
+            scale = torch.where(peak > 0, torch.exp2(torch.floor(torch.log2(peak.where(peak > 0, 1.0)))), 1.0)
+            block_of = {p: b for b, block in enumerate(blocks) for p in block}
+            out, finite = self.combine(blocks, coefs / scale.unsqueeze(1))
+            back = [None if u is None else _rescaled(u, float(scale[block_of[i]])) for i, u in enumerate(out)]
+            return back, finite and all_finite([u for u in back if u is not None])
         out = self._combine(blocks, coefs, None)
         if all_finite([u for u in out if u is not None]):
             return out, True
@@ -235,6 +248,27 @@ class TaskGradients:
         shared = [None if j is None else next(reduced) for j in grads.shared]
         tasks = [[None if g is None else next(reduced) for g in task] for task in grads.tasks]
         return TaskGradients(shared, tasks), new_values
+
+
+def _below_normal(factors: Sequence[float], dtype: torch.dtype) -> bool:
+    """Whether a non-zero factor is below ``dtype``'s smallest normal (not representable)."""
+    if dtype == torch.float64:
+        return False
+    tiny = torch.finfo(dtype).tiny
+    return any(f != 0.0 and abs(f) < tiny for f in factors)
+
+
+def _rescaled(update: Tensor, factor: float) -> Tensor:
+    """``update * factor`` with the factor in float64 (a float32 scalar would flush it to 0)."""
+    return (update.to(torch.float64) * factor).to(update.dtype)
+
+
+def scaled_grad(grad: Tensor, factor: float) -> Tensor:
+    """``grad * factor``; a factor ``dtype`` cannot represent (1e-42 in float32) is
+    applied in float64 and the product rounded once."""
+    if not _below_normal([factor], grad.dtype):
+        return grad * factor
+    return (grad.to(torch.float64) * factor).to(grad.dtype)
 
 
 def _add_lists(a: Sequence[Optional[Tensor]], b: Sequence[Optional[Tensor]]) -> List[Optional[Tensor]]:

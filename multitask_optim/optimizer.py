@@ -537,7 +537,9 @@ class MultiTaskOptimizer(Optimizer):
         self._take(gathered.names, values, outcome, source)
         return None
 
-    def _compute(self, gathered: Gathered, source: Source) -> Tuple[Optional[Outcome], Optional[str], Tensor, Optional[Tensor]]:
+    def _compute(
+        self, gathered: Gathered, source: Source
+    ) -> Tuple[Optional[Outcome], Optional[str], Tensor, Optional[Tensor]]:
         """Reduce, weigh, precondition, Gram, aggregate, combine: an Outcome, or why to skip."""
         assert gathered.grads is not None and gathered.structure is not None
         names, structure = gathered.names, gathered.structure

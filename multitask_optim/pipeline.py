@@ -28,7 +28,7 @@ from torch import Tensor
 from .aggregators import AggregationContext, Aggregator, RowAggregator
 from .components import State
 from .fsdp import as_param_grad
-from .gradients import Rows, TaskGradients, all_finite
+from .gradients import Rows, TaskGradients, all_finite, scaled_grad
 from .partition import Partition
 from .precondition import Preconditioner
 from .weighting import Weighting, WeightingContext
@@ -134,9 +134,13 @@ def aggregate(
 def scale_tasks(
     task_grads: List[List[Optional[Tensor]]], weights: Sequence[float]
 ) -> List[List[Optional[Tensor]]]:
-    """Task parameters' gradients ``grad(w_i L_i)``."""
+    """Task parameters' gradients ``grad(w_i L_i)``.
+
+    A weight below the gradient dtype's smallest normal number (``1e-42`` in float32) is
+    not representable there: such a product is taken in float64 and rounded once.
+    """
     return [
-        task if w == 1.0 else [None if g is None else g * w for g in task]
+        task if w == 1.0 else [None if g is None else scaled_grad(g, w) for g in task]
         for task, w in zip(task_grads, weights)
     ]
 

@@ -161,7 +161,19 @@ def test_cpu_fp16_autocast_and_grad_scaler_are_real() -> None:
     assert scaler.get_scale() == 2.0**16
 
 
-@pytest.mark.parametrize("surgery,precondition", [("gradvac", "adam"), ("pcgrad", None), (None, "rmsprop")])
+@pytest.mark.parametrize(
+    "surgery,precondition",
+    [
+        ("gradvac", "adam"),
+        ("pcgrad", None),
+        (None, "rmsprop"),
+        ("graddrop", None),
+        ("trimmed_mean", None),
+        ("excess_mtl", None),
+        ("db_mtl", "adam"),
+        ("moco", None),
+    ],
+)
 def test_float32_scaled_steps_equal_unscaled_bitwise(surgery, precondition) -> None:
     """Without autocast, a power-of-two scale is exact: scaled and unscaled runs agree bit
     for bit (a scale left in a gradient would show through the preconditioner's eps, the

@@ -65,6 +65,11 @@ CONFIGS["plain-pcgrad-k2-nan-on-rank1"] = {"wrap": "plain", "surgery": "pcgrad",
 # average divided by the world size twice shows (Adam's normalisation would hide it).
 CONFIGS["ddp-pcgrad-k2-sgd"] = {"wrap": "ddp", "surgery": "pcgrad", "k": 2, "inner": "sgd"}
 
+# the row-based surgeries: rows (and loss values) are averaged before them, and every
+# random draw (GradDrop) comes from the optimizer's generator, the same on every rank
+for _surgery in ("graddrop", "trimmed_mean", "excess_mtl", "db_mtl", "moco"):
+    CONFIGS[f"ddp-{_surgery}-k3"] = {"wrap": "ddp", "surgery": _surgery, "k": 3}
+
 
 def build_model(k: int) -> MultiHead:
     with torch.random.fork_rng(devices=[]):

@@ -547,8 +547,8 @@ class FaultMachine(RuleBasedStateMachine):
         return Outcome("taken", ordinary=bool(ordinary), reference=reference, representation=rep)
 
     def _check_grad_identity(self, run: Run, reference: List[List[Optional[Tensor]]]) -> None:
-        """``.grad`` before the inner step = ``sum_i c_i w_i grad L_i`` per block (shared),
-        ``w_i grad L_i`` (task parameters of task i)."""
+        """``.grad`` before the inner step = ``sum_i c_i w_i grad L_i`` per block (shared, when
+        coefficients are reported), ``w_i grad L_i`` (task parameters of task i)."""
         assert self.cfg is not None
         stats = run.opt.last_stats
         partition = run.opt.partition
@@ -561,7 +561,9 @@ class FaultMachine(RuleBasedStateMachine):
         blocks = self._blocks(run, shared)
         block_of = {id(p): b for b, block in enumerate(blocks) for p in block}
         expected: Dict[int, List[Tuple[float, int]]] = {}  # param -> [(factor, task)]
-        for p in shared:
+        # A row method whose update is not a combination of the rows (GradDrop, DB-MTL, ...)
+        # reports no coefficients: only the task parameters' part of the identity applies.
+        for p in shared if coefs is not None else []:
             b = block_of[id(p)]
             expected[id(p)] = [(float(coefs[b][i]) * float(weights[i]), i) for i in range(len(weights))]
         for i, task_params in enumerate(partition.tasks):

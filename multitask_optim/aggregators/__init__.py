@@ -12,33 +12,43 @@ from . import (  # noqa: F401  (each module registers its method)
     aligned_mtl,
     cagrad,
     config,
+    db_mtl,
     dualproj,
+    excess_mtl,
     fairgrad,
+    graddrop,
     gradvac,
     imtl_g,
     krum,
     mgda,
+    moco,
     nash_mtl,
     pareto,
     pcgrad,
     sum,
+    trimmed_mean,
     upgrad,
 )
 from .aligned_mtl import AlignedMTL
 from .base import AGGREGATORS, AggregationContext, Aggregator, RowAggregator, random_orders
 from .cagrad import CAGrad
 from .config import ConFIG
+from .db_mtl import DBMTL
 from .dualproj import DualProj
+from .excess_mtl import ExcessMTL
 from .external import GramianCallable
 from .fairgrad import FairGrad
+from .graddrop import GradDrop
 from .gradvac import GradVac, gradvac_coefficients
 from .imtl_g import IMTLG
 from .krum import Krum
 from .mgda import MGDA, mgda_coefficients
+from .moco import MoCo
 from .nash_mtl import NashMTL
 from .pareto import ParetoWeights
 from .pcgrad import PCGrad, pcgrad_coefficients
 from .sum import Sum
+from .trimmed_mean import TrimmedMean
 from .upgrad import UPGrad
 
 
@@ -61,18 +71,23 @@ __all__ = [
     "AlignedMTL",
     "CAGrad",
     "ConFIG",
+    "DBMTL",
     "DualProj",
+    "ExcessMTL",
     "FairGrad",
+    "GradDrop",
     "GradVac",
     "GramianCallable",
     "IMTLG",
     "Krum",
     "MGDA",
+    "MoCo",
     "NashMTL",
     "PCGrad",
     "ParetoWeights",
     "RowAggregator",
     "Sum",
+    "TrimmedMean",
     "UPGrad",
     "get_aggregator",
     "gradvac_coefficients",
