@@ -289,7 +289,7 @@ def reduce_tasks(
         ``(gradients, values, present)`` over the tasks some rank had, in task order.
     """
     k = len(task_like)
-    full = grads.reindex(present, range(k), [len(t) for t in task_like])
+    full = grads.dense().reindex(present, range(k), [len(t) for t in task_like])
     s = torch.zeros(k, dtype=torch.float64)
     s[list(present)] = torch.tensor(list(weights), dtype=torch.float64)
     vals = torch.zeros(k, dtype=torch.float64)

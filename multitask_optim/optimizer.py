@@ -379,7 +379,7 @@ class MultiTaskOptimizer(Optimizer):
         if world_size() > 1:  # each task's value and gradient: the average over the ranks that had it
             weights_r = torch.zeros(len(parsed.names), dtype=torch.float64)
             weights_r[list(parsed.present)] = torch.tensor(
-                task_samples(samples, parsed) or [1.0] * len(present)
+                task_samples(samples, parsed) or [1.0] * len(present), dtype=torch.float64
             )
             spread = torch.zeros(len(parsed.names), dtype=torch.float64)
             spread[list(parsed.present)] = values
@@ -791,11 +791,14 @@ class MultiTaskOptimizer(Optimizer):
     def _drop_absent(self, present: Sequence[str]) -> None:
         """An absent task's own parameters take no part in the step: no ``.grad`` at all
         (also not a zero one), so the inner optimizer leaves them and their moments alone."""
-        if self._partition is None or len(present) == len(self._partition.names):
+        names = self._names or ()
+        if len(present) == len(names):
             return
-        for name, params in zip(self._partition.names, self._partition.tasks):
+        own = self._partition.tasks if self._partition is not None else [[] for _ in names]
+        weighting = (self.weighting.task_parameters() if self._weighting_ready else None) or [None] * len(names)
+        for name, params, extra in zip(names, own, weighting):
             if name not in present:
-                for p in params:
+                for p in [*params, *([extra] if extra is not None else [])]:
                     p.grad = None
 
     def _skip(self, why: str, values: Tensor) -> None:

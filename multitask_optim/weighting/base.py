@@ -104,6 +104,11 @@ class Weighting(Component):
         """Learnable parameters, updated by the inner optimizer."""
         return []
 
+    def task_parameters(self) -> Optional[List[torch.nn.Parameter]]:
+        """The learnable parameters that belong to one task each, in task order (None: no
+        such parameters). An absent task's parameter gets no ``.grad`` in that step."""
+        return None
+
     def gram_params(self) -> Optional[List[torch.Tensor]]:
         """Shared parameters whose Gram :meth:`backward` reads (``needs_gram``).
 

@@ -91,6 +91,9 @@ class GradNorm(Weighting):
     def parameters(self) -> List[torch.nn.Parameter]:
         return list(self._weights)
 
+    def task_parameters(self) -> Optional[List[torch.nn.Parameter]]:
+        return list(self._weights) or None
+
     @property
     def task_weights(self) -> Optional[Tensor]:
         """The weights ``w`` stacked into one ``(K,)`` tensor (a detached copy; None before binding)."""

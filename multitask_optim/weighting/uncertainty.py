@@ -92,6 +92,9 @@ class UncertaintyWeighting(Weighting):
     def parameters(self) -> List[torch.nn.Parameter]:
         return list(self._log_vars)
 
+    def task_parameters(self) -> Optional[List[torch.nn.Parameter]]:
+        return list(self._log_vars) or None
+
     def task_axes(self) -> Dict[str, Tuple[int, ...]]:
         return {}
 
