@@ -795,7 +795,9 @@ class MultiTaskOptimizer(Optimizer):
         if len(present) == len(names):
             return
         own = self._partition.tasks if self._partition is not None else [[] for _ in names]
-        weighting = (self.weighting.task_parameters() if self._weighting_ready else None) or [None] * len(names)
+        weighting = (self.weighting.task_parameters() if self._weighting_ready else None) or [None] * len(
+            names
+        )
         for name, params, extra in zip(names, own, weighting):
             if name not in present:
                 for p in [*params, *([extra] if extra is not None else [])]:
