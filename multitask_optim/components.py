@@ -190,10 +190,12 @@ def merge_tasks(
     for key, value in new_sub.items():
         task_axes = axes_of(key, axes)
         base = old.get(key, fresh.get(key))
-        if base is None and task_axes:
-            shape = list(value.shape)
-            for axis in task_axes:
-                shape[axis] = num_tasks
+        shape = list(value.shape)
+        for axis in task_axes:
+            shape[axis] = num_tasks
+        if task_axes and (base is None or list(base.shape) != shape):
+            # none yet, or one of another layout (the component resets it itself, e.g.
+            # a surgery state per parameter block met in representation mode's one block)
             base = torch.zeros(shape, dtype=value.dtype, device=value.device)
         out[key] = (
             _put(base.to(value.device, value.dtype), value, task_axes, index.to(value.device))

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import checkpoint, groups
+from . import checkpoint, groups, plain
 from .aggregators import AGGREGATORS, AggregationContext, Aggregator, GramianCallable, RowAggregator
 from .amp import current_scale
 from .amp import update as amp_update
@@ -34,8 +34,8 @@ from .arguments import (
 from .clipping import check_max_grad_norm, clip_
 from .components import State
 from .diagnostics import step_stats
-from .distributed import all_sum, reduce_presence, world_size
-from .gradients import Rows, TaskGradients, all_finite, reduce_tasks
+from .distributed import world_size
+from .gradients import Rows, TaskGradients, all_finite
 from .graph import LossGraph, analyse
 from .jacobian import GradientEngine
 from .losses import (
@@ -57,13 +57,16 @@ from .pipeline import (
     aggregate,
     merged_states,
     non_finite_losses,
-    plain_gradients,
     precondition,
+    reduced,
     scale_tasks,
     sub_states,
     weigh,
     weighted_gram,
     write_grad,
+)
+from .pipeline import (
+    weighting_gram as gram_for_weighting,
 )
 from .precondition import PRECONDITIONERS, Preconditioner
 from .schedule import Schedule
@@ -375,18 +378,9 @@ class MultiTaskOptimizer(Optimizer):
         named += named_features(features)
         for name, tensor in named:
             check_tensor(tensor, name)
-        values, present, factors = loss_values(parsed.losses), parsed.present, None
+        values, present, shares = loss_values(parsed.losses), parsed.present, None
         if world_size() > 1:  # each task's value and gradient: the average over the ranks that had it
-            weights_r = torch.zeros(len(parsed.names), dtype=torch.float64)
-            weights_r[list(parsed.present)] = torch.tensor(
-                task_samples(samples, parsed) or [1.0] * len(present), dtype=torch.float64
-            )
-            spread = torch.zeros(len(parsed.names), dtype=torch.float64)
-            spread[list(parsed.present)] = values
-            mean, totals = reduce_presence(spread, weights_r)
-            present = tuple(i for i in range(len(parsed.names)) if totals[i] > 0)
-            values = mean[list(present)]
-            factors = [float(weights_r[i] / totals[i]) for i in parsed.present]
+            present, values, shares = plain.ranked_values(parsed, values, samples)
         bad = non_finite_losses([parsed.names[i] for i in present], values)
         if bad is not None:
             return self._skip(bad, values)
@@ -403,11 +397,11 @@ class MultiTaskOptimizer(Optimizer):
             if why is not None:
                 self._generator.set_state(generator_state)
                 return self._skip(why, values)
-        scaled = self._plain_factors(parsed, present, weights, factors)
+        factors = plain.loss_factors(parsed.present, present, weights, shares)
         params = [p for p in self._params if p.requires_grad]
-        grads = plain_gradients(parsed.losses, scaled, params, current_scale(self.grad_scaler))
+        grads = plain.gradients(parsed.losses, factors, params, current_scale(self.grad_scaler))
         if world_size() > 1:
-            grads = self._summed(params, grads)
+            grads = plain.summed(params, grads)
         if not all_finite([g for g in grads if g is not None]):
             self._generator.set_state(generator_state)
             return self._skip("non-finite gradient", values)
@@ -426,32 +420,6 @@ class MultiTaskOptimizer(Optimizer):
         outcome = Outcome(ones if weights is None else weights, None, None, [], [], states)
         self._take(parsed.names, present, values, outcome, None)
         return None
-
-    def _plain_factors(
-        self,
-        parsed: Parsed,
-        present: Tuple[int, ...],
-        weights: Optional[Tensor],
-        factors: Optional[List[float]],
-    ) -> Optional[List[float]]:
-        """Each local loss's factor in the plain backward: its weight times its rank share."""
-        if weights is None and factors is None:
-            return None
-        by_task = dict(zip(present, weights.tolist())) if weights is not None else {}
-        out = []
-        for n, i in enumerate(parsed.present):
-            f = by_task.get(i, 1.0)
-            out.append(f if factors is None else f * factors[n])
-        return out
-
-    def _summed(self, params: List[Tensor], grads: Tuple[Optional[Tensor], ...]) -> List[Optional[Tensor]]:
-        """Rank-weighted gradients summed across ranks (one collective; unreached stays None)."""
-        flags = torch.tensor([0.0 if g is None else 1.0 for g in grads], dtype=torch.float64)
-        filled = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
-        like = filled[0] if filled else flags
-        reduced = all_sum([flags.to(like.device, like.dtype), *filled])
-        reached = (reduced[0] > 0).tolist()
-        return [g if r else None for g, r in zip(reduced[1:], reached)]
 
     def accumulate(self, losses: Losses, samples: Samples = None) -> None:
         """Add one micro-batch's per-task gradients; the next ``step()`` aggregates them once.
@@ -579,7 +547,7 @@ class MultiTaskOptimizer(Optimizer):
         generator_state = self._generator.get_state()
         try:
             if world_size() > 1 and isinstance(source, ParameterRows):
-                gathered = self._reduced(gathered)
+                gathered = reduced(gathered)
             outcome, why, values = self._compute(gathered, source)
         except BaseException:
             self._generator.set_state(generator_state)
@@ -591,17 +559,6 @@ class MultiTaskOptimizer(Optimizer):
         self._commit(gathered.structure, outcome)
         self._take(gathered.names, gathered.present, values, outcome, source)
         return None
-
-    def _reduced(self, gathered: Gathered) -> Gathered:
-        """Each task's rows and value averaged over the ranks that had it (parameter mode)."""
-        assert gathered.grads is not None and gathered.structure is not None
-        full = gathered.structure.full
-        weights = [1.0] * len(gathered.present) if gathered.samples is None else gathered.samples.tolist()
-        grads, values, union = reduce_tasks(
-            gathered.grads, gathered.values, gathered.present, weights, full.shared, full.tasks
-        )
-        structure = Structure(full, gathered.structure.blocks).restricted(union)
-        return Gathered(gathered.names, values, structure, grads, None, gathered.micro_batches, union, None)
 
     def _compute(self, gathered: Gathered, source: Source) -> Tuple[Optional[Outcome], Optional[str], Tensor]:
         """Reduce, weigh, precondition, Gram, aggregate, combine: an Outcome, or why to skip."""
@@ -632,7 +589,7 @@ class MultiTaskOptimizer(Optimizer):
         carry = self.preconditioner is not None or self.aggregator.needs_jacobian
         if carry:
             grads = grads.scaled(weights.tolist()) if bool((weights != 1.0).any()) else grads
-            weighting_gram = self._weighting_gram(grads, structure, source, None, None)
+            weighting_gram = gram_for_weighting(self.weighting, grads, structure, source, None, None)
             if self.preconditioner is not None:
                 keys = [str(self._index_of[id(p)]) for p in structure.partition.shared]
                 grads, states["precondition"], why = precondition(
@@ -643,7 +600,7 @@ class MultiTaskOptimizer(Optimizer):
             gram = source.grams(grads, blocks, k)
         else:
             gram = weighted_gram(source.grams(grads, blocks, k), weights)
-            weighting_gram = self._weighting_gram(grads, structure, source, gram, weights)
+            weighting_gram = gram_for_weighting(self.weighting, grads, structure, source, gram, weights)
         agg_ctx = AggregationContext(self._generator, values * weights, self._steps)
         combined = self._combine(
             grads, gram, blocks, structure, source, agg_ctx, weights, carry, old["surgery"]
@@ -707,32 +664,6 @@ class MultiTaskOptimizer(Optimizer):
         mix = coefs if carried else coefs * weights.view(1, -1)
         updates, finite = source.updates(grads, blocks, mix, structure.partition)
         return coefs, updates, new_state, None if finite else "non-finite aggregation"
-
-    def _weighting_gram(
-        self,
-        grads: TaskGradients,
-        structure: Structure,
-        source: Source,
-        gram: Optional[Tensor],
-        weights: Optional[Tensor],
-    ) -> Optional[Tensor]:
-        """The Gram a weighting declared it needs (``needs_gram``): every block, or its own."""
-        if not self.weighting.needs_gram:
-            return None
-        params = self.weighting.gram_params()
-        k = len(grads.tasks)
-        if params is None or isinstance(source, RepresentationRows):
-            raw = gram if gram is not None else source.grams(grads, source.blocks(structure.blocks), k)
-            return raw
-        position = {id(p): i for i, p in enumerate(structure.partition.shared)}
-        missing = [p for p in params if id(p) not in position]
-        if missing:
-            raise ValueError(
-                f"weighting {self.weighting.name!r}: {len(missing)} of its gram parameters are not shared "
-                f"parameters (shapes {[tuple(p.shape) for p in missing[:3]]})"
-            )
-        raw = grads.grams([[position[id(p)] for p in params]], k)
-        return raw if weights is None else weighted_gram(raw, weights)
 
     def _commit(self, structure: Structure, outcome: Outcome) -> None:
         """Nothing before this changed any state; from here the step is taken."""

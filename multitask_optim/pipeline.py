@@ -24,17 +24,20 @@ its state (:func:`sub_states`), written back after the step (:func:`merged_state
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from .aggregators import AggregationContext, Aggregator
 from .components import Component, State, check_partial, merge_tasks, select_tasks
-from .gradients import Rows, TaskGradients, all_finite
+from .gradients import Rows, TaskGradients, all_finite, reduce_tasks
 from .partition import Partition
 from .precondition import Preconditioner
+from .sources import ParameterRows, RepresentationRows
 from .weighting import Weighting, WeightingContext
+
+Source = Union[ParameterRows, RepresentationRows]
 
 
 @dataclass
@@ -246,19 +249,40 @@ def merged_states(
     return out
 
 
-def plain_gradients(
-    losses: Sequence[Tensor], factors: Optional[Sequence[float]], params: Sequence[Tensor], scale: float
-) -> Tuple[Optional[Tensor], ...]:
-    """Gradients of ``sum_i f_i L_i`` (one backward), unscaled from the loss scale.
+def weighting_gram(
+    weighting: Weighting,
+    grads: TaskGradients,
+    structure: Structure,
+    source: Source,
+    gram: Optional[Tensor],
+    weights: Optional[Tensor],
+) -> Optional[Tensor]:
+    """The Gram a weighting declared it needs (``needs_gram``): every block, or its own."""
+    if not weighting.needs_gram:
+        return None
+    params = weighting.gram_params()
+    k = len(grads.tasks)
+    if params is None or isinstance(source, RepresentationRows):
+        raw = gram if gram is not None else source.grams(grads, source.blocks(structure.blocks), k)
+        return raw
+    position = {id(p): i for i, p in enumerate(structure.partition.shared)}
+    missing = [p for p in params if id(p) not in position]
+    if missing:
+        raise ValueError(
+            f"weighting {weighting.name!r}: {len(missing)} of its gram parameters are not shared "
+            f"parameters (shapes {[tuple(p.shape) for p in missing[:3]]})"
+        )
+    raw = grads.grams([[position[id(p)] for p in params]], k)
+    return raw if weights is None else weighted_gram(raw, weights)
 
-    A factor of exactly 1 is not multiplied, so with no factors and no loss scale this is
-    bitwise ``torch.autograd.grad(sum(losses), params)``.
-    """
-    terms = list(losses) if factors is None else [x if f == 1.0 else x * f for x, f in zip(losses, factors)]
-    total = sum(terms)
-    if scale != 1.0:
-        total = total * scale
-    grads = torch.autograd.grad(total, params, allow_unused=True)  # type: ignore[arg-type]
-    if scale != 1.0:
-        grads = tuple(None if g is None else g * (1.0 / scale) for g in grads)
-    return grads
+
+def reduced(gathered: Gathered) -> Gathered:
+    """Each task's rows and value averaged over the ranks that had it (parameter mode)."""
+    assert gathered.grads is not None and gathered.structure is not None
+    full = gathered.structure.full
+    weights = [1.0] * len(gathered.present) if gathered.samples is None else gathered.samples.tolist()
+    grads, values, union = reduce_tasks(
+        gathered.grads, gathered.values, gathered.present, weights, full.shared, full.tasks
+    )
+    structure = Structure(full, gathered.structure.blocks).restricted(union)
+    return Gathered(gathered.names, values, structure, grads, None, gathered.micro_batches, union, None)
