@@ -67,7 +67,8 @@ def run(cfg: Config, progress: bool = True) -> Dict[str, Any]:
     for name in SUPERVISED:
         if name in cfg.suites:
             runs = [r for r in results if r["suite"] == name]
-            doc["suites"][name] = summarise_suite(cfg.suite(name), runs, cfg.methods)
+            suite = cfg.suite(name)
+            doc["suites"][name] = summarise_suite(suite, runs, suite.variants(cfg.methods))
     if "toy" in cfg.suites:
         runs = [r for r in results if r["suite"] == "toy"]
         doc["suites"]["toy"] = summarise_toy(runs, cfg.toy_methods, cfg.toy)
@@ -95,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale-epochs", type=int, default=None)
     p.add_argument("--scale-train", type=int, default=None, help="training samples")
     p.add_argument("--scale-test", type=int, default=None, help="test samples")
+    p.add_argument("--partial-epochs", type=int, default=None)
     p.add_argument("--toy-steps", type=int, default=None)
     p.add_argument("--toy-lr", type=float, default=None)
     p.add_argument("--workers", type=int, default=None, help="processes (default: min(2, cores))")
@@ -153,6 +155,7 @@ def config_from(args: argparse.Namespace) -> Config:
         data=replace(scale.data, **_given(n_train=args.scale_train, n_test=args.scale_test)),
         **_given(epochs=args.scale_epochs),
     )
+    cfg.partial = replace(cfg.partial, **_given(epochs=args.partial_epochs))
     cfg.toy = replace(cfg.toy, **_given(steps=args.toy_steps, lr=args.toy_lr))
     cfg.workers = args.workers if args.workers is not None else max(1, min(2, os.cpu_count() or 1))
     cfg.threads = args.threads if args.threads is not None else 1

@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from .quality_data import TOY_STARTS, toy_pareto_front, toy_pareto_set
 from .quality_methods import METHODS
-from .quality_suites import SUITES, Suite, ToyConfig
+from .quality_suites import SUITES, ZERO, Suite, ToyConfig
 
 
 def delta_m(
@@ -60,6 +60,12 @@ def mean_std(values: Sequence[float]) -> Dict[str, float]:
     }
 
 
+def _label(name: str) -> str:
+    """A method's label; ``@zero`` runs (absent tasks as zero losses) say so."""
+    base = METHODS[name.removesuffix(ZERO)].label
+    return base + " (absent tasks as zero losses)" if name.endswith(ZERO) else base
+
+
 def _mean_or_none(values: Sequence[Optional[float]]) -> Optional[float]:
     vals = [v for v in values if v is not None]
     return statistics.fmean(vals) if vals else None
@@ -91,8 +97,8 @@ def _method_section(
         for task in tasks
     }
     return {
-        "label": METHODS[name].label,
-        "options": METHODS[name].options(),
+        "label": _label(name),
+        "options": METHODS[name.removesuffix(ZERO)].options(),
         "summary": summary,
         "delta_m": mean_std([p["delta_m"] for p in per_seed]),
         "ms_per_step": statistics.fmean(p["ms_per_step"] for p in per_seed),
@@ -230,9 +236,7 @@ def _suite_part(section: Mapping[str, Any]) -> str:
         "conflict % = share of steps×task pairs whose gradients on the shared trunk have a "
         "negative inner product (for MGDA-UB: on the shared features).\n\n"
         + suite_table(section)
-        + "".join(
-            f"\n\nNot run here: {METHODS[n].label}: {why}." for n, why in section.get("not_run", {}).items()
-        )
+        + "".join(f"\n\nNot run here: {_label(n)}: {why}." for n, why in section.get("not_run", {}).items())
     )
 
 

@@ -9,8 +9,9 @@ the conflict toy's config is :class:`ToyConfig` (its runs are in
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Mapping, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -26,8 +27,13 @@ from .quality_data import (
 )
 from .quality_methods import ALL_METHODS
 
-SUITES = ("multidigits", "scale", "toy")
-SUPERVISED = ("multidigits", "scale")
+SUITES = ("multidigits", "scale", "toy", "partial")
+SUPERVISED = ("multidigits", "scale", "partial")
+#: the suites a run without --suites covers (the partially-labelled one is asked for by name)
+DEFAULT_SUITES = ("multidigits", "scale", "toy")
+#: suffix of a method run with the workaround users reach for without absent-task support:
+#: a zero loss (``0 * output.sum()``) for every task the batch has no labels for
+ZERO = "@zero"
 
 
 @dataclass(frozen=True)
@@ -93,6 +99,9 @@ class Suite:
     kind = "regression"
     #: methods not run on this suite, with the reason (recorded in the JSON)
     unsupported: Dict[str, str] = {}
+    #: pass shared=/tasks= (trunk / heads) instead of the automatic partition (needed when the
+    #: first batch may lack a task: the graph walk can only see the tasks present)
+    explicit_partition = False
 
     def __init__(self, cfg: Any) -> None:
         self.cfg = cfg
@@ -128,6 +137,24 @@ class Suite:
 
     def evaluate(self, model: nn.Module, data: Mapping[str, Tensor]) -> Dict[str, Dict[str, float]]:
         raise NotImplementedError
+
+    def variants(self, methods: Sequence[str]) -> List[str]:
+        """The method runs of this suite (the partially-labelled suite adds ``@zero`` runs)."""
+        return list(methods)
+
+    def batches(self, data: Mapping[str, Tensor], gen: torch.Generator):  # type: ignore[no-untyped-def]
+        """``(epoch_end, indices)`` of every training step: a fresh permutation per epoch."""
+        n, steps = data["x_train"].shape[0], math.ceil(data["x_train"].shape[0] / self.batch)
+        for _ in range(self.epochs):
+            perm = torch.randperm(n, generator=gen)
+            for b in range(steps):
+                yield b == steps - 1, perm[b * self.batch : (b + 1) * self.batch]
+
+    def step_losses(
+        self, outs: Sequence[Tensor], y: Tensor, idx: Tensor, data: Mapping[str, Tensor], zero: bool
+    ) -> Dict[str, Optional[Tensor]]:
+        """The losses handed to ``step`` for the batch ``idx`` (every task labelled here)."""
+        return dict(zip(self.tasks, self.losses(outs, y)))
 
 
 class DigitsSuite(Suite):
@@ -210,4 +237,76 @@ class ScaleSuite(Suite):
         return out
 
 
-SUITE_CLASSES: Dict[str, type] = {"multidigits": DigitsSuite, "scale": ScaleSuite}
+@dataclass(frozen=True)
+class PartialSuiteConfig:
+    """Partially-labelled regression: every training sample is labelled for a random subset of
+    the tasks (each with probability ``label_p``, at least one), and a batch holds samples of
+    one label pattern (as when batches come from several partially-labelled datasets), so a
+    batch lacks the tasks its pattern leaves out. Test metrics use every label."""
+
+    data: ScaleConfig = field(default_factory=lambda: ScaleConfig(sigmas=(1.0, 1.0, 1.0, 1.0), n_train=2000))
+    label_p: float = 0.5
+    epochs: int = 10
+    batch: int = 50
+    lr: float = 3e-3
+    sgd_lr: float = 1e-3
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
+class PartialSuite(ScaleSuite):
+    """Each method twice: with absent tasks left out of ``step`` (``"pcgrad"``) and with a zero
+    loss in their place (``"pcgrad@zero"``, the workaround without absent-task support)."""
+
+    name = "partial"
+    title = "Partially labelled (each sample labelled for a random subset of 4 regression tasks)"
+    unsupported: Dict[str, str] = {}
+    explicit_partition = True
+    cfg: PartialSuiteConfig  # type: ignore[assignment]
+
+    @property
+    def tasks(self) -> List[str]:
+        return [f"task{t}" for t in range(len(self.cfg.data.sigmas))]
+
+    def data(self, seed: int) -> Dict[str, Tensor]:
+        out = make_scale_data(seed, self.cfg.data)
+        gen = torch.Generator().manual_seed(7_919 * (seed + 1))
+        n, k = out["x_train"].shape[0], len(self.tasks)
+        labels = torch.rand(n, k, generator=gen) < self.cfg.label_p
+        none = ~labels.any(dim=1)
+        labels[none, torch.randint(0, k, (int(none.sum()),), generator=gen)] = True
+        out["labels"] = labels
+        return out
+
+    def variants(self, methods: Sequence[str]) -> List[str]:
+        return [v for m in methods for v in (m, m + ZERO)]
+
+    def batches(self, data: Mapping[str, Tensor], gen: torch.Generator):  # type: ignore[no-untyped-def]
+        """Batches of one label pattern each, in a random order per epoch."""
+        labels = data["labels"]
+        codes = (labels.long() * (2 ** torch.arange(labels.shape[1]))).sum(dim=1)
+        for _ in range(self.epochs):
+            perm = torch.randperm(labels.shape[0], generator=gen)
+            chunks = []
+            for code in sorted(set(codes.tolist())):
+                members = perm[codes[perm] == code]
+                chunks += list(members.split(self.batch))
+            order = torch.randperm(len(chunks), generator=gen).tolist()
+            for n, c in enumerate(order):
+                yield n == len(order) - 1, chunks[c]
+
+    def step_losses(
+        self, outs: Sequence[Tensor], y: Tensor, idx: Tensor, data: Mapping[str, Tensor], zero: bool
+    ) -> Dict[str, Optional[Tensor]]:
+        labelled = data["labels"][idx[0]]  # one pattern per batch
+        out: Dict[str, Optional[Tensor]] = {}
+        for t, (task, o) in enumerate(zip(self.tasks, outs)):
+            if bool(labelled[t]):
+                out[task] = F.mse_loss(o, y[:, t])
+            elif zero:
+                out[task] = o.sum() * 0.0
+        return out
+
+
+SUITE_CLASSES: Dict[str, type] = {"multidigits": DigitsSuite, "scale": ScaleSuite, "partial": PartialSuite}

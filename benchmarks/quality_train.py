@@ -40,10 +40,13 @@ from .quality_methods import (
     MethodSettings,
 )
 from .quality_suites import (
+    DEFAULT_SUITES,
     SUITE_CLASSES,
     SUITES,
     SUPERVISED,
+    ZERO,
     DigitsSuiteConfig,
+    PartialSuiteConfig,
     ScaleSuiteConfig,
     Suite,
     ToyConfig,
@@ -59,12 +62,13 @@ DIAGNOSTICS_PNG = "quality_diagnostics.png"
 class Config:
     """Everything a run depends on (recorded in the JSON, but for where plots go)."""
 
-    suites: Tuple[str, ...] = SUITES
+    suites: Tuple[str, ...] = DEFAULT_SUITES
     seeds: Tuple[int, ...] = (0, 1, 2)
     methods: Tuple[str, ...] = DEFAULT_METHODS
     toy_methods: Tuple[str, ...] = TOY_DEFAULT
     multidigits: DigitsSuiteConfig = field(default_factory=DigitsSuiteConfig)
     scale: ScaleSuiteConfig = field(default_factory=ScaleSuiteConfig)
+    partial: PartialSuiteConfig = field(default_factory=PartialSuiteConfig)
     toy: ToyConfig = field(default_factory=ToyConfig)
     settings: MethodSettings = field(default_factory=MethodSettings)
     workers: int = 2
@@ -101,7 +105,13 @@ def make_optimizer(
         last_shared=getattr(model, "last_shared", None),
     )
     inner = method.make_inner(model.parameters(), suite.lr, suite.sgd_lr)
-    return MultiTaskOptimizer(inner, seed=seed, task_names=suite.tasks, **method.optimizer_kwargs(ctx))
+    kwargs = method.optimizer_kwargs(ctx)
+    if suite.explicit_partition:
+        heads = model.heads  # type: ignore[union-attr]
+        kwargs["shared"] = list(model.trunk.parameters())  # type: ignore[union-attr]
+        kwargs["tasks"] = {t: list(h.parameters()) for t, h in zip(suite.tasks, heads)}
+        return MultiTaskOptimizer(inner, seed=seed, **kwargs)
+    return MultiTaskOptimizer(inner, seed=seed, task_names=suite.tasks, **kwargs)
 
 
 class ConflictCounter:
@@ -144,6 +154,8 @@ def _train_single(
     params = list(model.trunk.parameters()) + list(model.heads[task].parameters())  # type: ignore[index]
     inner = torch.optim.Adam(params, lr=suite.lr)
     x, y = data["x_train"], data["y_train"]
+    if "labels" in data:  # partially labelled: the samples labelled for this task
+        x, y = x[data["labels"][:, task]], y[data["labels"][:, task]]
     for _, idx in _batches(x.shape[0], suite.batch, suite.epochs, gen):
         _, outs = model(x[idx])
         loss = suite.losses([outs[task]], y[idx][:, task : task + 1])[0]
@@ -160,13 +172,14 @@ def _train_multitask(
     method: Method,
     gen: torch.Generator,
     history: Optional[StatsHistory],
+    zero: bool = False,
 ) -> Dict[str, Any]:
     """Multi-task training with ``opt``; returns the conflict statistics of the run."""
     x, y = data["x_train"], data["y_train"]
     counter = ConflictCounter()
-    for epoch_end, idx in _batches(x.shape[0], suite.batch, suite.epochs, gen):
+    for epoch_end, idx in suite.batches(data, gen):
         z, outs = model(x[idx])
-        losses = dict(zip(suite.tasks, suite.losses(outs, y[idx])))
+        losses = suite.step_losses(outs, y[idx], idx, data, zero)
         opt.zero_grad()
         opt.step(losses, representation=z) if method.representation else opt.step(losses)
         counter.record(opt.last_stats)
@@ -221,7 +234,8 @@ def _run_multitask(
     gen: torch.Generator,
     cfg: Config,
 ) -> Dict[str, Any]:
-    method = METHODS[method_name]
+    base, zero = method_name.removesuffix(ZERO), method_name.endswith(ZERO)
+    method = METHODS[base]
     x, y = data["x_train"], data["y_train"]
     with torch.no_grad():
         _, outs = model(x[: suite.batch])
@@ -229,7 +243,7 @@ def _run_multitask(
     opt = make_optimizer(method, model, suite, seed, first, total, cfg.settings)
     diagnosed = cfg.plot_dir is not None and (suite.name, method_name, seed) == (*DIAGNOSED, cfg.seeds[0])
     history = StatsHistory() if diagnosed else None
-    stats: Dict[str, Any] = _train_multitask(suite, model, data, opt, method, gen, history)
+    stats: Dict[str, Any] = _train_multitask(suite, model, data, opt, method, gen, history, zero)
     if history is not None and cfg.plot_dir is not None:
         title = f"{method_name} on {suite.name}, seed {seed}: task-gradient conflict over the run"
         plot_history(history, str(Path(cfg.plot_dir) / DIAGNOSTICS_PNG), title=title)
@@ -327,7 +341,9 @@ def build_jobs(cfg: Config) -> List[Job]:
             continue
         suite = cfg.suite(name)
         for seed in cfg.seeds:
-            jobs += [("train", (name, m, seed)) for m in cfg.methods if m not in suite.unsupported]
+            jobs += [
+                ("train", (name, m, seed)) for m in suite.variants(cfg.methods) if m not in suite.unsupported
+            ]
             jobs += [("train", (name, f"single:{t}", seed)) for t in range(len(suite.tasks))]
     if "toy" in cfg.suites:
         jobs += [("toy", (name,)) for name in cfg.toy_methods]

@@ -16,6 +16,7 @@ to the ``floor`` (inner optimizer on ``sum(losses)``) of the same run.
     python -m benchmarks.speed --tiny                # TorchJD's example network: ratios to TorchJD / floor
     python -m benchmarks.speed --scaling             # 3x32x32 CNN at K=8,16,40 and the MLP at K=40
     python -m benchmarks.speed --distributed         # 2 gloo ranks: DDP and FSDP2, bytes sent per step
+    python -m benchmarks.speed --schedule --k 8      # PCGrad every k = 1, 2, 4, 8 steps: mean step cost
     python -m benchmarks.speed --one ours-pcgrad --k 8 --steps 20   # e.g. under cProfile
 
 Results go to ``benchmarks/out/`` (git-ignored) unless ``--out`` says otherwise (the
@@ -38,7 +39,7 @@ import torch
 from torch import Tensor
 
 from .common import DEFAULT_OUT, git_info, machine_info
-from .speed_impls import IMPLS, SCALING_IMPLS, TINY_IMPLS, adam, availability, gradient_mode
+from .speed_impls import IMPLS, SCALING_IMPLS, SCHEDULE_IMPLS, TINY_IMPLS, adam, availability, gradient_mode
 from .speed_report import aggregation_table, markdown_table, memory_table, plot, plot_scaling, ratio_table
 from .speed_timing import k_cells, memory_child, run_memory, time_aggregation, time_steps
 from .workloads import (
@@ -382,6 +383,62 @@ def run_tiny(args: argparse.Namespace, out: Path) -> Dict[str, Any]:
     return doc
 
 
+# ---------------------------------------------------------------------- --schedule
+
+
+def run_schedule(args: argparse.Namespace, cfg: WorkloadConfig, out: Path) -> Dict[str, Any]:
+    """Average step cost of PCGrad run every k = 1, 2, 4, 8 steps (``surgery_every``) at one K.
+
+    Interleaved rounds as in the sweep; the rounds are a multiple of 8 so every
+    implementation's timed steps cover whole schedule periods, and the *mean* (not the
+    median, which would pick the plain steps) is the average step cost.
+    """
+    k = args.k
+    available = availability(SCHEDULE_IMPLS)
+    runnable = [n for n in SCHEDULE_IMPLS if available[n] is None]
+    rounds = args.reps or (16 if args.quick else 64)
+    rounds = 8 * max(1, round(rounds / 8))
+    warmup = 8 * max(1, args.warmup)  # whole periods, so the timed steps start at a period boundary
+    started = time.perf_counter()
+    res = time_steps(runnable, cfg, k, rounds, warmup, random.Random(args.seed))
+    mean = {n: statistics.fmean(t) for n, t in res.times_ms.items()}
+    median = {n: statistics.median(t) for n, t in res.times_ms.items()}
+    doc = {
+        "machine": machine_info(threads=args.threads),
+        "config": {
+            "workload": cfg.to_dict(),
+            "k": k,
+            "rounds": res.rounds,
+            "warmup": warmup,
+            "wall_seconds": time.perf_counter() - started,
+        },
+        "mean_ms": mean,
+        "median_ms": median,
+        "mean_over_floor": {n: mean[n] / mean["floor"] for n in mean if "floor" in mean},
+        "mean_over_every1": {n: mean[n] / mean["ours-pcgrad"] for n in mean if "ours-pcgrad" in mean},
+        "failed": res.failed,
+    }
+    lines = [
+        f"PCGrad on a schedule (surgery_every = k), K = {k}, {cfg.kind} trunk, {res.rounds} interleaved "
+        f"rounds, {args.threads} thread(s); mean = average step cost over whole schedule periods",
+        "",
+        "| implementation | mean ms/step | median ms/step | mean / floor | mean / every step |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for n in runnable:
+        if n in mean:
+            lines.append(
+                f"| {n} | {mean[n]:.2f} | {median[n]:.2f} | {doc['mean_over_floor'].get(n, float('nan')):.2f} | "
+                f"{doc['mean_over_every1'].get(n, float('nan')):.2f} |"
+            )
+    text = "\n".join(lines)
+    print("\n" + text)
+    _write_json(out / "speed_schedule.json", doc)
+    _write_text(out / "speed_schedule.md", text)
+    print(f"\nwrote {out / 'speed_schedule.json'}, {out / 'speed_schedule.md'}")
+    return doc
+
+
 # ---------------------------------------------------------------------- --scaling
 
 
@@ -501,6 +558,9 @@ def _add_mode_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--tiny", action="store_true", help="TorchJD's example network, many rounds, as ratios")
     p.add_argument(
+        "--schedule", action="store_true", help="PCGrad every k = 1, 2, 4, 8 steps at K = --k: mean step cost"
+    )
+    p.add_argument(
         "--scaling",
         action="store_true",
         help="3x32x32 CNN at K=8,16,40 and the MLP at K=40: time, memory, plot",
@@ -604,6 +664,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         from .distributed import main as run_distributed
 
         return run_distributed(args, cfg)
+    if args.schedule:
+        return run_schedule(args, cfg, args.out)
     if args.scaling:
         return run_scaling(args, args.out)
     ks, names = _sweep_setup(args, cfg)

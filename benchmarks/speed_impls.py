@@ -79,11 +79,15 @@ def check_ours() -> None:
         raise Skip(f"multitask_optim is not importable: {error}") from error
 
 
-def _ours(surgery: Optional[str], mode: str = "auto", representation: bool = False) -> Callable[..., StepFn]:
+def _ours(
+    surgery: Optional[str], mode: str = "auto", representation: bool = False, every: int = 1
+) -> Callable[..., StepFn]:
     def setup(model: MultiHeadModel, inner: InnerFactory) -> StepFn:
         from multitask_optim import MultiTaskOptimizer
 
-        opt = MultiTaskOptimizer(inner(model.parameters()), surgery=surgery, gradient_mode=mode, seed=0)
+        opt = MultiTaskOptimizer(
+            inner(model.parameters()), surgery=surgery, gradient_mode=mode, seed=0, surgery_every=every
+        )
 
         def step(batch: Batch) -> None:
             opt.zero_grad(set_to_none=True)
@@ -282,10 +286,13 @@ IMPLS: Dict[str, Impl] = {
         Impl("ours-pcgrad-representation", _ours("pcgrad", representation=True), check_ours, CNN),
         Impl("ours-pcgrad-lean", _ours("pcgrad", "lean"), check_lean),
         Impl("ours-sum", _ours(None), check_ours, kinds=()),
+        *[Impl(f"ours-pcgrad-every{k}", _ours("pcgrad", every=k), check_ours, kinds=()) for k in (2, 4, 8)],
     ]
 }
 #: the tiny workload: ours vs TorchJD with the same aggregator, ours without surgery vs the floor
 TINY_IMPLS = ("floor", "ours-sum", "ours-pcgrad", "torchjd-pcgrad", "torchjd-upgrad")
+#: surgery on a schedule (--schedule): PCGrad every k-th step, the other steps plain
+SCHEDULE_IMPLS = ("floor", "ours-pcgrad", "ours-pcgrad-every2", "ours-pcgrad-every4", "ours-pcgrad-every8")
 #: the K-scaling sweep: TorchJD both ways, the floor, ours by default, per explicit mode, and representation
 SCALING_IMPLS = (
     "floor",

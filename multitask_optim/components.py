@@ -11,17 +11,29 @@ A component is one pluggable stage of the step. It
   ``dict[str, Tensor]`` that round-trips through ``torch.save`` /
   ``torch.load(weights_only=True)`` as it is.
 
+A step may lack some tasks (``step({"depth": l})``): the stages then run on the
+present tasks only, each component on its *sub-state*. A component declares which axes
+of its state tensors index tasks (:meth:`Component.task_axes`); the optimizer selects
+the present tasks' slices before the stage (:func:`select_tasks`) and writes the new
+slices back after it (:func:`merge_tasks`), so an absent task's state stays bitwise as
+it was. A component that keeps state but declares nothing is refused a partial step
+(:func:`check_partial`) rather than sliced wrongly.
+
 Components are found by name in a :class:`Registry`; a new method is one file whose
 class registers itself with the registry's decorator.
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Dict, Generic, Mapping, Optional, Type, TypeVar, Union
+from fnmatch import fnmatchcase
+from typing import Any, ClassVar, Dict, Generic, Mapping, Optional, Sequence, Tuple, Type, TypeVar, Union
 
+import torch
 from torch import Tensor
 
 State = Dict[str, Tensor]
+#: State key (or ``fnmatch`` pattern such as ``"*.v"``) -> the axes of that tensor that index tasks.
+TaskAxes = Dict[str, Tuple[int, ...]]
 
 
 class Component:
@@ -37,6 +49,16 @@ class Component:
     def settings(self) -> Dict[str, Any]:
         """Hyper-parameters, as plain values (shown by ``repr``, checked on load)."""
         return {}
+
+    def task_axes(self) -> Optional[TaskAxes]:
+        """Which axes of each state tensor index tasks, for steps that lack some tasks.
+
+        Keys are state keys or ``fnmatch`` patterns (``"*.v"``); a key no entry matches
+        holds no per-task values (it is replaced by the new value after a step). ``{}``
+        declares a state with nothing per task; ``None`` (the default) declares nothing,
+        and a component that then keeps state is refused a step with absent tasks.
+        """
+        return None
 
     def extra_repr(self) -> str:
         return ", ".join(f"{key}={value!r}" for key, value in self.settings().items())
@@ -120,3 +142,87 @@ class Registry(Generic[C]):
 
     def get(self, name: str, default: Any = None) -> Any:
         return self.classes.get(name, default)
+
+
+# ---------------------------------------------------------------------- partial task sets
+def axes_of(key: str, axes: TaskAxes) -> Tuple[int, ...]:
+    """The task axes of state ``key`` (exact key first, then the first matching pattern)."""
+    if key in axes:
+        return tuple(axes[key])
+    for pattern, value in axes.items():
+        if fnmatchcase(key, pattern):
+            return tuple(value)
+    return ()
+
+
+def select_tasks(state: State, axes: TaskAxes, present: Sequence[int]) -> State:
+    """The sub-state of the ``present`` tasks (a new dict; ``state`` is not touched)."""
+    index = torch.tensor(list(present), dtype=torch.long)
+    out: State = {}
+    for key, value in state.items():
+        for axis in axes_of(key, axes):
+            if axis < value.dim():  # a 0-d legacy entry has no task axis
+                value = value.index_select(axis, index.to(value.device))
+        out[key] = value
+    return out
+
+
+def _put(full: Tensor, sub: Tensor, task_axes: Sequence[int], index: Tensor) -> Tensor:
+    """``full`` with its ``index`` slices along every axis in ``task_axes`` replaced by ``sub``."""
+    if not task_axes:
+        return sub
+    axis, rest = task_axes[0], task_axes[1:]
+    inner = _put(full.index_select(axis, index), sub, rest, index)
+    return full.index_copy(axis, index, inner.to(full.dtype))
+
+
+def merge_tasks(
+    old: State, new_sub: State, axes: TaskAxes, present: Sequence[int], num_tasks: int, fresh: State
+) -> State:
+    """Write a partial step's sub-state back into the full state (a new dict).
+
+    Per-task slices of absent tasks keep their old values bitwise; entries without task
+    axes take the new value. A key the old state lacks starts from ``fresh`` (the
+    component's :meth:`~Component.init_state`), else from zeros.
+    """
+    index = torch.tensor(list(present), dtype=torch.long)
+    out: State = dict(old)
+    for key, value in new_sub.items():
+        task_axes = axes_of(key, axes)
+        base = old.get(key, fresh.get(key))
+        shape = list(value.shape)
+        for axis in task_axes:
+            shape[axis] = num_tasks
+        if task_axes and (base is None or list(base.shape) != shape):
+            # none yet, or one of another layout (the component resets it itself, e.g.
+            # a surgery state per parameter block met in representation mode's one block)
+            base = torch.zeros(shape, dtype=value.dtype, device=value.device)
+        out[key] = (
+            _put(base.to(value.device, value.dtype), value, task_axes, index.to(value.device))
+            if task_axes
+            else value
+        )
+    return out
+
+
+def check_partial(component: Optional[Component], kind: str, state: State, always: bool = False) -> None:
+    """Refuse a step with absent tasks for a component that cannot be sliced by task.
+
+    Args:
+        component: the component (None: nothing to check).
+        kind: its constructor argument (``"surgery"``), for the error.
+        state: its current state.
+        always: refuse without declared axes even when the state is empty (weightings,
+            whose per-task arguments are bound to every task).
+
+    Raises:
+        ValueError: naming the method.
+    """
+    if component is None or component.task_axes() is not None:
+        return
+    if state or always:
+        raise ValueError(
+            f"{kind} {component.name or type(component).__name__!r} keeps per-task state but does not declare "
+            "which state axes index tasks (task_axes()), so it cannot take a step with absent tasks; give "
+            "every task's loss in each step, or declare task_axes() on the method"
+        )

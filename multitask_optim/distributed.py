@@ -43,3 +43,43 @@ def all_average(tensors: Sequence[Tensor], group: Optional[Any] = None) -> List[
             out[n] = flat[offset : offset + numel].view_as(tensors[n])
             offset += numel
     return out
+
+
+def all_sum(tensors: Sequence[Tensor], group: Optional[Any] = None) -> List[Tensor]:
+    """Sum ``tensors`` across ranks: one flat ``all_reduce`` per (device, dtype) bucket."""
+    size = world_size(group)
+    if size == 1 or not tensors:
+        return list(tensors)
+    buckets: Dict[Tuple[torch.device, torch.dtype], List[int]] = {}
+    for n, t in enumerate(tensors):
+        buckets.setdefault((t.device, t.dtype), []).append(n)
+    out: List[Tensor] = list(tensors)
+    for members in buckets.values():
+        flat = torch.cat([tensors[n].reshape(-1) for n in members])
+        torch.distributed.all_reduce(flat, group=group)
+        offset = 0
+        for n in members:
+            numel = tensors[n].numel()
+            out[n] = flat[offset : offset + numel].view_as(tensors[n])
+            offset += numel
+    return out
+
+
+def reduce_presence(values: Tensor, weights: Tensor) -> Tuple[Tensor, Tensor]:
+    """Per-task loss values averaged over the ranks that had each task.
+
+    Args:
+        values: ``(K,)`` float64 loss values of this rank (0 for a task it lacks).
+        weights: ``(K,)`` float64 weight of this rank for each task (1 or its sample
+            count if it has the task, 0 if not).
+
+    Returns:
+        ``(values, totals)``: the weighted mean over ranks (0 where no rank had the task)
+        and the total weight of every task over the ranks (one ``all_reduce``).
+    """
+    head = torch.cat([values * weights, weights])
+    (head,) = all_sum([head])
+    k = values.shape[0]
+    totals = head[k:]
+    mean = torch.where(totals > 0, head[:k] / torch.where(totals > 0, totals, 1.0), 0.0)
+    return mean, totals

@@ -16,7 +16,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .distributed import all_average
+from .distributed import all_average, all_sum
 from .gram import dense_grams, precise_gram
 
 Rows = List[Optional[Tensor]]
@@ -238,6 +238,34 @@ class TaskGradients:
                 offset += numel
         return out
 
+    def reindex(self, src: Sequence[int], dst: Sequence[int], sizes: Sequence[int]) -> TaskGradients:
+        """The rows laid out for the tasks ``dst`` instead of ``src`` (task indices).
+
+        A task of ``dst`` that ``src`` lacks gets zero rows and no own-parameter
+        gradients; ``sizes[t]`` is the number of own parameters of task ``t``.
+        """
+        src, dst = list(src), list(dst)
+        if src == dst:
+            return self
+        grads = self.dense()
+        position = {t: n for n, t in enumerate(src)}
+        if all(t in position for t in dst):
+            index = torch.tensor([position[t] for t in dst], dtype=torch.long)
+            shared = [None if j is None else j.index_select(0, index.to(j.device)) for j in grads.shared]
+        else:
+            kept = [n for n, t in enumerate(dst) if t in position]
+            source = torch.tensor([position[dst[n]] for n in kept], dtype=torch.long)
+            target = torch.tensor(kept, dtype=torch.long)
+            shared = []
+            for j in grads.shared:
+                if j is None:
+                    shared.append(None)
+                    continue
+                out = j.new_zeros((len(dst), *j.shape[1:]))
+                shared.append(out.index_copy(0, target.to(j.device), j.index_select(0, source.to(j.device))))
+        tasks = [list(grads.tasks[position[t]]) if t in position else [None] * sizes[t] for t in dst]
+        return TaskGradients(shared, tasks)
+
     def averaged(self, values: Tensor) -> Tuple[TaskGradients, Tensor]:
         """Gradients and loss values averaged across ranks (one bucketed collective)."""
         grads = self.dense()
@@ -269,6 +297,78 @@ def scaled_grad(grad: Tensor, factor: float) -> Tensor:
     if not _below_normal([factor], grad.dtype):
         return grad * factor
     return (grad.to(torch.float64) * factor).to(grad.dtype)
+
+
+def reduce_tasks(
+    grads: TaskGradients,
+    values: Tensor,
+    present: Sequence[int],
+    weights: Sequence[float],
+    shared_like: Sequence[Tensor],
+    task_like: Sequence[Sequence[Tensor]],
+) -> Tuple[TaskGradients, Tensor, Tuple[int, ...]]:
+    """Each task's gradients and loss averaged over the ranks that had it (one collective).
+
+    Every rank lays its tasks out over all ``K`` tasks (zeros for the tasks it lacks, and
+    for a parameter its losses did not reach, with a flag saying so), multiplies task
+    ``i``'s rows by its weight ``s_i`` on this rank (1, or its sample count), and one
+    bucketed ``all_reduce`` sums them together with the values, the weights and the
+    flags. Task ``i``'s average is then ``sum_r s_ir g_ir / sum_r s_ir``: with every task
+    on every rank and unit weights, the plain average over ranks.
+
+    Args:
+        grads: this rank's gradients of its ``present`` tasks.
+        values: their ``(K',)`` float64 loss values.
+        present: indices of this rank's tasks among the ``K``.
+        weights: this rank's weight of each of its tasks.
+        shared_like: the shared parameters (shapes of unreached ones).
+        task_like: every task's own parameters.
+
+    Returns:
+        ``(gradients, values, present)`` over the tasks some rank had, in task order.
+    """
+    k = len(task_like)
+    full = grads.dense().reindex(present, range(k), [len(t) for t in task_like])
+    s = torch.zeros(k, dtype=torch.float64)
+    s[list(present)] = torch.tensor(list(weights), dtype=torch.float64)
+    vals = torch.zeros(k, dtype=torch.float64)
+    vals[list(present)] = values.to(torch.float64)
+    ones = bool((s[list(present)] == 1.0).all())
+    shared = [
+        torch.zeros(k, *p.shape, dtype=p.dtype, device=p.device) if j is None else j
+        for j, p in zip(full.shared, shared_like)
+    ]
+    tasks = [
+        [torch.zeros_like(p) if g is None else g for g, p in zip(task, like)]
+        for task, like in zip(full.tasks, task_like)
+    ]
+    if not ones:
+        shared = [j * s.to(j.dtype).view(k, *([1] * (j.dim() - 1))) for j in shared]
+        tasks = [[g * float(s[i]) for g in task] for i, task in enumerate(tasks)]
+    flags = [1.0 if j is not None else 0.0 for j in full.shared]
+    flags += [1.0 if g is not None else 0.0 for task in full.tasks for g in task]
+    like = shared[0] if shared else next((g for task in tasks for g in task), values)
+    head = torch.cat([vals * s, s, torch.tensor(flags, dtype=torch.float64)]).to(like.device, like.dtype)
+    reduced = all_sum([head, *shared, *[g for task in tasks for g in task]])
+    head = reduced[0].to(torch.float64).cpu()
+    totals = head[k : 2 * k]
+    reached = iter((head[2 * k :] > 0).tolist())
+    safe = torch.where(totals > 0, totals, 1.0)
+    rest = iter(reduced[1:])
+    new_shared: Rows = []
+    for _ in shared:
+        j = next(rest)
+        new_shared.append(j / safe.to(j.dtype).view(k, *([1] * (j.dim() - 1))) if next(reached) else None)
+    new_tasks = []
+    for i, task in enumerate(tasks):
+        row = []
+        for _ in task:
+            g = next(rest)
+            row.append(g / float(safe[i]) if next(reached) else None)
+        new_tasks.append(row)
+    union = tuple(i for i in range(k) if totals[i] > 0)
+    out = TaskGradients(new_shared, new_tasks).reindex(range(k), union, [len(t) for t in task_like])
+    return out, (head[:k] / safe)[list(union)], union
 
 
 def _add_lists(a: Sequence[Optional[Tensor]], b: Sequence[Optional[Tensor]]) -> List[Optional[Tensor]]:

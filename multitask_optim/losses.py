@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -11,7 +12,119 @@ from torch import Tensor
 from .graph import LossGraph
 from .partition import check_names
 
-Losses = Union[Sequence[Tensor], Mapping[str, Tensor], Tensor]
+Losses = Union[Sequence[Optional[Tensor]], Mapping[str, Optional[Tensor]], Tensor]
+Samples = Union[None, Sequence[float], Mapping[str, float]]
+
+
+@dataclass
+class Parsed:
+    """The losses of one step, with the tasks absent from it.
+
+    Attributes:
+        names: every task's name, in task order (``K``).
+        present: indices (into ``names``) of the tasks this step has, increasing.
+        losses: their scalar losses, in the same order (``K'``).
+    """
+
+    names: Tuple[str, ...]
+    present: Tuple[int, ...]
+    losses: List[Tensor]
+
+    @property
+    def partial(self) -> bool:
+        """Whether some task is absent from this step."""
+        return len(self.present) < len(self.names)
+
+    @property
+    def present_names(self) -> Tuple[str, ...]:
+        return tuple(self.names[i] for i in self.present)
+
+
+def parse_losses(losses: Losses, known: Optional[Tuple[str, ...]]) -> Parsed:
+    """The losses of a step that may lack some tasks; raises naming the task, before any change.
+
+    A task is absent when a mapping does not name it (or maps it to ``None``), or a
+    sequence holds ``None`` in its place. An absent task is neither a zero nor a NaN
+    loss: it takes no part in the step. A mapping can leave tasks out only once the task
+    names are known (``tasks=`` / ``task_names=`` / ``num_tasks=``, or an earlier step
+    that named them all).
+
+    Raises:
+        ValueError: no task present, unknown task names, a wrong count, or a bad loss.
+        TypeError: a loss that is not a real floating-point tensor.
+    """
+    if isinstance(losses, Mapping) and known is not None:
+        unknown = [str(k) for k in losses.keys() if str(k) not in known]
+        if unknown:
+            missing = [n for n in known if n not in {str(k) for k in losses.keys()}]
+            raise ValueError(
+                f"losses do not match the tasks {list(known)}: missing {missing}, unknown {unknown}"
+                " (name the tasks with tasks= or task_names= to use other keys; a task left out is absent)"
+            )
+        by_name = {str(k): v for k, v in losses.items()}
+        present = tuple(i for i, n in enumerate(known) if by_name.get(n) is not None)
+        items = [by_name[known[i]] for i in present]
+        names = known
+    elif isinstance(losses, Mapping):
+        if any(v is None for v in losses.values()):
+            raise ValueError(
+                "losses: a task given as None is absent, which needs the task names first "
+                "(pass tasks=, task_names= or num_tasks=, or name every task in the first step)"
+            )
+        names, items = _from_mapping(losses, None)  # type: ignore[arg-type]
+        present = tuple(range(len(names)))
+    elif isinstance(losses, (list, tuple)) and any(loss is None for loss in losses):
+        if known is not None and len(losses) != len(known):
+            raise ValueError(f"expected {len(known)} losses (tasks {list(known)}), got {len(losses)}")
+        names = known if known is not None else tuple(str(i) for i in range(len(losses)))
+        present = tuple(i for i, loss in enumerate(losses) if loss is not None)
+        items = [losses[i] for i in present]
+    else:
+        names, items = check_losses(losses, known)  # type: ignore[arg-type]
+        return Parsed(names, tuple(range(len(names))), items)
+    if not items:
+        raise ValueError(f"no task is present in this step (tasks {list(names)}): give at least one loss")
+    for i, loss in zip(present, items):
+        _check_one(names[i], loss)
+    return Parsed(tuple(names), present, [loss.reshape(()) for loss in items])
+
+
+def task_samples(samples: Samples, parsed: Parsed) -> Optional[List[float]]:
+    """Per present task, this process's sample count (``step(..., samples=)``), or None.
+
+    Raises:
+        ValueError: a negative or non-finite count, unknown task names, a wrong length,
+            or a count for an absent task that is not 0.
+    """
+    if samples is None:
+        return None
+    names = parsed.names
+    if isinstance(samples, Mapping):
+        unknown = [str(k) for k in samples if str(k) not in names]
+        if unknown:
+            raise ValueError(f"samples names unknown tasks {unknown}; the tasks are {list(names)}")
+        by_name = {str(k): v for k, v in samples.items()}
+        full = [by_name.get(n, 0.0 if i not in parsed.present else None) for i, n in enumerate(names)]
+    else:
+        full = list(samples)
+        if len(full) != len(names):
+            raise ValueError(f"samples has {len(full)} entries but there are {len(names)} tasks")
+    out = []
+    for i, (name, value) in enumerate(zip(names, full)):
+        if value is None:
+            raise ValueError(f"samples gives no count for task {name!r}, which is present")
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not value >= 0
+            or value == float("inf")
+        ):
+            raise ValueError(f"samples[{name!r}] must be a finite number >= 0, got {value!r}")
+        if i not in parsed.present and value != 0:
+            raise ValueError(f"samples[{name!r}] is {value!r} but task {name!r} is absent from this step")
+        if i in parsed.present:
+            out.append(float(value))
+    return out
 
 
 def check_losses(losses: Losses, known: Optional[Tuple[str, ...]]) -> Tuple[Tuple[str, ...], List[Tensor]]:

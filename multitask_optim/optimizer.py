@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import checkpoint, fsdp, groups
+from . import checkpoint, fsdp, groups, plain
 from .aggregators import AGGREGATORS, AggregationContext, Aggregator, GramianCallable
 from .amp import current_scale
 from .amp import update as amp_update
@@ -31,6 +31,7 @@ from .arguments import (
     task_names_from,
     task_rates,
 )
+from .clipping import check_max_grad_norm, clip_
 from .components import State
 from .diagnostics import step_stats
 from .distributed import all_average, world_size
@@ -39,12 +40,15 @@ from .graph import LossGraph, analyse
 from .jacobian import GradientEngine
 from .losses import (
     Losses,
-    check_losses,
+    Parsed,
+    Samples,
     check_passes,
     check_tensor,
     loss_values,
     named_features,
     observed_values,
+    parse_losses,
+    task_samples,
 )
 from .partition import Partition, TasksArg, check_against_graph, discover, explicit, warn_unused
 from .pipeline import (
@@ -52,15 +56,19 @@ from .pipeline import (
     Outcome,
     Structure,
     aggregate_and_combine,
+    merged_states,
     non_finite_losses,
     precondition,
+    reduced,
     scale_tasks,
+    sub_states,
     weigh,
     weighted_gram,
     weighting_gram,
     write_grad,
 )
 from .precondition import PRECONDITIONERS, Preconditioner
+from .schedule import Schedule
 from .sources import ParameterRows, RepresentationRows
 from .weighting import WEIGHTINGS, Weighting, WeightingContext
 
@@ -118,6 +126,15 @@ class MultiTaskOptimizer(Optimizer):
             scaled, per-task gradients unscaled before anything reads them, and a step
             with an inf/NaN is skipped and lowers the scale (see :mod:`.amp`). Do not
             call ``scaler.step`` / ``scaler.update`` yourself.
+        surgery_every: run the full method (per-task gradients, preconditioning, Gram,
+            surgery) every ``k``-th step only; the other steps are one backward of the
+            weighted sum of the losses (see :mod:`.schedule`). Default 1.
+        surgery_start: the first step on which the full method runs (earlier steps are
+            plain). Default 0.
+        max_grad_norm: clip the final update of the model parameters (after
+            aggregation, before the inner step) to this global 2-norm, as
+            ``torch.nn.utils.clip_grad_norm_`` does; the unclipped norm is
+            ``last_stats["grad_norm"]`` (see :mod:`.clipping`). Default None (no clipping).
         reduction, beta, eps, beta2: deprecated spellings of ``surgery_kwargs`` /
             ``precondition_kwargs`` entries (a ``DeprecationWarning``).
     """
@@ -141,6 +158,9 @@ class MultiTaskOptimizer(Optimizer):
         precondition_kwargs: Optional[Mapping[str, Any]] = None,
         gradient_mode: str = "auto",
         grad_scaler: Optional[Any] = None,
+        surgery_every: int = 1,
+        surgery_start: int = 0,
+        max_grad_norm: Optional[float] = None,
         reduction: Optional[str] = None,
         beta: Optional[float] = None,
         eps: Optional[float] = None,
@@ -177,6 +197,8 @@ class MultiTaskOptimizer(Optimizer):
         self.seed = int(seed)
         self._generator = torch.Generator().manual_seed(self.seed)
         self.grad_scaler = grad_scaler
+        self.schedule = Schedule.of(surgery_every, surgery_start)
+        self.max_grad_norm = check_max_grad_norm(max_grad_norm)
         self.last_stats: Dict[str, Any] = {}
         self.skipped = 0
         self._warned_skip = False
@@ -299,6 +321,7 @@ class MultiTaskOptimizer(Optimizer):
         *,
         representation: Optional[Tensor] = None,
         features: Optional[Union[Tensor, Sequence[Tensor]]] = None,
+        samples: Samples = None,
     ) -> Any:
         """One optimisation step on the per-task ``losses``.
 
@@ -310,6 +333,9 @@ class MultiTaskOptimizer(Optimizer):
         Args:
             losses: one scalar loss per task, as a sequence or a mapping by task name. A
                 callable here is taken as the closure (``opt.step(closure)`` as in torch).
+                A task absent from this batch is left out of the mapping or given as
+                ``None``: the step is then the method on the present tasks, and the
+                absent task's parameters and state are left as they are.
             closure: without ``losses`` (and nothing accumulated), passed to the inner
                 optimizer. With losses it is called first under grad mode, as torch
                 optimizers call theirs (PyTorch Lightning's ``LightningOptimizer.step``
@@ -320,6 +346,9 @@ class MultiTaskOptimizer(Optimizer):
                 trunk with the aggregated feature gradient (MGDA-UB with ``"mgda"``).
             features: as in TorchJD's ``mtl_backward``: the tensor(s) where the heads
                 start. A hint only; the step stays exact and parameter-level.
+            samples: under ``torch.distributed``, this rank's sample count per task
+                (sequence or mapping): each task's gradient is then the average over
+                the ranks that had it weighted by these counts (default: unweighted).
 
         Returns:
             The inner optimizer's return value, or the closure's (None without one).
@@ -347,10 +376,10 @@ class MultiTaskOptimizer(Optimizer):
             gathered, self._accumulated = self._accumulated, None
             assert gathered is not None
             self._run(gathered, self._rows)
-        elif representation is None and self._plain():
-            self._plain_step(losses, features)
+        elif (representation is None and self._plain()) or not self.schedule.runs(self._steps):
+            self._plain_step(losses, features, representation, samples)
         else:
-            self._run(*self._gather_with_source(losses, features, representation))
+            self._run(*self._gather(losses, None, features, representation, samples))
         return result
 
     # ------------------------------------------------------------------ the plain path
@@ -369,36 +398,65 @@ class MultiTaskOptimizer(Optimizer):
             and not self._sharded
         )
 
-    def _plain_step(self, losses: Losses, features: Optional[Union[Tensor, Sequence[Tensor]]]) -> None:
-        """Exactly ``sum(losses).backward(); inner.step()`` (bitwise), with the usual checks."""
-        names, loss_list = check_losses(losses, self._names)
-        values = loss_values(loss_list)
-        bad = non_finite_losses(names, values)
+    def _plain_step(
+        self, losses: Losses, features: Any, representation: Optional[Tensor], samples: Samples
+    ) -> None:
+        """One backward of ``sum_i w_i L_i`` over the present tasks, and the inner step.
+
+        The plain configuration's step, and every step the schedule leaves out: bitwise
+        ``sum(losses).backward(); inner.step()`` when every weight is 1. Only the
+        weighting runs (its state committed only when the step is taken).
+        """
+        parsed = parse_losses(losses, self._names)
+        named = [("representation", representation)] if representation is not None else []
+        named += named_features(features)
+        for name, tensor in named:
+            check_tensor(tensor, name)
+        values, present, shares = loss_values(parsed.losses), parsed.present, None
+        if world_size() > 1:  # each task's value and gradient: the average over the ranks that had it
+            present, values, shares = plain.ranked_values(parsed, values, samples)
+        bad = non_finite_losses([parsed.names[i] for i in present], values)
         if bad is not None:
             return self._skip(bad, values)
-        named = named_features(features)
-        if named:
-            graph = analyse(loss_list)
-            for name, tensor in named:
-                check_passes(tensor, graph, name)
+        graph = analyse(parsed.losses) if named or (self._partition is None and not self._plain()) else None
+        for name, tensor in named:
+            check_passes(tensor, graph, name)  # type: ignore[arg-type]
+        structure = None
+        if self._partition is None and not self._plain():
+            structure = self._structure(parsed, graph, None)  # type: ignore[arg-type]
+        generator_state = self._generator.get_state()
+        weights, states = None, {}
+        if not self.weighting.is_constant_one():
+            current = self._current_states(len(parsed.names), 1)
+            weights, states, why = self._weigh(parsed.names, present, values, {}, current)
+            if why is not None:
+                self._generator.set_state(generator_state)
+                return self._skip(why, values)
+        factors = plain.loss_factors(parsed.present, present, weights, shares)
         params = [p for p in self._params if p.requires_grad]
-        grads = torch.autograd.grad(sum(loss_list), params, allow_unused=True)
+        grads = plain.gradients(parsed.losses, factors, params, current_scale(self.grad_scaler))
+        if world_size() > 1:
+            grads = plain.summed(params, grads)
         if not all_finite([g for g in grads if g is not None]):
+            self._generator.set_state(generator_state)
             return self._skip("non-finite gradient", values)
+        if structure is not None:
+            self._adopt_partition(structure.partition, warn=True, blocks=structure.blocks)
+        if not self._weighting_ready and (weights is not None or structure is not None):
+            self._adopt_weighting(parsed.names)
         for p, g in zip(params, grads):
             write_grad(p, g)
+        self._drop_absent([parsed.names[i] for i in present])
+        self._states.update(states)
         if self._names is None:
-            self._names = names
-        self._steps += 1
-        self.optimizer.step()
-        k = len(names)
-        self.last_stats = step_stats(None, None, [1.0] * k, values.tolist(), self.skipped)
-        self.last_stats["coefficients"] = [1.0] * k
-        self.last_stats["objective"] = float(values.sum())
-        self.last_stats["gradient_mode"] = "plain"
+            self._names = parsed.names
+        k = len(present)
+        ones = torch.ones(k, dtype=torch.float64)
+        outcome = Outcome(ones if weights is None else weights, None, None, [], [], states)
+        self._take(parsed.names, present, values, outcome, None)
         return None
 
-    def accumulate(self, losses: Losses) -> None:
+    def accumulate(self, losses: Losses, samples: Samples = None) -> None:
         """Add one micro-batch's per-task gradients; the next ``step()`` aggregates them once.
 
         Task and shared gradients are summed over micro-batches (as ``backward`` would
@@ -407,8 +465,16 @@ class MultiTaskOptimizer(Optimizer):
         preconditioning, Gram, surgery) then runs once on the sum, so ``M`` micro-batches
         equal one step on their concatenation. Memory is bounded by one Jacobian.
         :meth:`zero_grad` drops what was accumulated.
+
+        Micro-batches may carry different tasks: each task's gradient and loss value are
+        summed over the micro-batches that had it (scale a task's loss by ``1 / M_i``,
+        ``M_i`` the number of micro-batches carrying it, for its mean), and the step is
+        over the tasks some micro-batch had. ``samples`` (under ``torch.distributed``)
+        are summed likewise. A step the schedule leaves out still gathers per-task
+        gradients here (the weights need the summed losses first), but neither the
+        surgery nor the preconditioner runs on it.
         """
-        self._accumulated = self._gather(losses, self._accumulated, None, None)[0]
+        self._accumulated = self._gather(losses, self._accumulated, None, None, samples)[0]
 
     def epoch_end(self) -> None:
         """Mark an epoch boundary for epoch-based weightings (DWA)."""
@@ -443,20 +509,13 @@ class MultiTaskOptimizer(Optimizer):
         self._states["weighting"] = self.weighting.observe(values, self._states["weighting"])
 
     # ------------------------------------------------------------------ gather
-    def _gather_with_source(
-        self,
-        losses: Losses,
-        features: Optional[Union[Tensor, Sequence[Tensor]]],
-        representation: Optional[Tensor],
-    ) -> Tuple[Gathered, Source]:
-        return self._gather(losses, None, features, representation)
-
     def _gather(
         self,
         losses: Losses,
         into: Optional[Gathered],
         features: Optional[Union[Tensor, Sequence[Tensor]]],
         representation: Optional[Tensor],
+        samples: Samples = None,
     ) -> Tuple[Gathered, Source]:
         """Check the losses and compute this micro-batch's per-task gradients (no state change).
 
@@ -464,7 +523,8 @@ class MultiTaskOptimizer(Optimizer):
         source they came from.
         """
         known = self._names if self._names is not None else (into.names if into is not None else None)
-        names, loss_list = check_losses(losses, known)
+        parsed = parse_losses(losses, known)
+        names, loss_list, counts = parsed.names, parsed.losses, task_samples(samples, parsed)
         if representation is not None:
             check_tensor(representation, "representation")
             if self.preconditioner is not None:
@@ -474,16 +534,19 @@ class MultiTaskOptimizer(Optimizer):
                     f"surgery {self.aggregator.name!r} reads the Jacobian's rows and does not run in "
                     "representation mode (representation=); use a Gram-based surgery or parameter mode"
                 )
+            if parsed.partial and world_size() > 1:
+                raise ValueError("representation mode (representation=) needs every task on every rank")
         values = loss_values(loss_list)
-        bad = None if world_size() > 1 else non_finite_losses(names, values)
+        bad = None if world_size() > 1 else non_finite_losses(parsed.present_names, values)
+        weights = None if counts is None else torch.tensor(counts, dtype=torch.float64)
         if bad is not None:
-            out = Gathered(names, values, bad=bad)
+            out = Gathered(names, values, bad=bad, present=parsed.present, samples=weights)
             return (out if into is None else into + out), self._rows
         graph = self._rows.map_graph(analyse(loss_list), self._params, representation)
         for name, tensor in (("representation", representation), *named_features(features)):
             if tensor is not None:
                 check_passes(tensor, graph, name)
-        structure = self._structure(names, loss_list, graph, into.structure if into is not None else None)
+        structure = self._structure(parsed, graph, into.structure if into is not None else None)
         source: Source = (
             RepresentationRows(representation, graph) if representation is not None else self._rows
         )
@@ -491,17 +554,38 @@ class MultiTaskOptimizer(Optimizer):
         scaled = [loss * scale for loss in loss_list] if scale != 1.0 else loss_list
         grads = source.gather(scaled, graph, structure.partition)
         if scale != 1.0:
-            grads = grads.scaled([1.0 / scale] * len(names))
-        out = Gathered(names, values, structure, grads)
+            grads = grads.scaled([1.0 / scale] * len(loss_list))
+        out = Gathered(names, values, structure, grads, present=parsed.present, samples=weights)
         return (out if into is None else into + out), source
 
-    def _structure(
-        self, names: Tuple[str, ...], losses: Sequence[Tensor], graph: LossGraph, known: Optional[Structure]
-    ) -> Structure:
-        """Partition (discovered or checked) and blocks; raises before any change."""
+    def _structure(self, parsed: Parsed, graph: LossGraph, known: Optional[Structure]) -> Structure:
+        """Partition (discovered or checked) and blocks, restricted to the present tasks;
+        raises before any change."""
+        names = parsed.names
+        whole = (
+            self._partition if self._partition is not None else (known.full if known is not None else None)
+        )
+        if parsed.partial:
+            if whole is None:
+                raise ValueError(
+                    f"tasks {[n for i, n in enumerate(names) if i not in parsed.present]} are absent from this "
+                    "step, but the partition is not known yet: give every task's loss in the first step, or "
+                    "pass shared= and tasks="
+                )
+            blocks = (
+                self._blocks
+                if self._blocks is not None
+                else blocks_of(self._granularity, whole, self._index_of)
+            )
+            sub = Structure(whole, blocks).restricted(parsed.present)
+            check_against_graph(sub.partition, graph, self._params)
+            if not self._weighting_ready:
+                groups.check_can_add_weighting(self.optimizer, self.weighting)
+                self.weighting.bind(names)
+            return sub
         if known is not None:
-            check_against_graph(known.partition, graph, self._params)
-            return known
+            check_against_graph(known.full, graph, self._params)
+            return known.restricted(parsed.present) if known.whole is not None else known
         if self._partition is None and self._task_lr is not None:
             groups.check_can_split(self.optimizer)
         partition = self._partition if self._partition is not None else discover(self._params, graph, names)
@@ -523,8 +607,15 @@ class MultiTaskOptimizer(Optimizer):
         """Reduce ... combine (no state change), then commit and take the step, or skip."""
         if gathered.bad is not None or gathered.grads is None or gathered.structure is None:
             return self._skip(gathered.bad or "non-finite loss", gathered.values)
+        if self._sharded and len(gathered.present) != len(gathered.names):
+            raise ValueError(
+                "steps with absent tasks are not supported on an FSDP2-sharded model yet: give every task "
+                "a loss in every step (a zero-weight loss, or a static weighting), or train without fully_shard"
+            )
         generator_state = self._generator.get_state()
         try:
+            if world_size() > 1 and source.mode == "parameters" and not self._sharded:
+                gathered = reduced(gathered)
             outcome, why, values, weights = self._compute(gathered, source)
         except BaseException:
             self._generator.set_state(generator_state)
@@ -534,7 +625,7 @@ class MultiTaskOptimizer(Optimizer):
             self._generator.set_state(generator_state)
             return self._skip(why or "non-finite values", values, weights)
         self._commit(gathered.structure, outcome)
-        self._take(gathered.names, values, outcome, source)
+        self._take(gathered.names, gathered.present, values, outcome, source)
         return None
 
     def _compute(
@@ -542,19 +633,29 @@ class MultiTaskOptimizer(Optimizer):
     ) -> Tuple[Optional[Outcome], Optional[str], Tensor, Optional[Tensor]]:
         """Reduce, weigh, precondition, Gram, aggregate, combine: an Outcome, or why to skip."""
         assert gathered.grads is not None and gathered.structure is not None
-        names, structure = gathered.names, gathered.structure
-        k = len(names)
-        grads, values = source.reduce(gathered.grads, gathered.values)
+        names, structure, present = gathered.names, gathered.structure, gathered.present
+        k = len(present)
+        full = self.schedule.runs(self._steps)  # else only the weighting runs (accumulated plain step)
+        if source.mode == "parameters" and not self._sharded:  # reduced across ranks in _run
+            grads, values = gathered.grads, gathered.values
+        else:
+            grads, values = source.reduce(gathered.grads, gathered.values)
         if not bool(torch.isfinite(values).all()) or not grads.all_finite():
             return None, "non-finite loss or gradient", values, None
-        ctx = WeightingContext(self._generator, self._steps, names)
-        fresh = not self._weighting_ready  # the first step sees the contract's fresh state
-        wstate = self.weighting.init_state(k) if fresh else self._states["weighting"]
-        weights, weighting_state, why = weigh(self.weighting, values, wstate, ctx)
+        current = self._current_states(len(names), len(structure.blocks))
+        old = sub_states(self._components(), current, present, len(names)) if full else {}
+        weights, states, why = self._weigh(names, present, values, old, current)
         if why is not None:
             return None, why, values, weights
-        states = {"weighting": weighting_state}
         blocks = source.blocks(structure.blocks)
+        if not full:
+            mix = weights.view(1, -1).expand(len(blocks), k)
+            updates, finite = source.updates(grads, blocks, mix, structure.partition)
+            task_grads = scale_tasks(grads.tasks, weights.tolist())
+            outcome = Outcome(weights, None, None, updates, task_grads, states)
+            return (
+                (outcome, None, values, weights) if finite else (None, "non-finite update", values, weights)
+            )
         # Element-wise stages (preconditioning, row methods) need rows that carry their
         # weights; otherwise the weights are applied in Gram space (float64), where tiny
         # weights keep their precision, and to the coefficients.
@@ -565,7 +666,7 @@ class MultiTaskOptimizer(Optimizer):
             if self.preconditioner is not None:
                 keys = [str(self._index_of[id(p)]) for p in structure.partition.shared]
                 grads, states["precondition"], why = precondition(
-                    self.preconditioner, grads, keys, self._states["precondition"]
+                    self.preconditioner, grads, keys, old["precondition"]
                 )
                 if why is not None:
                     return None, why, values, weights
@@ -574,14 +675,9 @@ class MultiTaskOptimizer(Optimizer):
             gram = weighted_gram(source.grams(grads, blocks, k), weights)
             wgram = weighting_gram(self.weighting, grads, structure, source, gram, weights)
         agg_ctx = AggregationContext(self._generator, values * weights, self._steps)
-        astate = (
-            self._states["surgery"]
-            if self._partition is not None
-            else self.aggregator.init_state(k, len(blocks))
-        )
         combined = aggregate_and_combine(
             self.aggregator,
-            astate,
+            old["surgery"],
             grads,
             gram,
             blocks,
@@ -595,7 +691,43 @@ class MultiTaskOptimizer(Optimizer):
             return None, why, values, weights
         task_grads = grads.tasks if carry else scale_tasks(grads.tasks, weights.tolist())
         stats = source.stats(grads)
+        rest = {kind: state for kind, state in states.items() if kind != "weighting"}
+        states = {
+            **merged_states(self._components(), current, rest, present, len(names), len(structure.blocks)),
+            "weighting": states["weighting"],
+        }
         return Outcome(weights, coefs, gram, updates, task_grads, states, wgram, stats), None, values, weights
+
+    def _components(self) -> Dict[str, Any]:
+        return {"surgery": self.aggregator, "weighting": self.weighting, "precondition": self.preconditioner}
+
+    def _current_states(self, num_tasks: int, num_blocks: int) -> Dict[str, State]:
+        """The committed states; a component not yet committed starts from its ``init_state``."""
+        current = dict(self._states)
+        if not self._weighting_ready:
+            current["weighting"] = self.weighting.init_state(num_tasks)
+        if self._partition is None:
+            current["surgery"] = self.aggregator.init_state(num_tasks, num_blocks)
+        return current
+
+    def _weigh(
+        self,
+        names: Tuple[str, ...],
+        present: Tuple[int, ...],
+        values: Tensor,
+        old: Dict[str, State],
+        current: Dict[str, State],
+    ) -> Tuple[Tensor, Dict[str, State], Optional[str]]:
+        """The present tasks' weights, and the weighting's new (full) state."""
+        k = len(names)
+        comps = {"weighting": self.weighting}
+        state = (
+            old["weighting"] if "weighting" in old else sub_states(comps, current, present, k)["weighting"]
+        )
+        ctx = WeightingContext(self._generator, self._steps, names, present)
+        weights, new_state, why = weigh(self.weighting, values, state, ctx)
+        merged = merged_states(comps, current, {"weighting": new_state}, present, k, 1)
+        return weights, merged, why
 
     def _commit(self, structure: Structure, outcome: Outcome) -> None:
         """Nothing before this changed any state; from here the step is taken."""
@@ -609,31 +741,62 @@ class MultiTaskOptimizer(Optimizer):
                 write_grad(p, g)
         for p, u in zip(partition.shared, outcome.shared_updates):
             write_grad(p, u)
+        self._drop_absent(partition.names)
         self._states.update(outcome.states)
         self.engine.commit()
 
-    def _take(self, names: Tuple[str, ...], values: Tensor, outcome: Outcome, source: Source) -> None:
-        """The weighting's own gradients, the inner step, and the step's statistics."""
+    def _take(
+        self,
+        names: Tuple[str, ...],
+        present: Tuple[int, ...],
+        values: Tensor,
+        outcome: Outcome,
+        source: Optional[Source],
+    ) -> None:
+        """The weighting's own gradients, clipping, the inner step, and the step's statistics."""
         weights = outcome.weights
-        if self.weighting.parameters():
-            ctx = WeightingContext(self._generator, self._steps, names)
-            self.weighting.backward(
-                values, weights, self._states["weighting"], ctx, gram=outcome.weighting_gram
-            )
+        ran = outcome.coefficients is not None or outcome.gram is not None
+        if self.weighting.parameters() and (ran or not self.weighting.needs_gram):
+            comps = {"weighting": self.weighting}
+            state = sub_states(comps, self._states, present, len(names))["weighting"]
+            ctx = WeightingContext(self._generator, self._steps, names, present)
+            self.weighting.backward(values, weights, state, ctx, gram=outcome.weighting_gram)
+        norm = None if self.max_grad_norm is None else clip_(self._params, self.max_grad_norm)
         objective = self.weighting.objective(values, weights)
         self._steps += 1
         self.optimizer.step()
         self.weighting.after_step()
         amp_update(self.grad_scaler, self, False, self._device())
         coefs = outcome.coefficients
-        self.last_stats = step_stats(
-            outcome.gram.sum(dim=0), None, weights.tolist(), values.tolist(), self.skipped
-        )
+        gram = None if outcome.gram is None else outcome.gram.sum(dim=0)
+        self.last_stats = step_stats(gram, None, weights.tolist(), values.tolist(), self.skipped)
+        k = len(present)
+        if not ran:  # the plain path: every coefficient is 1
+            coefs = torch.ones(len(self._blocks or [[]]), k, dtype=torch.float64)
         self.last_stats["coefficients"] = None if coefs is None else coefs.mean(dim=0).tolist()
         self.last_stats["block_coefficients"] = None if coefs is None else coefs.tolist()
         self.last_stats["objective"] = objective
-        self.last_stats["gradient_mode"] = source.path()
+        self.last_stats["path"] = "full" if ran else "plain"
+        self.last_stats["gradient_mode"] = source.path() if ran and source is not None else "plain"
+        self.last_stats["tasks"] = [names[i] for i in present]
+        if norm is not None:
+            self.last_stats["grad_norm"] = norm
         self.last_stats.update(outcome.stats)
+
+    def _drop_absent(self, present: Sequence[str]) -> None:
+        """An absent task's own parameters take no part in the step: no ``.grad`` at all
+        (also not a zero one), so the inner optimizer leaves them and their moments alone."""
+        names = self._names or ()
+        if len(present) == len(names):
+            return
+        own = self._partition.tasks if self._partition is not None else [[] for _ in names]
+        weighting = (self.weighting.task_parameters() if self._weighting_ready else None) or [None] * len(
+            names
+        )
+        for name, params, extra in zip(names, own, weighting):
+            if name not in present:
+                for p in [*params, *([extra] if extra is not None else [])]:
+                    p.grad = None
 
     def _skip(self, why: str, values: Tensor, weights: Optional[Tensor] = None) -> None:
         self.engine.forget()

@@ -15,23 +15,30 @@
 
 Nothing before ``commit`` changes any state: a stage that finds a problem returns a
 reason to skip, and the conductor drops every new state computed so far.
+
+A step may lack some tasks: the stages then run on the ``K'`` present tasks (their
+rows, their Gram, their coefficients), each component on the present tasks' slices of
+its state (:func:`sub_states`), written back after the step (:func:`merged_states`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from .aggregators import AggregationContext, Aggregator, RowAggregator
-from .components import State
+from .components import Component, State, check_partial, merge_tasks, select_tasks
 from .fsdp import as_param_grad
-from .gradients import Rows, TaskGradients, all_finite, scaled_grad
+from .gradients import Rows, TaskGradients, all_finite, reduce_tasks, scaled_grad
 from .partition import Partition
 from .precondition import Preconditioner
+from .sources import ParameterRows, RepresentationRows
 from .weighting import Weighting, WeightingContext
+
+Source = Union[ParameterRows, RepresentationRows]
 
 
 @dataclass
@@ -40,6 +47,20 @@ class Structure:
 
     partition: Partition
     blocks: List[List[int]]
+    whole: Optional[Partition] = None
+
+    @property
+    def full(self) -> Partition:
+        """The partition over every task (``partition`` covers the present tasks only)."""
+        return self.whole if self.whole is not None else self.partition
+
+    def restricted(self, present: Sequence[int]) -> Structure:
+        """The structure of a step with only the ``present`` tasks (shared params unchanged)."""
+        full = self.full
+        sub = Partition(
+            tuple(full.names[i] for i in present), full.shared, [full.tasks[i] for i in present], full.unused
+        )
+        return Structure(sub, self.blocks, full)
 
 
 @dataclass
@@ -47,6 +68,9 @@ class Gathered:
     """The gather stage's result: one or more micro-batches' per-task gradients.
 
     ``grads`` is None when a micro-batch was already known to be bad (``bad`` says why).
+    ``names`` are every task's, ``present`` the indices of the tasks the gradients and
+    values are for; ``samples`` their sample counts on this process when the user gave
+    them (weights of the average across ranks).
     """
 
     names: Tuple[str, ...]
@@ -55,21 +79,51 @@ class Gathered:
     grads: Optional[TaskGradients] = None
     bad: Optional[str] = None
     micro_batches: int = 1
+    present: Tuple[int, ...] = ()
+    samples: Optional[Tensor] = None
+
+    def __post_init__(self) -> None:
+        if not self.present:
+            self.present = tuple(range(len(self.names)))
 
     def __add__(self, other: Gathered) -> Gathered:
-        """Sum of two micro-batches (gradients and loss values)."""
+        """Sum of two micro-batches: each task's gradients and loss value summed over the
+        micro-batches that had it (a task present in either is present in the sum)."""
+        union = tuple(sorted(set(self.present) | set(other.present)))
+        structure = self.structure or other.structure
+        if structure is not None and union != self.present:
+            structure = structure.restricted(union)
+        sizes = [len(t) for t in structure.full.tasks] if structure is not None else []
         if self.grads is None or other.grads is None:
             grads = None
         else:
-            grads = self.grads + other.grads
+            grads = self.grads.reindex(self.present, union, sizes) + other.grads.reindex(
+                other.present, union, sizes
+            )
+        samples = None
+        if self.samples is not None or other.samples is not None:
+            samples = _spread(self.samples, self.present, union) + _spread(
+                other.samples, other.present, union
+            )
         return Gathered(
             self.names,
-            self.values + other.values,
-            self.structure or other.structure,
+            _spread(self.values, self.present, union) + _spread(other.values, other.present, union),
+            structure,
             grads,
             self.bad or other.bad,
             self.micro_batches + other.micro_batches,
+            union,
+            samples,
         )
+
+
+def _spread(values: Optional[Tensor], src: Sequence[int], dst: Sequence[int]) -> Tensor:
+    """A ``(len(src),)`` vector laid out over ``dst`` (zeros elsewhere; None: ones)."""
+    out = torch.zeros(len(dst), dtype=torch.float64)
+    position = {t: n for n, t in enumerate(dst)}
+    for n, t in enumerate(src):
+        out[position[t]] = 1.0 if values is None else float(values[n])
+    return out if values is None or values.dtype == torch.float64 else out.to(values.dtype)
 
 
 @dataclass
@@ -78,7 +132,7 @@ class Outcome:
 
     weights: Tensor
     coefficients: Optional[Tensor]
-    gram: Tensor
+    gram: Optional[Tensor]
     shared_updates: Rows
     task_grads: List[List[Optional[Tensor]]]
     states: Dict[str, State] = field(default_factory=dict)
@@ -187,6 +241,51 @@ def aggregate_and_combine(
     return coefs, updates, new_state, None if finite else "non-finite aggregation"
 
 
+def sub_states(
+    components: Dict[str, Optional[Component]],
+    states: Dict[str, State],
+    present: Sequence[int],
+    num_tasks: int,
+) -> Dict[str, State]:
+    """Every component's state restricted to the ``present`` tasks (all tasks: as it is).
+
+    Raises:
+        ValueError: a component that cannot be sliced by task (:func:`check_partial`).
+    """
+    if len(present) == num_tasks:
+        return dict(states)
+    out = {}
+    for kind, component in components.items():
+        state = states.get(kind, {})
+        check_partial(component, kind, state, always=kind == "weighting")
+        out[kind] = state if component is None else select_tasks(state, component.task_axes() or {}, present)
+    return out
+
+
+def merged_states(
+    components: Dict[str, Optional[Component]],
+    old: Dict[str, State],
+    new: Dict[str, State],
+    present: Sequence[int],
+    num_tasks: int,
+    num_blocks: int,
+) -> Dict[str, State]:
+    """The new sub-states written back into the full states (absent tasks' slices unchanged)."""
+    if len(present) == num_tasks:
+        return new
+    out = {}
+    for kind, state in new.items():
+        component = components.get(kind)
+        if component is None:
+            out[kind] = state
+            continue
+        fresh = component.init_state(num_tasks, num_blocks)
+        out[kind] = merge_tasks(
+            old.get(kind, {}), state, component.task_axes() or {}, present, num_tasks, fresh
+        )
+    return out
+
+
 def weighting_gram(
     weighting: Weighting,
     grads: TaskGradients,
@@ -215,3 +314,15 @@ def weighting_gram(
         )
     raw = grads.grams([[position[id(p)] for p in params]], k)
     return raw if weights is None else weighted_gram(raw, weights)
+
+
+def reduced(gathered: Gathered) -> Gathered:
+    """Each task's rows and value averaged over the ranks that had it (parameter mode)."""
+    assert gathered.grads is not None and gathered.structure is not None
+    full = gathered.structure.full
+    weights = [1.0] * len(gathered.present) if gathered.samples is None else gathered.samples.tolist()
+    grads, values, union = reduce_tasks(
+        gathered.grads, gathered.values, gathered.present, weights, full.shared, full.tasks
+    )
+    structure = Structure(full, gathered.structure.blocks).restricted(union)
+    return Gathered(gathered.names, values, structure, grads, None, gathered.micro_batches, union, None)

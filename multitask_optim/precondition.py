@@ -39,8 +39,10 @@ class Preconditioner(Component):
     """Per-task second-moment accumulators over the shared parameters.
 
     State keys are ``"<param>.v"`` (the ``(K, *shape)`` accumulator) and
-    ``"<param>.step"`` (its update count), ``<param>`` being the parameter's index in the
-    optimizer.
+    ``"<param>.step"`` (``(K,)``: how many times each task's accumulator was updated),
+    ``<param>`` being the parameter's index in the optimizer. A step that lacks a task
+    leaves its accumulator and its count as they are (Adam's bias correction counts
+    the steps the task was present).
 
     Args:
         eps: added to ``sqrt(v_hat)`` (must be > 0).
@@ -51,9 +53,13 @@ class Preconditioner(Component):
             raise ValueError(f"eps must be a number > 0, got {eps!r}")
         self.eps = float(eps)
 
+    def task_axes(self) -> Dict[str, Tuple[int, ...]]:
+        return {"*.v": (0,), "*.step": (0,)}
+
     @abstractmethod
     def second_moment(self, v_old: Tensor, square: Tensor, step: Tensor) -> Tuple[Tensor, Tensor]:
-        """``(v, v_hat)`` from the previous accumulator, ``g^2`` and the new step count."""
+        """``(v, v_hat)`` from the previous accumulator, ``g^2`` and the new per-task step
+        counts (``(K,)`` float64)."""
 
     def apply(
         self, rows: Sequence[Optional[Tensor]], keys: Sequence[str], state: State
@@ -71,7 +77,11 @@ class Preconditioner(Component):
             v_old = state.get(f"{key}.v")
             if v_old is None:
                 v_old = torch.zeros_like(jac)
-            step = state.get(f"{key}.step", torch.zeros((), dtype=torch.float64)) + 1
+            step = state.get(f"{key}.step")
+            k = jac.shape[0]
+            if step is None or step.dim() == 0:  # fresh, or a checkpoint with one shared count
+                step = torch.zeros(k, dtype=torch.float64) + (0.0 if step is None else step)
+            step = step + 1
             v, v_hat = self.second_moment(v_old, jac * jac, step)
             out.append(jac / v_hat.sqrt().add_(self.eps))
             new_state[f"{key}.v"] = v
@@ -129,4 +139,8 @@ class Adam(RMSProp):
 
     def second_moment(self, v_old: Tensor, square: Tensor, step: Tensor) -> Tuple[Tensor, Tensor]:
         v = torch.lerp(v_old, square, 1.0 - self.beta2)
-        return v, v / (1.0 - self.beta2 ** float(step))
+        corrections = [1.0 - self.beta2 ** float(t) for t in step.tolist()]
+        if len(set(corrections)) == 1:
+            return v, v / corrections[0]
+        shape = (len(corrections),) + (1,) * (v.dim() - 1)
+        return v, v / torch.tensor(corrections, dtype=v.dtype, device=v.device).view(shape)

@@ -17,6 +17,14 @@ Adam preconditioning and uncertainty weighting, accumulation of two micro-batche
 rank, a NaN loss on one rank only (both ranks skip that step, no deadlock), and PCGrad
 under DDP with an inner SGD without momentum (whose update is linear in the averaged
 gradients, so a mis-scaled average cannot hide behind Adam's normalisation).
+
+Tasks missing from a batch (issue 14): each rank labels a different number of rows per
+task (none on some steps), so a task is present on some ranks only; its gradient is the
+average over the ranks that had it, weighted by the sample counts passed as
+``samples=`` (or unweighted), which equals one process on the union of the labelled
+rows. One configuration also runs the surgery every other step (plain steps: one
+collective for the loss values, one for the gradients) with uncertainty weighting and
+gradient clipping.
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ import time
 import warnings
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import pytest
 import torch
@@ -64,6 +72,42 @@ CONFIGS["plain-pcgrad-k2-nan-on-rank1"] = {"wrap": "plain", "surgery": "pcgrad",
 # Inner SGD without momentum: the update is linear in the averaged gradients, so an
 # average divided by the world size twice shows (Adam's normalisation would hide it).
 CONFIGS["ddp-pcgrad-k2-sgd"] = {"wrap": "ddp", "surgery": "pcgrad", "k": 2, "inner": "sgd"}
+# Tasks absent on some ranks: "samples" labels 0, 3 or 8 rows per task and rank (passed as
+# samples=), "whole" labels all or none of a rank's rows.
+CONFIGS["plain-gradvac-k3-absent-samples"] = {
+    "wrap": "plain",
+    "surgery": "gradvac",
+    "k": 3,
+    "precondition": "adam",
+    "absent": "samples",
+}
+CONFIGS["ddp-pcgrad-k3-absent-every2"] = {
+    "wrap": "ddp",
+    "surgery": "pcgrad",
+    "k": 3,
+    "absent": "whole",
+    "surgery_every": 2,
+    "weighting": "uncertainty",
+    "max_grad_norm": 0.3,
+}
+
+
+def labelled(cfg: Dict[str, Any], step: int, task: int, rank: int) -> int:
+    """How many of its rows rank ``rank`` labels for ``task`` at ``step`` (every rank has a task)."""
+    per_rank = BATCH // WORLD
+    if "absent" not in cfg or step == 0:  # the first step discovers the partition: every task
+        return per_rank
+    kind = (step + task + 2 * rank) % 3
+    if cfg["absent"] == "whole":
+        return 0 if kind == 0 else per_rank
+    return [0, 3, per_rank][kind]
+
+
+def expected_collectives(cfg: Dict[str, Any]) -> List[int]:
+    """One collective per step; a plain step under a process group needs two (values, then gradients)."""
+    every = cfg.get("surgery_every", 1)
+    return [1 if step % every == 0 else 2 for step in range(STEPS)]
+
 
 # the row-based surgeries: rows (and loss values) are averaged before them, and every
 # random draw (GradDrop) comes from the optimizer's generator, the same on every rank
@@ -97,6 +141,8 @@ def make_optimizer(model: nn.Module, cfg: Dict[str, Any]) -> MultiTaskOptimizer:
         weighting=cfg.get("weighting"),
         num_tasks=cfg["k"],
         seed=7,
+        surgery_every=cfg.get("surgery_every", 1),
+        max_grad_norm=cfg.get("max_grad_norm"),
     )
 
 
@@ -162,6 +208,11 @@ def _train_step(
         with sync:
             outputs = net(x[idx])
         losses = [F.mse_loss(y, t[idx]) for y, t in zip(outputs, targets)]
+        counts = [labelled(cfg, step, i, rank) for i in range(cfg["k"])]
+        if "absent" in cfg:
+            losses = [
+                None if m == 0 else F.mse_loss(y[:m], t[idx][:m]) for m, y, t in zip(counts, outputs, targets)
+            ]
         if cfg.get("nan_step") == step and rank == 1:
             losses[0] = losses[0] * float("nan")
         if micro > 1:
@@ -171,7 +222,7 @@ def _train_step(
         if micro > 1:
             opt.step()
         else:
-            opt.step(losses)
+            opt.step(losses, samples=counts if cfg.get("absent") == "samples" else None)
     if opt.last_stats.get("skipped_step"):
         skipped_steps.append(step)
     return int(opt.last_stats.get("conflicts", 0))
@@ -216,7 +267,12 @@ def reference(cfg: Dict[str, Any]) -> Dict[str, Any]:
             continue
         x, targets = full_batch(step, k)
         opt.zero_grad()
-        opt.step([F.mse_loss(y, t) for y, t in zip(model(x), targets)])
+        per_rank = BATCH // WORLD
+        losses: List[Optional[Tensor]] = []
+        for i, (y, t) in enumerate(zip(model(x), targets)):  # the union of the rows the ranks labelled
+            rows = [r * per_rank + n for r in range(WORLD) for n in range(labelled(cfg, step, i, r))]
+            losses.append(F.mse_loss(y[rows], t[rows]) if rows else None)
+        opt.step(losses)
     return {
         "params": [p.detach().clone() for p in model.parameters()],
         "multitask": opt.state_dict()["multitask"],
@@ -296,7 +352,7 @@ def test_one_collective_per_step(ranks, name: str) -> None:
     """Per-task gradients and loss values travel in one bucketed all_reduce per step
     (one dtype and device here), also with accumulation and for a skipped step."""
     for result in ranks:
-        assert result[name]["collectives"] == [1] * STEPS
+        assert result[name]["collectives"] == expected_collectives(CONFIGS[name])
 
 
 def test_nan_on_one_rank_skips_the_step_on_every_rank(ranks) -> None:
@@ -306,6 +362,19 @@ def test_nan_on_one_rank_skips_the_step_on_every_rank(ranks) -> None:
         assert got["skipped_steps"] == [cfg["nan_step"]]
         assert got["skipped"] == 1
         assert got["multitask"]["steps"] == STEPS - 1
+
+
+def test_absent_configurations_really_lack_tasks() -> None:
+    """The absent-task configurations have steps where a task is on one rank only."""
+    for name, cfg in CONFIGS.items():
+        if "absent" in cfg:
+            one_rank = [
+                (step, i)
+                for step in range(STEPS)
+                for i in range(cfg["k"])
+                if sum(labelled(cfg, step, i, r) > 0 for r in range(WORLD)) == 1
+            ]
+            assert one_rank, name
 
 
 def test_world_size_is_one_without_a_process_group() -> None:

@@ -240,7 +240,13 @@ BAD_LOSSES: Dict[str, tuple] = {
     ),
     "too_few": (lambda n: [_losses_99(n)["a"]], ValueError, r"expected 2 losses.*got 1", False),
     "empty": (lambda n: [], ValueError, r"loss", True),
-    "dict_missing": (lambda n: {"a": _losses_99(n)["a"]}, ValueError, r"missing \['b'\]", False),
+    # a task left out of the mapping is absent from the step (tests/test_absent_tasks.py); none at all is an error
+    "dict_none_present": (
+        lambda n: {"a": None, "b": None},
+        ValueError,
+        r"no task is present|None is absent",
+        False,
+    ),
     "dict_unknown": (
         lambda n: {**_losses_99(n), "c": _losses_99(n)["a"] * 3},
         ValueError,

@@ -5,9 +5,9 @@ joins by registering) x preconditioning x granularity x gradient mode x represen
 mode x inner optimizer x explicit / automatic partition x ``task_lr``, on a tiny MLP or
 Conv1d trunk with 1-4 heads. Rules are what a training loop does: step, accumulate
 micro-batches, step with a fault (NaN / inf loss or input, a zeroed head, a loss of
-exactly 0, identical tasks, a loss-scale spike), checkpoint and restore into a fresh
-optimizer (continued side by side with the original), ``epoch_end``, change the learning
-rate. Invariants are the README's promises:
+exactly 0, identical tasks, a loss-scale spike), step with some tasks absent from the
+batch, checkpoint and restore into a fresh optimizer (continued side by side with the
+original), ``epoch_end``, change the learning rate. Invariants are the README's promises:
 
 - parameters stay finite;
 - a skipped step leaves the parameters and the whole ``state_dict`` bitwise unchanged
@@ -18,7 +18,9 @@ rate. Invariants are the README's promises:
 - a restored run continues bitwise;
 - ``last_stats`` holds finite numbers;
 - ``.grad`` (read before the inner step) equals ``sum_i c_i w_i grad L_i`` per block
-  from the reported coefficients and weights (parameter mode without preconditioning);
+  from the reported coefficients and weights (parameter mode without preconditioning),
+  the sum over the present tasks when some are absent; an absent task's own parameters
+  get no ``.grad`` and do not move;
 - a warning is given at most once per optimizer.
 
 Profiles (``tests/conftest.py``): ``ci`` (derandomised) runs it in about a minute;
@@ -341,6 +343,19 @@ class FaultMachine(RuleBasedStateMachine):
         assert self.cfg is not None
         self._step(fault, task % self.cfg.num_tasks, scale)
 
+    @rule(absent=st.sets(st.integers(0, 3), min_size=1, max_size=3))
+    @guarded
+    def step_with_absent_tasks(self, absent: set) -> None:
+        """Some tasks missing from the batch (at least one stays; the rule is a plain step
+        for K = 1). Refused (ValueError) while the partition is unknown or by a method that
+        cannot run on a subset; then nothing may change."""
+        assert self.cfg is not None
+        k = self.cfg.num_tasks
+        gone = tuple(sorted(i for i in absent if i < k))
+        if len(gone) == k:
+            gone = gone[1:]
+        self._step(None, 0, 1.0, gone)
+
     @rule(
         micro=st.integers(2, 3),
         faulty=st.integers(-1, 2),
@@ -425,9 +440,9 @@ class FaultMachine(RuleBasedStateMachine):
             out.write(json.dumps(record) + "\n")
         raise _Stop()
 
-    def _step(self, fault: Optional[str], task: int, scale: float) -> None:
+    def _step(self, fault: Optional[str], task: int, scale: float, absent: Tuple[int, ...] = ()) -> None:
         assert self.cfg is not None
-        self.trace.append(f"step(fault={fault}, task={task}, scale={scale:g})")
+        self.trace.append(f"step(fault={fault}, task={task}, scale={scale:g}, absent={absent})")
         index = self.step_index
         self.step_index += 1
         outcomes = []
@@ -435,8 +450,11 @@ class FaultMachine(RuleBasedStateMachine):
             losses, z = build_losses(run.model, index, fault, task, scale)
             rep = self.cfg.representation
             reference = reference_gradients(run.model, losses, z)
+            given: List[Optional[Tensor]] = [None if i in absent else loss for i, loss in enumerate(losses)]
 
-            def call(run: Run = run, losses: List[Tensor] = losses, z: Tensor = z, rep: bool = rep) -> None:
+            def call(
+                run: Run = run, losses: List[Optional[Tensor]] = given, z: Tensor = z, rep: bool = rep
+            ) -> None:
                 run.opt.zero_grad()
                 if rep:
                     representation_step(run.opt, losses, z)
@@ -444,7 +462,7 @@ class FaultMachine(RuleBasedStateMachine):
                     run.opt.step(losses)
 
             ordinary = all(bool(torch.isfinite(loss)) for loss in losses) and self._small(reference)
-            outcomes.append(self._checked(run, call, reference, ordinary, rep))
+            outcomes.append(self._checked(run, call, reference, ordinary, rep, absent))
         self._check_twins(outcomes)
 
     def _accumulate(self, micro: int, faulty: int, fault: str, scale: float) -> None:
@@ -484,6 +502,7 @@ class FaultMachine(RuleBasedStateMachine):
         reference: Optional[List[List[Optional[Tensor]]]],
         ordinary: Optional[bool],
         rep: bool,
+        absent: Tuple[int, ...] = (),
     ) -> Outcome:
         """Run ``call`` on ``run`` and check the invariants of its outcome."""
         params_before = [p.detach().clone() for p in run.model.parameters()]
@@ -542,17 +561,38 @@ class FaultMachine(RuleBasedStateMachine):
             )
             return Outcome("skipped", ordinary=bool(ordinary))
         self._expect(_finite(stats), "stats_nonfinite", f"last_stats is not finite: {stats}")
+        if absent:
+            self._check_absent_untouched(run, params_before, absent)
         if not rep and self.cfg is not None and self.cfg.precondition is None:
-            self._check_grad_identity(run, reference)
+            self._check_grad_identity(run, reference, absent)
         return Outcome("taken", ordinary=bool(ordinary), reference=reference, representation=rep)
 
-    def _check_grad_identity(self, run: Run, reference: List[List[Optional[Tensor]]]) -> None:
+    def _check_absent_untouched(self, run: Run, before: List[Tensor], absent: Tuple[int, ...]) -> None:
+        """An absent task's own parameters get no ``.grad`` and keep their values."""
+        partition = run.opt.partition
+        if partition is None:
+            return
+        position = {id(p): n for n, p in enumerate(run.model.parameters())}
+        for i in absent:
+            for p in partition.tasks[i]:
+                self._expect(
+                    run.captured.get(id(p)) is None and torch.equal(p.detach(), before[position[id(p)]]),
+                    "absent_touched",
+                    f"task {i} was absent but its parameter {tuple(p.shape)} got a gradient or moved",
+                )
+
+    def _check_grad_identity(
+        self, run: Run, reference: List[List[Optional[Tensor]]], absent: Tuple[int, ...] = ()
+    ) -> None:
         """``.grad`` before the inner step = ``sum_i c_i w_i grad L_i`` per block (shared, when
-        coefficients are reported), ``w_i grad L_i`` (task parameters of task i)."""
+        coefficients are reported), ``w_i grad L_i`` (task parameters of task i), over the
+        present tasks."""
         assert self.cfg is not None
         stats = run.opt.last_stats
         partition = run.opt.partition
-        assert partition is not None
+        if partition is None:
+            return
+        present = [i for i in range(len(partition.names)) if i not in absent]
         weights = stats["weights"]
         coefs = stats["block_coefficients"]
         params = list(run.model.parameters())
@@ -565,10 +605,10 @@ class FaultMachine(RuleBasedStateMachine):
         # reports no coefficients: only the task parameters' part of the identity applies.
         for p in shared if coefs is not None else []:
             b = block_of[id(p)]
-            expected[id(p)] = [(float(coefs[b][i]) * float(weights[i]), i) for i in range(len(weights))]
-        for i, task_params in enumerate(partition.tasks):
-            for p in task_params:
-                expected[id(p)] = [(float(weights[i]), i)]
+            expected[id(p)] = [(float(coefs[b][n]) * float(weights[n]), i) for n, i in enumerate(present)]
+        for n, i in enumerate(present):
+            for p in partition.tasks[i]:
+                expected[id(p)] = [(float(weights[n]), i)]
         for p in params:
             if id(p) not in expected:
                 continue

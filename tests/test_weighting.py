@@ -214,9 +214,15 @@ def test_rlw_same_seed_same_weights_and_default_sums_to_one():
 def _uncertainty(kinds, s_values):
     u = UncertaintyWeighting(kinds)
     u.bind(["a", "b", "c"][: len(s_values)])
-    with torch.no_grad():
-        u.log_var.copy_(torch.tensor(s_values))
+    with torch.no_grad():  # one scalar parameter per task
+        for p, v in zip(u.parameters(), s_values):
+            p.fill_(v)
     return u
+
+
+def _grads(weighting):
+    """The per-task scalar parameters' gradients, stacked."""
+    return torch.stack([p.grad for p in weighting.parameters()])
 
 
 def test_uncertainty_weights_and_grad_closed_form():
@@ -233,16 +239,16 @@ def test_uncertainty_weights_and_grad_closed_form():
 
     u.backward(losses, w, state, ctx)
     expected = 0.5 - c * torch.exp(-s64) * losses
-    assert torch.allclose(u.log_var.grad.to(F64), expected, rtol=1e-6, atol=1e-7)
+    assert torch.allclose(_grads(u).to(F64), expected, rtol=1e-6, atol=1e-7)
     # autograd on the paper's objective
     sv = s64.clone().requires_grad_(True)
     objective = (c * torch.exp(-sv) * losses + 0.5 * sv).sum()
     (auto,) = torch.autograd.grad(objective, sv)
-    assert torch.allclose(u.log_var.grad.to(F64), auto, rtol=1e-6, atol=1e-7)
+    assert torch.allclose(_grads(u).to(F64), auto, rtol=1e-6, atol=1e-7)
     assert u.objective(losses, w) == pytest.approx(objective.item(), rel=1e-12)
     # .grad accumulates like Tensor.backward
     u.backward(losses, w, state, ctx)
-    assert torch.allclose(u.log_var.grad.to(F64), 2 * expected, rtol=1e-6, atol=1e-7)
+    assert torch.allclose(_grads(u).to(F64), 2 * expected, rtol=1e-6, atol=1e-7)
     assert torch.allclose(u.sigma, torch.exp(0.5 * s64), rtol=1e-15)
 
 
@@ -250,12 +256,13 @@ def test_uncertainty_single_kind_and_parameters():
     u = UncertaintyWeighting("classification", lr=0.05)
     assert u.parameters() == [] and u.lr == 0.05
     u.bind(["a", "b"])
-    (p,) = u.parameters()
-    assert torch.equal(p.detach(), torch.zeros(2))
+    params = u.parameters()
+    assert len(params) == 2 and all(p.shape == () for p in params)  # one scalar per task
+    assert torch.equal(u.log_var, torch.zeros(2))
     w, _ = u.compute(t64([1.0, 1.0]), {}, make_ctx(names="ab"))
     assert torch.equal(w, t64([1.0, 1.0]))
-    u.bind(["a", "b"])  # same tasks: the parameter (and its param group) is kept
-    assert u.parameters()[0] is p
+    u.bind(["a", "b"])  # same tasks: the parameters (and their param group) are kept
+    assert u.parameters() == params and all(a is b for a, b in zip(u.parameters(), params))
     with pytest.raises(ValueError, match="'q'"):
         UncertaintyWeighting({"q": "classification"}).bind(["a", "b"])
 
@@ -436,7 +443,8 @@ def test_gradnorm_gradient_matches_autograd(alpha):
     gn = GradNorm(alpha=alpha)
     gn.bind(list("abcd"))
     with torch.no_grad():
-        gn.task_weights.copy_(torch.tensor([0.5, 1.5, 1.2, 0.8]))
+        for p, v in zip(gn.parameters(), [0.5, 1.5, 1.2, 0.8]):
+            p.fill_(v)
     weights = gn.task_weights.detach().to(F64)
     gram = torch.stack([other_block @ other_block.T, _weighted_gram(weights, grads)])  # last = last layer
     ctx = make_ctx(names="abcd")
@@ -444,8 +452,8 @@ def test_gradnorm_gradient_matches_autograd(alpha):
     assert torch.equal(w, weights) and torch.equal(state["initial_losses"], initial)
     gn.backward(losses, weights, roundtrip(state), ctx, gram=gram)
     expected = _gradnorm_autograd(weights, grads, losses, initial, alpha)
-    assert torch.allclose(gn.task_weights.grad.to(F64), expected, rtol=1e-6, atol=1e-6)
-    assert gn.task_weights.grad.abs().sum() > 0
+    assert torch.allclose(_grads(gn).to(F64), expected, rtol=1e-6, atol=1e-6)
+    assert _grads(gn).abs().sum() > 0
 
 
 def test_gradnorm_first_step_uses_current_losses_as_initial():
@@ -458,24 +466,27 @@ def test_gradnorm_first_step_uses_current_losses_as_initial():
     gn.bind(["a", "b", "c"])
     gn.backward(losses, weights, {}, make_ctx(), gram=_weighted_gram(weights, grads)[None])
     expected = _gradnorm_autograd(weights, grads, losses, losses, 1.5)  # r_i = 1
-    assert torch.allclose(gn.task_weights.grad.to(F64), expected, rtol=1e-6, atol=1e-6)
+    assert torch.allclose(_grads(gn).to(F64), expected, rtol=1e-6, atol=1e-6)
 
 
 def test_gradnorm_after_step_keeps_weights_positive_summing_to_k():
     gn = GradNorm(lr=0.025)
     gn.bind(list("abcd"))
-    (p,) = gn.parameters()
+    params = gn.parameters()
     assert gn.needs_gram and gn.lr == 0.025
-    assert torch.equal(p.detach(), torch.ones(4))
+    assert torch.equal(gn.task_weights, torch.ones(4))
     with torch.no_grad():
-        p.copy_(torch.tensor([-0.3, 2.0, 5.0, 0.0]))
+        for p, v in zip(params, [-0.3, 2.0, 5.0, 0.0]):
+            p.fill_(v)
+    gn._moved = [0, 1, 2, 3]  # what backward records: the weights this step moved
     gn.after_step()
-    assert gn.parameters()[0] is p  # renormalised in place
-    assert (p > 0).all()
-    assert p.sum().item() == pytest.approx(4.0, rel=1e-6)
+    assert all(a is b for a, b in zip(gn.parameters(), params))  # renormalised in place
+    w = gn.task_weights
+    assert (w > 0).all()
+    assert w.sum().item() == pytest.approx(4.0, rel=1e-6)
     w, _ = gn.compute(t64([1.0, 1.0, 1.0, 1.0]), {}, make_ctx(names="abcd"))
     assert w.dtype == F64 and not w.requires_grad
-    assert torch.allclose(w, p.detach().to(F64))
+    assert torch.allclose(w, gn.task_weights.to(F64))
 
 
 @DETERMINISTIC
@@ -484,7 +495,9 @@ def test_gradnorm_renormalisation_property(raw):
     gn = GradNorm()
     gn.bind([str(i) for i in range(len(raw))])
     with torch.no_grad():
-        gn.task_weights.copy_(torch.tensor(raw))
+        for p, v in zip(gn.parameters(), raw):
+            p.fill_(v)
+    gn._moved = list(range(len(raw)))
     gn.after_step()
     w = gn.task_weights.detach().to(F64)
     assert (w > 0).all()

@@ -94,5 +94,9 @@ class DBMTL(RowAggregator):
             updates.append(combine(scale, ema))
         return updates, None, new_state
 
+    def task_axes(self) -> Dict[str, Tuple[int, ...]]:
+        """Steps lacking some tasks: the EMA rows of the present tasks move; an absent task's EMA is kept as it was."""
+        return {"ema.*": (0,), "steps": ()}
+
     def settings(self) -> Dict[str, Any]:
         return {"beta": self.beta, "beta_sigma": self.beta_sigma}

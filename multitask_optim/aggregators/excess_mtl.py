@@ -110,5 +110,9 @@ class ExcessMTL(RowAggregator):
         updates = [combine(weights[b], r) for b, r in enumerate(rows)]
         return updates, weights, new_state
 
+    def task_axes(self) -> Dict[str, Tuple[int, ...]]:
+        """Steps lacking some tasks: the present tasks' accumulators and weights move (weights renormalised over them); an absent task's are kept."""
+        return {"root.*": (0,), "weights": (1,), "baseline": (1,), "warmup": (1,), "steps": ()}
+
     def settings(self) -> Dict[str, Any]:
         return {"robust_step_size": self.robust_step_size, "n_warmup_steps": self.n_warmup_steps}

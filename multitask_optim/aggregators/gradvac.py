@@ -22,7 +22,7 @@ rounding noise, so ``phi = 0`` and no correction is made. ``beta`` defaults to 0
 from __future__ import annotations
 
 import math
-from typing import Any, Dict
+from typing import Any, Dict, Tuple
 
 import torch
 from torch import Tensor
@@ -152,6 +152,11 @@ class GradVac(Aggregator):
 
     def init_state(self, num_tasks: int, num_blocks: int) -> State:
         return {"targets": torch.zeros(num_blocks, num_tasks, num_tasks, dtype=torch.float64)}
+
+    def task_axes(self) -> Dict[str, Tuple[int, ...]]:
+        """``targets (B, K, K)``: both task axes; a step lacking a task runs on the present
+        pairs and leaves every target of a pair with an absent task unchanged."""
+        return {"targets": (1, 2)}
 
     def aggregate(self, gram: Tensor, state: State, ctx: AggregationContext) -> tuple[Tensor, State]:
         targets = state.get("targets")

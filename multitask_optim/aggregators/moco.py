@@ -112,6 +112,10 @@ class MoCo(RowAggregator):
         new_state["lambda"] = new_weights
         return updates, None, new_state
 
+    def task_axes(self) -> Dict[str, Tuple[int, ...]]:
+        """Steps lacking some tasks: the present tasks' tracked gradients and lambda move (lambda renormalised over them); an absent task's are kept."""
+        return {"y.*": (0,), "lambda": (1,), "steps": ()}
+
     def settings(self) -> Dict[str, Any]:
         return {
             "beta": self.beta,

@@ -7,7 +7,7 @@ E. Fetaya, "Multi-Task Learning as a Bargaining Game", ICML 2022 (Algorithm 1).
 from __future__ import annotations
 
 import math
-from typing import Any, Dict
+from typing import Any, Dict, Tuple
 
 import torch
 from torch import Tensor
@@ -81,6 +81,11 @@ class NashMTL(GramSolver):
             "alpha": torch.zeros(num_blocks, num_tasks, dtype=torch.float64),
             "step": torch.zeros((), dtype=torch.long),
         }
+
+    def task_axes(self) -> Dict[str, Tuple[int, ...]]:
+        """``alpha (B, K)`` (the warm start) per task; ``step`` counts the steps it ran.
+        A step lacking a task solves the bargaining problem of the present tasks."""
+        return {"alpha": (1,), "step": ()}
 
     def _solve(self, g: Tensor, prev: Tensor) -> Tensor:
         k = g.shape[0]

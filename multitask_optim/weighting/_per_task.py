@@ -192,24 +192,37 @@ def accumulate_grad(p: torch.nn.Parameter, grad: Tensor) -> None:
 class LossRatio:
     """The loss-ratio bookkeeping of GradNorm and HTW: ``L_i(t) / L_i(0)``.
 
-    ``L_i(0)`` is the first loss observed (the losses of the first taken step), kept in
-    the weighting's state under ``initial_losses`` / ``initialized``.
+    ``L_i(0)`` is the first loss observed for task ``i`` (its loss in the first taken
+    step that had it), kept in the weighting's state under ``initial_losses (K,)`` /
+    ``initialized (K,)``; both index tasks along axis 0 (:attr:`AXES`), so a step lacking
+    a task leaves its entries as they are.
     """
+
+    #: Task axes of the state (for steps with absent tasks).
+    AXES: Dict[str, Tuple[int, ...]] = {"initial_losses": (0,), "initialized": (0,)}
 
     @staticmethod
     def init_state(num_tasks: int) -> State:
         return {
             "initial_losses": torch.zeros(num_tasks, dtype=torch.float64),
-            "initialized": scalar(False, torch.bool),
+            "initialized": torch.zeros(num_tasks, dtype=torch.bool),
         }
 
     @staticmethod
     def initial(losses: Tensor, state: State) -> Tuple[Tensor, State]:
-        """``(L(0), state)``: the stored first losses, or ``losses`` (recorded in a new state)."""
-        if state and "initialized" in state and bool(state["initialized"]):
-            return state["initial_losses"], state
-        first = losses.to(torch.float64).clone()
-        return first, {"initial_losses": first, "initialized": scalar(True, torch.bool)}
+        """``(L(0), state)``: the stored first losses, with ``losses`` recorded for the tasks
+        seen for the first time (in a new state)."""
+        k = losses.shape[0]
+        if not state or "initialized" not in state:
+            seen, first = torch.zeros(k, dtype=torch.bool), torch.zeros(k, dtype=torch.float64)
+        else:
+            seen, first = state["initialized"], state["initial_losses"]
+            if seen.dim() == 0:  # a checkpoint from before per-task flags
+                seen = seen.expand(k)
+        if bool(seen.all()):
+            return first, state
+        first = torch.where(seen, first, losses.to(torch.float64))
+        return first, {"initial_losses": first, "initialized": torch.ones(k, dtype=torch.bool)}
 
 
 def check_positive_losses(losses: Tensor, task_names: Optional[Sequence[str]], who: str, why: str) -> None:

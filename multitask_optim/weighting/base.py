@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar, List, Optional, Sequence, Tuple
+from typing import ClassVar, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -43,12 +43,21 @@ class WeightingContext:
     Attributes:
         generator: the optimizer's own seeded CPU generator (checkpointed with it).
         step: index of the step being computed (0 for the first taken step).
-        task_names: the task names, in order.
+        task_names: every task's name, in order.
+        present: indices of the tasks this step has (None: all). The losses, the
+            state (sliced along the axes :meth:`Weighting.task_axes` declares) and the
+            returned weights are the present tasks'.
     """
 
     generator: torch.Generator
     step: int
     task_names: Sequence[str]
+    present: Optional[Sequence[int]] = None
+
+    @property
+    def indices(self) -> List[int]:
+        """The present tasks' indices (every task's when ``present`` is None)."""
+        return list(range(len(self.task_names))) if self.present is None else list(self.present)
 
 
 class Weighting(Component):
@@ -57,6 +66,15 @@ class Weighting(Component):
     Subclasses set ``name`` (registry key), validate their arguments in ``__init__``,
     resolve per-task arguments and create parameters in :meth:`build`, and implement
     :meth:`weights`.
+
+    Steps with absent tasks: the weighting is bound to all ``K`` tasks and asked for the
+    weights of the present ones (``ctx.present``); per-task arguments and parameters are
+    read at ``ctx.indices``. A weighting declares its state's task axes
+    (:meth:`~multitask_optim.components.Component.task_axes`, ``{}`` when it has no
+    per-task state or reads ``ctx.present`` itself); without a declaration it is refused
+    such steps. A learnable weighting keeps one scalar parameter per task, so an absent
+    task's parameter gets no gradient and the inner optimizer leaves it and its moments
+    alone.
     """
 
     #: Whether the weighting owns learnable parameters (it then adds a param group).
@@ -89,6 +107,11 @@ class Weighting(Component):
         """Learnable parameters, updated by the inner optimizer."""
         return []
 
+    def task_parameters(self) -> Optional[List[torch.nn.Parameter]]:
+        """The learnable parameters that belong to one task each, in task order (None: no
+        such parameters). An absent task's parameter gets no ``.grad`` in that step."""
+        return None
+
     def gram_params(self) -> Optional[List[torch.Tensor]]:
         """Shared parameters whose Gram :meth:`backward` reads (``needs_gram``).
 
@@ -104,9 +127,10 @@ class Weighting(Component):
     def compute(self, losses: Tensor, state: State, ctx: WeightingContext) -> tuple[Tensor, State]:
         """Bind to ``ctx.task_names`` if needed, check the losses, return :meth:`weights`."""
         self.bind(ctx.task_names)
-        if losses.dim() != 1 or losses.shape[0] != self.num_tasks:
+        expected = self.num_tasks if ctx.present is None else len(ctx.present)
+        if losses.dim() != 1 or losses.shape[0] != expected:
             raise ValueError(
-                f"{type(self).__name__}: expected {self.num_tasks} losses, got shape {tuple(losses.shape)}"
+                f"{type(self).__name__}: expected {expected} losses, got shape {tuple(losses.shape)}"
             )
         return self.weights(losses, state, ctx)
 
@@ -166,6 +190,9 @@ class Equal(Weighting):
     """All weights 1: the plain sum of the losses."""
 
     name = "equal"
+
+    def task_axes(self) -> Dict[str, Tuple[int, ...]]:
+        return {}
 
     def is_constant_one(self) -> bool:
         return True

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -38,8 +38,19 @@ class DynamicWeightAverage(Weighting):
     :meth:`epoch_end` on an epoch that has recorded nothing yet (e.g. just after such an
     automatic close) does nothing, so calling both never closes an empty epoch.
 
-    State (all tensors): ``epoch_sum (K,)`` and ``epoch_count`` (0-d) of the current
-    epoch, ``last_means (2, K)`` (``Lbar(t-1)``, ``Lbar(t-2)``) and ``epochs_done`` (0-d).
+    Steps that lack some tasks (which the paper does not define): a task's epoch mean
+    is over the steps of the epoch that had it; an epoch in which a task never appeared
+    gives it no mean (its two last means stay those of the last epochs that had it). A
+    task with two means takes part in the softmax; a task with fewer has weight 1. On a
+    step, the present tasks with two means share ``K'' softmax(r / T)`` among them
+    (``K''`` of them), so the present weights sum to the number of present tasks; with
+    every task in every step this is the paper's rule.
+
+    State (all tensors): ``epoch_sum (K,)``, ``task_count (K,)`` (steps that had each
+    task) and ``epoch_count`` (0-d, steps) of the current epoch, ``last_means (2, K)``
+    (``Lbar(t-1)``, ``Lbar(t-2)`` of each task's last epochs), ``epochs_seen (K,)``
+    (epochs that gave each task a mean) and ``epochs_done`` (0-d). The weighting reads
+    ``ctx.present`` itself (its state is not sliced: :meth:`task_axes` is ``{}``).
 
     Args:
         temperature: softmax temperature ``T > 0`` (the paper uses 2).
@@ -66,34 +77,59 @@ class DynamicWeightAverage(Weighting):
         return {
             "epoch_sum": torch.zeros(num_tasks, dtype=torch.float64),
             "epoch_count": scalar(0, torch.int64),
+            "task_count": torch.zeros(num_tasks, dtype=torch.int64),
             "last_means": torch.zeros(2, num_tasks, dtype=torch.float64),
+            "epochs_seen": torch.zeros(num_tasks, dtype=torch.int64),
             "epochs_done": scalar(0, torch.int64),
         }
+
+    def task_axes(self) -> Dict[str, Tuple[int, ...]]:
+        return {}
 
     def _state(self, state: State, num_tasks: int) -> State:
         if not state or "epoch_sum" not in state:
             return self.init_state(num_tasks)
         if state["epoch_sum"].shape[0] != num_tasks:
             raise ValueError(f"DWA state is for {state['epoch_sum'].shape[0]} tasks, got {num_tasks} losses")
+        state = dict(state)
+        if "task_count" not in state:  # a checkpoint from before per-task counts
+            state["task_count"] = state["epoch_count"].expand(num_tasks).clone()
+            state["epochs_seen"] = state["epochs_done"].expand(num_tasks).clone()
         return state
 
-    def current_weights(self, state: State) -> Tensor:
-        """The weights of the current epoch, from the two last completed epochs."""
+    def current_weights(self, state: State, tasks: Optional[Sequence[int]] = None) -> Tensor:
+        """The weights of the current epoch for ``tasks`` (default all), from each task's
+        two last epoch means."""
         k = state["epoch_sum"].shape[0]
+        tasks = list(range(k)) if tasks is None else list(tasks)
+        out = torch.ones(len(tasks), dtype=torch.float64)
         if int(state["epochs_done"]) < 2:
-            return torch.ones(k, dtype=torch.float64)
-        prev, prev2 = state["last_means"][0], state["last_means"][1]
+            return out
+        seen = state.get("epochs_seen")
+        rated = [n for n, i in enumerate(tasks) if seen is None or int(seen[i]) >= 2]
+        if not rated:
+            return out
+        index = [tasks[n] for n in rated]
+        prev, prev2 = state["last_means"][0][index], state["last_means"][1][index]
         defined = prev2 != 0
         ratio = torch.where(defined, prev / torch.where(defined, prev2, 1.0), 1.0)
-        return k * torch.softmax(ratio / self.temperature, dim=0)
+        out[rated] = len(rated) * torch.softmax(ratio / self.temperature, dim=0)
+        return out
 
     def weights(self, losses: Tensor, state: State, ctx: WeightingContext) -> tuple[Tensor, State]:
-        state = self._state(state, losses.shape[0])
-        w = self.current_weights(state)
+        tasks = ctx.indices
+        state = self._state(state, len(ctx.task_names) if ctx.present is not None else losses.shape[0])
+        w = self.current_weights(state, tasks)
+        spread = torch.zeros_like(state["epoch_sum"])
+        spread[tasks] = losses.to(torch.float64)
+        had = torch.zeros_like(state["task_count"])
+        had[tasks] = 1
         new_state = {
-            "epoch_sum": state["epoch_sum"] + losses.to(torch.float64),
+            "epoch_sum": state["epoch_sum"] + spread,
             "epoch_count": state["epoch_count"] + 1,
+            "task_count": state["task_count"] + had,
             "last_means": state["last_means"].clone(),
+            "epochs_seen": state["epochs_seen"].clone(),
             "epochs_done": state["epochs_done"].clone(),
         }
         if self.steps_per_epoch is not None and int(new_state["epoch_count"]) >= self.steps_per_epoch:
@@ -103,11 +139,17 @@ class DynamicWeightAverage(Weighting):
     def epoch_end(self, state: State) -> State:
         if not state or "epoch_count" not in state or int(state["epoch_count"]) == 0:
             return state
-        mean = state["epoch_sum"] / state["epoch_count"].to(torch.float64)
+        state = self._state(state, state["epoch_sum"].shape[0])
+        count = state["task_count"]
+        had = count > 0
+        mean = state["epoch_sum"] / torch.where(had, count, 1).to(torch.float64)
+        shifted = torch.stack([mean, state["last_means"][0]])
         return {
             "epoch_sum": torch.zeros_like(state["epoch_sum"]),
             "epoch_count": torch.zeros_like(state["epoch_count"]),
-            "last_means": torch.stack([mean, state["last_means"][0]]),
+            "task_count": torch.zeros_like(count),
+            "last_means": torch.where(had.view(1, -1), shifted, state["last_means"]),
+            "epochs_seen": state["epochs_seen"] + had.to(torch.int64),
             "epochs_done": state["epochs_done"] + 1,
         }
 

@@ -197,5 +197,9 @@ class FAMO(Weighting):
         new_state["has_pending"] = scalar(False, torch.bool)
         return new_state
 
+    def task_axes(self) -> None:
+        """Not defined for steps lacking some tasks (FAMO's logit update compares each task's losses of two consecutive steps): such a step is refused."""
+        return None
+
     def settings(self) -> Dict[str, Any]:
         return {"lr": self.logits_lr, "gamma": self.gamma, "betas": self.betas, "eps": self.eps}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any, Dict, Tuple
 
 import torch
 from torch import Tensor
@@ -51,6 +51,10 @@ class GeometricLossStrategy(Weighting):
     def objective(self, losses: Tensor, weights: Tensor) -> float:
         """The geometric mean ``G`` of the losses."""
         return float(torch.exp(torch.log(losses.to(torch.float64)).mean()))
+
+    def task_axes(self) -> Dict[str, Tuple[int, ...]]:
+        """Steps lacking some tasks: stateless: the geometric mean of the present tasks' losses."""
+        return {}
 
     def settings(self) -> Dict[str, Any]:
         return {}

@@ -36,6 +36,17 @@ class GradNorm(Weighting):
     renormalises it in place so that ``sum_i w_i = K`` (after clamping each weight to at
     least ``min_weight`` so it stays positive).
 
+    Each ``w_i`` is its own scalar parameter (:meth:`parameters` lists them in task
+    order; :attr:`task_weights` stacks their values).
+
+    A step that lacks some tasks (which the paper does not define): the training rates
+    ``r_i`` and the mean gradient norm are over the present tasks only, only their
+    weights get a gradient, and the renormalisation rescales the present weights so
+    that all ``K`` still sum to ``K`` (an absent task's weight keeps its value; if the
+    absent weights alone reach ``K``, the present ones are only clamped). ``L_i(0)`` is
+    a task's loss in the first step that had it. On a step where the surgery does not
+    run (``surgery_every``), there is no Gram, and the weights are not updated.
+
     We follow the paper: ``w`` is used directly and renormalised after every step, and
     ``L_i(0)`` is the loss of the first step. LibMTL's ``GradNorm`` differs: it
     parametrises ``w = K softmax(theta)``, trains with equal weights during the first
@@ -71,13 +82,25 @@ class GradNorm(Weighting):
         self.layer: Optional[List[Tensor]] = None if layer is None else list(layer)
         if self.layer is not None and not self.layer:
             raise ValueError("layer must hold at least one parameter (or be None)")
-        self.task_weights: Optional[torch.nn.Parameter] = None
+        self._weights: List[torch.nn.Parameter] = []
+        self._moved: List[int] = []
 
     def build(self, task_names: Tuple[str, ...]) -> None:
-        self.task_weights = torch.nn.Parameter(torch.ones(len(task_names)))
+        self._weights = [torch.nn.Parameter(torch.ones(())) for _ in task_names]
 
     def parameters(self) -> List[torch.nn.Parameter]:
-        return [] if self.task_weights is None else [self.task_weights]
+        return list(self._weights)
+
+    def task_parameters(self) -> Optional[List[torch.nn.Parameter]]:
+        return list(self._weights) or None
+
+    @property
+    def task_weights(self) -> Optional[Tensor]:
+        """The weights ``w`` stacked into one ``(K,)`` tensor (a detached copy; None before binding)."""
+        return torch.stack([p.detach() for p in self._weights]) if self._weights else None
+
+    def task_axes(self) -> Dict[str, Tuple[int, ...]]:
+        return dict(LossRatio.AXES)
 
     def gram_params(self) -> Optional[List[Tensor]]:
         return self.layer
@@ -85,13 +108,17 @@ class GradNorm(Weighting):
     def init_state(self, num_tasks: int, num_blocks: int = 1) -> State:
         return LossRatio.init_state(num_tasks)
 
-    def _bound(self) -> torch.nn.Parameter:
-        if self.task_weights is None:
+    def _bound(self) -> List[torch.nn.Parameter]:
+        if not self._weights:
             raise RuntimeError("GradNorm is not bound to tasks yet (call bind(task_names))")
-        return self.task_weights
+        return self._weights
+
+    def _values(self, ctx: WeightingContext) -> Tensor:
+        params = self._bound()
+        return torch.stack([detached_f64(params[i]) for i in ctx.indices])
 
     def weights(self, losses: Tensor, state: State, ctx: WeightingContext) -> tuple[Tensor, State]:
-        w = detached_f64(self._bound())
+        w = self._values(ctx)
         initial, new_state = LossRatio.initial(losses, state)
         check_loss_ratio_inputs(losses, initial, ctx.task_names, "GradNorm")
         return w, new_state
@@ -126,21 +153,36 @@ class GradNorm(Weighting):
         first step, when ``L_i(0)`` is not stored yet, ``L_i(0) = L_i(t)`` is used, which
         is what :meth:`weights` stores.
         """
-        p = self._bound()
+        params = self._bound()
         if gram is None:
             raise ValueError("GradNorm.backward needs gram= (the Gram of the weighted task gradients)")
         initial, _ = LossRatio.initial(losses, state)
-        check_loss_ratio_inputs(losses, initial, ctx.task_names, "GradNorm")
-        accumulate_grad(p, self.weight_gradient(losses, weights, gram, initial))
+        check_loss_ratio_inputs(losses, initial, [ctx.task_names[i] for i in ctx.indices], "GradNorm")
+        grad = self.weight_gradient(losses, weights, gram, initial)
+        for n, i in enumerate(ctx.indices):
+            accumulate_grad(params[i], grad[n])
+        self._moved = ctx.indices
 
     def after_step(self) -> None:
-        """Clamp the weights to ``>= min_weight`` and rescale them to sum to ``K``."""
-        p = self.task_weights
-        if p is None:
+        """Clamp the weights the step moved to ``>= min_weight`` and rescale them so that all
+        ``K`` weights sum to ``K``."""
+        moved, self._moved = self._moved, []
+        if not self._weights or not moved:
             return
+        k = len(self._weights)
         with torch.no_grad():
-            p.clamp_(min=self.min_weight)
-            p.mul_(p.shape[0] / p.sum())
+            for i in moved:
+                self._weights[i].clamp_(min=self.min_weight)
+            if len(moved) == k:
+                factor = k / torch.stack(self._weights).sum()
+            else:
+                rest = sum(float(self._weights[i]) for i in range(k) if i not in moved)
+                total = float(sum(float(self._weights[i]) for i in moved))
+                if k - rest <= 0 or total <= 0:
+                    return
+                factor = torch.tensor((k - rest) / total)
+            for i in moved:
+                self._weights[i].mul_(factor)
 
     def settings(self) -> Dict[str, Any]:
         layer = None if self.layer is None else [tuple(p.shape) for p in self.layer]

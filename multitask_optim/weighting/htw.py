@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Tuple, Union  # noqa: F401
 
 import torch
 from torch import Tensor
@@ -44,6 +44,9 @@ class HTW(Weighting):
     stated above. LBTW as originally published takes ``L_i(0)`` from the first batch of
     *each epoch*; following the project design (and the HTW description) we take the
     first loss of training, once.
+
+    A step that lacks some tasks weighs the present ones as above; an auxiliary task's
+    ``L_i(0)`` is its loss in the first step that had it.
 
     Args:
         main_task: index or name of the main task (default 0).
@@ -100,6 +103,9 @@ class HTW(Weighting):
     def init_state(self, num_tasks: int, num_blocks: int = 1) -> State:
         return LossRatio.init_state(num_tasks)
 
+    def task_axes(self) -> Dict[str, Tuple[int, ...]]:
+        return dict(LossRatio.AXES)
+
     def main_weight(self, step: int) -> float:
         """Main-task weight at step ``step`` (0-based)."""
         w = self.warmup_steps
@@ -108,15 +114,16 @@ class HTW(Weighting):
         return min(1.0, (step + 1) / w)
 
     def weights(self, losses: Tensor, state: State, ctx: WeightingContext) -> tuple[Tensor, State]:
-        k = losses.shape[0]
         assert self._main is not None
+        tasks = ctx.indices
         losses = losses.to(torch.float64)
         initial, new_state = LossRatio.initial(losses, state)
-        aux = [i for i in range(k) if i != self._main]
+        aux = [n for n, i in enumerate(tasks) if i != self._main]
         if aux:
-            check_loss_ratio_inputs(losses[aux], initial[aux], [ctx.task_names[i] for i in aux], "HTW")
+            check_loss_ratio_inputs(losses[aux], initial[aux], [ctx.task_names[tasks[n]] for n in aux], "HTW")
         w = (losses / torch.where(initial > 0, initial, 1.0)).pow(self.alpha)
-        w[self._main] = self.main_weight(int(ctx.step))
+        if self._main in tasks:
+            w[tasks.index(self._main)] = self.main_weight(int(ctx.step))
         return w, new_state
 
     def settings(self) -> Dict[str, Any]:

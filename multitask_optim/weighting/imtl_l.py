@@ -83,5 +83,9 @@ class IMTLL(Weighting):
         s = detached_f64(self._bound())
         return float((torch.exp(s) * losses.to(torch.float64) - s).sum())
 
+    def task_axes(self) -> None:
+        """Not defined for steps lacking some tasks (IMTL-L's scales are one parameter vector): such a step is refused."""
+        return None
+
     def settings(self) -> Dict[str, Any]:
         return {"lr": self.lr}

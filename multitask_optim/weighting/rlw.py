@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any, Dict, Tuple
 
 import torch
 from torch import Tensor
@@ -35,6 +35,9 @@ class RandomLossWeighting(Weighting):
     The paper also studies other sampling distributions; only the normal one (its main
     choice) is offered here.
 
+    A step that lacks some tasks draws ``K'`` values for the ``K'`` present tasks: the
+    weights are the method's on the present tasks (they sum to 1, or to ``K'``).
+
     Args:
         scale: ``"sum1"`` (default, the paper) or ``"sumK"``.
 
@@ -48,6 +51,9 @@ class RandomLossWeighting(Weighting):
         if scale not in _SCALES:
             raise ValueError(f"scale must be one of {_SCALES}, got {scale!r}")
         self.scale = scale
+
+    def task_axes(self) -> Dict[str, Tuple[int, ...]]:
+        return {}
 
     def weights(self, losses: Tensor, state: State, ctx: WeightingContext) -> tuple[Tensor, State]:
         k = losses.shape[0]

@@ -55,8 +55,12 @@ class StagedStart(Weighting):
             return (step >= start).to(torch.float64)
         return ((step - start + 1.0) / self.ramp_steps).clamp(0.0, 1.0)
 
+    def task_axes(self) -> Dict[str, Tuple[int, ...]]:
+        return {}
+
     def weights(self, losses: Tensor, state: State, ctx: WeightingContext) -> tuple[Tensor, State]:
-        return self.weight_at(int(ctx.step)), state
+        """The present tasks' weights at ``ctx.step`` (absent tasks are left out)."""
+        return self.weight_at(int(ctx.step))[ctx.indices], state
 
     def settings(self) -> Dict[str, Any]:
         return {"start_steps": self._spec, "ramp_steps": self.ramp_steps}

@@ -37,9 +37,13 @@ class StaticWeights(Weighting):
     def build(self, task_names: Tuple[str, ...]) -> None:
         self._weights = resolve_per_task(self._spec, task_names, "weights")
 
+    def task_axes(self) -> Dict[str, Tuple[int, ...]]:
+        return {}
+
     def weights(self, losses: Tensor, state: State, ctx: WeightingContext) -> tuple[Tensor, State]:
+        """The present tasks' weights (a step lacking a task leaves its weight out)."""
         assert self._weights is not None
-        return torch.tensor(self._weights, dtype=torch.float64), state
+        return torch.tensor(self._weights, dtype=torch.float64)[ctx.indices], state
 
     def settings(self) -> Dict[str, Any]:
         return {"weights": self._spec}

@@ -122,5 +122,9 @@ class SmoothTchebycheff(Weighting):
             "nadir": mean if int(done) == self.warmup_epochs else state["nadir"].clone(),
         }
 
+    def task_axes(self) -> None:
+        """Not defined for steps lacking some tasks (STCH's nadir point is an epoch mean over every task): such a step is refused."""
+        return None
+
     def settings(self) -> Dict[str, Any]:
         return {"mu": self.mu, "warmup_epochs": self.warmup_epochs, "steps_per_epoch": self.steps_per_epoch}

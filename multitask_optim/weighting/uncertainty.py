@@ -54,6 +54,11 @@ class UncertaintyWeighting(Weighting):
         own, larger ``lr`` (e.g. 1e-2 to 5e-2). A magnitude imbalance of that size is
         what per-task preconditioning (``precondition=...``) removes at once.
 
+    Each ``s_i`` is its own scalar parameter (:meth:`parameters` lists them in task
+    order; :attr:`log_var` stacks their values). A step that lacks some tasks weighs
+    the present ones and gives only their ``s_i`` a gradient, so the inner optimizer
+    leaves an absent task's ``s_i`` and its moments exactly as they were.
+
     Args:
         kind: ``"regression"`` (default) or ``"classification"``, for every task, or
             one per task as a sequence in task order or a mapping ``{task name: kind}``
@@ -75,26 +80,41 @@ class UncertaintyWeighting(Weighting):
     ) -> None:
         self._spec = check_per_task(kind, "kind", _check_kind, allow_scalar=True)
         self.lr = check_lr(lr)
-        self.log_var: Optional[torch.nn.Parameter] = None
+        self._log_vars: List[torch.nn.Parameter] = []
         self._kinds: Optional[List[str]] = None
 
     def build(self, task_names: Tuple[str, ...]) -> None:
         self._kinds = resolve_per_task(
             self._spec, task_names, "kind", default="regression", allow_missing=True
         )
-        self.log_var = torch.nn.Parameter(torch.zeros(len(task_names)))
+        self._log_vars = [torch.nn.Parameter(torch.zeros(())) for _ in task_names]
 
     def parameters(self) -> List[torch.nn.Parameter]:
-        return [] if self.log_var is None else [self.log_var]
+        return list(self._log_vars)
 
-    def _bound(self) -> torch.nn.Parameter:
-        if self.log_var is None:
+    def task_parameters(self) -> Optional[List[torch.nn.Parameter]]:
+        return list(self._log_vars) or None
+
+    def task_axes(self) -> Dict[str, Tuple[int, ...]]:
+        return {}
+
+    @property
+    def log_var(self) -> Optional[Tensor]:
+        """The log-variances ``s`` stacked into one ``(K,)`` tensor (a detached copy; None before binding)."""
+        return torch.stack([p.detach() for p in self._log_vars]) if self._log_vars else None
+
+    def _bound(self) -> List[torch.nn.Parameter]:
+        if not self._log_vars:
             raise RuntimeError("UncertaintyWeighting is not bound to tasks yet (call bind(task_names))")
-        return self.log_var
+        return self._log_vars
 
-    def _factors(self) -> Tensor:
+    def _s(self, indices: Sequence[int]) -> Tensor:
+        params = self._bound()
+        return torch.stack([detached_f64(params[i]) for i in indices])
+
+    def _factors(self, indices: Sequence[int]) -> Tensor:
         assert self._kinds is not None
-        return torch.tensor([_FACTOR[k] for k in self._kinds], dtype=torch.float64)
+        return torch.tensor([_FACTOR[self._kinds[i]] for i in indices], dtype=torch.float64)
 
     @property
     def kinds(self) -> List[str]:
@@ -106,22 +126,29 @@ class UncertaintyWeighting(Weighting):
     @property
     def sigma(self) -> Tensor:
         """Learned standard deviations ``sigma_i = sqrt(exp(s_i))``, float64, detached."""
-        return torch.exp(0.5 * detached_f64(self._bound()))
+        return torch.exp(0.5 * self._s(range(len(self._bound()))))
 
     def weights(self, losses: Tensor, state: State, ctx: WeightingContext) -> tuple[Tensor, State]:
-        s = detached_f64(self._bound())
-        return self._factors() * torch.exp(-s), state
+        s = self._s(ctx.indices)
+        self._present = ctx.indices
+        return self._factors(ctx.indices) * torch.exp(-s), state
 
     def backward(
         self, losses: Tensor, weights: Tensor, state: State, ctx: WeightingContext, gram: Gram = None
     ) -> None:
-        p = self._bound()
-        w = self._factors() * torch.exp(-detached_f64(p))
-        accumulate_grad(p, 0.5 - w * losses.to(torch.float64))
+        params = self._bound()
+        w = self._factors(ctx.indices) * torch.exp(-self._s(ctx.indices))
+        grad = 0.5 - w * losses.to(torch.float64)
+        for n, i in enumerate(ctx.indices):
+            accumulate_grad(params[i], grad[n])
 
     def objective(self, losses: Tensor, weights: Tensor) -> float:
-        """``sum_i (w_i L_i + s_i / 2)``, with ``s`` read before the inner step moves it."""
-        s = detached_f64(self._bound())
+        """``sum_i (w_i L_i + s_i / 2)`` over the tasks of the last :meth:`weights` call,
+        with ``s`` read before the inner step moves it."""
+        indices = getattr(self, "_present", None)
+        if indices is None or len(indices) != losses.shape[0]:
+            indices = list(range(losses.shape[0]))
+        s = self._s(indices)
         w = weights.detach().to(device="cpu", dtype=torch.float64)
         return float((w * losses.to(torch.float64) + 0.5 * s).sum())
 
