@@ -10,13 +10,27 @@ collective sums the gradients.
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-from .distributed import all_sum, reduce_presence
-from .losses import Parsed, Samples, task_samples
+from .amp import current_scale
+from .distributed import all_sum, reduce_presence, world_size
+from .gradients import all_finite
+from .graph import analyse
+from .losses import (
+    Losses,
+    Parsed,
+    Samples,
+    check_passes,
+    check_tensor,
+    loss_values,
+    named_features,
+    parse_losses,
+    task_samples,
+)
+from .pipeline import Outcome, non_finite_losses, write_grad
 
 
 def ranked_values(
@@ -80,3 +94,80 @@ def gradients(
     if scale != 1.0:
         grads = tuple(None if g is None else g * (1.0 / scale) for g in grads)
     return grads
+
+
+class PlainPath:
+    """The optimizer's plain step (a mixin of :class:`~multitask_optim.optimizer.MultiTaskOptimizer`)."""
+
+    def _plain(self) -> bool:
+        """Nothing to do per task: plain sum, equal weights, no preconditioning, one process,
+        and ``gradient_mode="auto"`` (an explicit mode asks for the per-task gradients, and
+        with them the per-task statistics in ``last_stats``)."""
+        return (
+            self.engine.requested == "auto"
+            and self.aggregator.is_plain_sum()
+            and self.weighting.is_constant_one()
+            and self.preconditioner is None
+            and self._task_lr is None
+            and current_scale(self.grad_scaler) == 1.0
+            and world_size() == 1
+            and not self._sharded
+        )
+
+    def _plain_step(
+        self, losses: Losses, features: Any, representation: Optional[Tensor], samples: Samples
+    ) -> None:
+        """One backward of ``sum_i w_i L_i`` over the present tasks, and the inner step.
+
+        The plain configuration's step, and every step the schedule leaves out: bitwise
+        ``sum(losses).backward(); inner.step()`` when every weight is 1. Only the
+        weighting runs (its state committed only when the step is taken).
+        """
+        parsed = parse_losses(losses, self._names)
+        named = [("representation", representation)] if representation is not None else []
+        named += named_features(features)
+        for name, tensor in named:
+            check_tensor(tensor, name)
+        values, present, shares = loss_values(parsed.losses), parsed.present, None
+        if world_size() > 1:  # each task's value and gradient: the average over the ranks that had it
+            present, values, shares = ranked_values(parsed, values, samples)
+        bad = non_finite_losses([parsed.names[i] for i in present], values)
+        if bad is not None:
+            return self._skip(bad, values)
+        graph = analyse(parsed.losses) if named or (self._partition is None and not self._plain()) else None
+        for name, tensor in named:
+            check_passes(tensor, graph, name)  # type: ignore[arg-type]
+        structure = None
+        if self._partition is None and not self._plain():
+            structure = self._structure(parsed, graph, None)  # type: ignore[arg-type]
+        generator_state = self._generator.get_state()
+        weights, states = None, {}
+        if not self.weighting.is_constant_one():
+            current = self._current_states(len(parsed.names), 1)
+            weights, states, why = self._weigh(parsed.names, present, values, {}, current)
+            if why is not None:
+                self._generator.set_state(generator_state)
+                return self._skip(why, values)
+        factors = loss_factors(parsed.present, present, weights, shares)
+        params = [p for p in self._params if p.requires_grad]
+        grads = gradients(parsed.losses, factors, params, current_scale(self.grad_scaler))
+        if world_size() > 1:
+            grads = summed(params, grads)
+        if not all_finite([g for g in grads if g is not None]):
+            self._generator.set_state(generator_state)
+            return self._skip("non-finite gradient", values)
+        if structure is not None:
+            self._adopt_partition(structure.partition, warn=True, blocks=structure.blocks)
+        if not self._weighting_ready and (weights is not None or structure is not None):
+            self._adopt_weighting(parsed.names)
+        for p, g in zip(params, grads):
+            write_grad(p, g)
+        self._drop_absent([parsed.names[i] for i in present])
+        self._states.update(states)
+        if self._names is None:
+            self._names = parsed.names
+        k = len(present)
+        ones = torch.ones(k, dtype=torch.float64)
+        outcome = Outcome(ones if weights is None else weights, None, None, [], [], states)
+        self._take(parsed.names, present, values, outcome, None)
+        return None

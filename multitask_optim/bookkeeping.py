@@ -1,0 +1,270 @@
+"""The optimizer's committed bookkeeping: what a taken step (or a load) changes.
+
+:class:`Bookkeeping` is the part of :class:`~multitask_optim.optimizer.MultiTaskOptimizer`
+that owns the committed structure -- the partition and its blocks, the task names,
+the param-group split, every component's state, the step counter -- and the rules for
+changing it: adopt a partition or the tasks once, hand the first step fresh component
+states, restrict states to the tasks present, commit a taken step, skip a step with
+nothing written. ``optimizer.py`` conducts the stages and calls these.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import OrderedDict
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from . import checkpoint, groups
+from .aggregators import AGGREGATORS, Aggregator, GramianCallable
+from .amp import update as amp_update
+from .arguments import (
+    blocks_of,
+    component_kwargs,
+    task_names_from,
+    task_rates,
+)
+from .components import State
+from .graph import LossGraph
+from .losses import (
+    Parsed,
+)
+from .partition import Partition, TasksArg, check_against_graph, discover, explicit, warn_unused
+from .pipeline import (
+    Outcome,
+    Structure,
+    merged_states,
+    sub_states,
+    weigh,
+    write_grad,
+)
+from .precondition import PRECONDITIONERS, Preconditioner
+from .sources import ParameterRows, RepresentationRows
+from .weighting import WEIGHTINGS, Weighting, WeightingContext
+
+Source = Union[ParameterRows, RepresentationRows]
+
+
+class Bookkeeping:
+    """Committed state of a multi-task optimizer and the rules that change it."""
+
+    def _build_components(
+        self,
+        surgery: Any,
+        precondition: Any,
+        weighting: Any,
+        surgery_kwargs: Optional[Mapping[str, Any]],
+        precondition_kwargs: Optional[Mapping[str, Any]],
+        weighting_kwargs: Optional[Mapping[str, Any]],
+        old: Mapping[str, Any],
+    ) -> None:
+        """Each component from its name (+ kwargs, + deprecated spellings) or instance."""
+        if surgery is not None and not isinstance(surgery, (str, Aggregator)) and callable(surgery):
+            surgery = GramianCallable(surgery)  # e.g. a TorchJD Gramian weighting
+        self.aggregator: Aggregator = AGGREGATORS.build(
+            surgery, component_kwargs("surgery", surgery, surgery_kwargs, old)
+        )  # type: ignore[assignment]
+        self.preconditioner: Optional[Preconditioner] = PRECONDITIONERS.build(
+            precondition, component_kwargs("precondition", precondition, precondition_kwargs, old)
+        )
+        self.weighting: Weighting = WEIGHTINGS.build(weighting, weighting_kwargs)  # type: ignore[assignment]
+
+    def _adopt_known_tasks(
+        self,
+        shared: Optional[Iterable[Tensor]],
+        tasks: Optional[TasksArg],
+        task_names: Optional[Sequence[str]],
+        num_tasks: Optional[int],
+    ) -> None:
+        """An explicit partition, and task names known at construction, are committed now."""
+        if shared is not None and tasks is None:
+            raise ValueError("shared= needs tasks= (the per-task parameters) as well")
+        partition = explicit(self._params, shared, tasks) if tasks is not None else None
+        names = task_names_from(partition.names if partition else None, task_names, num_tasks)
+        if self._task_lr is not None and names is not None:
+            task_rates(self._task_lr, names)
+        if partition is not None:
+            if partition.unused:
+                warn_unused(partition.unused, self._index_of, "were not listed in shared= or tasks=")
+            self._adopt_partition(partition, warn=False)
+        if names is not None:
+            self._adopt_weighting(names)
+
+    def _init_hooks(self) -> None:
+        self._optimizer_step_pre_hooks: Dict[int, Callable] = OrderedDict()
+        self._optimizer_step_post_hooks: Dict[int, Callable] = OrderedDict()
+        self._optimizer_state_dict_pre_hooks: Dict[int, Callable] = OrderedDict()
+        self._optimizer_state_dict_post_hooks: Dict[int, Callable] = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks: Dict[int, Callable] = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks: Dict[int, Callable] = OrderedDict()
+        self._patch_step_function()
+        self._warned_capturable_if_run_uncaptured = True
+
+    def _structure(self, parsed: Parsed, graph: LossGraph, known: Optional[Structure]) -> Structure:
+        """Partition (discovered or checked) and blocks, restricted to the present tasks;
+        raises before any change."""
+        names = parsed.names
+        whole = (
+            self._partition if self._partition is not None else (known.full if known is not None else None)
+        )
+        if parsed.partial:
+            if whole is None:
+                raise ValueError(
+                    f"tasks {[n for i, n in enumerate(names) if i not in parsed.present]} are absent from this "
+                    "step, but the partition is not known yet: give every task's loss in the first step, or "
+                    "pass shared= and tasks="
+                )
+            blocks = (
+                self._blocks
+                if self._blocks is not None
+                else blocks_of(self._granularity, whole, self._index_of)
+            )
+            sub = Structure(whole, blocks).restricted(parsed.present)
+            check_against_graph(sub.partition, graph, self._params)
+            if not self._weighting_ready:
+                groups.check_can_add_weighting(self.optimizer, self.weighting)
+                self.weighting.bind(names)
+            return sub
+        if known is not None:
+            check_against_graph(known.full, graph, self._params)
+            return known.restricted(parsed.present) if known.whole is not None else known
+        if self._partition is None and self._task_lr is not None:
+            groups.check_can_split(self.optimizer)
+        partition = self._partition if self._partition is not None else discover(self._params, graph, names)
+        check_against_graph(partition, graph, self._params)
+        if self._partition is None and self._task_lr is not None:
+            task_rates(self._task_lr, partition.names)  # validate before anything is committed
+        blocks = (
+            self._blocks
+            if self._blocks is not None
+            else blocks_of(self._granularity, partition, self._index_of)
+        )
+        if not self._weighting_ready:
+            groups.check_can_add_weighting(self.optimizer, self.weighting)
+            self.weighting.bind(names)
+        return Structure(partition, blocks)
+
+    def _components(self) -> Dict[str, Any]:
+        return {"surgery": self.aggregator, "weighting": self.weighting, "precondition": self.preconditioner}
+
+    def _current_states(self, num_tasks: int, num_blocks: int) -> Dict[str, State]:
+        """The committed states; a component not yet committed starts from its ``init_state``."""
+        current = dict(self._states)
+        if not self._weighting_ready:
+            current["weighting"] = self.weighting.init_state(num_tasks)
+        if self._partition is None:
+            current["surgery"] = self.aggregator.init_state(num_tasks, num_blocks)
+        return current
+
+    def _weigh(
+        self,
+        names: Tuple[str, ...],
+        present: Tuple[int, ...],
+        values: Tensor,
+        old: Dict[str, State],
+        current: Dict[str, State],
+    ) -> Tuple[Tensor, Dict[str, State], Optional[str]]:
+        """The present tasks' weights, and the weighting's new (full) state."""
+        k = len(names)
+        comps = {"weighting": self.weighting}
+        state = (
+            old["weighting"] if "weighting" in old else sub_states(comps, current, present, k)["weighting"]
+        )
+        ctx = WeightingContext(self._generator, self._steps, names, present)
+        weights, new_state, why = weigh(self.weighting, values, state, ctx)
+        merged = merged_states(comps, current, {"weighting": new_state}, present, k, 1)
+        return weights, merged, why
+
+    def _commit(self, structure: Structure, outcome: Outcome) -> None:
+        """Nothing before this changed any state; from here the step is taken."""
+        partition = structure.partition
+        if self._partition is None:
+            self._adopt_partition(partition, warn=True, blocks=structure.blocks)
+        if not self._weighting_ready:
+            self._adopt_weighting(partition.names)
+        for params, task_grads in zip(partition.tasks, outcome.task_grads):
+            for p, g in zip(params, task_grads):
+                write_grad(p, g)
+        for p, u in zip(partition.shared, outcome.shared_updates):
+            write_grad(p, u)
+        self._drop_absent(partition.names)
+        self._states.update(outcome.states)
+        self.engine.commit()
+
+    def _drop_absent(self, present: Sequence[str]) -> None:
+        """An absent task's own parameters take no part in the step: no ``.grad`` at all
+        (also not a zero one), so the inner optimizer leaves them and their moments alone."""
+        names = self._names or ()
+        if len(present) == len(names):
+            return
+        own = self._partition.tasks if self._partition is not None else [[] for _ in names]
+        weighting = (self.weighting.task_parameters() if self._weighting_ready else None) or [None] * len(
+            names
+        )
+        for name, params, extra in zip(names, own, weighting):
+            if name not in present:
+                for p in [*params, *([extra] if extra is not None else [])]:
+                    p.grad = None
+
+    def _skip(self, why: str, values: Tensor, weights: Optional[Tensor] = None) -> None:
+        self.engine.forget()
+        amp_update(self.grad_scaler, self, True, self._device())
+        self.skipped += 1
+        if not self._warned_skip:
+            warnings.warn(
+                f"MultiTaskOptimizer skipped a step: {why} (warned once; see last_stats['skipped'])",
+                stacklevel=4,
+            )
+            self._warned_skip = True
+        self.last_stats = {"skipped": self.skipped, "losses": values.tolist(), "skipped_step": True}
+        if weights is not None:  # the weights were computed: say what they were
+            self.last_stats["weights"] = weights.tolist()
+        return None
+
+    def _device(self) -> torch.device:
+        return self._params[0].device if self._params else torch.device("cpu")
+
+    def _adopt_partition(
+        self, partition: Partition, warn: bool, blocks: Optional[List[List[int]]] = None, split: bool = False
+    ) -> None:
+        """Commit the partition (and split the groups for ``task_lr`` or a loaded split)."""
+        self._partition = partition
+        self._names = partition.names
+        self._blocks = (
+            blocks if blocks is not None else blocks_of(self._granularity, partition, self._index_of)
+        )
+        if not self._states["surgery"]:
+            self._states["surgery"] = self.aggregator.init_state(len(partition.names), len(self._blocks))
+        if warn and partition.unused:
+            warn_unused(partition.unused, self._index_of, "are reached by no loss")
+        if warn and not partition.shared and len(partition.names) > 1:
+            warnings.warn(
+                "MultiTaskOptimizer: no parameter is shared between the tasks (each is reached by one loss "
+                f"only), so surgery={self.aggregator.name!r} has nothing to act on; every task trains on its "
+                "own gradient",
+                stacklevel=5,
+            )
+        if (self._task_lr is not None or split) and not self._split:
+            groups.split_groups(self.optimizer, partition, task_rates(self._task_lr, partition.names))
+            self._split = True
+
+    def _adopt_weighting(self, names: Sequence[str]) -> None:
+        """Bind the weighting to ``names`` and give its parameters their own group."""
+        self.weighting.bind(names)
+        groups.add_weighting_group(self.optimizer, self.weighting)
+        if not self._states["weighting"]:
+            self._states["weighting"] = self.weighting.init_state(len(names))
+        self._names = tuple(names)
+        self._weighting_ready = True
+
+    def _config(self) -> Dict[str, Any]:
+        """What a checkpoint must match: each component's name and settings, the granularity."""
+        granularity = self._granularity if isinstance(self._granularity, str) else repr(self._granularity)
+        return {
+            "surgery": checkpoint.record(self.aggregator),
+            "weighting": checkpoint.record(self.weighting),
+            "precondition": checkpoint.record(self.preconditioner),
+            "granularity": granularity,
+        }
