@@ -72,6 +72,10 @@ def _uncertainty(ctx: MethodContext) -> Dict[str, Any]:
     return {"weighting_kwargs": {"kind": ctx.kind, "lr": ctx.settings.uncertainty_lr}}
 
 
+def _stch(ctx: MethodContext) -> Dict[str, Any]:
+    return {"weighting_kwargs": {"warmup_epochs": 1}}
+
+
 def _dwa(ctx: MethodContext) -> Dict[str, Any]:
     return {"weighting_kwargs": {"temperature": ctx.settings.dwa_temperature}}
 
@@ -204,6 +208,28 @@ ALL_METHODS = (
         inner="sgd",
     ),
 )
+#: The second wave: every registered method that is defined for two tasks, with its
+#: defaults (Krum and the trimmed mean are robust aggregation rules that need K >= 3).
+WAVE2 = (
+    Method("upgrad", "UPGrad", surgery="upgrad"),
+    Method("dualproj", "DualProj", surgery="dualproj"),
+    Method("cagrad", "CAGrad (c=0.4)", surgery="cagrad"),
+    Method("imtl_g", "IMTL-G", surgery="imtl_g"),
+    Method("imtl", "IMTL (IMTL-L + IMTL-G)", surgery="imtl_g", weighting="imtl_l"),
+    Method("aligned_mtl", "Aligned-MTL", surgery="aligned_mtl"),
+    Method("config", "ConFIG", surgery="config"),
+    Method("nash_mtl", "Nash-MTL", surgery="nash_mtl"),
+    Method("fairgrad", "FairGrad", surgery="fairgrad"),
+    Method("graddrop", "GradDrop", surgery="graddrop"),
+    Method("excess_mtl", "ExcessMTL", surgery="excess_mtl"),
+    Method("db_mtl", "DB-MTL", surgery="db_mtl"),
+    Method("moco", "MoCo", surgery="moco"),
+    Method("famo", "FAMO", weighting="famo"),
+    Method("gls", "GLS", weighting="gls"),
+    Method("imtl_l", "IMTL-L", weighting="imtl_l"),
+    Method("stch", "STCH (1 warm-up epoch)", weighting="stch", extra=_stch),
+)
+ALL_METHODS = ALL_METHODS + WAVE2
 METHODS: Dict[str, Method] = {m.name: m for m in ALL_METHODS}
 DEFAULT_METHODS = tuple(m.name for m in ALL_METHODS[:15])
 FULL_METHODS = tuple(METHODS)

@@ -283,6 +283,7 @@ IMPLS: Dict[str, Impl] = {
         Impl("ours-pcgrad-batched", _ours("pcgrad", "batched"), check_ours, CNN),
         Impl("ours-pcgrad-looped", _ours("pcgrad", "looped"), check_ours, CNN),
         Impl("ours-gradvac", _ours("gradvac"), check_ours),
+        Impl("ours-upgrad", _ours("upgrad"), check_ours),
         Impl("ours-pcgrad-representation", _ours("pcgrad", representation=True), check_ours, CNN),
         Impl("ours-pcgrad-lean", _ours("pcgrad", "lean"), check_lean),
         Impl("ours-sum", _ours(None), check_ours, kinds=()),

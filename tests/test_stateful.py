@@ -29,6 +29,7 @@ Profiles (``tests/conftest.py``): ``ci`` (derandomised) runs it in about a minut
 
 from __future__ import annotations
 
+import atexit
 import copy
 import functools
 import json
@@ -269,6 +270,19 @@ def _largest(reference: List[List[Optional[Tensor]]]) -> float:
 #: example's checks; used to count how many examples each cause needs.
 OBSERVE = os.environ.get("STATEFUL_OBSERVE")
 _EXAMPLES = [0]
+#: ``STATEFUL_SUMMARY=path``: write the counts of a run (examples, calls by outcome, faults
+#: injected) as JSON when the process exits, for reporting a long ``thorough`` run.
+SUMMARY = os.environ.get("STATEFUL_SUMMARY")
+_COUNTS: Dict[str, int] = {"examples": 0, "taken": 0, "skipped": 0, "refused": 0, "faults": 0}
+
+
+def _write_summary() -> None:
+    if SUMMARY:
+        with open(SUMMARY, "w") as out:
+            json.dump(dict(_COUNTS, examples=_EXAMPLES[0]), out)
+
+
+atexit.register(_write_summary)
 
 
 class _Stop(Exception):
@@ -341,6 +355,7 @@ class FaultMachine(RuleBasedStateMachine):
     @guarded
     def step_with_fault(self, fault: str, task: int, scale: float) -> None:
         assert self.cfg is not None
+        _COUNTS["faults"] += 1
         self._step(fault, task % self.cfg.num_tasks, scale)
 
     @rule(absent=st.sets(st.integers(0, 3), min_size=1, max_size=3))
@@ -364,6 +379,7 @@ class FaultMachine(RuleBasedStateMachine):
     )
     @guarded
     def accumulate(self, micro: int, faulty: int, fault: str, scale: float) -> None:
+        _COUNTS["faults"] += faulty >= 0
         self._accumulate(micro, faulty, fault, scale)
 
     @rule()
@@ -524,6 +540,7 @@ class FaultMachine(RuleBasedStateMachine):
                     "refused_trace",
                     f"a refused call ({error}) changed the parameters",
                 )
+                _COUNTS["refused"] += 1
                 return Outcome("refused", error)
             except Exception as error:  # noqa: BLE001 - anything else is a bug, recorded by tag
                 self._expect(False, "crash", f"{type(error).__name__}: {error}")
@@ -559,12 +576,14 @@ class FaultMachine(RuleBasedStateMachine):
                 f"an ordinary step (finite losses {stats.get('losses')}, gradients at most "
                 f"{_largest(reference):.3g}) was skipped: {stats}",
             )
+            _COUNTS["skipped"] += 1
             return Outcome("skipped", ordinary=bool(ordinary))
         self._expect(_finite(stats), "stats_nonfinite", f"last_stats is not finite: {stats}")
         if absent:
             self._check_absent_untouched(run, params_before, absent)
         if not rep and self.cfg is not None and self.cfg.precondition is None:
             self._check_grad_identity(run, reference, absent)
+        _COUNTS["taken"] += 1
         return Outcome("taken", ordinary=bool(ordinary), reference=reference, representation=rep)
 
     def _check_absent_untouched(self, run: Run, before: List[Tensor], absent: Tuple[int, ...]) -> None:
