@@ -24,6 +24,9 @@ with respect to a feature tensor instead (see :func:`feature_gradients`).
 
 from __future__ import annotations
 
+import math
+import time
+import warnings
 from typing import Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
@@ -32,21 +35,51 @@ from torch.autograd.graph import GradientEdge
 
 from .gradients import LinearFactor, TaskGradients
 from .graph import LossGraph, Node, popcount
+from .native import trunk_backward
 
-MODES = ("lean", "frontier", "batched", "looped")
+MODES = ("lean", "frontier", "native", "batched", "looped")
+#: Unmeasured order: the first path that works is kept (vmap limitations fall through).
+FALLBACK = ("frontier", "batched", "looped")
+#: ``auto`` measures only when a step is big enough for the choice to matter: K times
+#: the elements of every activation gradient in the shared graph (from the graph's
+#: metadata, so the decision itself is deterministic). Below it the first path of
+#: :data:`FALLBACK` that works is used, as without measuring.
+MEASURE_ABOVE = 1 << 22
+#: Steps over which ``auto`` measures (each path's best time counts); paths slower than
+#: ``PRUNE`` times the fastest in a trial are not run again.
+TRIALS = 2
+PRUNE = 2.0
+#: Relative disagreement (to the largest Gram entry) above which a measured path is
+#: dropped: every path is exact, so only a path that cannot see something the engine
+#: does (a tensor hook on an intermediate, for the native walk) can differ.
+AGREEMENT = 1e-3
+Signature = Tuple[object, ...]
 
 
 class GradientEngine:
-    """Computes :class:`TaskGradients`, falling back ``frontier -> batched -> looped``.
+    """Computes :class:`TaskGradients` by one of several exact paths, measured or fixed.
 
-    The path that first works is used for the rest of the step (``mode``) but becomes
-    the remembered choice only when the optimizer commits a step (:meth:`commit`), so a
-    skipped or refused first step leaves no trace; :meth:`forget` drops it.
+    With ``mode="auto"`` the first steps on a model (for each *signature*: number of
+    losses, which shared parameters each reaches, and the shapes in the shared graph)
+    time every applicable path on the real step, the graph kept between them
+    (``retain_graph``), and keep the fastest -- as ``torch.backends.cudnn.benchmark``
+    does for convolution algorithms. The gradients used on a measuring step come from
+    one path only, the first of :data:`MODES` that works, so a measuring step does not
+    depend on the timings. Every path is exact, but their summation orders differ: the
+    chosen path can change the float rounding of results, so runs that must be bitwise
+    reproducible (across machines or loads) should set an explicit ``gradient_mode``.
+    Small steps (:data:`MEASURE_ABOVE`) are not measured: the first of ``frontier ->
+    batched -> looped`` that works is used.
+
+    A choice (and the timings behind it) is remembered only when the optimizer commits
+    the step (:meth:`commit`): a skipped or refused step leaves no trace (:meth:`forget`).
+    The checkpoint stores the current choice (``gradient_mode``); a restored engine uses
+    it for the next signature it sees instead of measuring.
 
     Args:
-        mode: ``"auto"`` (try the fastest path and remember the first one that works)
-            or one of ``"lean"``, ``"frontier"``, ``"batched"``, ``"looped"``.
-        factored: whether the ``lean`` path may be used at all (not with per-task
+        mode: ``"auto"`` or one of ``"lean"``, ``"frontier"``, ``"native"``, ``"batched"``,
+            ``"looped"`` (see the module docstring).
+        factored: whether linear layers may stay factored (not with per-task
             preconditioning or an aggregator that needs the Jacobian's rows).
     """
 
@@ -60,23 +93,58 @@ class GradientEngine:
             )
         self.requested = mode
         self.factored = factored
+        #: the path of the step computed last (None before any, or after a skipped first step)
         self.mode: Optional[str] = None if mode == "auto" else mode
-        self.confirmed = mode != "auto"
+        #: ms per path measured on the step computed last (empty when it was not measured)
+        self.timings: Dict[str, float] = {}
+        self._remembered: Optional[str] = None if mode == "auto" else mode
+        self._choices: Dict[Signature, str] = {}
+        self._history: Dict[Signature, Dict[str, List[float]]] = {}
+        self._pending: Optional[Tuple[Signature, Optional[Dict[str, float]], str]] = None
+        self._restored: Optional[str] = None
+
+    @property
+    def confirmed(self) -> bool:
+        """Whether ``mode`` is a committed choice (what the checkpoint records)."""
+        return self.mode is not None and self.mode == self._remembered
+
+    def remembered(self) -> Optional[str]:
+        """The choice a checkpoint records: the last committed one (None before any)."""
+        return self._remembered
 
     def commit(self) -> None:
-        """The step that used ``mode`` was taken: keep it."""
-        if self.mode is not None:
-            self.confirmed = True
+        """The step was taken: keep what it measured or chose."""
+        if self._pending is None:
+            return
+        signature, times, mode = self._pending
+        self._pending = None
+        if times is None:  # a remembered, restored or unmeasured choice
+            self._choices[signature] = mode
+            self._remembered = mode
+            self._restored = None
+            return
+        history = self._history.setdefault(signature, {})
+        for path, ms in times.items():
+            history.setdefault(path, []).append(ms)
+        if max(len(v) for v in history.values()) >= TRIALS:
+            best = _best(history)
+            self._choices[signature] = best
+            self._remembered = self.mode = best
+            self._restored = None
+            del self._history[signature]
 
     def forget(self) -> None:
-        """The step was skipped or refused: an unconfirmed choice is dropped."""
-        if not self.confirmed:
-            self.mode = None
+        """The step was skipped or refused: what it measured or chose is dropped."""
+        self._pending = None
+        if self.requested == "auto":
+            self.mode = self._remembered
 
     def restore(self, mode: Optional[str]) -> None:
-        """Set a remembered choice (from a checkpoint)."""
-        if mode is not None:
-            self.mode, self.confirmed = mode, True
+        """Set a remembered choice (from a checkpoint): used for the next signature instead of measuring."""
+        if mode is not None and self.requested == "auto":
+            self._choices.clear()
+            self._history.clear()
+            self._restored = self._remembered = self.mode = mode
 
     def compute(
         self,
@@ -85,22 +153,91 @@ class GradientEngine:
         shared: Sequence[Tensor],
         tasks: Sequence[Sequence[Tensor]],
     ) -> TaskGradients:
-        candidates = [self.mode] if self.mode is not None else [m for m in MODES if m != "lean"]
+        if self.requested != "auto":
+            assert self.mode is not None
+            return self._run(self.mode, losses, graph, shared, tasks, keep=False)
+        signature, work = _signature(losses, graph, shared)
+        chosen = self._choices.get(signature) or self._restored
+        self.timings = {}
+        if chosen is not None:
+            self.mode = chosen
+            self._pending = (signature, None, chosen)
+            return self._run(chosen, losses, graph, shared, tasks, keep=False)
+        if work < MEASURE_ABOVE:
+            result, mode = self._first(FALLBACK, losses, graph, shared, tasks)
+            self.mode = mode
+            self._pending = (signature, None, mode)
+            return result
+        return self._measure(signature, losses, graph, shared, tasks)
+
+    def _first(
+        self,
+        candidates: Sequence[str],
+        losses: Sequence[Tensor],
+        graph: LossGraph,
+        shared: Sequence[Tensor],
+        tasks: Sequence[Sequence[Tensor]],
+    ) -> Tuple[TaskGradients, str]:
+        """The first candidate that works (the graph is kept until one has)."""
         last_error: Optional[Exception] = None
         for mode in candidates:
-            assert mode is not None
-            # Until a path has worked once, keep the graph so a fallback can still run.
-            keep = self.mode is None
             try:
-                result = self._run(mode, losses, graph, shared, tasks, keep)
+                return self._run(mode, losses, graph, shared, tasks, keep=True), mode
             except RuntimeError as error:  # vmap / custom Function limitations
-                if self.mode is not None:
-                    raise
                 last_error = error
-                continue
-            self.mode = mode
-            return result
         raise RuntimeError("no gradient path succeeded") from last_error
+
+    def _candidates(self, signature: Signature) -> List[str]:
+        paths = [m for m in MODES if self.factored or m != "lean"]
+        history = self._history.get(signature)
+        if not history:
+            return paths
+        best = min(min(v) for v in history.values())
+        kept = [m for m in paths if m in history and min(history[m]) <= PRUNE * best]
+        return kept[::-1]  # the other order than last time: first-run costs fall on others
+
+    def _measure(
+        self,
+        signature: Signature,
+        losses: Sequence[Tensor],
+        graph: LossGraph,
+        shared: Sequence[Tensor],
+        tasks: Sequence[Sequence[Tensor]],
+    ) -> TaskGradients:
+        """Run every candidate path on this step, timed; use the first (in :data:`MODES`) that works."""
+        candidates = self._candidates(signature)
+        used: Optional[Tuple[str, TaskGradients]] = None
+        reference: Optional[Tensor] = None
+        times: Dict[str, float] = {}
+        last_error: Optional[Exception] = None
+        for mode in candidates:
+            start = time.perf_counter()
+            try:
+                result = self._run(mode, losses, graph, shared, tasks, keep=True)
+            except RuntimeError as error:
+                last_error = error
+                times[mode] = math.inf
+                continue
+            times[mode] = (time.perf_counter() - start) * 1e3
+            gram = result.grams([list(range(len(shared)))], len(losses))[0]
+            if reference is None:
+                reference = gram
+            elif not _agrees(gram, reference):
+                warnings.warn(
+                    f"gradient_mode='auto': the {mode!r} path disagrees with the others on this model "
+                    "(a tensor hook inside the shared graph?); it is not used",
+                    stacklevel=2,
+                )
+                times[mode] = math.inf
+                continue
+            if used is None or MODES.index(mode) < MODES.index(used[0]):
+                used = (mode, result)
+        if used is None:
+            raise RuntimeError("no gradient path succeeded") from last_error
+        self.mode = used[0]
+        self.timings = dict(times)
+        self._pending = (signature, times, used[0])
+        return used[1]
 
     def _run(
         self,
@@ -111,11 +248,45 @@ class GradientEngine:
         tasks: Sequence[Sequence[Tensor]],
         keep: bool,
     ) -> TaskGradients:
-        if mode in ("lean", "frontier"):
-            # lean factors every shared linear layer; frontier only where cheaper
+        if mode in ("lean", "frontier", "native"):
+            # lean factors every shared linear layer; frontier and native only where cheaper
             policy = "always" if mode == "lean" else ("cheaper" if self.factored else "never")
-            return _frontier(losses, graph, shared, tasks, keep, policy)
+            return _frontier(losses, graph, shared, tasks, keep, policy, native=mode == "native")
         return _PATHS[mode](losses, graph, shared, tasks, keep)
+
+
+def _best(history: Dict[str, List[float]]) -> str:
+    """The fastest path (best of its trials); ties go to the earlier one in :data:`MODES`."""
+    return min(history, key=lambda m: (min(history[m]), MODES.index(m)))
+
+
+def _agrees(gram: Tensor, reference: Tensor) -> bool:
+    scale = float(reference.abs().max())
+    if not math.isfinite(scale) or not bool(torch.isfinite(gram).all()):
+        return True  # a non-finite step is skipped anyway; nothing to compare
+    return float((gram - reference).abs().max()) <= AGREEMENT * scale
+
+
+def _signature(losses: Sequence[Tensor], graph: LossGraph, shared: Sequence[Tensor]) -> Tuple[Signature, int]:
+    """What a measured choice holds for, and the step's size (K x shared activation elements).
+
+    The number of losses, which shared parameters each loss reaches, and the type and
+    gradient shapes of every node of the shared graph (a new batch size, image size or
+    sequence length is a new signature).
+    """
+    k = len(losses)
+    shapes: List[object] = []
+    work = 0
+    for node in graph.order:
+        if popcount(graph.mask[node]) < 2:
+            continue
+        metadata = getattr(node, "_input_metadata", ())
+        sizes = tuple(tuple(int(s) for s in m.shape) for m in metadata)
+        for size in sizes:
+            work += math.prod(size)
+        shapes.append((type(node).__name__, sizes))
+    masks = tuple(graph.reached_by(p) for p in shared)
+    return (k, masks, tuple(shapes)), work * k
 
 
 def _empty(shared: Sequence[Tensor], tasks: Sequence[Sequence[Tensor]]) -> TaskGradients:
@@ -189,6 +360,7 @@ def _frontier(
     tasks: Sequence[Sequence[Tensor]],
     keep: bool,
     factor: str = "never",
+    native: bool = False,
 ) -> TaskGradients:
     k = len(losses)
     out = _empty(shared, tasks)
@@ -216,7 +388,11 @@ def _frontier(
         for edge, parts in captured.items():
             total = parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)
             seeds.setdefault(edge, [None] * k)[i] = total
-    held = _trunk_backward(seeds, graph, shared, shared_index, out, keep, factor, k)
+    if native:
+        linear = _linear_nodes(graph, shared_index, k, factor) if factor != "never" else []
+        held = trunk_backward(seeds, graph, shared, shared_index, useful, linear, out, k)
+    else:
+        held = _trunk_backward(seeds, graph, shared, shared_index, out, keep, factor, k)
     for n, p in enumerate(shared):
         if out.shared[n] is None and graph.reached_by(p) and n not in held:
             out.shared[n] = torch.zeros((k, *p.shape), dtype=p.dtype, device=p.device)

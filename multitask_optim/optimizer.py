@@ -622,7 +622,7 @@ class MultiTaskOptimizer(Optimizer):
             "generator": self._generator.get_state(),
             "states": {key: dict(state) for key, state in self._states.items()},
             "weighting_params": [p.detach().clone() for p in self._weighting_params()],
-            "gradient_mode": self.engine.mode if self.engine.confirmed else None,
+            "gradient_mode": self.engine.remembered(),
         }
         return out
 
