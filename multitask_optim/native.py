@@ -40,7 +40,7 @@ from .gradients import LinearFactor, TaskGradients
 from .graph import LossGraph, Node
 
 #: Per-task activation gradients alive at once (bytes); tasks are processed in chunks.
-CHUNK_BYTES = 256 * 2**20
+CHUNK_BYTES = 64 * 2**20
 
 Edge = Tuple[Node, int]
 PerTask = List[Optional[Tensor]]
@@ -149,13 +149,28 @@ def _route(
     buffers,
     useful,  # type: ignore[no-untyped-def]
 ) -> None:
-    """Send each task's gradients for ``node``'s inputs along its useful edges."""
+    """Send each task's gradients for ``node``'s inputs along its useful edges.
+
+    As the engine's ``validate_outputs``: a gradient of a broadcast input is summed to
+    the input's shape, and cast to its dtype.
+    """
     for pos, (child, nr) in enumerate(node.next_functions):
         if child is None or not useful.get(child, False):
             continue
         grads = [None if r is None else r[pos] for r in per_task_results]
+        metadata = getattr(child, "_input_metadata", None)
+        if metadata:
+            meta = metadata[nr]
+            shape = tuple(meta.shape)
+            grads = [None if g is None else _conform(g, shape, meta.dtype) for g in grads]
         if any(g is not None for g in grads):
             _add(buffers, child, nr, grads)
+
+
+def _conform(grad: Tensor, shape: Tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    if tuple(grad.shape) != shape:
+        grad = grad.sum_to_size(shape)
+    return grad if grad.dtype == dtype else grad.to(dtype)
 
 
 def _generic(node: Node, slots: List[Optional[PerTask]], buffers, useful, size: int) -> None:  # type: ignore[no-untyped-def]
