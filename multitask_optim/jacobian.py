@@ -97,6 +97,8 @@ class GradientEngine:
         self.mode: Optional[str] = None if mode == "auto" else mode
         #: ms per path measured on the step computed last (empty when it was not measured)
         self.timings: Dict[str, float] = {}
+        #: best-of-trials ms per path behind the last choice ``auto`` made (empty before one)
+        self.measurements: Dict[str, float] = {}
         self._remembered: Optional[str] = None if mode == "auto" else mode
         self._choices: Dict[Signature, str] = {}
         self._history: Dict[Signature, Dict[str, List[float]]] = {}
@@ -128,6 +130,7 @@ class GradientEngine:
             history.setdefault(path, []).append(ms)
         if max(len(v) for v in history.values()) >= TRIALS:
             best = _best(history)
+            self.measurements = {p: min(v) for p, v in history.items()}
             self._choices[signature] = best
             self._remembered = self.mode = best
             self._restored = None
