@@ -1,12 +1,12 @@
 """Per-task gradients: task parameters from their own loss, shared ones as a Jacobian.
 
-Three exact paths, chosen automatically and remembered:
+Five exact paths; ``gradient_mode="auto"`` measures them (see :class:`GradientEngine`):
 
-- ``frontier`` (default): find the edges where each task's private graph meets the
-  shared graph, backpropagate each loss through its own head once to those edges
-  (capturing only the head's own contribution with node hooks), then run one batched
-  backward (``is_grads_batched=True``) from all frontier edges through the trunk.
-  Head work is done once per task, trunk work once for all tasks (vectorised).
+- ``frontier``: find the edges where each task's private graph meets the shared graph,
+  backpropagate each loss through its own head once to those edges (capturing only the
+  head's own contribution with node hooks), then run one batched backward
+  (``is_grads_batched=True``) from all frontier edges through the trunk. Head work is
+  done once per task, trunk work once for all tasks (vectorised by vmap).
   A shared ``x @ W.T (+ b)`` (``nn.Linear``, ``F.linear``) whose weight feeds nothing
   else is kept *factored* where that is cheaper (rows ``N`` fewer than about the input
   width): the trunk backward stops at the layer's output and yields the per-task output
@@ -15,11 +15,17 @@ Three exact paths, chosen automatically and remembered:
   ``(sum_i c_i delta_i)^T X``, so no K x P weight-gradient buffer is built. Exact, but it
   needs no element-wise per-task access, so not with per-task preconditioning.
 - ``lean``: the frontier path with *every* such linear layer factored (least memory).
+- ``native``: the frontier's head pass, then the shared graph walked node by node with
+  each node's own backward kernel per task (:mod:`.native`): convolutions and pooling
+  without vmap (whose convolution and max-pool rules fall back to a per-sample loop
+  and a ``cat``), factored linear layers in one product, ReLU + max-pool fused, tasks
+  in chunks of bounded memory.
 - ``batched``: one batched backward over the stacked losses (K x head work).
 - ``looped``: K ordinary backward passes (works wherever autograd works).
 
-All paths give the same Jacobian. Representation mode differentiates the losses
-with respect to a feature tensor instead (see :func:`feature_gradients`).
+All paths give the same Jacobian up to float rounding (their summation orders differ).
+Representation mode differentiates the losses with respect to a feature tensor instead
+(see :func:`feature_gradients`).
 """
 
 from __future__ import annotations
