@@ -41,7 +41,7 @@ from torch.autograd.graph import GradientEdge
 
 from .gradients import LinearFactor, TaskGradients
 from .graph import LossGraph, Node, popcount
-from .native import trunk_backward
+from .native import chunks, trunk_backward
 
 MODES = ("lean", "frontier", "native", "batched", "looped")
 #: Unmeasured order: the first path that works is kept (vmap limitations fall through).
@@ -59,6 +59,10 @@ PRUNE = 2.0
 #: dropped: every path is exact, so only a path that cannot see something the engine
 #: does (a tensor hook on an intermediate, for the native walk) can differ.
 AGREEMENT = 1e-3
+#: ``auto`` does not measure the paths that build every task's full gradient buffer
+#: (``batched``, ``looped``: K x P elements) when that buffer would exceed this many
+#: bytes and a factored path exists: they would set the run's peak memory.
+JACOBIAN_BUDGET = 256 * 2**20
 Signature = Tuple[object, ...]
 
 
@@ -196,8 +200,10 @@ class GradientEngine:
                 last_error = error
         raise RuntimeError("no gradient path succeeded") from last_error
 
-    def _candidates(self, signature: Signature) -> List[str]:
+    def _candidates(self, signature: Signature, rows_bytes: int) -> List[str]:
         paths = [m for m in MODES if self.factored or m != "lean"]
+        if self.factored and rows_bytes > JACOBIAN_BUDGET:
+            paths = [m for m in paths if m not in ("batched", "looped")]
         history = self._history.get(signature)
         if not history:
             return paths
@@ -214,7 +220,9 @@ class GradientEngine:
         tasks: Sequence[Sequence[Tensor]],
     ) -> TaskGradients:
         """Run every candidate path on this step, timed; use the first (in :data:`MODES`) that works."""
-        candidates = self._candidates(signature)
+        k = len(losses)
+        rows_bytes = sum(k * p.numel() * p.element_size() for p in shared if graph.reached_by(p))
+        candidates = self._candidates(signature, rows_bytes)
         used: Optional[Tuple[str, TaskGradients]] = None
         reference: Optional[Tensor] = None
         times: Dict[str, float] = {}
@@ -444,9 +452,7 @@ def _trunk_backward(
         return held
     inputs: List[Union[Tensor, GradientEdge]] = [GradientEdge(node[0], 0) for node in linear]
     inputs += trunk
-    grads = torch.autograd.grad(
-        outputs, inputs, grad_outputs, retain_graph=keep, allow_unused=True, is_grads_batched=True
-    )
+    grads = _batched_grad(outputs, inputs, grad_outputs, keep, task_chunks(graph, k))
     for (_node, w, b, x), delta in zip(linear, grads[: len(linear)]):
         if delta is None:
             delta = torch.zeros((k, x.shape[0], shared[w].shape[0]), dtype=x.dtype, device=x.device)
@@ -458,6 +464,56 @@ def _trunk_backward(
         prev = out.shared[n]
         out.shared[n] = g if prev is None else prev + g
     return held
+
+
+def task_chunks(graph: LossGraph, k: int) -> List[Tuple[int, int]]:
+    """Task ranges whose batched backward holds at most :data:`.native.CHUNK_BYTES` per activation."""
+    return chunks([n for n in graph.order if popcount(graph.mask[n]) >= 2], k)
+
+
+def _batched_grad(
+    outputs: Sequence[Union[Tensor, GradientEdge]],
+    inputs: Sequence[Union[Tensor, GradientEdge]],
+    grad_outputs: Sequence[Tensor],
+    keep: bool,
+    ranges: Sequence[Tuple[int, int]],
+) -> Tuple[Optional[Tensor], ...]:
+    """``autograd.grad(..., is_grads_batched=True)`` over the tasks in ``ranges``, concatenated.
+
+    vmap holds every task's copy of each activation gradient at once: chunking the
+    tasks bounds that memory as K grows (one chunk when it fits).
+    """
+    parts: List[Tuple[Optional[Tensor], ...]] = []
+    for a, b in ranges:
+        retain = keep or b < ranges[-1][1]
+        parts.append(
+            torch.autograd.grad(
+                outputs,
+                inputs,
+                [g[a:b] for g in grad_outputs],
+                retain_graph=retain,
+                allow_unused=True,
+                is_grads_batched=True,
+            )
+        )
+    if len(parts) == 1:
+        return parts[0]
+    out: List[Optional[Tensor]] = []
+    for n in range(len(inputs)):
+        got = [p[n] for p in parts]
+        if all(g is None for g in got):
+            out.append(None)
+            continue
+        like = next(g for g in got if g is not None)
+        out.append(
+            torch.cat(
+                [
+                    g if g is not None else like.new_zeros((b - a, *like.shape[1:]))
+                    for g, (a, b) in zip(got, ranges)
+                ]
+            )
+        )
+    return tuple(out)
 
 
 def _linear_nodes(
@@ -551,9 +607,7 @@ def _batched(
         return out
     stacked = torch.stack([loss.reshape(()) for loss in losses])
     eye = torch.eye(k, dtype=stacked.dtype, device=stacked.device)
-    grads = torch.autograd.grad(
-        stacked, inputs, eye, retain_graph=keep, allow_unused=True, is_grads_batched=True
-    )
+    grads = _batched_grad([stacked], inputs, [eye], keep, task_chunks(graph, k))
     index = {id(p): n for n, p in enumerate(shared)}
     for p, g in zip(shared_in, grads):
         out.shared[index[id(p)]] = (

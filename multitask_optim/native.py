@@ -79,7 +79,7 @@ def trunk_backward(
     fused = _fusable_pools(order, graph, useful)
     masks: Dict[Node, Tensor] = {}  # per fused pool, computed once for every chunk
     with torch.no_grad():
-        for start, stop in _chunks(order, k):
+        for start, stop in chunks(order, k):
             buffers: Dict[Node, List[Optional[PerTask]]] = {}
             for (node, nr), per_task in seeds.items():
                 part = per_task[start:stop]
@@ -114,7 +114,7 @@ def trunk_backward(
     return held
 
 
-def _chunks(order: Sequence[Node], k: int) -> List[Tuple[int, int]]:
+def chunks(order: Sequence[Node], k: int) -> List[Tuple[int, int]]:
     """Balanced task chunks holding at most ``CHUNK_BYTES`` of the largest activation gradient each."""
     largest = 1
     for node in order:

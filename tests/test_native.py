@@ -183,6 +183,24 @@ def test_chunked_tasks_equal_one_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
     assert_same(chunked, whole, 1e-12)
 
 
+@pytest.mark.parametrize("mode", ["frontier", "batched"])
+def test_vmapped_paths_in_task_chunks_equal_one_chunk(monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
+    model, x = make("conv2d")
+    whole, _ = gradients(model, x, mode)
+    monkeypatch.setattr(native, "CHUNK_BYTES", 1)
+    assert len(jacobian.task_chunks(analyse(model.losses(x)), 3)) == 3
+    chunked, _ = gradients(model, x, mode)
+    assert_same(chunked, whole, 1e-12)
+
+
+def test_auto_does_not_measure_full_buffers_above_the_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(jacobian, "MEASURE_ABOVE", 0)
+    monkeypatch.setattr(jacobian, "JACOBIAN_BUDGET", 0)
+    model, x = make("conv2d")
+    opt = train(model, x, "auto", steps=1)
+    assert set(opt.last_stats["gradient_timings_ms"]) == {"lean", "frontier", "native"}
+
+
 def train(model: ConvNet, x: Tensor, mode: str, steps: int = 3, **kw) -> MultiTaskOptimizer:  # type: ignore[no-untyped-def]
     opt = MultiTaskOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), gradient_mode=mode, seed=1, **kw)
     for _ in range(steps):
