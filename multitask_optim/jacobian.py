@@ -219,15 +219,22 @@ class GradientEngine:
         shared: Sequence[Tensor],
         tasks: Sequence[Sequence[Tensor]],
     ) -> TaskGradients:
-        """Run every candidate path on this step, timed; use the first (in :data:`MODES`) that works."""
+        """Run every candidate path on this step, timed; use the first (in :data:`MODES`) that works.
+
+        That path runs last, so only its result is alive when the step goes on (the
+        others are dropped as soon as their Gram is taken): measuring costs time, not
+        twice the memory.
+        """
         k = len(losses)
         rows_bytes = sum(k * p.numel() * p.element_size() for p in shared if graph.reached_by(p))
         candidates = self._candidates(signature, rows_bytes)
-        used: Optional[Tuple[str, TaskGradients]] = None
-        reference: Optional[Tensor] = None
+        preferred = min(candidates, key=MODES.index)
+        order = [m for m in candidates if m != preferred] + [preferred]
+        grams: Dict[str, Tensor] = {}
         times: Dict[str, float] = {}
+        last: Optional[TaskGradients] = None
         last_error: Optional[Exception] = None
-        for mode in candidates:
+        for mode in order:
             start = time.perf_counter()
             try:
                 result = self._run(mode, losses, graph, shared, tasks, keep=True)
@@ -236,25 +243,30 @@ class GradientEngine:
                 times[mode] = math.inf
                 continue
             times[mode] = (time.perf_counter() - start) * 1e3
-            gram = result.grams([list(range(len(shared)))], len(losses))[0]
-            if reference is None:
-                reference = gram
-            elif not _agrees(gram, reference):
+            grams[mode] = result.grams([list(range(len(shared)))], k)[0]
+            last = result if mode == preferred else None
+            del result
+        # the engine's own paths are the reference; the native walk cannot see tensor hooks
+        engine_paths = [m for m in sorted(grams, key=MODES.index) if m != "native"]
+        reference = grams[engine_paths[0]] if engine_paths else next(iter(grams.values()), None)
+        for mode, gram in grams.items():
+            if reference is not None and not _agrees(gram, reference):
                 warnings.warn(
                     f"gradient_mode='auto': the {mode!r} path disagrees with the others on this model "
                     "(a tensor hook inside the shared graph?); it is not used",
-                    stacklevel=2,
+                    stacklevel=3,
                 )
                 times[mode] = math.inf
-                continue
-            if used is None or MODES.index(mode) < MODES.index(used[0]):
-                used = (mode, result)
-        if used is None:
+        working = sorted((m for m, t in times.items() if math.isfinite(t)), key=MODES.index)
+        if not working:
             raise RuntimeError("no gradient path succeeded") from last_error
-        self.mode = used[0]
+        used = working[0]
+        if used != preferred or last is None:  # the preferred path failed or disagreed: run the next one
+            last = self._run(used, losses, graph, shared, tasks, keep=True)
+        self.mode = used
         self.timings = dict(times)
-        self._pending = (signature, times, used[0])
-        return used[1]
+        self._pending = (signature, times, used)
+        return last
 
     def _run(
         self,
