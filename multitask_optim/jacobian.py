@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 from torch.autograd.graph import GradientEdge
 
+from . import native
 from .gradients import LinearFactor, TaskGradients
 from .graph import LossGraph, Node, popcount
 from .native import chunks, trunk_backward
@@ -479,8 +480,8 @@ def _trunk_backward(
 
 
 def task_chunks(graph: LossGraph, k: int) -> List[Tuple[int, int]]:
-    """Task ranges whose batched backward holds at most :data:`.native.CHUNK_BYTES` per activation."""
-    return chunks([n for n in graph.order if popcount(graph.mask[n]) >= 2], k)
+    """Task ranges whose batched backward holds at most :data:`.native.VMAP_CHUNK_BYTES` per activation."""
+    return chunks([n for n in graph.order if popcount(graph.mask[n]) >= 2], k, native.VMAP_CHUNK_BYTES)
 
 
 def _batched_grad(
@@ -495,36 +496,27 @@ def _batched_grad(
     vmap holds every task's copy of each activation gradient at once: chunking the
     tasks bounds that memory as K grows (one chunk when it fits).
     """
-    parts: List[Tuple[Optional[Tensor], ...]] = []
+    k = ranges[-1][1]
+    out: List[Optional[Tensor]] = [None] * len(inputs)
     for a, b in ranges:
-        retain = keep or b < ranges[-1][1]
-        parts.append(
-            torch.autograd.grad(
-                outputs,
-                inputs,
-                [g[a:b] for g in grad_outputs],
-                retain_graph=retain,
-                allow_unused=True,
-                is_grads_batched=True,
-            )
+        retain = keep or b < k
+        got = torch.autograd.grad(
+            outputs,
+            inputs,
+            [g[a:b] for g in grad_outputs],
+            retain_graph=retain,
+            allow_unused=True,
+            is_grads_batched=True,
         )
-    if len(parts) == 1:
-        return parts[0]
-    out: List[Optional[Tensor]] = []
-    for n in range(len(inputs)):
-        got = [p[n] for p in parts]
-        if all(g is None for g in got):
-            out.append(None)
-            continue
-        like = next(g for g in got if g is not None)
-        out.append(
-            torch.cat(
-                [
-                    g if g is not None else like.new_zeros((b - a, *like.shape[1:]))
-                    for g, (a, b) in zip(got, ranges)
-                ]
-            )
-        )
+        if len(ranges) == 1:
+            return got
+        for n, g in enumerate(got):  # written into one buffer: no second copy of the results
+            if g is None:
+                continue
+            if out[n] is None:
+                out[n] = g.new_zeros((k, *g.shape[1:]))
+            out[n][a:b] = g  # type: ignore[index]
+        del got
     return tuple(out)
 
 

@@ -187,7 +187,7 @@ def test_chunked_tasks_equal_one_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_vmapped_paths_in_task_chunks_equal_one_chunk(monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
     model, x = make("conv2d")
     whole, _ = gradients(model, x, mode)
-    monkeypatch.setattr(native, "CHUNK_BYTES", 1)
+    monkeypatch.setattr(native, "VMAP_CHUNK_BYTES", 1)
     assert len(jacobian.task_chunks(analyse(model.losses(x)), 3)) == 3
     chunked, _ = gradients(model, x, mode)
     assert_same(chunked, whole, 1e-12)
