@@ -452,18 +452,30 @@ def scaling_workloads(args: argparse.Namespace) -> Dict[str, Tuple[WorkloadConfi
 
 
 def _scaling_trunk(
-    args: argparse.Namespace, cfg: WorkloadConfig, ks: Sequence[int], names: Sequence[str], rng: random.Random
+    args: argparse.Namespace,
+    cfg: WorkloadConfig,
+    ks: Sequence[int],
+    names: Sequence[str],
+    rng: random.Random,
+    save: Callable[[Dict[str, Any]], None],
 ) -> Dict[str, Any]:
+    """Time (and memory, and aggregation-only time) at every K; ``save(section)`` after each K."""
     available = availability(names)
     skipped = {n: why for n, why in available.items() if why is not None}
     runnable = [n for n in names if available[n] is None]
     rounds = args.reps or (2 if args.quick else 5)
-    section: Dict[str, Any] = {"config": cfg.to_dict(), "ks": list(ks), "results": {n: {} for n in names}}
+    # gradient_mode="auto" measures over its first TRIALS steps: warm-up covers them
+    warmup = max(args.warmup, 2)
+    section: Dict[str, Any] = {"config": cfg.to_dict(), "ks": [], "results": {n: {} for n in names}}
     section["title"] = f"{cfg.kind}, batch {cfg.batch}"
-    section["modes"], section["rounds"] = {}, {}
+    section["modes"], section["rounds"], section["aggregation_us"] = {}, {}, {"pcgrad": {}, "gradvac": {}}
+    mem_names = [n for n in (args.memory_impls or runnable) if n in runnable]
     for k in ks:
         t0 = time.perf_counter()
-        res = time_steps(runnable, cfg, k, rounds, args.warmup, rng)
+        _, agg = _probe_conflict(cfg, k, args.agg_calls)
+        for label, us in agg.items():
+            section["aggregation_us"][label][str(k)] = us
+        res = time_steps(runnable, cfg, k, rounds, warmup, rng)
         section["rounds"][str(k)] = res.rounds
         for n, cell in k_cells(res, names, skipped).items():
             section["results"][n][str(k)] = cell
@@ -471,11 +483,58 @@ def _scaling_trunk(
             if mode:
                 detail = f" ({res.paths[n]})" if res.paths.get(n) else ""
                 section["modes"].setdefault(n, {})[str(k)] = mode + detail
+        section["ks"].append(k)
         print(f"  {cfg.kind} K={k}: {res.rounds} rounds in {time.perf_counter() - t0:.0f}s", flush=True)
-    if not args.no_memory:
-        mem_names = [n for n in (args.memory_impls or runnable) if n in runnable]
-        section["memory_mb"] = run_memory(mem_names, ks, cfg, args.memory_timeout, args.threads)
+        for n in names:
+            cell = section["results"][n].get(str(k), {})
+            if "median_ms" in cell:
+                shown = f"median {cell['median_ms']:.0f} ms, best {cell['min_ms']:.0f} ms"
+                print(f"    {n:30s} {shown} {section['modes'].get(n, {}).get(str(k), '')}", flush=True)
+        if not args.no_memory:
+            memory = run_memory(mem_names, [k], cfg, args.memory_timeout, args.threads)
+            for n, row in memory.items():
+                section.setdefault("memory_mb", {}).setdefault(n, {}).update(row)
+        save(section)  # partial runs keep every finished K
     return section
+
+
+def ratio_rows(section: Dict[str, Any], names: Sequence[str], against: str) -> str:
+    """``impl / against`` per K: median and best-of-rounds ratios (same run, same rounds)."""
+    ks = section["ks"]
+    head = "| impl / " + against + " | " + " | ".join(f"K={k} median / best" for k in ks) + " |"
+    lines = [head, "|" + " --- |" * (len(ks) + 1)]
+    base = section["results"].get(against, {})
+    for name in names:
+        row = section["results"].get(name, {})
+        cells = []
+        for k in ks:
+            a, b = row.get(str(k), {}), base.get(str(k), {})
+            if "median_ms" in a and "median_ms" in b:
+                cells.append(f"{a['median_ms'] / b['median_ms']:.2f}x / {a['min_ms'] / b['min_ms']:.2f}x")
+            else:
+                cells.append("–")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def default_vs_fastest(section: Dict[str, Any], default: str = "ours-pcgrad") -> str:
+    """The default (auto) against the fastest explicit gradient_mode at each K (median and best)."""
+    explicit = [n for n in section["results"] if n.startswith(default + "-") and "representation" not in n]
+    cells = []
+    for k in section["ks"]:
+        own = section["results"].get(default, {}).get(str(k), {})
+        rivals = [
+            section["results"][n][str(k)]
+            for n in explicit
+            if "median_ms" in section["results"][n].get(str(k), {})
+        ]
+        if "median_ms" not in own or not rivals:
+            cells.append("–")
+            continue
+        med = own["median_ms"] / min(c["median_ms"] for c in rivals)
+        best = own["min_ms"] / min(c["min_ms"] for c in rivals)
+        cells.append(f"{med:.2f}x / {best:.2f}x")
+    return f"| {default} / fastest explicit mode | " + " | ".join(cells) + " |"
 
 
 def _scaling_text(doc: Dict[str, Any], names: Sequence[str]) -> str:
@@ -484,6 +543,8 @@ def _scaling_text(doc: Dict[str, Any], names: Sequence[str]) -> str:
     ]
     for trunk, section in doc["trunks"].items():
         ks = section["ks"]
+        if not ks:
+            continue
         text += [
             "",
             f"### {trunk}: {section['title']}, rounds per K {section['rounds']}",
@@ -495,6 +556,11 @@ def _scaling_text(doc: Dict[str, Any], names: Sequence[str]) -> str:
             "Best of rounds (ratio to floor's best)",
             "",
             markdown_table(section["results"], names, ks, "min_ms", "ratio_min"),
+            "",
+            "Ratios to TorchJD's PCGrad step (mtl_backward), median / best of rounds",
+            "",
+            ratio_rows(section, [n for n in names if n != "torchjd-pcgrad"], "torchjd-pcgrad"),
+            default_vs_fastest(section),
         ]
         if "memory_mb" in section:
             text += [
@@ -503,27 +569,38 @@ def _scaling_text(doc: Dict[str, Any], names: Sequence[str]) -> str:
                 "",
                 memory_table(section["memory_mb"], ks),
             ]
+        text += ["", aggregation_table(section["aggregation_us"], ks)]
         text += ["", "Gradient paths: " + "; ".join(f"{n} {m}" for n, m in section["modes"].items())]
     return "\n".join(text)
 
 
 def run_scaling(args: argparse.Namespace, out: Path) -> Dict[str, Any]:
-    """Step time and peak memory against K on the 3x32x32 CNN and the MLP; JSON, Markdown and a plot."""
+    """Step time and peak memory against K on the 3x32x32 CNN and the MLP; JSON, Markdown and a plot.
+
+    The JSON and Markdown are rewritten after every K (an interrupted sweep keeps what it measured).
+    """
     names = [n.strip() for n in args.impls.split(",")] if args.impls else list(SCALING_IMPLS)
     if "floor" not in names:
         names = ["floor", *names]
     rng = random.Random(args.seed)
     started = time.perf_counter()
     doc: Dict[str, Any] = {"machine": machine_info(threads=args.threads), "trunks": {}}
-    for trunk, (cfg, ks) in scaling_workloads(args).items():
-        print(f"scaling: {trunk} trunk, K in {ks}", flush=True)
-        doc["trunks"][trunk] = _scaling_trunk(args, cfg, ks, names, rng)
-    doc["wall_seconds"] = time.perf_counter() - started
     doc["inner"] = "torch.optim.Adam(lr=1e-3)"
+
+    def save(trunk: str, section: Dict[str, Any]) -> None:
+        doc["trunks"][trunk] = section
+        doc["wall_seconds"] = time.perf_counter() - started
+        _write_json(out / "speed_scaling.json", doc)
+        _write_text(out / "speed_scaling.md", _scaling_text(doc, names))
+
+    wanted = [t.strip() for t in args.trunks.split(",") if t.strip()]
+    for trunk, (cfg, ks) in scaling_workloads(args).items():
+        if not ks or trunk not in wanted:
+            continue
+        print(f"scaling: {trunk} trunk, K in {ks}", flush=True)
+        _scaling_trunk(args, cfg, ks, names, rng, lambda sec, t=trunk: save(t, sec))  # type: ignore[misc]
     text = _scaling_text(doc, names)
     print("\n" + text)
-    _write_json(out / "speed_scaling.json", doc)
-    _write_text(out / "speed_scaling.md", text)
     if not args.no_plot:
         plot_scaling(doc["trunks"], names, out / "speed_scaling.png", "full PCGrad step time against K")
     print(f"\nwrote speed_scaling.json, .md{'' if args.no_plot else ', .png'} in {out}")
@@ -567,6 +644,7 @@ def _add_mode_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--cnn-ks", type=parse_ks, default=None, help="--scaling: CNN Ks (default 8,16,40)")
     p.add_argument("--mlp-ks", type=parse_ks, default=None, help="--scaling: MLP Ks (default 40)")
+    p.add_argument("--trunks", default="cnn,mlp", help="--scaling: which trunks (default cnn,mlp)")
     p.add_argument("--no-memory", action="store_true", help="--scaling: skip the memory subprocesses")
     p.add_argument("--memory-impls", type=lambda t: [v for v in t.split(",") if v], default=None)
     p.add_argument("--memory", action="store_true", help="peak extra RSS per implementation and K")

@@ -67,6 +67,27 @@ def setup_floor(model: MultiHeadModel, inner: InnerFactory) -> StepFn:
     return step
 
 
+def setup_exact_floor(model: MultiHeadModel, inner: InnerFactory) -> StepFn:
+    """The exact per-task cost without any aggregation: one forward, then K plain backward
+    passes (native kernels, each task's trunk gradient and its head's), summed into
+    ``.grad``, and the inner step. What an exact parameter-level method cannot go below
+    without batching kernels across tasks."""
+    opt = inner(model.parameters())
+    shared = model.shared_parameters()
+    heads = model.head_parameters()
+
+    def step(batch: Batch) -> None:
+        opt.zero_grad(set_to_none=True)
+        losses = model.losses(batch)
+        for i, loss in enumerate(losses):
+            grads = torch.autograd.grad(loss, shared + heads[i], retain_graph=i < len(losses) - 1)
+            for p, g in zip(shared + heads[i], grads):
+                p.grad = g if p.grad is None else p.grad.add_(g)
+        opt.step()
+
+    return step
+
+
 def setup_textbook_pcgrad(model: MultiHeadModel, inner: InnerFactory) -> StepFn:
     return textbook_pcgrad_step(model, inner(model.parameters()), torch.Generator().manual_seed(0))
 
@@ -282,6 +303,8 @@ IMPLS: Dict[str, Impl] = {
         Impl("ours-pcgrad-frontier", _ours("pcgrad", "frontier"), check_ours),
         Impl("ours-pcgrad-batched", _ours("pcgrad", "batched"), check_ours, CNN),
         Impl("ours-pcgrad-looped", _ours("pcgrad", "looped"), check_ours, CNN),
+        Impl("ours-pcgrad-native", _ours("pcgrad", "native"), check_ours, CNN),
+        Impl("exact-floor", setup_exact_floor, kinds=()),
         Impl("ours-gradvac", _ours("gradvac"), check_ours),
         Impl("ours-upgrad", _ours("upgrad"), check_ours),
         Impl("ours-pcgrad-representation", _ours("pcgrad", representation=True), check_ours, CNN),
@@ -297,12 +320,14 @@ SCHEDULE_IMPLS = ("floor", "ours-pcgrad", "ours-pcgrad-every2", "ours-pcgrad-eve
 #: the K-scaling sweep: TorchJD both ways, the floor, ours by default, per explicit mode, and representation
 SCALING_IMPLS = (
     "floor",
+    "exact-floor",
     "torchjd-pcgrad",
     "torchjd-autogram-pcgrad",
     "ours-pcgrad",
     "ours-pcgrad-frontier",
     "ours-pcgrad-batched",
     "ours-pcgrad-looped",
+    "ours-pcgrad-native",
     "ours-pcgrad-lean",
     "ours-pcgrad-representation",
 )
@@ -316,12 +341,17 @@ def gradient_mode(step: StepFn) -> Optional[str]:
 
 
 def path_detail(step: StepFn) -> Optional[str]:
-    """Which shared tensors took the factored linear rule and which Jacobian rows."""
+    """Which shared tensors took the factored linear rule and which Jacobian rows, and
+    what ``gradient_mode="auto"`` measured (best-of-trials ms per path) when it chose."""
     opt = getattr(step, "optimizer", None)
     if opt is None or "factored_params" not in opt.last_stats:
         return None
     st = opt.last_stats
-    return f"{st['factored_params']} tensors factored, {st['jacobian_params']} via Jacobian rows"
+    text = f"{st['factored_params']} tensors factored, {st['jacobian_params']} via Jacobian rows"
+    measured = getattr(opt.engine, "measurements", None)
+    if measured:
+        text += "; auto measured " + ", ".join(f"{m} {ms:.0f} ms" for m, ms in measured.items())
+    return text
 
 
 def availability(names: Sequence[str]) -> Dict[str, Optional[str]]:

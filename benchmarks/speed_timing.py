@@ -110,6 +110,19 @@ def time_aggregation(gram: Tensor, calls: int = 300, warmup: int = 20) -> Dict[s
 
 
 def maxrss_mb() -> float:
+    """Peak resident memory of this process image (MB).
+
+    ``VmHWM`` from ``/proc/self/status`` where there is one: ``ru_maxrss`` survives
+    ``fork`` + ``exec``, so a child started by a process that had grown to gigabytes
+    reports the parent's peak as its own (every memory probe then reads 0 extra MB).
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
 

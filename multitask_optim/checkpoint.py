@@ -93,7 +93,7 @@ def entry(opt: Any) -> Dict[str, Any]:
         "generator": opt._generator.get_state(),
         "states": {key: dict(state) for key, state in opt._states.items()},
         "weighting_params": [p.detach().clone() for p in weighting_params],
-        "gradient_mode": opt.engine.mode if opt.engine.confirmed else None,
+        "gradient_mode": opt.engine.remembered(),
     }
 
 

@@ -1,12 +1,12 @@
 """Per-task gradients: task parameters from their own loss, shared ones as a Jacobian.
 
-Three exact paths, chosen automatically and remembered:
+Five exact paths; ``gradient_mode="auto"`` measures them (see :class:`GradientEngine`):
 
-- ``frontier`` (default): find the edges where each task's private graph meets the
-  shared graph, backpropagate each loss through its own head once to those edges
-  (capturing only the head's own contribution with node hooks), then run one batched
-  backward (``is_grads_batched=True``) from all frontier edges through the trunk.
-  Head work is done once per task, trunk work once for all tasks (vectorised).
+- ``frontier``: find the edges where each task's private graph meets the shared graph,
+  backpropagate each loss through its own head once to those edges (capturing only the
+  head's own contribution with node hooks), then run one batched backward
+  (``is_grads_batched=True``) from all frontier edges through the trunk. Head work is
+  done once per task, trunk work once for all tasks (vectorised by vmap).
   A shared ``x @ W.T (+ b)`` (``nn.Linear``, ``F.linear``) whose weight feeds nothing
   else is kept *factored* where that is cheaper (rows ``N`` fewer than about the input
   width): the trunk backward stops at the layer's output and yields the per-task output
@@ -15,38 +15,82 @@ Three exact paths, chosen automatically and remembered:
   ``(sum_i c_i delta_i)^T X``, so no K x P weight-gradient buffer is built. Exact, but it
   needs no element-wise per-task access, so not with per-task preconditioning.
 - ``lean``: the frontier path with *every* such linear layer factored (least memory).
+- ``native``: the frontier's head pass, then the shared graph walked node by node with
+  each node's own backward kernel per task (:mod:`.native`): convolutions and pooling
+  without vmap (whose convolution and max-pool rules fall back to a per-sample loop
+  and a ``cat``), factored linear layers in one product, ReLU + max-pool fused, tasks
+  in chunks of bounded memory.
 - ``batched``: one batched backward over the stacked losses (K x head work).
 - ``looped``: K ordinary backward passes (works wherever autograd works).
 
-All paths give the same Jacobian. Representation mode differentiates the losses
-with respect to a feature tensor instead (see :func:`feature_gradients`).
+All paths give the same Jacobian up to float rounding (their summation orders differ).
+Representation mode differentiates the losses with respect to a feature tensor instead
+(see :func:`feature_gradients`).
 """
 
 from __future__ import annotations
 
+import math
+import time
+import warnings
 from typing import Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
 from torch import Tensor
 from torch.autograd.graph import GradientEdge
 
+from . import native
 from .gradients import LinearFactor, TaskGradients
 from .graph import LossGraph, Node, popcount
+from .native import chunks, trunk_backward
 
-MODES = ("lean", "frontier", "batched", "looped")
+MODES = ("lean", "frontier", "native", "batched", "looped")
+#: Unmeasured order: the first path that works is kept (vmap limitations fall through).
+FALLBACK = ("frontier", "batched", "looped")
+#: ``auto`` measures only when a step is big enough for the choice to matter: K times
+#: the elements of every activation gradient in the shared graph (from the graph's
+#: metadata, so the decision itself is deterministic). Below it the first path of
+#: :data:`FALLBACK` that works is used, as without measuring.
+MEASURE_ABOVE = 1 << 22
+#: Steps over which ``auto`` measures (each path's best time counts); paths slower than
+#: ``PRUNE`` times the fastest in a trial are not run again.
+TRIALS = 2
+PRUNE = 2.0
+#: Relative disagreement (to the largest Gram entry) above which a measured path is
+#: dropped: every path is exact, so only a path that cannot see something the engine
+#: does (a tensor hook on an intermediate, for the native walk) can differ.
+AGREEMENT = 1e-3
+#: ``auto`` does not measure the paths that build every task's full gradient buffer
+#: (``batched``, ``looped``: K x P elements) when that buffer would exceed this many
+#: bytes and a factored path exists: they would set the run's peak memory.
+JACOBIAN_BUDGET = 256 * 2**20
+Signature = Tuple[object, ...]
 
 
 class GradientEngine:
-    """Computes :class:`TaskGradients`, falling back ``frontier -> batched -> looped``.
+    """Computes :class:`TaskGradients` by one of several exact paths, measured or fixed.
 
-    The path that first works is used for the rest of the step (``mode``) but becomes
-    the remembered choice only when the optimizer commits a step (:meth:`commit`), so a
-    skipped or refused first step leaves no trace; :meth:`forget` drops it.
+    With ``mode="auto"`` the first steps on a model (for each *signature*: number of
+    losses, which shared parameters each reaches, and the shapes in the shared graph)
+    time every applicable path on the real step, the graph kept between them
+    (``retain_graph``), and keep the fastest -- as ``torch.backends.cudnn.benchmark``
+    does for convolution algorithms. The gradients used on a measuring step come from
+    one path only, the first of :data:`MODES` that works, so a measuring step does not
+    depend on the timings. Every path is exact, but their summation orders differ: the
+    chosen path can change the float rounding of results, so runs that must be bitwise
+    reproducible (across machines or loads) should set an explicit ``gradient_mode``.
+    Small steps (:data:`MEASURE_ABOVE`) are not measured: the first of ``frontier ->
+    batched -> looped`` that works is used.
+
+    A choice (and the timings behind it) is remembered only when the optimizer commits
+    the step (:meth:`commit`): a skipped or refused step leaves no trace (:meth:`forget`).
+    The checkpoint stores the current choice (``gradient_mode``); a restored engine uses
+    it for the next signature it sees instead of measuring.
 
     Args:
-        mode: ``"auto"`` (try the fastest path and remember the first one that works)
-            or one of ``"lean"``, ``"frontier"``, ``"batched"``, ``"looped"``.
-        factored: whether the ``lean`` path may be used at all (not with per-task
+        mode: ``"auto"`` or one of ``"lean"``, ``"frontier"``, ``"native"``, ``"batched"``,
+            ``"looped"`` (see the module docstring).
+        factored: whether linear layers may stay factored (not with per-task
             preconditioning or an aggregator that needs the Jacobian's rows).
     """
 
@@ -60,23 +104,61 @@ class GradientEngine:
             )
         self.requested = mode
         self.factored = factored
+        #: the path of the step computed last (None before any, or after a skipped first step)
         self.mode: Optional[str] = None if mode == "auto" else mode
-        self.confirmed = mode != "auto"
+        #: ms per path measured on the step computed last (empty when it was not measured)
+        self.timings: Dict[str, float] = {}
+        #: best-of-trials ms per path behind the last choice ``auto`` made (empty before one)
+        self.measurements: Dict[str, float] = {}
+        self._remembered: Optional[str] = None if mode == "auto" else mode
+        self._choices: Dict[Signature, str] = {}
+        self._history: Dict[Signature, Dict[str, List[float]]] = {}
+        self._pending: Optional[Tuple[Signature, Optional[Dict[str, float]], str]] = None
+        self._restored: Optional[str] = None
+
+    @property
+    def confirmed(self) -> bool:
+        """Whether ``mode`` is a committed choice (what the checkpoint records)."""
+        return self.mode is not None and self.mode == self._remembered
+
+    def remembered(self) -> Optional[str]:
+        """The choice a checkpoint records: the last committed one (None before any)."""
+        return self._remembered
 
     def commit(self) -> None:
-        """The step that used ``mode`` was taken: keep it."""
-        if self.mode is not None:
-            self.confirmed = True
+        """The step was taken: keep what it measured or chose."""
+        if self._pending is None:
+            return
+        signature, times, mode = self._pending
+        self._pending = None
+        if times is None:  # a remembered, restored or unmeasured choice
+            self._choices[signature] = mode
+            self._remembered = mode
+            self._restored = None
+            return
+        history = self._history.setdefault(signature, {})
+        for path, ms in times.items():
+            history.setdefault(path, []).append(ms)
+        if max(len(v) for v in history.values()) >= TRIALS:
+            best = _best(history)
+            self.measurements = {p: min(v) for p, v in history.items()}
+            self._choices[signature] = best
+            self._remembered = self.mode = best
+            self._restored = None
+            del self._history[signature]
 
     def forget(self) -> None:
-        """The step was skipped or refused: an unconfirmed choice is dropped."""
-        if not self.confirmed:
-            self.mode = None
+        """The step was skipped or refused: what it measured or chose is dropped."""
+        self._pending = None
+        if self.requested == "auto":
+            self.mode = self._remembered
 
     def restore(self, mode: Optional[str]) -> None:
-        """Set a remembered choice (from a checkpoint)."""
-        if mode is not None:
-            self.mode, self.confirmed = mode, True
+        """Set a remembered choice (from a checkpoint): used for the next signature instead of measuring."""
+        if mode is not None and self.requested == "auto":
+            self._choices.clear()
+            self._history.clear()
+            self._restored = self._remembered = self.mode = mode
 
     def compute(
         self,
@@ -85,22 +167,107 @@ class GradientEngine:
         shared: Sequence[Tensor],
         tasks: Sequence[Sequence[Tensor]],
     ) -> TaskGradients:
-        candidates = [self.mode] if self.mode is not None else [m for m in MODES if m != "lean"]
+        if self.requested != "auto":
+            assert self.mode is not None
+            return self._run(self.mode, losses, graph, shared, tasks, keep=False)
+        signature, work = _signature(losses, graph, shared)
+        chosen = self._choices.get(signature) or self._restored
+        self.timings = {}
+        if chosen is not None:
+            self.mode = chosen
+            self._pending = (signature, None, chosen)
+            return self._run(chosen, losses, graph, shared, tasks, keep=False)
+        if work < MEASURE_ABOVE:
+            result, mode = self._first(FALLBACK, losses, graph, shared, tasks)
+            self.mode = mode
+            self._pending = (signature, None, mode)
+            return result
+        return self._measure(signature, losses, graph, shared, tasks)
+
+    def _first(
+        self,
+        candidates: Sequence[str],
+        losses: Sequence[Tensor],
+        graph: LossGraph,
+        shared: Sequence[Tensor],
+        tasks: Sequence[Sequence[Tensor]],
+    ) -> Tuple[TaskGradients, str]:
+        """The first candidate that works (the graph is kept until one has)."""
         last_error: Optional[Exception] = None
         for mode in candidates:
-            assert mode is not None
-            # Until a path has worked once, keep the graph so a fallback can still run.
-            keep = self.mode is None
             try:
-                result = self._run(mode, losses, graph, shared, tasks, keep)
+                return self._run(mode, losses, graph, shared, tasks, keep=True), mode
             except RuntimeError as error:  # vmap / custom Function limitations
-                if self.mode is not None:
-                    raise
                 last_error = error
-                continue
-            self.mode = mode
-            return result
         raise RuntimeError("no gradient path succeeded") from last_error
+
+    def _candidates(self, signature: Signature, rows_bytes: int) -> List[str]:
+        paths = [m for m in MODES if self.factored or m != "lean"]
+        if self.factored and rows_bytes > JACOBIAN_BUDGET:
+            paths = [m for m in paths if m not in ("batched", "looped")]
+        history = self._history.get(signature)
+        if not history:
+            return paths
+        best = min(min(v) for v in history.values())
+        kept = [m for m in paths if m in history and min(history[m]) <= PRUNE * best]
+        return kept[::-1]  # the other order than last time: first-run costs fall on others
+
+    def _measure(
+        self,
+        signature: Signature,
+        losses: Sequence[Tensor],
+        graph: LossGraph,
+        shared: Sequence[Tensor],
+        tasks: Sequence[Sequence[Tensor]],
+    ) -> TaskGradients:
+        """Run every candidate path on this step, timed; use the first (in :data:`MODES`) that works.
+
+        That path runs last, so only its result is alive when the step goes on (the
+        others are dropped as soon as their Gram is taken): measuring costs time, not
+        twice the memory.
+        """
+        k = len(losses)
+        rows_bytes = sum(k * p.numel() * p.element_size() for p in shared if graph.reached_by(p))
+        candidates = self._candidates(signature, rows_bytes)
+        preferred = min(candidates, key=MODES.index)
+        order = [m for m in candidates if m != preferred] + [preferred]
+        grams: Dict[str, Tensor] = {}
+        times: Dict[str, float] = {}
+        last: Optional[TaskGradients] = None
+        last_error: Optional[Exception] = None
+        for mode in order:
+            start = time.perf_counter()
+            try:
+                result = self._run(mode, losses, graph, shared, tasks, keep=True)
+            except RuntimeError as error:
+                last_error = error
+                times[mode] = math.inf
+                continue
+            times[mode] = (time.perf_counter() - start) * 1e3
+            grams[mode] = result.grams([list(range(len(shared)))], k)[0]
+            last = result if mode == preferred else None
+            del result
+        # the engine's own paths are the reference; the native walk cannot see tensor hooks
+        engine_paths = [m for m in sorted(grams, key=MODES.index) if m != "native"]
+        reference = grams[engine_paths[0]] if engine_paths else next(iter(grams.values()), None)
+        for mode, gram in grams.items():
+            if reference is not None and not _agrees(gram, reference):
+                warnings.warn(
+                    f"gradient_mode='auto': the {mode!r} path disagrees with the others on this model "
+                    "(a tensor hook inside the shared graph?); it is not used",
+                    stacklevel=3,
+                )
+                times[mode] = math.inf
+        working = sorted((m for m, t in times.items() if math.isfinite(t)), key=MODES.index)
+        if not working:
+            raise RuntimeError("no gradient path succeeded") from last_error
+        used = working[0]
+        if used != preferred or last is None:  # the preferred path failed or disagreed: run the next one
+            last = self._run(used, losses, graph, shared, tasks, keep=True)
+        self.mode = used
+        self.timings = dict(times)
+        self._pending = (signature, times, used)
+        return last
 
     def _run(
         self,
@@ -111,11 +278,45 @@ class GradientEngine:
         tasks: Sequence[Sequence[Tensor]],
         keep: bool,
     ) -> TaskGradients:
-        if mode in ("lean", "frontier"):
-            # lean factors every shared linear layer; frontier only where cheaper
+        if mode in ("lean", "frontier", "native"):
+            # lean factors every shared linear layer; frontier and native only where cheaper
             policy = "always" if mode == "lean" else ("cheaper" if self.factored else "never")
-            return _frontier(losses, graph, shared, tasks, keep, policy)
+            return _frontier(losses, graph, shared, tasks, keep, policy, native=mode == "native")
         return _PATHS[mode](losses, graph, shared, tasks, keep)
+
+
+def _best(history: Dict[str, List[float]]) -> str:
+    """The fastest path (best of its trials); ties go to the earlier one in :data:`MODES`."""
+    return min(history, key=lambda m: (min(history[m]), MODES.index(m)))
+
+
+def _agrees(gram: Tensor, reference: Tensor) -> bool:
+    scale = float(reference.abs().max())
+    if not math.isfinite(scale) or not bool(torch.isfinite(gram).all()):
+        return True  # a non-finite step is skipped anyway; nothing to compare
+    return float((gram - reference).abs().max()) <= AGREEMENT * scale
+
+
+def _signature(losses: Sequence[Tensor], graph: LossGraph, shared: Sequence[Tensor]) -> Tuple[Signature, int]:
+    """What a measured choice holds for, and the step's size (K x shared activation elements).
+
+    The number of losses, which shared parameters each loss reaches, and the type and
+    gradient shapes of every node of the shared graph (a new batch size, image size or
+    sequence length is a new signature).
+    """
+    k = len(losses)
+    shapes: List[object] = []
+    work = 0
+    for node in graph.order:
+        if popcount(graph.mask[node]) < 2:
+            continue
+        metadata = getattr(node, "_input_metadata", ())
+        sizes = tuple(tuple(int(s) for s in m.shape) for m in metadata)
+        for size in sizes:
+            work += math.prod(size)
+        shapes.append((type(node).__name__, sizes))
+    masks = tuple(graph.reached_by(p) for p in shared)
+    return (k, masks, tuple(shapes)), work * k
 
 
 def _empty(shared: Sequence[Tensor], tasks: Sequence[Sequence[Tensor]]) -> TaskGradients:
@@ -189,6 +390,7 @@ def _frontier(
     tasks: Sequence[Sequence[Tensor]],
     keep: bool,
     factor: str = "never",
+    native: bool = False,
 ) -> TaskGradients:
     k = len(losses)
     out = _empty(shared, tasks)
@@ -216,7 +418,11 @@ def _frontier(
         for edge, parts in captured.items():
             total = parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)
             seeds.setdefault(edge, [None] * k)[i] = total
-    held = _trunk_backward(seeds, graph, shared, shared_index, out, keep, factor, k)
+    if native:
+        linear = _linear_nodes(graph, shared_index, k, factor) if factor != "never" else []
+        held = trunk_backward(seeds, graph, shared, shared_index, useful, linear, out, k)
+    else:
+        held = _trunk_backward(seeds, graph, shared, shared_index, out, keep, factor, k)
     for n, p in enumerate(shared):
         if out.shared[n] is None and graph.reached_by(p) and n not in held:
             out.shared[n] = torch.zeros((k, *p.shape), dtype=p.dtype, device=p.device)
@@ -259,9 +465,7 @@ def _trunk_backward(
         return held
     inputs: List[Union[Tensor, GradientEdge]] = [GradientEdge(node[0], 0) for node in linear]
     inputs += trunk
-    grads = torch.autograd.grad(
-        outputs, inputs, grad_outputs, retain_graph=keep, allow_unused=True, is_grads_batched=True
-    )
+    grads = _batched_grad(outputs, inputs, grad_outputs, keep, task_chunks(graph, k))
     for (_node, w, b, x), delta in zip(linear, grads[: len(linear)]):
         if delta is None:
             delta = torch.zeros((k, x.shape[0], shared[w].shape[0]), dtype=x.dtype, device=x.device)
@@ -273,6 +477,47 @@ def _trunk_backward(
         prev = out.shared[n]
         out.shared[n] = g if prev is None else prev + g
     return held
+
+
+def task_chunks(graph: LossGraph, k: int) -> List[Tuple[int, int]]:
+    """Task ranges whose batched backward holds at most :data:`.native.VMAP_CHUNK_BYTES` per activation."""
+    return chunks([n for n in graph.order if popcount(graph.mask[n]) >= 2], k, native.VMAP_CHUNK_BYTES)
+
+
+def _batched_grad(
+    outputs: Sequence[Union[Tensor, GradientEdge]],
+    inputs: Sequence[Union[Tensor, GradientEdge]],
+    grad_outputs: Sequence[Tensor],
+    keep: bool,
+    ranges: Sequence[Tuple[int, int]],
+) -> Tuple[Optional[Tensor], ...]:
+    """``autograd.grad(..., is_grads_batched=True)`` over the tasks in ``ranges``, concatenated.
+
+    vmap holds every task's copy of each activation gradient at once: chunking the
+    tasks bounds that memory as K grows (one chunk when it fits).
+    """
+    k = ranges[-1][1]
+    out: List[Optional[Tensor]] = [None] * len(inputs)
+    for a, b in ranges:
+        retain = keep or b < k
+        got = torch.autograd.grad(
+            outputs,
+            inputs,
+            [g[a:b] for g in grad_outputs],
+            retain_graph=retain,
+            allow_unused=True,
+            is_grads_batched=True,
+        )
+        if len(ranges) == 1:
+            return got
+        for n, g in enumerate(got):  # written into one buffer: no second copy of the results
+            if g is None:
+                continue
+            if out[n] is None:
+                out[n] = g.new_zeros((k, *g.shape[1:]))
+            out[n][a:b] = g  # type: ignore[index]
+        del got
+    return tuple(out)
 
 
 def _linear_nodes(
@@ -366,9 +611,7 @@ def _batched(
         return out
     stacked = torch.stack([loss.reshape(()) for loss in losses])
     eye = torch.eye(k, dtype=stacked.dtype, device=stacked.device)
-    grads = torch.autograd.grad(
-        stacked, inputs, eye, retain_graph=keep, allow_unused=True, is_grads_batched=True
-    )
+    grads = _batched_grad([stacked], inputs, [eye], keep, task_chunks(graph, k))
     index = {id(p): n for n, p in enumerate(shared)}
     for p, g in zip(shared_in, grads):
         out.shared[index[id(p)]] = (

@@ -30,6 +30,7 @@ from .clipping import check_max_grad_norm, clip_
 from .components import State
 from .diagnostics import step_stats
 from .distributed import all_average, world_size
+from .gradients import all_finite
 from .graph import analyse
 from .jacobian import GradientEngine
 from .losses import (
@@ -513,6 +514,8 @@ class MultiTaskOptimizer(Bookkeeping, PlainPath, Optimizer):
         if why is not None:
             return None, why, values, weights
         task_grads = grads.tasks if carry else scale_tasks(grads.tasks, weights.tolist())
+        if not all_finite([g for task in task_grads for g in task if g is not None]):
+            return None, "a weighted task gradient overflows", values, weights  # e.g. w_i * g_i > float32 max
         stats = source.stats(grads)
         rest = {kind: state for kind, state in states.items() if kind != "weighting"}
         states = {

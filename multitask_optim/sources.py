@@ -65,10 +65,13 @@ class ParameterRows:
     def stats(self, grads: TaskGradients) -> Dict[str, Any]:
         """Which shared tensors went through a factored linear rule, which through Jacobian rows."""
         factored = {pos for f in grads.factors for pos in f.positions()}
-        return {
+        out: Dict[str, Any] = {
             "factored_params": len(factored),
             "jacobian_params": sum(1 for j in grads.shared if j is not None),
         }
+        if self.engine.timings:  # gradient_mode="auto" measured the paths on this step
+            out["gradient_timings_ms"] = dict(self.engine.timings)
+        return out
 
 
 class RepresentationRows:

@@ -3,8 +3,9 @@ shared with the developers), sections 3 and 4).
 
 The aggregators only ever see the Gram matrix ``G = J J^T``; ``tests/reference.py``
 runs the same algorithms as plain vector loops over the explicit ``J``. Every property
-is checked on both backends of the coefficient functions (plain Python floats for small
-``B * K``, vectorised torch otherwise) by forcing ``SCALAR_LIMIT``.
+is checked on every backend of the coefficient functions (plain Python floats for small
+``B * K``, vectorised NumPy otherwise, vectorised torch when NumPy is missing) by forcing
+``SCALAR_LIMIT`` (and hiding NumPy).
 
 Tolerances: comparisons are made on update vectors ``J^T c`` (coefficients themselves
 are not unique when ``J`` is rank deficient), relative to the scale of the rows. PCGrad
@@ -53,7 +54,7 @@ EPS = torch.finfo(torch.float64).eps
 RTOL = 1e-9
 #: Margin of the first-order GradVac error bound over the observed errors.
 SAFETY = 4.0
-BACKENDS = ["scalar", "vector"]
+BACKENDS = ["scalar", "vector", "torch"]
 REDUCTIONS = ["sum", "mean"]
 
 
@@ -62,15 +63,17 @@ REDUCTIONS = ["sum", "mean"]
 
 @contextmanager
 def backend(name: str) -> Iterator[None]:
-    """Force the plain-float (``"scalar"``) or the vectorised (``"vector"``) backend."""
-    limit = 0 if name == "vector" else 10**9
-    saved = (pcgrad_module.SCALAR_LIMIT, gradvac_module.SCALAR_LIMIT)
+    """Force the plain-float (``"scalar"``), NumPy (``"vector"``) or torch (``"torch"``) backend."""
+    limit = 10**9 if name == "scalar" else 0
+    saved = (pcgrad_module.SCALAR_LIMIT, gradvac_module.SCALAR_LIMIT, pcgrad_module.np, gradvac_module.np)
     pcgrad_module.SCALAR_LIMIT = limit
     gradvac_module.SCALAR_LIMIT = limit
+    if name == "torch":
+        pcgrad_module.np = gradvac_module.np = None
     try:
         yield
     finally:
-        pcgrad_module.SCALAR_LIMIT, gradvac_module.SCALAR_LIMIT = saved
+        pcgrad_module.SCALAR_LIMIT, gradvac_module.SCALAR_LIMIT, pcgrad_module.np, gradvac_module.np = saved
 
 
 def gram_of(jacs: List[Tensor]) -> Tensor:

@@ -137,7 +137,7 @@ def configs(draw: st.DrawFn) -> Config:
         # representation mode refuses preconditioning (documented): not drawn together
         precondition=None if representation else draw(st.sampled_from([None, "adagrad", "rmsprop", "adam"])),
         granularity=draw(st.sampled_from(["global", "tensor", "layer"])),
-        gradient_mode=draw(st.sampled_from(["auto", "frontier", "lean", "batched", "looped"])),
+        gradient_mode=draw(st.sampled_from(["auto", "frontier", "lean", "native", "batched", "looped"])),
         representation=representation,
         explicit=draw(st.booleans()),
         task_lr=draw(st.booleans()),

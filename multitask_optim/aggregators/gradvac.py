@@ -34,8 +34,10 @@ from .base import (
     Aggregator,
     State,
     check_reduction,
+    np,
     project_rounds_setup,
     random_orders,
+    scatter_sum,
 )
 
 #: A running gradient whose norm is below this fraction of its original norm is zero.
@@ -98,6 +100,57 @@ def gradvac_coefficients(
         coefs = torch.tensor(out, dtype=dtype).reshape(b, k)
         new_t = torch.tensor(new, dtype=dtype).reshape(b, k, k)
         return (coefs / k if reduction == "mean" else coefs), new_t
+    if np is not None:
+        c_np, t_np = _gradvac_numpy(
+            gram.detach().cpu().double().numpy(), orders.cpu().numpy(), targets.cpu().double().numpy(), beta
+        )
+        coefs, new_t = torch.from_numpy(c_np).to(dtype), torch.from_numpy(t_np).to(dtype)
+    else:
+        coefs, new_t = _gradvac_torch(gram, orders, targets, beta)
+    return (coefs / k if reduction == "mean" else coefs), new_t
+
+
+def _gradvac_numpy(
+    gram: np.ndarray, orders: np.ndarray, targets: np.ndarray, beta: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """All blocks and tasks in lock-step rounds, in NumPy (see :func:`_pcgrad_numpy`)."""
+    assert np is not None
+    b, k, _ = gram.shape
+    bi, ti = np.arange(b)[:, None], np.arange(k)[None, :]
+    diag = np.diagonal(gram, axis1=1, axis2=2)
+    partner_sq = diag[bi[:, :, None], orders]
+    partner_norm = np.sqrt(np.maximum(partner_sq, 0.0))
+    has_norm = partner_norm > 0
+    inv_norm = np.where(has_norm, 1.0 / np.where(has_norm, partner_norm, 1.0), 0.0)
+    inner = gram.copy()  # <g_i', g_k>
+    sq_norm = diag.copy()  # ||g_i'||^2
+    floor = (RELATIVE_ZERO**2) * diag
+    new_targets = targets.copy()
+    steps = np.zeros(orders.shape)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for t in range(k - 1):
+            j = orders[:, :, t]
+            u = inner[bi, ti, j] * inv_norm[:, :, t]  # <g_i', g_j> / ||g_j||
+            a2 = np.maximum(sq_norm, 0.0)
+            valid = (a2 > floor) & has_norm[:, :, t]
+            a = np.sqrt(a2)
+            phi = np.clip(np.where(valid, u / np.where(valid, a, 1.0), 0.0), -1.0, 1.0)
+            target = new_targets[bi, ti, j]
+            # coef = (cot(phi_hat) * ||g_i' - proj_j g_i'|| - u) / ||g_j||
+            perp = np.sqrt(np.maximum(a2 - u * u, 0.0))
+            cot = target / np.sqrt(np.maximum(1.0 - target * target, _MIN_SIN2))
+            coef = np.where(valid & (phi < target), (cot * perp - u) * inv_norm[:, :, t], 0.0)
+            inner += coef[:, :, None] * gram[bi, j]
+            sq_norm = sq_norm + coef * (2.0 * u * partner_norm[:, :, t] + coef * partner_sq[:, :, t])
+            steps[:, :, t] = coef
+            new_targets[bi, ti, j] = target + beta * (phi - target)
+    return 1.0 + scatter_sum(steps, orders), new_targets
+
+
+def _gradvac_torch(gram: Tensor, orders: Tensor, targets: Tensor, beta: float) -> tuple[Tensor, Tensor]:
+    """The same rounds in torch (used when NumPy is not installed)."""
+    b, k, _ = gram.shape
+    dtype = gram.dtype
     diag, partner_rows, partner_sq = project_rounds_setup(gram, orders)
     partner_norm = partner_sq.clamp_min(0.0).sqrt()
     inv_norm = torch.where(partner_norm > 0, 1.0 / partner_norm.where(partner_norm > 0, 1.0), 0.0)
@@ -128,8 +181,6 @@ def gradvac_coefficients(
     coefs = torch.ones(b, k, dtype=dtype)
     if steps:
         coefs.scatter_add_(1, orders.reshape(b, -1), torch.stack(steps, -1).reshape(b, -1))
-    if reduction == "mean":
-        coefs = coefs / k
     return coefs, new_targets
 
 
