@@ -45,7 +45,10 @@ CHUNK_BYTES = 16 * 2**20
 #: buffer). Measured at K = 40 on the MLP (peak extra RSS of ``lean``, fresh process,
 #: same harness): one chunk 278 MB, two 309 MB, eight (16 MiB) 246 MB, forty 238 MB;
 #: on the 3x32x32 CNN at K = 40 the default step peaks at 273 MB (TorchJD: 2084 MB).
-VMAP_CHUNK_BYTES = 16 * 2**20
+#: Chunking costs a backward call per chunk and a copy (about 12% of the MLP step at
+#: K = 8 with 16 MiB chunks), so it starts only where one activation's K copies pass
+#: 128 MiB: memory stays bounded as K grows, ordinary steps run in one call.
+VMAP_CHUNK_BYTES = 128 * 2**20
 
 Edge = Tuple[Node, int]
 PerTask = List[Optional[Tensor]]

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .distributed import all_average, world_size
-from .gradients import Rows, TaskGradients
+from .gradients import Rows, TaskGradients, all_finite
 from .graph import LossGraph
 from .jacobian import GradientEngine, feature_gradients
 from .partition import Partition
@@ -122,7 +122,7 @@ class RepresentationRows:
             present = [u for u in updates if u is not None]
             averaged = iter(all_average(present))
             updates = [None if u is None else next(averaged) for u in updates]
-        finite = all(bool(torch.isfinite(u).all()) for u in updates if u is not None)
+        finite = all_finite([u for u in updates if u is not None])
         return updates, finite
 
     def path(self) -> Optional[str]:
