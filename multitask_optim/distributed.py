@@ -26,27 +26,15 @@ def world_size(group: Optional[Any] = None) -> int:
 
 def all_average(tensors: Sequence[Tensor], group: Optional[Any] = None) -> List[Tensor]:
     """Average ``tensors`` across ranks: one flat ``all_reduce`` per (device, dtype) bucket."""
-    size = world_size(group)
-    if size == 1 or not tensors:
-        return list(tensors)
-    buckets: Dict[Tuple[torch.device, torch.dtype], List[int]] = {}
-    for n, t in enumerate(tensors):
-        buckets.setdefault((t.device, t.dtype), []).append(n)
-    out: List[Tensor] = list(tensors)
-    for members in buckets.values():
-        flat = torch.cat([tensors[n].reshape(-1) for n in members])
-        torch.distributed.all_reduce(flat, group=group)
-        flat.div_(size)
-        offset = 0
-        for n in members:
-            numel = tensors[n].numel()
-            out[n] = flat[offset : offset + numel].view_as(tensors[n])
-            offset += numel
-    return out
+    return _all_reduce(tensors, group, average=True)
 
 
 def all_sum(tensors: Sequence[Tensor], group: Optional[Any] = None) -> List[Tensor]:
     """Sum ``tensors`` across ranks: one flat ``all_reduce`` per (device, dtype) bucket."""
+    return _all_reduce(tensors, group, average=False)
+
+
+def _all_reduce(tensors: Sequence[Tensor], group: Optional[Any], average: bool) -> List[Tensor]:
     size = world_size(group)
     if size == 1 or not tensors:
         return list(tensors)
@@ -57,6 +45,8 @@ def all_sum(tensors: Sequence[Tensor], group: Optional[Any] = None) -> List[Tens
     for members in buckets.values():
         flat = torch.cat([tensors[n].reshape(-1) for n in members])
         torch.distributed.all_reduce(flat, group=group)
+        if average:
+            flat.div_(size)
         offset = 0
         for n in members:
             numel = tensors[n].numel()
