@@ -109,9 +109,13 @@ class RepresentationRows:
     def updates(
         self, grads: TaskGradients, blocks: Sequence[Sequence[int]], mix: Tensor, partition: Partition
     ) -> Tuple[Rows, bool]:
-        z_rows = grads.shared[0]
-        assert z_rows is not None
-        feature_grad = torch.tensordot(mix[0].to(device=z_rows.device, dtype=z_rows.dtype), z_rows, dims=1)
+        assert grads.shared[0] is not None
+        # Z^T c with the same float64 fallback and coefficient rescaling as parameter mode:
+        # a coefficient beyond the rows' dtype (a tiny task scaled up) must not overflow
+        combined, finite = TaskGradients([grads.shared[0]], []).combine([[0]], mix)
+        feature_grad = combined[0]
+        if not finite or feature_grad is None:
+            return [None] * len(partition.shared), False
         trunk = [p for p in partition.shared if self.graph.reached_by(p)]
         got = {}
         if trunk:
