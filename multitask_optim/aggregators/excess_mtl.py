@@ -80,6 +80,13 @@ class ExcessMTL(RowAggregator):
         num_blocks, k = gram.shape[0], gram.shape[1]
         step = calls(state)
         weights = block_vector(state, "weights", num_blocks, k, 1.0 / k)
+        # On a step lacking some tasks the present tasks' slice of the simplex is put back
+        # on the simplex; a slice whose weights all underflowed restarts from uniform.
+        total = weights.sum(dim=1, keepdim=True)
+        off = (total - 1.0).abs() > 1e-9
+        weights = torch.where(
+            off, torch.where(total > 0, weights / total.clamp_min(1e-300), 1.0 / k), weights
+        )
         baseline = block_vector(state, "baseline", num_blocks, k, 0.0)
         warmup = block_vector(state, "warmup", num_blocks, k, 0.0)
         new_state: State = {}
