@@ -514,7 +514,8 @@ class MultiTaskOptimizer(Bookkeeping, PlainPath, Optimizer):
         if why is not None:
             return None, why, values, weights
         task_grads = grads.tasks if carry else scale_tasks(grads.tasks, weights.tolist())
-        if not all_finite([g for task in task_grads for g in task if g is not None]):
+        overflow_possible = bool((weights.abs() > 1.0).any())  # |w| <= 1 keeps a finite gradient finite
+        if overflow_possible and not all_finite([g for task in task_grads for g in task if g is not None]):
             return None, "a weighted task gradient overflows", values, weights  # e.g. w_i * g_i > float32 max
         stats = source.stats(grads)
         rest = {kind: state for kind, state in states.items() if kind != "weighting"}
