@@ -10,6 +10,7 @@ form lives in this one file.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -174,8 +175,8 @@ class TaskGradients:
         weight of 1e-42) are scaled by a power of two first and the updates scaled back
         once, so the products stay out of the subnormal range until the last rounding.
         """
-        peak = coefs.abs().amax(dim=1) if coefs.numel() else coefs.new_zeros(coefs.shape[0])
-        if bool(((peak > 0) & (peak < _TINY_COEF)).any()):
+        if _has_tiny(coefs):
+            peak = coefs.abs().amax(dim=1)
             scale = torch.where(peak > 0, torch.exp2(torch.floor(torch.log2(peak.where(peak > 0, 1.0)))), 1.0)
             block_of = {p: b for b, block in enumerate(blocks) for p in block}
             out, finite = self.combine(blocks, coefs / scale.unsqueeze(1))
@@ -190,12 +191,16 @@ class TaskGradients:
     def _combine(self, blocks: Sequence[Sequence[int]], coefs: Tensor, dtype: Optional[torch.dtype]) -> Rows:
         out: Rows = [None] * len(self.shared)
         block_of = {p: b for b, block in enumerate(blocks) for p in block}
+        cast: Dict[Tuple[int, torch.device, torch.dtype], Tensor] = {}  # each block's coefficients, once
         for i, rows in enumerate(self.shared):
             if rows is None or i not in block_of:
                 continue
             work = rows if dtype is None else rows.to(dtype)
-            c = coefs[block_of[i]].to(device=rows.device, dtype=work.dtype)
-            out[i] = torch.tensordot(c, work, dims=1).to(rows.dtype)
+            key = (block_of[i], rows.device, work.dtype)
+            if key not in cast:
+                cast[key] = coefs[key[0]].to(device=rows.device, dtype=work.dtype)
+            update = (cast[key] @ work.reshape(work.shape[0], -1)).view(rows.shape[1:])
+            out[i] = update if update.dtype == rows.dtype else update.to(rows.dtype)
         for f in self.factors:
             for pos in f.positions():
                 if pos in block_of:
@@ -284,6 +289,16 @@ def _below_normal(factors: Sequence[float], dtype: torch.dtype) -> bool:
         return False
     tiny = torch.finfo(dtype).tiny
     return any(f != 0.0 and abs(f) < tiny for f in factors)
+
+
+def _has_tiny(coefs: Tensor) -> bool:
+    """Whether some block's largest coefficient is non-zero but below :data:`_TINY_COEF`."""
+    if not coefs.numel():
+        return False
+    if coefs.numel() <= 256 and coefs.device.type == "cpu":  # a handful of numbers: no tensor ops
+        return any(0.0 < max(abs(c) for c in row) < _TINY_COEF for row in coefs.tolist())
+    peak = coefs.abs().amax(dim=1)
+    return bool(((peak > 0) & (peak < _TINY_COEF)).any())
 
 
 def _rescaled(update: Tensor, factor: float) -> Tensor:
@@ -376,11 +391,18 @@ def _add_lists(a: Sequence[Optional[Tensor]], b: Sequence[Optional[Tensor]]) -> 
 
 
 def all_finite(tensors: Sequence[Tensor]) -> bool:
-    """Whether every element of every tensor is finite: one min/max pass per tensor
-    (NaN and inf propagate through both) and one host sync per device."""
-    extremes: Dict[torch.device, List[Tensor]] = {}
+    """Whether every element of every tensor is finite.
+
+    One fused max-abs pass over the tensors of each device (``_foreach_norm`` with
+    ``ord=inf``: NaN and inf propagate, a finite maximum is exact) and one host sync per
+    device.
+    """
+    by_device: Dict[torch.device, List[Tensor]] = {}
     for t in tensors:
         if t.numel():
-            low, high = torch.aminmax(t.detach())
-            extremes.setdefault(t.device, []).extend((low.double(), high.double()))
-    return all(bool(torch.isfinite(torch.stack(v)).all()) for v in extremes.values())
+            by_device.setdefault(t.device, []).append(t.detach())
+    for group in by_device.values():
+        peaks = torch.stack(torch._foreach_norm(group, math.inf))  # promotes: exact
+        if not all(math.isfinite(v) for v in peaks.tolist()):
+            return False
+    return True

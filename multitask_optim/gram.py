@@ -7,6 +7,7 @@ that the dtype's precision is lost (underflow, below ``tiny / eps``).
 
 from __future__ import annotations
 
+import math
 from typing import Callable, List, Optional, Sequence
 
 import torch
@@ -22,7 +23,6 @@ def dense_grams(
     no loss reached it or a factor holds it); ``blocks`` lists parameter positions per
     block.
     """
-    out = torch.zeros(len(blocks), num_tasks, num_tasks, dtype=torch.float64)
     parts: List[Tensor] = []
     filled: List[int] = []
     for b, block in enumerate(blocks):
@@ -30,18 +30,28 @@ def dense_grams(
         if rows:
             parts.append(_gram(rows))
             filled.append(b)
-    if not parts:
-        return out
-    out[filled] = torch.stack([p.double() for p in parts]).cpu()  # one transfer
+    if len(filled) == len(blocks) and parts:
+        out = torch.stack(parts).double().cpu()  # one transfer
+    else:
+        out = torch.zeros(len(blocks), num_tasks, num_tasks, dtype=torch.float64)
+        if not parts:
+            return out
+        out[filled] = torch.stack(parts).double().cpu()
     dtype = next(j.dtype for j in jacobians if j is not None)
-    if dtype != torch.float64:
-        info = torch.finfo(torch.promote_types(dtype, torch.float32))
-        diag = out.diagonal(dim1=-2, dim2=-1)
-        suspect = (~torch.isfinite(out).flatten(1).all(dim=1)) | (diag < info.tiny / info.eps).any(dim=1)
-        for b in suspect.nonzero().flatten().tolist():
-            rows = [jacobians[p] for p in blocks[b] if jacobians[p] is not None]
-            if rows and _has_tiny_row(rows, out[b]):
-                out[b] = _gram(rows, torch.float64).cpu()
+    if dtype == torch.float64:
+        return out
+    info = torch.finfo(torch.promote_types(dtype, torch.float32))
+    diag = out.diagonal(dim1=-2, dim2=-1)
+    # one sync for the usual case: entries are at most float32's max, so their float64
+    # sum is finite exactly when every entry is; NaN propagates through min as well
+    total, low = torch.stack([out.sum(), diag.min()]).tolist()
+    if math.isfinite(total) and low >= info.tiny / info.eps:
+        return out
+    suspect = (~torch.isfinite(out).flatten(1).all(dim=1)) | (diag < info.tiny / info.eps).any(dim=1)
+    for b in suspect.nonzero().flatten().tolist():
+        rows = [jacobians[p] for p in blocks[b] if jacobians[p] is not None]
+        if rows and _has_tiny_row(rows, out[b]):
+            out[b] = _gram(rows, torch.float64).cpu()
     return out
 
 
@@ -53,10 +63,21 @@ def precise_gram(compute: Callable[[torch.dtype], Tensor], dtype: torch.dtype) -
     return gram
 
 
+#: Below this many elements (K x P of a block) the rows are concatenated and multiplied
+#: once: one product instead of one per parameter (the copy costs less than the calls).
+CONCAT_BELOW = 1 << 16
+
+
 def _gram(rows: Sequence[Tensor], dtype: Optional[torch.dtype] = None) -> Tensor:
+    flats = [jac.reshape(jac.shape[0], -1) for jac in rows]
+    if (
+        len(flats) > 1
+        and sum(f.numel() for f in flats) <= CONCAT_BELOW
+        and len({(f.dtype, f.device) for f in flats}) == 1
+    ):
+        flats = [torch.cat(flats, dim=1)]
     gram: Optional[Tensor] = None
-    for jac in rows:
-        flat = jac.reshape(jac.shape[0], -1)
+    for flat in flats:
         if dtype is not None:
             flat = flat.to(dtype)
         elif flat.dtype in (torch.float16, torch.bfloat16):

@@ -86,7 +86,7 @@ def parse_losses(losses: Losses, known: Optional[Tuple[str, ...]]) -> Parsed:
         raise ValueError(f"no task is present in this step (tasks {list(names)}): give at least one loss")
     for i, loss in zip(present, items):
         _check_one(names[i], loss)
-    return Parsed(tuple(names), present, [loss.reshape(()) for loss in items])
+    return Parsed(tuple(names), present, [scalar(loss) for loss in items])
 
 
 def task_samples(samples: Samples, parsed: Parsed) -> Optional[List[float]]:
@@ -154,7 +154,7 @@ def check_losses(losses: Losses, known: Optional[Tuple[str, ...]]) -> Tuple[Tupl
         raise ValueError("losses is empty: give one loss per task")
     for name, loss in zip(names, items):
         _check_one(name, loss)
-    return names, [loss.reshape(()) for loss in items]
+    return names, [scalar(loss) for loss in items]
 
 
 def _from_mapping(
@@ -185,8 +185,15 @@ def _check_one(name: str, loss: object) -> None:
         raise ValueError(f"loss of task {name!r} does not require grad (is it detached?)")
 
 
+def scalar(loss: Tensor) -> Tensor:
+    """``loss`` as a 0-d tensor (no view node added to the graph when it already is one)."""
+    return loss if loss.dim() == 0 else loss.reshape(())
+
+
 def loss_values(losses: Sequence[Tensor]) -> Tensor:
-    """The losses' values as a detached float64 CPU vector."""
+    """The losses' values as a detached float64 CPU vector (one transfer when they share a device)."""
+    if len({loss.device for loss in losses}) == 1:
+        return torch.stack([loss.detach().reshape(()) for loss in losses]).to(torch.float64).cpu()
     return torch.stack([loss.detach().reshape(()).to(torch.float64).cpu() for loss in losses])
 
 

@@ -49,6 +49,8 @@ from .pipeline import (
     Gathered,
     Outcome,
     aggregate_and_combine,
+    all_ones,
+    finite_values,
     merged_states,
     non_finite_losses,
     precondition,
@@ -464,7 +466,7 @@ class MultiTaskOptimizer(Bookkeeping, PlainPath, Optimizer):
             grads, values = gathered.grads, gathered.values
         else:
             grads, values = source.reduce(gathered.grads, gathered.values)
-        if not bool(torch.isfinite(values).all()) or not grads.all_finite():
+        if not finite_values(values) or not grads.all_finite():
             return None, "non-finite loss or gradient", values, None
         current = self._current_states(len(names), len(structure.blocks))
         old = sub_states(self._components(), current, present, len(names)) if full else {}
@@ -485,7 +487,7 @@ class MultiTaskOptimizer(Bookkeeping, PlainPath, Optimizer):
         # weights keep their precision, and to the coefficients.
         carry = self.preconditioner is not None or self.aggregator.needs_jacobian
         if carry:
-            grads = grads.scaled(weights.tolist()) if bool((weights != 1.0).any()) else grads
+            grads = grads if all_ones(weights) else grads.scaled(weights.tolist())
             wgram = weighting_gram(self.weighting, grads, structure, source, None, None)
             if self.preconditioner is not None:
                 keys = [str(self._index_of[id(p)]) for p in structure.partition.shared]
@@ -514,7 +516,7 @@ class MultiTaskOptimizer(Bookkeeping, PlainPath, Optimizer):
         if why is not None:
             return None, why, values, weights
         task_grads = grads.tasks if carry else scale_tasks(grads.tasks, weights.tolist())
-        overflow_possible = bool((weights.abs() > 1.0).any())  # |w| <= 1 keeps a finite gradient finite
+        overflow_possible = any(abs(w) > 1.0 for w in weights.tolist())  # |w| <= 1 keeps finite finite
         if overflow_possible and not all_finite([g for task in task_grads for g in task if g is not None]):
             return None, "a weighted task gradient overflows", values, weights  # e.g. w_i * g_i > float32 max
         stats = source.stats(grads)

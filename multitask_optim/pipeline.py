@@ -23,6 +23,7 @@ its state (:func:`sub_states`), written back after the step (:func:`merged_state
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -141,9 +142,10 @@ class Outcome:
 
 
 def non_finite_losses(names: Sequence[str], values: Tensor) -> Optional[str]:
-    if bool(torch.isfinite(values).all()):
+    listed = values.tolist()
+    if all(math.isfinite(v) for v in listed):
         return None
-    bad = [n for n, v in zip(names, values.tolist()) if not torch.isfinite(torch.tensor(v))]
+    bad = [n for n, v in zip(names, listed) if not math.isfinite(v)]
     return f"non-finite loss for task(s) {bad}"
 
 
@@ -153,7 +155,7 @@ def weigh(
     """Task weights ``(K,)`` float64 and the weighting's new state (or a reason to skip)."""
     weights, new_state = weighting.compute(values, state, ctx)
     weights = weights.detach().to(torch.float64).cpu().reshape(values.shape[0])
-    if not bool(torch.isfinite(weights).all()):
+    if not finite_values(weights):
         return weights, new_state, "non-finite task weights"
     return weights, new_state, None
 
@@ -169,8 +171,21 @@ def precondition(
     return grads.with_shared(rows), new_state, None
 
 
+def finite_values(values: Tensor) -> bool:
+    """Whether a small CPU float64 tensor (losses, weights, coefficients) is all finite."""
+    if values.numel() <= 4096 and values.device.type == "cpu":
+        return all(math.isfinite(v) for v in values.reshape(-1).tolist())  # no tensor ops
+    return bool(torch.isfinite(values).all())
+
+
+def all_ones(weights: Tensor) -> bool:
+    return all(w == 1.0 for w in weights.tolist())
+
+
 def weighted_gram(gram: Tensor, weights: Tensor) -> Tensor:
     """``W G W`` in float64: the Gram of the rows ``w_i g_i`` without forming them."""
+    if all_ones(weights):
+        return gram
     k = weights.shape[0]
     w = weights.to(gram.dtype)
     return gram * w.view(1, k, 1) * w.view(1, 1, k)
@@ -180,7 +195,7 @@ def aggregate(
     aggregator: Aggregator, gram: Tensor, state: State, ctx: AggregationContext
 ) -> Tuple[Tensor, State, Optional[str]]:
     coefs, new_state = aggregator(gram, state, ctx)
-    if not bool(torch.isfinite(coefs).all()):
+    if not finite_values(coefs):
         return coefs, state, "non-finite aggregation"
     return coefs, new_state, None
 
@@ -236,7 +251,7 @@ def aggregate_and_combine(
     coefs, new_state, why = aggregate(aggregator, gram, state, ctx)
     if why is not None:
         return coefs, [], state, why
-    mix = coefs if weights is None else coefs * weights.view(1, -1)
+    mix = coefs if weights is None or all_ones(weights) else coefs * weights.view(1, -1)
     updates, finite = source.updates(grads, blocks, mix, partition)
     return coefs, updates, new_state, None if finite else "non-finite aggregation"
 

@@ -329,7 +329,7 @@ def test_the_choice_survives_a_checkpoint_and_the_run_continues_bitwise() -> Non
 def test_small_steps_are_not_measured() -> None:
     model, x = make("conv2d")
     opt = train(model, x, "auto", steps=2)
-    assert opt.engine.mode == "frontier"
+    assert opt.engine.mode == "looped"  # below LOOP_BELOW: K plain backward calls
     assert "gradient_timings_ms" not in opt.last_stats
 
 

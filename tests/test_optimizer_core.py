@@ -30,7 +30,7 @@ from models import (
 )
 from torch import nn
 
-from multitask_optim import MultiTaskOptimizer
+from multitask_optim import MultiTaskOptimizer, jacobian
 
 INNER: Dict[str, Callable[[Any], torch.optim.Optimizer]] = {
     "sgd_momentum": lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9),
@@ -183,15 +183,20 @@ def test_gradient_paths_agree_on_jacobian_rows() -> None:
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
 
 
-def test_auto_mode_picks_frontier() -> None:
+@pytest.mark.parametrize("loop_below, expected", [(None, "looped"), (0, "frontier")])
+def test_auto_mode_on_an_unmeasured_step(monkeypatch: pytest.MonkeyPatch, loop_below, expected: str) -> None:
+    """Below MEASURE_ABOVE nothing is timed: the smallest steps loop, the others take the frontier."""
+    if loop_below is not None:
+        monkeypatch.setattr(jacobian, "LOOP_BELOW", loop_below)
     model = build(TrunkHeads, seed=0)
     opt = MultiTaskOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), seed=0)
     assert opt.engine.mode is None
     wrapped_step(model, opt, 0)
-    assert opt.engine.mode == "frontier"
-    assert opt.last_stats["gradient_mode"] == "frontier"
+    assert opt.engine.mode == expected
+    assert opt.last_stats["gradient_mode"] == expected
+    assert "gradient_timings_ms" not in opt.last_stats
     wrapped_step(model, opt, 1)
-    assert opt.engine.mode == "frontier"
+    assert opt.engine.mode == expected
 
 
 # ------------------------------------------------------------------ 4. resume bitwise
