@@ -57,10 +57,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from .engine import GradientEngine
 from .gradients import Rows, TaskGradients
 from .gram import dense_grams
 from .graph import LossGraph
-from .jacobian import GradientEngine
 from .partition import Partition, describe
 from .sources import ParameterRows
 

@@ -1,6 +1,6 @@
 """Per-task gradients: task parameters from their own loss, shared ones as a Jacobian.
 
-Five exact paths; ``gradient_mode="auto"`` measures them (see :class:`GradientEngine`):
+Five exact paths; ``gradient_mode="auto"`` measures them (see :class:`~.engine.GradientEngine`):
 
 - ``frontier``: find the edges where each task's private graph meets the shared graph,
   backpropagate each loss through its own head once to those edges (capturing only the
@@ -30,9 +30,6 @@ Representation mode differentiates the losses with respect to a feature tensor i
 
 from __future__ import annotations
 
-import math
-import time
-import warnings
 from typing import Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
@@ -45,285 +42,6 @@ from .graph import LossGraph, Node, popcount
 from .native import chunks, trunk_backward
 
 MODES = ("lean", "frontier", "native", "batched", "looped")
-#: Unmeasured order: the first path that works is kept (vmap limitations fall through).
-FALLBACK = ("frontier", "batched", "looped")
-#: Below this much work (same measure as :data:`MEASURE_ABOVE`) a step costs its calls,
-#: not its arithmetic: ``looped`` makes K ordinary backward calls where ``frontier`` makes
-#: K head calls plus one vmapped trunk call, so it goes first (measured on MLPs of
-#: 2-4 tasks: 6-15% faster up to about 10^5; the frontier wins from about 4 x 10^5).
-LOOP_BELOW = 1 << 17
-#: ``auto`` measures only when a step is big enough for the choice to matter: K times
-#: the elements of every activation gradient in the shared graph (from the graph's
-#: metadata, so the decision itself is deterministic). Below it the first path of
-#: :data:`FALLBACK` that works is used, as without measuring.
-MEASURE_ABOVE = 1 << 22
-#: Steps over which ``auto`` measures (each path's best time counts); paths slower than
-#: ``PRUNE`` times the fastest in a trial are not run again.
-TRIALS = 2
-PRUNE = 2.0
-#: Relative disagreement (to the largest Gram entry) above which a measured path is
-#: dropped: every path is exact, so only a path that cannot see something the engine
-#: does (a tensor hook on an intermediate, for the native walk) can differ.
-AGREEMENT = 1e-3
-#: ``auto`` does not measure the paths that build every task's full gradient buffer
-#: (``batched``, ``looped``: K x P elements) when that buffer would exceed this many
-#: bytes and a factored path exists: they would set the run's peak memory.
-JACOBIAN_BUDGET = 256 * 2**20
-Signature = Tuple[object, ...]
-
-
-class GradientEngine:
-    """Computes :class:`TaskGradients` by one of several exact paths, measured or fixed.
-
-    With ``mode="auto"`` the first steps on a model (for each *signature*: number of
-    losses, which shared parameters each reaches, and the shapes in the shared graph)
-    time every applicable path on the real step, the graph kept between them
-    (``retain_graph``), and keep the fastest -- as ``torch.backends.cudnn.benchmark``
-    does for convolution algorithms. The gradients used on a measuring step come from
-    one path only, the first of :data:`MODES` that works, so a measuring step does not
-    depend on the timings. Every path is exact, but their summation orders differ: the
-    chosen path can change the float rounding of results, so runs that must be bitwise
-    reproducible (across machines or loads) should set an explicit ``gradient_mode``.
-    Small steps (:data:`MEASURE_ABOVE`) are not measured: the first of ``frontier ->
-    batched -> looped`` that works is used, and on the smallest (:data:`LOOP_BELOW`)
-    ``looped``, whose K plain backward calls cost less than the frontier's K + 1.
-
-    A choice (and the timings behind it) is remembered only when the optimizer commits
-    the step (:meth:`commit`): a skipped or refused step leaves no trace (:meth:`forget`).
-    The checkpoint stores the current choice (``gradient_mode``); a restored engine uses
-    it for the next signature it sees instead of measuring.
-
-    Args:
-        mode: ``"auto"`` or one of ``"lean"``, ``"frontier"``, ``"native"``, ``"batched"``,
-            ``"looped"`` (see the module docstring).
-        factored: whether linear layers may stay factored (not with per-task
-            preconditioning or an aggregator that needs the Jacobian's rows).
-    """
-
-    def __init__(self, mode: str = "auto", factored: bool = True) -> None:
-        if mode != "auto" and mode not in MODES:
-            raise ValueError(f"gradient mode must be 'auto' or one of {MODES}, got {mode!r}")
-        if mode == "lean" and not factored:
-            raise ValueError(
-                "gradient_mode='lean' keeps linear layers factored, which per-task preconditioning and "
-                "Jacobian-based aggregators cannot use"
-            )
-        self.requested = mode
-        self.factored = factored
-        #: the path of the step computed last (None before any, or after a skipped first step)
-        self.mode: Optional[str] = None if mode == "auto" else mode
-        #: ms per path measured on the step computed last (empty when it was not measured)
-        self.timings: Dict[str, float] = {}
-        #: best-of-trials ms per path behind the last choice ``auto`` made (empty before one)
-        self.measurements: Dict[str, float] = {}
-        self._remembered: Optional[str] = None if mode == "auto" else mode
-        self._choices: Dict[Signature, str] = {}
-        self._history: Dict[Signature, Dict[str, List[float]]] = {}
-        self._pending: Optional[Tuple[Signature, Optional[Dict[str, float]], str]] = None
-        self._restored: Optional[str] = None
-
-    @property
-    def confirmed(self) -> bool:
-        """Whether ``mode`` is a committed choice (what the checkpoint records)."""
-        return self.mode is not None and self.mode == self._remembered
-
-    def remembered(self) -> Optional[str]:
-        """The choice a checkpoint records: the last committed one (None before any)."""
-        return self._remembered
-
-    def commit(self) -> None:
-        """The step was taken: keep what it measured or chose."""
-        if self._pending is None:
-            return
-        signature, times, mode = self._pending
-        self._pending = None
-        if times is None:  # a remembered, restored or unmeasured choice
-            self._choices[signature] = mode
-            self._remembered = mode
-            self._restored = None
-            return
-        history = self._history.setdefault(signature, {})
-        for path, ms in times.items():
-            history.setdefault(path, []).append(ms)
-        if max(len(v) for v in history.values()) >= TRIALS:
-            best = _best(history)
-            self.measurements = {p: min(v) for p, v in history.items()}
-            self._choices[signature] = best
-            self._remembered = self.mode = best
-            self._restored = None
-            del self._history[signature]
-
-    def forget(self) -> None:
-        """The step was skipped or refused: what it measured or chose is dropped."""
-        self._pending = None
-        if self.requested == "auto":
-            self.mode = self._remembered
-
-    def restore(self, mode: Optional[str]) -> None:
-        """Set a remembered choice (from a checkpoint): used for the next signature instead of measuring."""
-        if mode is not None and self.requested == "auto":
-            self._choices.clear()
-            self._history.clear()
-            self._restored = self._remembered = self.mode = mode
-
-    def compute(
-        self,
-        losses: Sequence[Tensor],
-        graph: LossGraph,
-        shared: Sequence[Tensor],
-        tasks: Sequence[Sequence[Tensor]],
-    ) -> TaskGradients:
-        if self.requested != "auto":
-            assert self.mode is not None
-            return self._run(self.mode, losses, graph, shared, tasks, keep=False)
-        signature, work = _signature(losses, graph, shared)
-        chosen = self._choices.get(signature) or self._restored
-        self.timings = {}
-        if chosen is not None:
-            self.mode = chosen
-            self._pending = (signature, None, chosen)
-            return self._run(chosen, losses, graph, shared, tasks, keep=False)
-        if work < MEASURE_ABOVE:
-            order = ("looped",) if work < LOOP_BELOW else FALLBACK
-            result, mode = self._first(order, losses, graph, shared, tasks)
-            self.mode = mode
-            self._pending = (signature, None, mode)
-            return result
-        return self._measure(signature, losses, graph, shared, tasks)
-
-    def _first(
-        self,
-        candidates: Sequence[str],
-        losses: Sequence[Tensor],
-        graph: LossGraph,
-        shared: Sequence[Tensor],
-        tasks: Sequence[Sequence[Tensor]],
-    ) -> Tuple[TaskGradients, str]:
-        """The first candidate that works (the graph is kept until one has)."""
-        last_error: Optional[Exception] = None
-        for mode in candidates:
-            try:
-                return self._run(mode, losses, graph, shared, tasks, keep=True), mode
-            except RuntimeError as error:  # vmap / custom Function limitations
-                last_error = error
-        raise RuntimeError("no gradient path succeeded") from last_error
-
-    def _candidates(self, signature: Signature, rows_bytes: int) -> List[str]:
-        paths = [m for m in MODES if self.factored or m != "lean"]
-        if self.factored and rows_bytes > JACOBIAN_BUDGET:
-            paths = [m for m in paths if m not in ("batched", "looped")]
-        history = self._history.get(signature)
-        if not history:
-            return paths
-        best = min(min(v) for v in history.values())
-        kept = [m for m in paths if m in history and min(history[m]) <= PRUNE * best]
-        return kept[::-1]  # the other order than last time: first-run costs fall on others
-
-    def _measure(
-        self,
-        signature: Signature,
-        losses: Sequence[Tensor],
-        graph: LossGraph,
-        shared: Sequence[Tensor],
-        tasks: Sequence[Sequence[Tensor]],
-    ) -> TaskGradients:
-        """Run every candidate path on this step, timed; use the first (in :data:`MODES`) that works.
-
-        That path runs last, so only its result is alive when the step goes on (the
-        others are dropped as soon as their Gram is taken): measuring costs time, not
-        twice the memory.
-        """
-        k = len(losses)
-        rows_bytes = sum(k * p.numel() * p.element_size() for p in shared if graph.reached_by(p))
-        candidates = self._candidates(signature, rows_bytes)
-        preferred = min(candidates, key=MODES.index)
-        order = [m for m in candidates if m != preferred] + [preferred]
-        grams: Dict[str, Tensor] = {}
-        times: Dict[str, float] = {}
-        last: Optional[TaskGradients] = None
-        last_error: Optional[Exception] = None
-        for mode in order:
-            start = time.perf_counter()
-            try:
-                result = self._run(mode, losses, graph, shared, tasks, keep=True)
-            except RuntimeError as error:
-                last_error = error
-                times[mode] = math.inf
-                continue
-            times[mode] = (time.perf_counter() - start) * 1e3
-            grams[mode] = result.grams([list(range(len(shared)))], k)[0]
-            last = result if mode == preferred else None
-            del result
-        # the engine's own paths are the reference; the native walk cannot see tensor hooks
-        engine_paths = [m for m in sorted(grams, key=MODES.index) if m != "native"]
-        reference = grams[engine_paths[0]] if engine_paths else next(iter(grams.values()), None)
-        for mode, gram in grams.items():
-            if reference is not None and not _agrees(gram, reference):
-                warnings.warn(
-                    f"gradient_mode='auto': the {mode!r} path disagrees with the others on this model "
-                    "(a tensor hook inside the shared graph?); it is not used",
-                    stacklevel=3,
-                )
-                times[mode] = math.inf
-        working = sorted((m for m, t in times.items() if math.isfinite(t)), key=MODES.index)
-        if not working:
-            raise RuntimeError("no gradient path succeeded") from last_error
-        used = working[0]
-        if used != preferred or last is None:  # the preferred path failed or disagreed: run the next one
-            last = self._run(used, losses, graph, shared, tasks, keep=True)
-        self.mode = used
-        self.timings = dict(times)
-        self._pending = (signature, times, used)
-        return last
-
-    def _run(
-        self,
-        mode: str,
-        losses: Sequence[Tensor],
-        graph: LossGraph,
-        shared: Sequence[Tensor],
-        tasks: Sequence[Sequence[Tensor]],
-        keep: bool,
-    ) -> TaskGradients:
-        if mode in ("lean", "frontier", "native"):
-            # lean factors every shared linear layer; frontier and native only where cheaper
-            policy = "always" if mode == "lean" else ("cheaper" if self.factored else "never")
-            return _frontier(losses, graph, shared, tasks, keep, policy, native=mode == "native")
-        return _PATHS[mode](losses, graph, shared, tasks, keep)
-
-
-def _best(history: Dict[str, List[float]]) -> str:
-    """The fastest path (best of its trials); ties go to the earlier one in :data:`MODES`."""
-    return min(history, key=lambda m: (min(history[m]), MODES.index(m)))
-
-
-def _agrees(gram: Tensor, reference: Tensor) -> bool:
-    scale = float(reference.abs().max())
-    if not math.isfinite(scale) or not bool(torch.isfinite(gram).all()):
-        return True  # a non-finite step is skipped anyway; nothing to compare
-    return float((gram - reference).abs().max()) <= AGREEMENT * scale
-
-
-def _signature(losses: Sequence[Tensor], graph: LossGraph, shared: Sequence[Tensor]) -> Tuple[Signature, int]:
-    """What a measured choice holds for, and the step's size (K x shared activation elements).
-
-    The number of losses, which shared parameters each loss reaches, and the type and
-    gradient shapes of every node of the shared graph (a new batch size, image size or
-    sequence length is a new signature).
-    """
-    k = len(losses)
-    shapes: List[object] = []
-    work = 0
-    mask = graph.mask
-    for node in graph.order:
-        if mask[node] & (mask[node] - 1) == 0:  # fewer than two losses: not shared
-            continue
-        sizes = tuple(tuple(m.shape) for m in getattr(node, "_input_metadata", ()))
-        for size in sizes:
-            work += math.prod(size)
-        shapes.append((type(node).__name__, sizes))
-    masks = tuple(graph.reached_by(p) for p in shared)
-    return (k, masks, tuple(shapes)), work * k
 
 
 def _empty(shared: Sequence[Tensor], tasks: Sequence[Sequence[Tensor]]) -> TaskGradients:
@@ -665,6 +383,26 @@ def _looped(
 
 
 _PATHS = {"frontier": _frontier, "batched": _batched, "looped": _looped}
+
+
+def run_path(
+    mode: str,
+    losses: Sequence[Tensor],
+    graph: LossGraph,
+    shared: Sequence[Tensor],
+    tasks: Sequence[Sequence[Tensor]],
+    keep: bool,
+    factored: bool = True,
+) -> TaskGradients:
+    """The per-task gradients by path ``mode`` (one of :data:`MODES`); ``keep`` retains the graph.
+
+    ``lean`` factors every shared linear layer; ``frontier`` and ``native`` only where
+    that is cheaper, and none when ``factored`` is False.
+    """
+    if mode in ("lean", "frontier", "native"):
+        policy = "always" if mode == "lean" else ("cheaper" if factored else "never")
+        return _frontier(losses, graph, shared, tasks, keep, policy, native=mode == "native")
+    return _PATHS[mode](losses, graph, shared, tasks, keep)
 
 
 def feature_gradients(

@@ -25,7 +25,7 @@ Tasks run in chunks so that at most ``CHUNK_BYTES`` of per-task activation gradi
 are alive at once (many tasks: memory stays bounded as K grows). Nothing here
 differentiates twice or frees the graph (the graph stays usable for another path).
 Tensor hooks registered on intermediate tensors are not run (the engine runs them);
-:class:`~.jacobian.GradientEngine` compares every measured path's Gram with the
+:class:`~.engine.GradientEngine` compares every measured path's Gram with the
 others' and drops a path that disagrees.
 """
 

@@ -30,9 +30,9 @@ from .clipping import check_max_grad_norm, clip_
 from .components import State
 from .diagnostics import step_stats
 from .distributed import all_average, world_size
+from .engine import GradientEngine
 from .gradients import all_finite
 from .graph import analyse
-from .jacobian import GradientEngine
 from .losses import (
     Losses,
     Samples,

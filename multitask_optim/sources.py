@@ -22,9 +22,10 @@ import torch
 from torch import Tensor
 
 from .distributed import all_average, world_size
+from .engine import GradientEngine
 from .gradients import Rows, TaskGradients, all_finite
 from .graph import LossGraph
-from .jacobian import GradientEngine, feature_gradients
+from .jacobian import feature_gradients
 from .partition import Partition
 
 

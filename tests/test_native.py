@@ -23,11 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import multitask_optim.engine as engine
 import multitask_optim.jacobian as jacobian
 import multitask_optim.native as native
 from multitask_optim import MultiTaskOptimizer
+from multitask_optim.engine import GradientEngine
 from multitask_optim.graph import analyse
-from multitask_optim.jacobian import MODES, GradientEngine
+from multitask_optim.jacobian import MODES
 
 
 class Scale(torch.autograd.Function):
@@ -194,8 +196,8 @@ def test_vmapped_paths_in_task_chunks_equal_one_chunk(monkeypatch: pytest.Monkey
 
 
 def test_auto_does_not_measure_full_buffers_above_the_budget(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(jacobian, "MEASURE_ABOVE", 0)
-    monkeypatch.setattr(jacobian, "JACOBIAN_BUDGET", 0)
+    monkeypatch.setattr(engine, "MEASURE_ABOVE", 0)
+    monkeypatch.setattr(engine, "JACOBIAN_BUDGET", 0)
     model, x = make("conv2d")
     opt = train(model, x, "auto", steps=1)
     assert set(opt.last_stats["gradient_timings_ms"]) == {"lean", "frontier", "native"}
@@ -231,7 +233,7 @@ def test_preconditioning_on_the_native_path_equals_looped(precondition: Optional
 @pytest.fixture
 def measure_all(monkeypatch: pytest.MonkeyPatch) -> None:
     """Measure even these tiny steps."""
-    monkeypatch.setattr(jacobian, "MEASURE_ABOVE", 0)
+    monkeypatch.setattr(engine, "MEASURE_ABOVE", 0)
 
 
 @pytest.mark.usefixtures("measure_all")
@@ -239,7 +241,7 @@ def test_auto_times_every_applicable_path_and_keeps_one() -> None:
     model, x = make("conv2d")
     opt = MultiTaskOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), seed=1)
     seen: List[Dict[str, float]] = []
-    for _ in range(jacobian.TRIALS + 1):
+    for _ in range(engine.TRIALS + 1):
         opt.zero_grad()
         opt.step(model.losses(x))
         seen.append(dict(opt.last_stats.get("gradient_timings_ms", {})))
@@ -271,7 +273,7 @@ def test_auto_results_equal_an_explicit_mode(surgery: str) -> None:
 @pytest.mark.usefixtures("measure_all")
 def test_auto_measures_again_when_the_shapes_or_the_losses_change() -> None:
     model, x = make("conv2d")
-    opt = train(model, x, "auto", steps=jacobian.TRIALS)
+    opt = train(model, x, "auto", steps=engine.TRIALS)
     chosen = opt.engine.mode
     opt.zero_grad()
     opt.step(model.losses(x))
@@ -309,7 +311,7 @@ def test_a_skipped_measuring_step_leaves_no_trace() -> None:
 @pytest.mark.usefixtures("measure_all")
 def test_the_choice_survives_a_checkpoint_and_the_run_continues_bitwise() -> None:
     model, x = make("conv2d")
-    opt = train(model, x, "auto", steps=jacobian.TRIALS)
+    opt = train(model, x, "auto", steps=engine.TRIALS)
     saved = copy.deepcopy(opt.state_dict())
     assert saved["multitask"]["gradient_mode"] == opt.engine.mode in MODES
     clone = copy.deepcopy(model)
@@ -335,7 +337,7 @@ def test_small_steps_are_not_measured() -> None:
 
 def test_a_disagreeing_path_is_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
     """A tensor hook inside the shared graph: the engine runs it, the native walk does not."""
-    monkeypatch.setattr(jacobian, "MEASURE_ABOVE", 0)
+    monkeypatch.setattr(engine, "MEASURE_ABOVE", 0)
     model, x = make("conv2d")
     opt = MultiTaskOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), seed=1)
 
@@ -348,7 +350,7 @@ def test_a_disagreeing_path_is_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.warns(UserWarning, match="'native' path disagrees"):
         opt.step(losses())
     assert opt.last_stats["gradient_timings_ms"]["native"] == float("inf")
-    for _ in range(jacobian.TRIALS):
+    for _ in range(engine.TRIALS):
         opt.zero_grad()
         opt.step(losses())
     assert opt.engine.mode != "native"

@@ -30,7 +30,7 @@ from models import (
 )
 from torch import nn
 
-from multitask_optim import MultiTaskOptimizer, jacobian
+from multitask_optim import MultiTaskOptimizer, engine
 
 INNER: Dict[str, Callable[[Any], torch.optim.Optimizer]] = {
     "sgd_momentum": lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9),
@@ -187,7 +187,7 @@ def test_gradient_paths_agree_on_jacobian_rows() -> None:
 def test_auto_mode_on_an_unmeasured_step(monkeypatch: pytest.MonkeyPatch, loop_below, expected: str) -> None:
     """Below MEASURE_ABOVE nothing is timed: the smallest steps loop, the others take the frontier."""
     if loop_below is not None:
-        monkeypatch.setattr(jacobian, "LOOP_BELOW", loop_below)
+        monkeypatch.setattr(engine, "LOOP_BELOW", loop_below)
     model = build(TrunkHeads, seed=0)
     opt = MultiTaskOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), seed=0)
     assert opt.engine.mode is None
