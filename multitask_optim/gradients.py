@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -79,6 +79,64 @@ class LinearFactor:
         return out.to(self.deltas.dtype)
 
 
+@dataclass
+class HeadFactor:
+    """Representation rows kept factored: heads that start with a linear map of ``z``.
+
+    When every head reads the representation ``z`` (``N x D``) only through linear
+    maps ``z M_a`` (``nn.Linear``, ``F.linear``, ``z @ W``), task ``i``'s row is
+    ``Z_i = sum_a delta_a M_a^T`` over its maps ``a``, with ``delta_a`` (``N x o_a``) the
+    gradient at the map's output. Concatenating the maps' columns (``O = sum_a o_a``)::
+
+        <Z_i, Z_j> = sum over columns a of i, b of j of (Delta^T Delta)_ab (M^T M)_ab
+        sum_i c_i Z_i = (Delta diag(c[owner])) M^T
+
+    so no ``K x N x D`` buffer is formed: the Gram costs ``(N + D) O^2`` and the update
+    one ``N x O x D`` product.
+
+    Attributes:
+        deltas: ``Delta``, ``(N, O)``.
+        maps: ``M``, ``(D, O)``.
+        owner: ``(O,)`` long, the task of every column.
+        num_tasks: ``K``.
+    """
+
+    deltas: Tensor
+    maps: Tensor
+    owner: Tensor
+    num_tasks: int
+
+    def positions(self) -> List[int]:
+        return [0]
+
+    def scaled(self, factors: Tensor) -> HeadFactor:
+        scale = factors.to(dtype=self.deltas.dtype, device=self.deltas.device)[
+            self.owner.to(self.deltas.device)
+        ]
+        return replace(self, deltas=self.deltas * scale)
+
+    def _onehot(self, dtype: torch.dtype, device: torch.device) -> Tensor:
+        owner = self.owner.to(device)
+        return torch.nn.functional.one_hot(owner, self.num_tasks).to(dtype)  # (O, K)
+
+    def rows(self) -> Dict[int, Tensor]:
+        """The explicit rows ``Z`` (``K x N x D``)."""
+        s = self._onehot(self.deltas.dtype, self.deltas.device)
+        return {0: torch.einsum("no,ok,do->knd", self.deltas, s, self.maps.to(self.deltas.dtype))}
+
+    def gram(self, position: int) -> Tensor:
+        """Float64 ``(K, K)`` Gram of the rows, on the CPU."""
+        d, m = self.deltas.to(torch.float64), self.maps.to(torch.float64)
+        s = self._onehot(torch.float64, d.device)
+        return (s.T @ ((d.T @ d) * (m.T @ m)) @ s).cpu()
+
+    def update(self, position: int, coefs: Tensor, dtype: Optional[torch.dtype]) -> Tensor:
+        """``sum_i c_i Z_i`` (``N x D``) computed in ``dtype`` (None: the deltas')."""
+        d = self.deltas if dtype is None else self.deltas.to(dtype)
+        c = coefs.to(device=d.device, dtype=d.dtype)[self.owner.to(d.device)]
+        return ((d * c) @ self.maps.to(d.dtype).T).to(self.deltas.dtype)
+
+
 def _factor_gram(inputs: Tensor, deltas: Tensor, dtype: torch.dtype) -> Tensor:
     x, d = inputs.to(dtype), deltas.to(dtype)
     k = d.shape[0]
@@ -98,7 +156,7 @@ class TaskGradients:
 
     shared: Rows
     tasks: List[List[Optional[Tensor]]]
-    factors: List[LinearFactor] = field(default_factory=list)
+    factors: List[Union[LinearFactor, HeadFactor]] = field(default_factory=list)
 
     @classmethod
     def empty(cls, num_shared: int, task_sizes: Sequence[int]) -> TaskGradients:

@@ -25,7 +25,7 @@ Five exact paths; ``gradient_mode="auto"`` measures them (see :class:`~.engine.G
 
 All paths give the same Jacobian up to float rounding (their summation orders differ).
 Representation mode differentiates the losses with respect to a feature tensor instead
-(see :func:`feature_gradients`).
+(see :mod:`.representation`).
 """
 
 from __future__ import annotations
@@ -403,22 +403,3 @@ def run_path(
         policy = "always" if mode == "lean" else ("cheaper" if factored else "never")
         return _frontier(losses, graph, shared, tasks, keep, policy, native=mode == "native")
     return _PATHS[mode](losses, graph, shared, tasks, keep)
-
-
-def feature_gradients(
-    losses: Sequence[Tensor], features: Tensor, tasks: Sequence[Sequence[Tensor]], graph: LossGraph
-) -> Tuple[Tensor, List[List[Optional[Tensor]]]]:
-    """Representation mode: per-task gradients w.r.t. ``features`` and the task parameters.
-
-    Returns ``(Z, task_grads)`` with ``Z`` of shape ``(K, *features.shape)``. Only the
-    heads are traversed (K cheap backwards); the trunk is not touched.
-    """
-    rows: List[Tensor] = []
-    task_grads: List[List[Optional[Tensor]]] = []
-    for i, loss in enumerate(losses):
-        own = _reached(graph, tasks[i], 1 << i)
-        grads = torch.autograd.grad(loss, [features, *own], retain_graph=True, allow_unused=True)
-        rows.append(grads[0] if grads[0] is not None else torch.zeros_like(features))
-        got = {id(p): g for p, g in zip(own, grads[1:])}
-        task_grads.append([got.get(id(p)) for p in tasks[i]])
-    return torch.stack(rows), task_grads

@@ -7,8 +7,9 @@ differs:
   respect to the shared parameters (:mod:`.jacobian`); the update of a block is
   ``J_b^T c_b``. Under ``torch.distributed`` the rows are averaged across ranks.
 - :class:`RepresentationRows` (``step(losses, representation=z)``, an approximation):
-  rows are the gradients with respect to the shared representation ``z`` (K cheap head
-  backwards, the batch flattened into the row as in the MGDA-UB paper's code); the
+  rows are the gradients with respect to the shared representation ``z`` (head
+  backwards only, factored for linear heads: :mod:`.representation`; the batch
+  flattened into the row as in the MGDA-UB paper's code); the
   combined feature gradient ``Z^T c`` runs one backward through the trunk. Under
   ``torch.distributed`` the global Gram is the sum of the ranks' Grams over the global
   batch size squared, and the trunk updates are averaged.
@@ -25,8 +26,8 @@ from .distributed import all_average, world_size
 from .engine import GradientEngine
 from .gradients import Rows, TaskGradients, all_finite
 from .graph import LossGraph
-from .jacobian import feature_gradients
 from .partition import Partition
+from .representation import feature_rows
 
 
 class ParameterRows:
@@ -85,8 +86,7 @@ class RepresentationRows:
         self.graph = graph
 
     def gather(self, losses: Sequence[Tensor], graph: LossGraph, partition: Partition) -> TaskGradients:
-        rows, task_grads = feature_gradients(losses, self.features, partition.tasks, graph)
-        return TaskGradients([rows], task_grads)
+        return feature_rows(losses, self.features, partition.tasks, graph)
 
     def blocks(self, blocks: List[List[int]]) -> List[List[int]]:
         return [[0]]
@@ -110,10 +110,9 @@ class RepresentationRows:
     def updates(
         self, grads: TaskGradients, blocks: Sequence[Sequence[int]], mix: Tensor, partition: Partition
     ) -> Tuple[Rows, bool]:
-        assert grads.shared[0] is not None
         # Z^T c with the same float64 fallback and coefficient rescaling as parameter mode:
         # a coefficient beyond the rows' dtype (a tiny task scaled up) must not overflow
-        combined, finite = TaskGradients([grads.shared[0]], []).combine([[0]], mix)
+        combined, finite = TaskGradients(grads.shared[:1], [], grads.factors).combine([[0]], mix)
         feature_grad = combined[0]
         if not finite or feature_grad is None:
             return [None] * len(partition.shared), False

@@ -137,3 +137,86 @@ def test_representation_mode_rejects_bad_features_and_preconditioning() -> None:
     pre = MultiTaskOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), precondition="adam")
     with pytest.raises(ValueError, match="representation"):
         pre.step(losses, representation=z)
+
+
+# ---------------------------------------------------------------------- factored heads
+class ManyHeads(nn.Module):
+    """Heads of several kinds: one or two linear reads of z, several outputs, no bias."""
+
+    def __init__(self, k: int, kind: str, d_z: int = 16) -> None:
+        super().__init__()
+        self.kind = kind
+        self.trunk = nn.Sequential(nn.Linear(5, d_z), nn.Tanh())
+        self.heads = nn.ModuleList([nn.Linear(d_z, 1 + i % 3, bias=i % 2 == 0) for i in range(k)])
+        if kind == "two-reads":
+            self.extra = nn.Linear(d_z, 2, bias=False)  # a second read of z by task 0
+        if kind == "nonlinear":
+            self.norm = nn.LayerNorm(d_z)
+
+    def forward(self, x: Tensor) -> tuple:
+        z = self.trunk(x)
+        losses = []
+        for i, head in enumerate(self.heads):
+            out = head(self.norm(z) if self.kind == "nonlinear" and i == 1 else z)
+            loss = (torch.sin(out) ** 2).mean() * (i + 1)
+            if i == 0 and self.kind == "two-reads":
+                loss = loss + (self.extra(z) ** 2).mean()
+            losses.append(loss)
+        return z, losses
+
+
+@pytest.mark.parametrize("kind", ["linear", "two-reads", "nonlinear"])
+def test_factored_representation_rows_equal_the_dense_ones(kind: str) -> None:
+    from multitask_optim.graph import analyse
+    from multitask_optim.representation import feature_gradients, feature_rows
+
+    torch.manual_seed(3)
+    k = 4
+    model = ManyHeads(k, kind).double()
+    x = torch.randn(12, 5, dtype=torch.float64)
+    z, losses = model(x)
+    extra = list(model.extra.parameters()) if kind == "two-reads" else []
+    tasks = [list(h.parameters()) + (extra if i == 0 else []) for i, h in enumerate(model.heads)]
+    graph = analyse(losses)
+    got = feature_rows(losses, z, tasks, graph)
+    dense, task_grads = feature_gradients(losses, z, tasks, graph)
+    assert bool(got.factors) == (kind != "nonlinear"), "linear heads are factored, others are not"
+    rows = got.dense().shared[0]
+    torch.testing.assert_close(rows, dense, rtol=1e-12, atol=1e-12)
+    flat = dense.reshape(k, -1)
+    torch.testing.assert_close(got.grams([[0]], k)[0], flat @ flat.T, rtol=1e-12, atol=1e-12)
+    coefs = torch.tensor([[0.5, -1.0, 2.0, 0.25]], dtype=torch.float64)
+    update, finite = got.combine([[0]], coefs)
+    assert finite
+    torch.testing.assert_close(update[0], torch.tensordot(coefs[0], dense, dims=1), rtol=1e-12, atol=1e-12)
+    for mine, ref in zip(got.tasks, task_grads):
+        for a, b in zip(mine, ref):
+            assert (a is None) == (b is None)
+            if a is not None:
+                torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_factored_representation_step_equals_the_dense_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A whole MGDA-UB run: the factored heads give the dense run's parameters."""
+    from multitask_optim import representation
+
+    def run() -> List[Tensor]:
+        torch.manual_seed(0)
+        model = ManyHeads(3, "two-reads").double()
+        opt = MultiTaskOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), surgery="mgda", seed=0)
+        for step in range(4):
+            x = torch.randn(64, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(step))
+            z, losses = model(x)
+            opt.zero_grad()
+            opt.step(losses, representation=z)
+        return [p.detach().clone() for p in model.parameters()]
+
+    calls = []
+    original = representation._factored
+    monkeypatch.setattr(representation, "_factored", lambda *a: calls.append(1) or original(*a))
+    factored = run()
+    assert len(calls) == 4, "the linear heads must take the factored path"
+    monkeypatch.setattr(representation, "_linear_maps", lambda *args: None)
+    dense = run()
+    for a, b in zip(factored, dense):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

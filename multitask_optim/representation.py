@@ -1,0 +1,134 @@
+"""Representation mode's rows: per-task gradients with respect to a shared representation ``z``.
+
+``step(losses, representation=z)`` (an approximation of the parameter-level method, as
+MGDA-UB) needs, per task, the gradient of its loss w.r.t. ``z`` and w.r.t. its own
+parameters; only the heads are traversed, never the trunk.
+
+- **Factored** (:class:`~.gradients.HeadFactor`), when every head reads ``z`` (2-D) only
+  through linear maps of its own (``nn.Linear``, ``F.linear``, ``z @ W``) and that is
+  cheaper: ONE backward of all losses gives each map's output gradient ``delta_a`` and
+  every task's own-parameter gradients (each map and each own parameter is reached by
+  one loss only, so the sum's gradient there is that loss's). Autograd never forms the
+  ``N x D`` gradient of ``z`` per task; the Gram and the combined feature gradient come
+  from the ``delta_a`` and the maps (see ``HeadFactor``).
+- **Dense** otherwise: one backward per task to ``z`` and its own parameters, giving the
+  ``(K, *z.shape)`` rows.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+from torch.autograd.graph import GradientEdge
+
+from .gradients import HeadFactor, TaskGradients
+from .graph import LossGraph, Node
+
+
+def feature_rows(
+    losses: Sequence[Tensor], features: Tensor, tasks: Sequence[Sequence[Tensor]], graph: LossGraph
+) -> TaskGradients:
+    """Per-task rows w.r.t. ``features`` (factored where possible) and own-parameter gradients."""
+    maps = _linear_maps(losses, features, graph)
+    if maps is not None:
+        return _factored(losses, features, tasks, graph, maps)
+    rows, task_grads = feature_gradients(losses, features, tasks, graph)
+    return TaskGradients([rows], task_grads)
+
+
+def feature_gradients(
+    losses: Sequence[Tensor], features: Tensor, tasks: Sequence[Sequence[Tensor]], graph: LossGraph
+) -> Tuple[Tensor, List[List[Optional[Tensor]]]]:
+    """Dense: ``(Z, task_grads)`` with ``Z`` of shape ``(K, *features.shape)``, K head backwards."""
+    rows: List[Tensor] = []
+    task_grads: List[List[Optional[Tensor]]] = []
+    for i, loss in enumerate(losses):
+        own = [p for p in tasks[i] if graph.reached_by(p) & (1 << i)]
+        grads = torch.autograd.grad(loss, [features, *own], retain_graph=True, allow_unused=True)
+        rows.append(grads[0] if grads[0] is not None else torch.zeros_like(features))
+        got = {id(p): g for p, g in zip(own, grads[1:])}
+        task_grads.append([got.get(id(p)) for p in tasks[i]])
+    return torch.stack(rows), task_grads
+
+
+def _reads(edge: Tuple[Optional[Node], int], features: Tensor) -> bool:
+    node, nr = edge
+    if node is None:
+        return False
+    if features.grad_fn is not None:
+        return node is features.grad_fn and nr == features.output_nr
+    return getattr(node, "variable", None) is features
+
+
+def _linear_maps(
+    losses: Sequence[Tensor], features: Tensor, graph: LossGraph
+) -> Optional[List[Tuple[int, Node, Tensor]]]:
+    """``(task, node, M)`` for every graph node that reads ``features``, when all are linear
+    maps ``features @ M`` private to one task and factoring is cheaper; else None."""
+    if features.dim() != 2:
+        return None
+    found: List[Tuple[int, Node, Tensor]] = []
+    for node in graph.order:
+        edges = graph.children[node]
+        positions = [pos for pos, edge in enumerate(edges) if _reads(edge, features)]
+        if not positions:
+            continue
+        mask = graph.mask[node]
+        if mask == 0 or mask & (mask - 1):  # reached by several losses: a shared consumer of z
+            return None
+        name = type(node).__name__
+        try:
+            if (
+                name == "AddmmBackward0"
+                and positions == [1]
+                and node._saved_alpha == 1
+                and node._saved_beta == 1
+            ):
+                m = node._saved_mat2
+            elif name == "MmBackward0" and positions == [0]:
+                m = node._saved_mat2
+            else:
+                return None
+        except (AttributeError, RuntimeError):
+            return None
+        if m is None or m.dim() != 2:
+            return None
+        found.append((mask.bit_length() - 1, node, m.detach()))
+    if not found:
+        return None
+    k = len(losses)
+    n, d = features.shape
+    columns = sum(int(m.shape[1]) for _, _, m in found)
+    factored = (n + d) * columns * columns + n * columns * d
+    dense = k * n * d * (k + 2)  # forming Z, its Gram, the update
+    return found if factored < dense else None
+
+
+def _factored(
+    losses: Sequence[Tensor],
+    features: Tensor,
+    tasks: Sequence[Sequence[Tensor]],
+    graph: LossGraph,
+    maps: List[Tuple[int, Node, Tensor]],
+) -> TaskGradients:
+    k = len(losses)
+    own = [[p for p in tasks[i] if graph.reached_by(p) & (1 << i)] for i in range(k)]
+    inputs = [GradientEdge(node, 0) for _, node, _ in maps] + [p for params in own for p in params]
+    grads = torch.autograd.grad(
+        list(losses), inputs, [torch.ones_like(loss) for loss in losses], retain_graph=True, allow_unused=True
+    )
+    deltas: List[Tensor] = []
+    for (_, _node, m), delta in zip(maps, grads):
+        if delta is None:  # no gradient reaches the map's output (a non-differentiable step after it)
+            delta = torch.zeros((features.shape[0], m.shape[1]), dtype=m.dtype, device=m.device)
+        deltas.append(delta)
+    rest = iter(grads[len(maps) :])
+    task_grads: List[List[Optional[Tensor]]] = []
+    for i in range(k):
+        got = {id(p): next(rest) for p in own[i]}
+        task_grads.append([got.get(id(p)) for p in tasks[i]])
+    owner = torch.cat([torch.full((int(m.shape[1]),), t, dtype=torch.long) for t, _, m in maps])
+    factor = HeadFactor(torch.cat(deltas, dim=1), torch.cat([m for _, _, m in maps], dim=1), owner, k)
+    return TaskGradients([None], task_grads, [factor])
