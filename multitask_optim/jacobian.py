@@ -66,62 +66,46 @@ def _useful_nodes(graph: LossGraph, shared_index: Dict[int, int]) -> Dict[Node, 
 
 
 def _head_backward(
-    group: Sequence[int],
-    losses: Sequence[Tensor],
+    i: int,
+    loss: Tensor,
     graph: LossGraph,
-    private: Sequence[Sequence[Node]],
+    private: Sequence[Node],
     useful: Dict[Node, bool],
-    own: Sequence[Sequence[Tensor]],
-    own_shared: Sequence[Sequence[Tensor]],
-) -> Tuple[
-    List[Dict[Edge, List[Tensor]]], List[Tuple[Optional[Tensor], ...]], List[Tuple[Optional[Tensor], ...]]
-]:
-    """Backpropagate the losses of ``group`` through their own heads, in one backward.
+    own: Sequence[Tensor],
+    own_shared: Sequence[Tensor],
+) -> Tuple[Dict[Edge, List[Tensor]], Tuple[Optional[Tensor], ...], Tuple[Optional[Tensor], ...]]:
+    """Backpropagate loss ``i`` through its own head once.
 
-    Each node a hook watches is private to one task, so what it captures (and every
-    own parameter's gradient) is that task's alone even when several losses run in
-    the same backward. Returns, per task of ``group``: the gradients arriving on the
-    frontier edges (captured with node hooks, so only the head's own contribution),
-    the gradients of the task's own parameters and those of shared parameters only this
-    loss reaches.
+    Returns the gradients arriving on the frontier edges (captured with node hooks, so
+    only the head's own contribution), the gradients of the task's own parameters and
+    those of shared parameters only this loss reaches.
     """
-    captured: List[Dict[Edge, List[Tensor]]] = [{} for _ in group]
+    captured: Dict[Edge, List[Tensor]] = {}
     handles = []
     edges: List[Edge] = []
-    for slot, i in enumerate(group):
-        if popcount(graph.mask[graph.roots[i]]) >= 2:
-            # the loss itself is an intermediate of another task's loss
-            captured[slot][(graph.roots[i], 0)] = [torch.ones_like(losses[i])]
-        for node in private[i]:
-            slots = [
-                (pos, (child, nr))
-                for pos, (child, nr) in enumerate(graph.children[node])
-                if child is not None and useful.get(child, False)
-            ]
-            if not slots:
-                continue
-            for _, edge in slots:
-                if edge not in edges:
-                    edges.append(edge)
-            handles.append(node.register_hook(_capture(slots, captured[slot])))
-    params = [p for i in group for p in own[i]] + [p for i in group for p in own_shared[i]]
-    inputs = [GradientEdge(c, nr) for c, nr in edges] + params
-    outputs = [losses[i] for i in group]
+    if popcount(graph.mask[graph.roots[i]]) >= 2:
+        # the loss itself is an intermediate of another task's loss
+        captured[(graph.roots[i], 0)] = [torch.ones_like(loss)]
+    for node in private:
+        slots = [
+            (pos, (child, nr))
+            for pos, (child, nr) in enumerate(graph.children[node])
+            if child is not None and useful.get(child, False)
+        ]
+        if not slots:
+            continue
+        for _, edge in slots:
+            if edge not in edges:
+                edges.append(edge)
+        handles.append(node.register_hook(_capture(slots, captured)))
+    inputs = [GradientEdge(c, nr) for c, nr in edges] + list(own) + list(own_shared)
     try:
-        grads = (
-            torch.autograd.grad(
-                outputs, inputs, [torch.ones_like(x) for x in outputs], retain_graph=True, allow_unused=True
-            )
-            if inputs
-            else ()
-        )
+        grads = torch.autograd.grad(loss, inputs, retain_graph=True, allow_unused=True) if inputs else ()
     finally:
         for handle in handles:
             handle.remove()
-    rest = iter(grads[len(edges) :])
-    own_grads = [tuple(next(rest) for _ in own[i]) for i in group]
-    shared_grads = [tuple(next(rest) for _ in own_shared[i]) for i in group]
-    return captured, own_grads, shared_grads
+    n = len(edges)
+    return captured, tuple(grads[n : n + len(own)]), tuple(grads[n + len(own) :])
 
 
 def _frontier(
@@ -145,23 +129,20 @@ def _frontier(
 
     # seeds[(node, input_nr)] = per-task gradient arriving on that frontier edge
     seeds: Dict[Edge, List[Optional[Tensor]]] = {}
-    own = [_reached(graph, tasks[i], 1 << i) for i in range(k)]
-    own_shared = [[p for p in shared if graph.reached_by(p) == 1 << i] for i in range(k)]
-    # every head in one backward, unless a loss feeds another (then its own pass each)
-    nested = any(popcount(graph.mask[root]) >= 2 for root in graph.roots)
-    for group in [[i] for i in range(k)] if nested else [list(range(k))]:
+    for i, loss in enumerate(losses):
+        own = _reached(graph, tasks[i], 1 << i)
+        own_shared = [p for p in shared if graph.reached_by(p) == 1 << i]
         captured, own_grads, shared_grads = _head_backward(
-            group, losses, graph, private, useful, own, own_shared
+            i, loss, graph, private[i], useful, own, own_shared
         )
-        for slot, i in enumerate(group):
-            own_map = {id(p): g for p, g in zip(own[i], own_grads[slot])}
-            out.tasks[i] = [own_map.get(id(p)) for p in tasks[i]]
-            for p, g in zip(own_shared[i], shared_grads[slot]):
-                if g is not None:
-                    out.shared[shared_index[id(p)]] = _row(g, i, k)
-            for edge, parts in captured[slot].items():
-                total = parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)
-                seeds.setdefault(edge, [None] * k)[i] = total
+        own_map = {id(p): g for p, g in zip(own, own_grads)}
+        out.tasks[i] = [own_map.get(id(p)) for p in tasks[i]]
+        for p, g in zip(own_shared, shared_grads):
+            if g is not None:
+                out.shared[shared_index[id(p)]] = _row(g, i, k)
+        for edge, parts in captured.items():
+            total = parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)
+            seeds.setdefault(edge, [None] * k)[i] = total
     if native:
         linear = _linear_nodes(graph, shared_index, k, factor) if factor != "never" else []
         held = trunk_backward(seeds, graph, shared, shared_index, useful, linear, out, k)

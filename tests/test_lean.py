@@ -11,7 +11,6 @@ from torch import Tensor, nn
 from multitask_optim import MultiTaskOptimizer
 from multitask_optim.engine import GradientEngine
 from multitask_optim.graph import analyse
-from multitask_optim.jacobian import run_path
 
 
 class Trunk(nn.Module):
@@ -136,30 +135,3 @@ def test_default_frontier_factors_only_where_cheaper() -> None:
     losses = model.losses(many_rows)
     grads = GradientEngine("frontier").compute(losses, analyse(losses), shared, heads)
     assert not grads.factors
-
-
-@pytest.mark.parametrize("nested", [False, True])
-def test_heads_in_one_backward_equal_the_looped_rows(nested: bool) -> None:
-    """The frontier runs every head in one backward (hooks on private nodes keep the
-    tasks apart); a loss that feeds another loss gets its own pass. Both equal looped."""
-    torch.manual_seed(0)
-    trunk = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 6), nn.Tanh()).double()
-    heads = nn.ModuleList(
-        [nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 2)) for _ in range(4)]
-    ).double()
-    x = torch.randn(7, 4, dtype=torch.float64)
-    z = trunk(x)
-    losses = [(torch.sin(h(z)) ** 2).sum() for h in heads]
-    if nested:
-        losses[2] = losses[2] + 0.5 * losses[1]  # loss 1 is an intermediate of loss 2
-    graph = analyse(losses)
-    shared = list(trunk.parameters())
-    tasks = [list(h.parameters()) for h in heads]
-    if nested:  # head 1 is reached by losses 1 and 2: it is shared, as the partition would have it
-        shared, tasks[1] = shared + tasks[1], []
-    rows = {mode: run_path(mode, losses, graph, shared, tasks, keep=True) for mode in ("frontier", "looped")}
-    for a, b in zip(rows["frontier"].dense().shared, rows["looped"].dense().shared):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-    for ta, tb in zip(rows["frontier"].tasks, rows["looped"].tasks):
-        for a, b in zip(ta, tb):
-            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
