@@ -137,10 +137,22 @@ class HeadFactor:
         return ((d * c) @ self.maps.to(d.dtype).T).to(self.deltas.dtype)
 
 
+#: The factored Gram forms ``(X X^T) delta_j`` for this many bytes of tasks at a time.
+_GRAM_CHUNK_BYTES = 16 * 2**20
+
+
 def _factor_gram(inputs: Tensor, deltas: Tensor, dtype: torch.dtype) -> Tensor:
+    """``G_ij = <delta_i, (X X^T) delta_j>``, the product formed for a few tasks at a time
+    (bounded memory: a ``K x N x out`` temporary would match the deltas' own size)."""
     x, d = inputs.to(dtype), deltas.to(dtype)
     k = d.shape[0]
-    return d.reshape(k, -1) @ (x @ x.T @ d).reshape(k, -1).T
+    a = x @ x.T
+    flat = d.reshape(k, -1)
+    step = max(1, _GRAM_CHUNK_BYTES // max(1, flat[0].numel() * flat.element_size()))
+    if step >= k:
+        return flat @ (a @ d).reshape(k, -1).T
+    cols = [flat @ (a @ d[j : j + step]).reshape(-1, flat.shape[1]).T for j in range(0, k, step)]
+    return torch.cat(cols, dim=1)
 
 
 @dataclass
