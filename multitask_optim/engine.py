@@ -153,14 +153,14 @@ class GradientEngine:
     ) -> TaskGradients:
         if self.requested != "auto":
             assert self.mode is not None
-            return self._run(self.mode, losses, graph, shared, tasks, keep=False)
+            return run_path(self.mode, losses, graph, shared, tasks, False, self.factored)
         signature, work = _signature(losses, graph, shared)
         chosen = self._choices.get(signature) or self._restored
         self.timings = {}
         if chosen is not None:
             self.mode = chosen
             self._pending = (signature, None, chosen)
-            return self._run(chosen, losses, graph, shared, tasks, keep=False)
+            return run_path(chosen, losses, graph, shared, tasks, False, self.factored)
         if work < MEASURE_ABOVE:
             order = ("looped",) if work < LOOP_BELOW else FALLBACK
             result, mode = self._first(order, losses, graph, shared, tasks)
@@ -181,7 +181,7 @@ class GradientEngine:
         last_error: Optional[Exception] = None
         for mode in candidates:
             try:
-                return self._run(mode, losses, graph, shared, tasks, keep=True), mode
+                return run_path(mode, losses, graph, shared, tasks, True, self.factored), mode
             except RuntimeError as error:  # vmap / custom Function limitations
                 last_error = error
         raise RuntimeError("no gradient path succeeded") from last_error
@@ -223,7 +223,7 @@ class GradientEngine:
         for mode in order:
             start = time.perf_counter()
             try:
-                result = self._run(mode, losses, graph, shared, tasks, keep=True)
+                result = run_path(mode, losses, graph, shared, tasks, True, self.factored)
             except RuntimeError as error:
                 last_error = error
                 times[mode] = math.inf
@@ -248,22 +248,11 @@ class GradientEngine:
             raise RuntimeError("no gradient path succeeded") from last_error
         used = working[0]
         if used != preferred or last is None:  # the preferred path failed or disagreed: run the next one
-            last = self._run(used, losses, graph, shared, tasks, keep=True)
+            last = run_path(used, losses, graph, shared, tasks, True, self.factored)
         self.mode = used
         self.timings = dict(times)
         self._pending = (signature, times, used)
         return last
-
-    def _run(
-        self,
-        mode: str,
-        losses: Sequence[Tensor],
-        graph: LossGraph,
-        shared: Sequence[Tensor],
-        tasks: Sequence[Sequence[Tensor]],
-        keep: bool,
-    ) -> TaskGradients:
-        return run_path(mode, losses, graph, shared, tasks, keep, self.factored)
 
 
 def _best(history: Dict[str, List[float]]) -> str:
