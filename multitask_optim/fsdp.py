@@ -6,6 +6,13 @@ mesh); the autograd graph of a forward pass holds FSDP's *unsharded* parameters 
 source of per-task rows for such a model, with the interface of
 :class:`~multitask_optim.sources.ParameterRows`, so the step pipeline is unchanged:
 
+0. **agree** (before any backward): ONE ``all_reduce`` of ``K`` presence flags. FSDP
+   all-gathers a module's parameters for every backward pass through it, and the
+   passes depend on the tasks (the frontier path runs one per head), so every rank
+   must have the same tasks in a step; a task present on some ranks only is refused on
+   every rank (a rank without samples of a task gives a zero loss through the task's
+   head and ``samples=`` 0 for it). A task absent on *every* rank is fine: the step is
+   the method on the present tasks, as without FSDP.
 1. **gather** (no communication of ours): the partition is found from the graph as
    without FSDP, through the map *unsharded graph leaf -> sharded parameter* read from
    FSDP's own registry of module states (no ``model=`` argument). The gradient engine
@@ -15,12 +22,17 @@ source of per-task rows for such a model, with the interface of
    parameters for backward and reshard them afterwards; since ``autograd.grad`` fills
    no ``.grad``, FSDP reduces nothing itself.
 2. **reduce**: ONE ``reduce_scatter`` of every stacked per-task gradient (shared rows
-   and task-parameter gradients, pre-divided by the world size: an average), cut along
-   each parameter's shard dimension exactly as FSDP cuts it. It leaves every rank with
-   its shard of each task's gradient averaged over the global batch -- what K separate
-   backwards through FSDP would deliver, in one collective instead of K. The loss values
-   and a "non-finite on this rank" flag ride in every rank's chunk, so every rank gets
-   their global sums and every rank skips a step that any rank finds non-finite.
+   and task-parameter gradients), cut along each parameter's shard dimension exactly
+   as FSDP cuts it, laid out over all ``K`` tasks and every parameter of the partition
+   on every rank (zeros for what a rank lacks). Task ``i``'s rows are weighted by the
+   rank's ``samples=`` count (1 by default) and pre-divided by the world size, then
+   rescaled by ``W / S_i`` (``S_i`` the total count), so every rank holds its shard of
+   each task's gradient averaged over the ranks that had it -- what DDP's
+   :func:`~multitask_optim.gradients.reduce_tasks` computes, and what K separate
+   backwards through FSDP would deliver, in one collective instead of K. A tail rides
+   in every rank's chunk (``K`` weighted loss values, ``K`` counts, a reached flag per
+   parameter, a "non-finite on this rank" flag, a bound on the entries), so every rank
+   gets the same values and presence and skips a step that any rank finds non-finite.
 3. **gram**: each rank computes the partial Gram of its shards, ``G_r = J_r J_r^T``
    (float64), and ONE ``all_reduce`` of the ``(B, K, K)`` partials (plus one number, the
    sum of the ranks' largest row entries, for the overflow check below) gives
@@ -36,15 +48,39 @@ because the reduce-scatter averages the ranks' full gradients, as FSDP's own
 reduce-scatter does. Per-task preconditioning is element-wise, so its accumulators stay
 sharded like the parameters.
 
-Per step each rank sends about ``(W-1)/W * 4 (K*P + W*(K+1))`` bytes (float32) in the
-reduce-scatter and ``8 (B*K*K + 1)`` in the Gram all-reduce, against ``2 (W-1)/W * 4 K*P``
-for the all-reduce of the replicated (DDP) path; FSDP's own all-gathers of the parameters
-for forward and backward come on top, as for any FSDP training.
+**Row surgeries** (:class:`~multitask_optim.aggregators.RowAggregator`: GradDrop,
+trimmed mean, ExcessMTL, DB-MTL, MoCo) replace steps 3-4's combination: each rank runs
+the method on its ``(K, n_b)`` shard of every block's rows, with ``ctx.shards`` a
+:class:`RowShards` saying where those elements sit in the whole rows. Element-wise work
+(GradDrop's masks, the trimmed mean's sorts, EMAs, accumulators) runs on the shards
+as it would on whole rows, and the methods' per-element state stays sharded; every
+sum over a row's elements (norms, ``Y Y^T``, excess risks) is this rank's partial sum
+passed through ``ctx.shards.sum`` (one float64 ``all_reduce``); GradDrop draws for the
+whole block from the shared generator and keeps this rank's elements, so every rank's
+generator stays in step and the draws are one process's. Each rank's update shard is
+then checked finite by a vote of all ranks (one number), since an overflow may hit one
+shard only.
+
+Per step each rank sends, in bytes (W ranks, P shared and T task-only parameter
+elements, N parameter tensors, K tasks, B blocks, float32 parameters):
+
+- ``2 (W-1)/W * 8 K`` for the presence all-reduce;
+- ``(W-1)/W * 4 (K*P + T + W*(2K + N + 2))`` in the reduce-scatter (plus the padding of
+  uneven shards);
+- ``2 (W-1)/W * 8 (B*K*K + 1)`` in the Gram all-reduce;
+- row surgeries: ``2 (W-1)/W * 8 (S + 1)`` with ``S`` the entries they sum: 0 for
+  GradDrop and the trimmed mean, ``B*K`` for ExcessMTL (partial excess risks) and DB-MTL
+  (squared norms), ``B*K + B*K*K`` for MoCo (squared norms, shard Grams of ``y``);
+- per-task preconditioning: ``2 (W-1)/W * 8`` (a vote on its accumulators);
+
+against ``2 (W-1)/W * 4 K*P`` for the all-reduce of the replicated (DDP) path; FSDP's own
+all-gathers of the parameters for forward and backward come on top, as for any FSDP
+training.
 
 Refused, with an error: per-task parameters and shared ones that are not sharded by FSDP
-in one optimizer (shard the whole model), HSDP / 2-D meshes, methods that read the
-Jacobian's rows (:class:`~multitask_optim.aggregators.RowAggregator`: they would see only
-a shard), representation mode, and ``gradient_mode="lean"`` (factored linear layers).
+in one optimizer (shard the whole model), HSDP / 2-D meshes, a task present on some
+ranks but not others in a step (step 0), representation mode, and
+``gradient_mode="lean"`` (factored linear layers).
 """
 
 from __future__ import annotations

@@ -275,7 +275,9 @@ class MultiTaskOptimizer(Bookkeeping, PlainPath, Optimizer):
                 callable here is taken as the closure (``opt.step(closure)`` as in torch).
                 A task absent from this batch is left out of the mapping or given as
                 ``None``: the step is then the method on the present tasks, and the
-                absent task's parameters and state are left as they are.
+                absent task's parameters and state are left as they are. On a model
+                sharded with FSDP2 every rank must pass the same tasks (a rank without
+                samples of one gives a zero loss through its head and ``samples=`` 0).
             closure: without ``losses`` (and nothing accumulated), passed to the inner
                 optimizer. With losses it is called first under grad mode, as torch
                 optimizers call theirs (PyTorch Lightning's ``LightningOptimizer.step``
