@@ -6,6 +6,13 @@ mesh); the autograd graph of a forward pass holds FSDP's *unsharded* parameters 
 source of per-task rows for such a model, with the interface of
 :class:`~multitask_optim.sources.ParameterRows`, so the step pipeline is unchanged:
 
+0. **agree** (before any backward): ONE ``all_reduce`` of ``K`` presence flags. FSDP
+   all-gathers a module's parameters for every backward pass through it, and the
+   passes depend on the tasks (the frontier path runs one per head), so every rank
+   must have the same tasks in a step; a task present on some ranks only is refused on
+   every rank (a rank without samples of a task gives a zero loss through the task's
+   head and ``samples=`` 0 for it). A task absent on *every* rank is fine: the step is
+   the method on the present tasks, as without FSDP.
 1. **gather** (no communication of ours): the partition is found from the graph as
    without FSDP, through the map *unsharded graph leaf -> sharded parameter* read from
    FSDP's own registry of module states (no ``model=`` argument). The gradient engine
@@ -15,12 +22,17 @@ source of per-task rows for such a model, with the interface of
    parameters for backward and reshard them afterwards; since ``autograd.grad`` fills
    no ``.grad``, FSDP reduces nothing itself.
 2. **reduce**: ONE ``reduce_scatter`` of every stacked per-task gradient (shared rows
-   and task-parameter gradients, pre-divided by the world size: an average), cut along
-   each parameter's shard dimension exactly as FSDP cuts it. It leaves every rank with
-   its shard of each task's gradient averaged over the global batch -- what K separate
-   backwards through FSDP would deliver, in one collective instead of K. The loss values
-   and a "non-finite on this rank" flag ride in every rank's chunk, so every rank gets
-   their global sums and every rank skips a step that any rank finds non-finite.
+   and task-parameter gradients), cut along each parameter's shard dimension exactly
+   as FSDP cuts it, laid out over all ``K`` tasks and every parameter of the partition
+   on every rank (zeros for what a rank lacks). Task ``i``'s rows are weighted by the
+   rank's ``samples=`` count (1 by default) and pre-divided by the world size, then
+   rescaled by ``W / S_i`` (``S_i`` the total count), so every rank holds its shard of
+   each task's gradient averaged over the ranks that had it -- what DDP's
+   :func:`~multitask_optim.gradients.reduce_tasks` computes, and what K separate
+   backwards through FSDP would deliver, in one collective instead of K. A tail rides
+   in every rank's chunk (``K`` weighted loss values, ``K`` counts, a reached flag per
+   parameter, a "non-finite on this rank" flag, a bound on the entries), so every rank
+   gets the same values and presence and skips a step that any rank finds non-finite.
 3. **gram**: each rank computes the partial Gram of its shards, ``G_r = J_r J_r^T``
    (float64), and ONE ``all_reduce`` of the ``(B, K, K)`` partials (plus one number, the
    sum of the ranks' largest row entries, for the overflow check below) gives
@@ -36,15 +48,39 @@ because the reduce-scatter averages the ranks' full gradients, as FSDP's own
 reduce-scatter does. Per-task preconditioning is element-wise, so its accumulators stay
 sharded like the parameters.
 
-Per step each rank sends about ``(W-1)/W * 4 (K*P + W*(K+1))`` bytes (float32) in the
-reduce-scatter and ``8 (B*K*K + 1)`` in the Gram all-reduce, against ``2 (W-1)/W * 4 K*P``
-for the all-reduce of the replicated (DDP) path; FSDP's own all-gathers of the parameters
-for forward and backward come on top, as for any FSDP training.
+**Row surgeries** (:class:`~multitask_optim.aggregators.RowAggregator`: GradDrop,
+trimmed mean, ExcessMTL, DB-MTL, MoCo) replace steps 3-4's combination: each rank runs
+the method on its ``(K, n_b)`` shard of every block's rows, with ``ctx.shards`` a
+:class:`RowShards` saying where those elements sit in the whole rows. Element-wise work
+(GradDrop's masks, the trimmed mean's sorts, EMAs, accumulators) runs on the shards
+as it would on whole rows, and the methods' per-element state stays sharded; every
+sum over a row's elements (norms, ``Y Y^T``, excess risks) is this rank's partial sum
+passed through ``ctx.shards.sum`` (one float64 ``all_reduce``); GradDrop draws for the
+whole block from the shared generator and keeps this rank's elements, so every rank's
+generator stays in step and the draws are one process's. Each rank's update shard is
+then checked finite by a vote of all ranks (one number), since an overflow may hit one
+shard only.
+
+Per step each rank sends, in bytes (W ranks, P shared and T task-only parameter
+elements, N parameter tensors, K tasks, B blocks, float32 parameters):
+
+- ``2 (W-1)/W * 8 K`` for the presence all-reduce;
+- ``(W-1)/W * 4 (K*P + T + W*(2K + N + 2))`` in the reduce-scatter (plus the padding of
+  uneven shards);
+- ``2 (W-1)/W * 8 (B*K*K + 1)`` in the Gram all-reduce;
+- row surgeries: ``2 (W-1)/W * 8 (S + 1)`` with ``S`` the entries they sum: 0 for
+  GradDrop and the trimmed mean, ``B*K`` for ExcessMTL (partial excess risks) and DB-MTL
+  (squared norms), ``B*K + B*K*K`` for MoCo (squared norms, shard Grams of ``y``);
+- per-task preconditioning: ``2 (W-1)/W * 8`` (a vote on its accumulators);
+
+against ``2 (W-1)/W * 4 K*P`` for the all-reduce of the replicated (DDP) path; FSDP's own
+all-gathers of the parameters for forward and backward come on top, as for any FSDP
+training.
 
 Refused, with an error: per-task parameters and shared ones that are not sharded by FSDP
-in one optimizer (shard the whole model), HSDP / 2-D meshes, methods that read the
-Jacobian's rows (:class:`~multitask_optim.aggregators.RowAggregator`: they would see only
-a shard), representation mode, and ``gradient_mode="lean"`` (factored linear layers).
+in one optimizer (shard the whole model), HSDP / 2-D meshes, a task present on some
+ranks but not others in a step (step 0), representation mode, and
+``gradient_mode="lean"`` (factored linear layers).
 """
 
 from __future__ import annotations
@@ -57,8 +93,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from .aggregators.base import Shards
 from .engine import GradientEngine
-from .gradients import Rows, TaskGradients
+from .gradients import Rows, TaskGradients, all_finite
 from .gram import dense_grams
 from .graph import LossGraph
 from .partition import Partition, describe
@@ -95,7 +132,7 @@ def local(t: Tensor) -> Tensor:
     return t.to_local() if is_sharded(t) else t  # type: ignore[attr-defined]
 
 
-def source_for(params: Sequence[Tensor], engine: GradientEngine, aggregator: Any) -> Optional[FSDPRows]:
+def source_for(params: Sequence[Tensor], engine: GradientEngine) -> Optional[FSDPRows]:
     """The FSDP2 source when the optimizer's parameters are sharded (``DTensor``), else None.
 
     Raises:
@@ -120,11 +157,6 @@ def source_for(params: Sequence[Tensor], engine: GradientEngine, aggregator: Any
                 f"optimizer: {describe(n, p)} has placements {placements}; only FSDP2's Shard(dim) on a "
                 "1-D mesh is supported (not HSDP or tensor parallelism)"
             )
-    if getattr(aggregator, "needs_jacobian", False):
-        raise ValueError(
-            f"surgery {aggregator.name!r} reads the Jacobian's rows, which FSDP2 shards across ranks; "
-            "use a Gram-based surgery with a sharded model"
-        )
     if engine.requested == "lean":
         raise ValueError(
             "gradient_mode='lean' keeps linear layers factored, which FSDP2 (sharded rows) cannot use; "
@@ -183,6 +215,54 @@ class ShardedGradients(TaskGradients):
         assert self.source is not None
         return self.source.agree(ok)
 
+    def block_rows(self, blocks: Sequence[Sequence[int]], like: Sequence[Tensor]) -> List[Tensor]:
+        """Per block, this rank's ``(K, n_b)`` shard of the rows (its elements of each parameter)."""
+        return super().block_rows(blocks, [local(p) for p in like])
+
+    def split_updates(
+        self, blocks: Sequence[Sequence[int]], updates: Sequence[Tensor], like: Sequence[Tensor]
+    ) -> Rows:
+        """Per-parameter local shards of the updates from per-block flat shards."""
+        return super().split_updates(blocks, updates, [local(p) for p in like])
+
+    def shards(self, blocks: Sequence[Sequence[int]], like: Sequence[Tensor]) -> Shards:
+        """Where :meth:`block_rows`' shards sit in the whole rows (for row surgeries)."""
+        assert self.source is not None
+        return RowShards(self.source, blocks, like)
+
+
+class RowShards(Shards):
+    """This rank's shards of the rows of every block, for a row surgery (``ctx.shards``).
+
+    Block ``b``'s rows on this rank are, for each parameter of the block in order, its
+    local elements (the parameter's ``Shard(dim)`` chunk, flattened): :meth:`positions`
+    maps them into the whole flattened block, and :meth:`sum` is one ``all_reduce`` (in
+    float64) over the sharding group.
+    """
+
+    sharded = True
+
+    def __init__(self, source: FSDPRows, blocks: Sequence[Sequence[int]], like: Sequence[Tensor]) -> None:
+        self.source = source
+        self.params = [[like[pos] for pos in block] for block in blocks]
+
+    def sum(self, partial: Tensor) -> Tensor:
+        return self.source.sum(partial)
+
+    def size(self, block: int, rows: Tensor) -> int:
+        return sum(p.numel() for p in self.params[block])
+
+    def positions(self, block: int, rows: Tensor) -> Tensor:
+        parts, offset = [], 0
+        for p in self.params[block]:
+            parts.append(self.source.positions(p) + offset)
+            offset += p.numel()
+        found = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+        return found.to(rows.device)
+
+    def take(self, block: int, rows: Tensor, whole: Tensor) -> Tensor:
+        return whole.index_select(-1, self.positions(block, rows).to(whole.device))
+
 
 @dataclass
 class _Piece:
@@ -210,7 +290,6 @@ class FSDPRows(ParameterRows):
         self.world = int(dist.get_world_size(self.group))  # type: ignore[union-attr]
         self.rank = int(dist.get_rank(self.group))  # type: ignore[union-attr]
         self._leaves: Dict[int, Tensor] = {}
-        self._partition: Optional[Partition] = None
         self._bound = 0.0
         self.sent_bytes = 0  # bytes this rank sent in the optimizer's collectives, last step
 
@@ -232,10 +311,34 @@ class FSDPRows(ParameterRows):
         return graph
 
     # ---------------------------------------------------------------- stages
+    def agree_on_tasks(self, names: Sequence[str], present: Sequence[int], first: bool) -> None:
+        """Check, before any backward, that every rank has the same tasks (one all-reduce of ``K`` numbers).
+
+        FSDP all-gathers a module's parameters for each backward pass through it, and the
+        number of passes depends on the tasks (the frontier path runs one per head): ranks
+        with different tasks would issue different collectives and hang. ``first``: the
+        step's first (or only) micro-batch, where the count of bytes sent restarts.
+
+        Raises:
+            ValueError: on every rank, naming the tasks some ranks lack, and how to give them.
+        """
+        if first:
+            self.sent_bytes = 0
+        mine = torch.zeros(len(names), dtype=torch.float64)
+        mine[list(present)] = 1.0
+        counts = self.sum(mine)
+        split = [n for n, c in zip(names, counts.tolist()) if 0 < c < self.world]
+        if split:
+            raise ValueError(
+                f"task(s) {split} are absent on some ranks but present on others in this step; with a model "
+                "sharded by FSDP2 every rank must have the same tasks (FSDP all-gathers parameters for each "
+                "backward, and the backward passes depend on the tasks). On a rank without samples of a task, "
+                "give a loss that goes through the task's head but is zero (e.g. 0 * output.sum()) and "
+                "samples= 0 for it: the task's gradient is then averaged over the ranks with samples"
+            )
+
     def gather(self, losses: Sequence[Tensor], graph: LossGraph, partition: Partition) -> TaskGradients:
         """Each task's gradient of the full (unsharded) parameters on this rank's batch."""
-        self.sent_bytes = 0
-        self._partition = partition
 
         def leaf(p: Tensor) -> Tensor:
             return self._leaves.get(id(p), p)
@@ -244,54 +347,107 @@ class FSDPRows(ParameterRows):
         tasks = [[leaf(p) for p in params] for params in partition.tasks]
         return self.engine.compute(losses, graph, shared, tasks).dense()
 
-    def reduce(self, grads: TaskGradients, values: Tensor) -> Tuple[TaskGradients, Tensor]:
-        """ONE reduce-scatter: every rank's shard of the averaged per-task gradients, the
-        averaged loss values, and the count of ranks that saw a non-finite value."""
-        assert self._partition is not None
-        partition = self._partition
-        k = values.shape[0]
-        local_bad = not (bool(torch.isfinite(values).all()) and grads.all_finite())
-        items: List[Tuple[Tensor, Optional[Tensor], Tuple[int, ...]]] = []
-        for p, rows in zip(partition.shared, grads.shared):
-            items.append((p, rows, (k,)))
-        for params, task in zip(partition.tasks, grads.tasks):
-            for p, g in zip(params, task):
-                items.append((p, g, ()))
-        present = [(p, g, lead) for p, g, lead in items if g is not None]
+    def reduce_tasks(
+        self,
+        grads: TaskGradients,
+        values: Tensor,
+        present: Sequence[int],
+        weights: Sequence[float],
+        shared_like: Sequence[Tensor],
+        task_like: Sequence[Sequence[Tensor]],
+    ) -> Tuple[TaskGradients, Tensor, Tuple[int, ...]]:
+        """ONE reduce-scatter: this rank's shard of each task's gradients averaged over the
+        ranks that had the task, the averaged loss values, and the tasks some rank had.
+
+        The sharded counterpart of :func:`~multitask_optim.gradients.reduce_tasks` (same
+        arguments and result, the DDP path's): every rank lays its tasks out over all
+        ``K`` tasks and every parameter of the whole partition (zeros for a task it
+        lacks or a parameter its losses did not reach), so the buffer has one layout on
+        every rank. Task ``i``'s rows are multiplied by this rank's weight ``s_ir`` (1, or
+        its sample count; 0 when absent) and divided by the world size ``W`` before the
+        sum, then multiplied by ``W / S_i`` (``S_i = sum_r s_ir``) after it: with every
+        task on every rank and unit weights the pre-divided sum is the plain average
+        and nothing is multiplied. A tail rides in every rank's chunk: ``s_ir L_ir``,
+        ``s_ir``, a flag per parameter (reached by this rank's losses), a non-finite flag
+        and a bound on the summed entries, so every rank learns the same values,
+        presence and skip decision. When that bound cannot rule out an overflow of the
+        averaged shards (huge gradients or sample counts) the ranks vote on their
+        shards' finiteness (one small all-reduce), so they still skip together.
+        """
+        k = len(task_like)
+        full = grads.dense().reindex(present, range(k), [len(t) for t in task_like])
+        mine = torch.zeros(k, dtype=torch.float64)  # s_ir
+        mine[list(present)] = torch.tensor(list(weights), dtype=torch.float64)
+        spread = torch.zeros(k, dtype=torch.float64)
+        spread[list(present)] = values.to(torch.float64)
+        peak = _peak(full.tensors())  # NaN when an entry is not finite
+        local_bad = not (bool(torch.isfinite(values).all()) and math.isfinite(peak))
+        unit = bool((mine[list(present)] == 1.0).all())
+        items: List[Tuple[Tensor, Optional[Tensor], Tuple[int, ...]]] = [
+            (p, rows if rows is None or unit else _times(rows, mine), (k,))
+            for p, rows in zip(shared_like, full.shared)
+        ]
+        for i, (params, task) in enumerate(zip(task_like, full.tasks)):
+            items += [(p, g if g is None or unit else g * float(mine[i]), ()) for p, g in zip(params, task)]
+        bound = float(mine.amax()) * peak / self.world if math.isfinite(peak) else 0.0
+        flags = [0.0 if g is None else 1.0 for _, g, _ in items]
+        tail = torch.cat(
+            [spread * mine, mine, torch.tensor([*flags, float(local_bad), bound], dtype=torch.float64)]
+        )
+        got, head, dtype = self._scatter(items, tail)
+        totals = head[k : 2 * k]
+        reached = (head[2 * k : 2 * k + len(items)] > 0).tolist()
+        bad, bound = float(head[-2]) > 0, float(head[-1])
+        union = tuple(i for i in range(k) if totals[i] > 0)
+        new_values = (head[:k] / torch.where(totals > 0, totals, 1.0))[list(union)]
+        after = torch.where(totals > 0, self.world / torch.where(totals > 0, totals, 1.0), 1.0)  # W / S_i
+        scaled = bool((after != 1.0).any())  # not when every rank had every task with unit weight
+        index = torch.tensor(union, dtype=torch.long)
+        shared: Rows = []
+        for rows, hit in zip(got[: len(shared_like)], reached):
+            if not hit:  # no rank's losses reached it
+                shared.append(None)
+                continue
+            rows = _times(rows, after) if scaled else rows
+            shared.append(rows if len(union) == k else rows.index_select(0, index.to(rows.device)))
+        rest = iter(zip(got[len(shared_like) :], reached[len(shared_like) :]))
+        tasks: List[List[Optional[Tensor]]] = []
+        for i, params in enumerate(task_like):
+            own = [g if hit else None for g, hit in (next(rest) for _ in params)]
+            if i in union:
+                factor = float(after[i])
+                tasks.append([g if g is None or factor == 1.0 else g * factor for g in own])
+        if not bad and not bound * float(after.amax()) < 0.25 * torch.finfo(dtype).max:
+            shards = [t for t in shared if t is not None] + [g for own in tasks for g in own if g is not None]
+            bad = not self.agree(all_finite(shards))
+        if bad:  # a rank saw a non-finite loss or gradient (or an average overflowed): all skip
+            new_values = torch.full_like(new_values, float("nan"))
+        self._bound = 0.0
+        return ShardedGradients(shared, tasks, [], source=self), new_values, union
+
+    def _scatter(
+        self, items: Sequence[Tuple[Tensor, Optional[Tensor], Tuple[int, ...]]], tail: Tensor
+    ) -> Tuple[List[Tensor], Tensor, torch.dtype]:
+        """The reduce-scatter itself: every item's gradient (``(*lead, *shape)`` of the full
+        parameter, None for zeros) cut into the ranks' chunks and divided by ``W``, the
+        ``tail`` appended to every chunk; returns this rank's summed shards (one per item,
+        in the parameter's local layout), the summed tail (float64, CPU) and the buffer's dtype."""
         dtype = torch.float32
-        for p, _, _ in present:
+        for p, _, _ in items:
             dtype = torch.promote_types(dtype, p.dtype)
         device = self._device()
-        pieces: List[_Piece] = []
-        columns: List[Tensor] = []
-        for p, g, lead in present:
-            assert g is not None
-            piece = self._piece(p, lead, dtype)
-            pieces.append(piece)
-            columns.append(self._split(g, piece, device))
-        tail = torch.cat([values.to(dtype), torch.tensor([float(local_bad)], dtype=dtype)]).to(device)
-        columns.append(tail.expand(self.world, k + 1))
-        send = torch.cat(columns, dim=1).div_(self.world)  # (W, n): pre-divided, so the sum is the mean
-        out = torch.empty(send.shape[1], dtype=dtype, device=device)
+        pieces = [self._piece(p, lead, dtype) for p, _, lead in items]
+        columns = [self._split(g, piece, device) for (_, g, _), piece in zip(items, pieces)]
+        rows = torch.cat(columns, dim=1).div_(self.world) if columns else torch.zeros(self.world, 0)
+        send = torch.cat([rows.to(device, dtype), tail.to(device, dtype).expand(self.world, -1)], dim=1)
+        out = torch.empty(send.shape[1], dtype=dtype, device=device)  # rank r receives the sum of row r
         _reduce_scatter(out, send.reshape(-1), self.group)
         self.sent_bytes += send.numel() * send.element_size() * (self.world - 1) // self.world
-        got: Dict[int, Tensor] = {}
-        offset = 0
-        for (p, _, _), piece in zip(present, pieces):
-            got[id(p)] = self._join(out[offset : offset + piece.numel], piece, p)
+        got, offset = [], 0
+        for (p, _, _), piece in zip(items, pieces):
+            got.append(self._join(out[offset : offset + piece.numel], piece, p))
             offset += piece.numel
-        new_values = out[offset : offset + k].to(torch.float64).cpu()
-        if float(out[offset + k]) > 0:  # a rank saw a non-finite loss or gradient: all skip
-            new_values = torch.full_like(new_values, float("nan"))
-        shared: Rows = [
-            got.get(id(p)) if rows is not None else None for p, rows in zip(partition.shared, grads.shared)
-        ]
-        tasks = [
-            [got.get(id(p)) if g is not None else None for p, g in zip(params, task)]
-            for params, task in zip(partition.tasks, grads.tasks)
-        ]
-        self._bound = 0.0
-        return ShardedGradients(shared, tasks, [], source=self), new_values
+        return got, out[offset:].to(torch.float64).cpu(), dtype
 
     def grams(self, grads: TaskGradients, blocks: Sequence[Sequence[int]], num_tasks: int) -> Tensor:
         return grads.grams(blocks, num_tasks)
@@ -337,6 +493,13 @@ class FSDPRows(ParameterRows):
         self._bound = max(self._bound, float(buf[-1]))
         return buf[:-1].view_as(partial)
 
+    def sum(self, partial: Tensor) -> Tensor:
+        """The sum over the ranks of ``partial`` (one all-reduce, float64 on the CPU)."""
+        buf = partial.detach().to(device=self._device(), dtype=torch.float64).contiguous()
+        dist.all_reduce(buf, group=self.group)  # type: ignore[union-attr]
+        self.sent_bytes += 2 * buf.numel() * buf.element_size() * (self.world - 1) // self.world
+        return buf.cpu()
+
     def agree(self, ok: bool) -> bool:
         """Whether ``ok`` holds on every rank (one all-reduce of one number)."""
         flag = torch.tensor([0.0 if ok else 1.0], dtype=torch.float64, device=self._device())
@@ -367,8 +530,20 @@ class FSDPRows(ParameterRows):
         numel = math.prod(lead) * chunk * math.prod(rest)
         return _Piece(lead, dim, size, chunk, mine, rest, numel, dtype)
 
-    def _split(self, g: Tensor, piece: _Piece, device: torch.device) -> Tensor:
-        """``(W, numel)``: the full gradient cut into the ranks' chunks (zero padded)."""
+    def positions(self, p: Tensor) -> Tensor:
+        """``(n,)`` long: where each element of this rank's shard of ``p`` (flattened) sits in
+        the whole flattened ``p``."""
+        dim = p.placements[0].dim  # type: ignore[attr-defined]
+        dim = dim if dim >= 0 else dim + p.dim()
+        size = int(p.shape[dim])
+        start = min(self.rank * -(-size // self.world), size)
+        mine = int(local(p).shape[dim])
+        return torch.arange(p.numel()).view(tuple(p.shape)).narrow(dim, start, mine).reshape(-1)
+
+    def _split(self, g: Optional[Tensor], piece: _Piece, device: torch.device) -> Tensor:
+        """``(W, numel)``: the full gradient cut into the ranks' chunks (zero padded; zeros for None)."""
+        if g is None:
+            return torch.zeros(self.world, piece.numel, dtype=piece.dtype, device=device)
         n = len(piece.lead)
         moved = g.detach().to(device=device, dtype=piece.dtype).movedim(n + piece.dim, n)
         pad = piece.chunk * self.world - piece.size
@@ -384,6 +559,29 @@ class FSDPRows(ParameterRows):
         block = flat.view(*piece.lead, piece.chunk, *piece.rest).narrow(n, 0, piece.local)
         block = block.movedim(n, n + piece.dim)
         return block.to(local(p).dtype).contiguous()
+
+
+def _peak(tensors: Sequence[Tensor]) -> float:
+    """The largest magnitude of an entry of ``tensors`` (0 for none, NaN when one is not
+    finite): one min/max pass per tensor, one host sync per device."""
+    extremes: Dict[torch.device, List[Tensor]] = {}
+    for t in tensors:
+        if t.numel():
+            low, high = torch.aminmax(t.detach())
+            extremes.setdefault(t.device, []).extend((low.double(), high.double()))
+    peak = 0.0
+    for values in extremes.values():
+        top = torch.stack(values).abs()
+        if not bool(torch.isfinite(top).all()):
+            return math.nan
+        peak = max(peak, float(top.amax()))
+    return peak
+
+
+def _times(rows: Tensor, factors: Tensor) -> Tensor:
+    """``rows`` (``(K, ...)``) with row ``i`` multiplied by ``factors[i]`` (float64 ``(K,)``)."""
+    scale = factors.to(device=rows.device, dtype=rows.dtype)
+    return rows * scale.view(-1, *([1] * (rows.dim() - 1)))
 
 
 def _reduce_scatter(out: Tensor, send: Tensor, group: Any) -> None:

@@ -17,6 +17,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
+from .aggregators.base import Shards
 from .distributed import all_average, all_sum
 from .gram import dense_grams, precise_gram
 
@@ -297,6 +298,11 @@ class TaskGradients:
                 )
             out.append(torch.cat(parts, dim=1) if parts else torch.zeros(k, 0))
         return out
+
+    def shards(self, blocks: Sequence[Sequence[int]], like: Sequence[Tensor]) -> Shards:
+        """Where :meth:`block_rows` sit in the whole rows: here they are whole (sharded
+        gradients, :mod:`.fsdp`, say which elements each rank holds)."""
+        return Shards()
 
     def split_updates(
         self, blocks: Sequence[Sequence[int]], updates: Sequence[Tensor], like: Sequence[Tensor]

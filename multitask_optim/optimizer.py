@@ -180,7 +180,7 @@ class MultiTaskOptimizer(Bookkeeping, PlainPath, Optimizer):
             gradient_mode, factored=self.preconditioner is None and not self.aggregator.needs_jacobian
         )
         self._rows = ParameterRows(self.engine)
-        sharded = fsdp.source_for(self._params, self.engine, self.aggregator)  # FSDP2: DTensor parameters
+        sharded = fsdp.source_for(self._params, self.engine)  # FSDP2: DTensor parameters
         self._sharded = sharded is not None
         if sharded is not None:
             self._rows = sharded
@@ -277,7 +277,9 @@ class MultiTaskOptimizer(Bookkeeping, PlainPath, Optimizer):
                 callable here is taken as the closure (``opt.step(closure)`` as in torch).
                 A task absent from this batch is left out of the mapping or given as
                 ``None``: the step is then the method on the present tasks, and the
-                absent task's parameters and state are left as they are.
+                absent task's parameters and state are left as they are. On a model
+                sharded with FSDP2 every rank must pass the same tasks (a rank without
+                samples of one gives a zero loss through its head and ``samples=`` 0).
             closure: without ``losses`` (and nothing accumulated), passed to the inner
                 optimizer. With losses it is called first under grad mode, as torch
                 optimizers call theirs (PyTorch Lightning's ``LightningOptimizer.step``
@@ -395,6 +397,9 @@ class MultiTaskOptimizer(Bookkeeping, PlainPath, Optimizer):
         known = self._names if self._names is not None else (into.names if into is not None else None)
         parsed = parse_losses(losses, known)
         names, loss_list, counts = parsed.names, parsed.losses, task_samples(samples, parsed)
+        if self._sharded:  # FSDP2: before any backward, every rank must have the same tasks
+            assert isinstance(self._rows, fsdp.FSDPRows)
+            self._rows.agree_on_tasks(names, parsed.present, first=into is None)
         if representation is not None:
             check_tensor(representation, "representation")
             if self.preconditioner is not None:
@@ -433,15 +438,11 @@ class MultiTaskOptimizer(Bookkeeping, PlainPath, Optimizer):
         """Reduce ... combine (no state change), then commit and take the step, or skip."""
         if gathered.bad is not None or gathered.grads is None or gathered.structure is None:
             return self._skip(gathered.bad or "non-finite loss", gathered.values)
-        if self._sharded and len(gathered.present) != len(gathered.names):
-            raise ValueError(
-                "steps with absent tasks are not supported on an FSDP2-sharded model yet: give every task "
-                "a loss in every step (a zero-weight loss, or a static weighting), or train without fully_shard"
-            )
         generator_state = self._generator.get_state()
         try:
-            if world_size() > 1 and source.mode == "parameters" and not self._sharded:
-                gathered = reduced(gathered)
+            if source.mode == "parameters" and (world_size() > 1 or self._sharded):
+                assert isinstance(source, ParameterRows)
+                gathered = reduced(gathered, source)  # each task averaged over the ranks that had it
             outcome, why, values, weights = self._compute(gathered, source)
         except BaseException:
             self._generator.set_state(generator_state)
@@ -462,7 +463,7 @@ class MultiTaskOptimizer(Bookkeeping, PlainPath, Optimizer):
         names, structure, present = gathered.names, gathered.structure, gathered.present
         k = len(present)
         full = self.schedule.runs(self._steps)  # else only the weighting runs (accumulated plain step)
-        if source.mode == "parameters" and not self._sharded:  # reduced across ranks in _run
+        if source.mode == "parameters":  # reduced across ranks in _run
             grads, values = gathered.grads, gathered.values
         else:
             grads, values = source.reduce(gathered.grads, gathered.values)

@@ -24,7 +24,7 @@ its state (:func:`sub_states`), written back after the step (:func:`merged_state
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -33,7 +33,7 @@ from torch import Tensor
 from .aggregators import AggregationContext, Aggregator, RowAggregator
 from .components import Component, State, check_partial, merge_tasks, select_tasks
 from .fsdp import as_param_grad
-from .gradients import Rows, TaskGradients, all_finite, reduce_tasks, scaled_grad
+from .gradients import Rows, TaskGradients, all_finite, scaled_grad
 from .partition import Partition
 from .precondition import Preconditioner
 from .sources import ParameterRows, RepresentationRows
@@ -243,10 +243,11 @@ def aggregate_and_combine(
     """
     shared = partition.shared
     if isinstance(aggregator, RowAggregator):
-        rows = grads.block_rows(blocks, shared)
+        rows = grads.block_rows(blocks, shared)  # FSDP2: this rank's shards, ctx.shards says which
+        ctx = replace(ctx, shards=grads.shards(blocks, shared))
         flat, coefs, new_state = aggregator.aggregate_rows(rows, gram, state, ctx)
         updates = grads.split_updates(blocks, flat, shared)
-        finite = all_finite([u for u in updates if u is not None])
+        finite = grads.agree(all_finite([u for u in updates if u is not None]))  # sharded: every rank's
         return coefs, updates, new_state, None if finite else "non-finite aggregation"
     coefs, new_state, why = aggregate(aggregator, gram, state, ctx)
     if why is not None:
@@ -331,12 +332,13 @@ def weighting_gram(
     return raw if weights is None else weighted_gram(raw, weights)
 
 
-def reduced(gathered: Gathered) -> Gathered:
-    """Each task's rows and value averaged over the ranks that had it (parameter mode)."""
+def reduced(gathered: Gathered, source: ParameterRows) -> Gathered:
+    """Each task's rows and value averaged over the ranks that had it (parameter mode):
+    one all-reduce (replicated) or reduce-scatter (FSDP2) by ``source``."""
     assert gathered.grads is not None and gathered.structure is not None
     full = gathered.structure.full
     weights = [1.0] * len(gathered.present) if gathered.samples is None else gathered.samples.tolist()
-    grads, values, union = reduce_tasks(
+    grads, values, union = source.reduce_tasks(
         gathered.grads, gathered.values, gathered.present, weights, full.shared, full.tasks
     )
     structure = Structure(full, gathered.structure.blocks).restricted(union)

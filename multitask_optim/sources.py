@@ -24,7 +24,7 @@ from torch import Tensor
 
 from .distributed import all_average, world_size
 from .engine import GradientEngine
-from .gradients import Rows, TaskGradients, all_finite
+from .gradients import Rows, TaskGradients, all_finite, reduce_tasks
 from .graph import LossGraph
 from .partition import Partition
 from .representation import feature_rows
@@ -50,8 +50,18 @@ class ParameterRows:
     def blocks(self, blocks: List[List[int]]) -> List[List[int]]:
         return blocks
 
-    def reduce(self, grads: TaskGradients, values: Tensor) -> Tuple[TaskGradients, Tensor]:
-        return grads.averaged(values) if world_size() > 1 else (grads, values)
+    def reduce_tasks(
+        self,
+        grads: TaskGradients,
+        values: Tensor,
+        present: Sequence[int],
+        weights: Sequence[float],
+        shared_like: Sequence[Tensor],
+        task_like: Sequence[Sequence[Tensor]],
+    ) -> Tuple[TaskGradients, Tensor, Tuple[int, ...]]:
+        """Each task's gradients and loss averaged over the ranks that had it (see
+        :func:`~multitask_optim.gradients.reduce_tasks`; FSDP2 reduce-scatters instead)."""
+        return reduce_tasks(grads, values, present, weights, shared_like, task_like)
 
     def grams(self, grads: TaskGradients, blocks: Sequence[Sequence[int]], num_tasks: int) -> Tensor:
         return grads.grams(blocks, num_tasks)

@@ -18,12 +18,13 @@ saved with ``torch.distributed.checkpoint`` and loaded into a fresh model and op
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import pytest
 import torch
@@ -61,6 +62,31 @@ CONFIGS: Dict[str, Dict[str, Any]] = {
     "pcgrad-k3-unsharded-between": {"surgery": "pcgrad", "k": 3, "policy": "keep"},
     "pcgrad-k3-bf16": {"surgery": "pcgrad", "k": 3, "policy": "bf16", "tol": 5e-2},
 }
+# Row surgeries: each rank runs the method on its shards of the rows (sums over a row's
+# elements added over the ranks, GradDrop's draws made for the whole block).
+ROW_SURGERIES = ("graddrop", "trimmed_mean", "excess_mtl", "db_mtl", "moco")
+for _surgery in ROW_SURGERIES:
+    CONFIGS[f"{_surgery}-k3"] = {"surgery": _surgery, "k": 3}
+CONFIGS["graddrop-k3-tensor"] = {"surgery": "graddrop", "k": 3, "granularity": "tensor"}
+CONFIGS["moco-k3-tensor-adam"] = {"surgery": "moco", "k": 3, "granularity": "tensor", "precondition": "adam"}
+# Steps lacking tasks. "whole": task 1 is absent on every rank at steps 2 and 4, and rank
+# 1 has none of its rows at step 3; "samples": each rank labels 0, 3 or all of its rows
+# of each task, so a task often has rows on one rank only. Every rank must pass the same
+# tasks under FSDP2: a rank without rows of a task that another rank has gives a zero
+# loss through the task's head and samples= 0 for it (a task no rank has is left out).
+CONFIGS["pcgrad-k3-uncertainty-absent"] = {
+    "surgery": "pcgrad",
+    "k": 3,
+    "weighting": "uncertainty",
+    "absent": "whole",
+}
+CONFIGS["gradvac-k3-adam-absent-samples"] = {
+    "surgery": "gradvac",
+    "k": 3,
+    "precondition": "adam",
+    "absent": "samples",
+}
+CONFIGS["excess_mtl-k3-absent"] = {"surgery": "excess_mtl", "k": 3, "absent": "whole"}
 CHECKPOINT = {"surgery": "gradvac", "k": 3, "precondition": "adam", "weighting": "uncertainty"}
 SAVE_AFTER = 3
 
@@ -101,6 +127,17 @@ def shard(model: MultiHead, policy: str = "") -> MultiHead:
     return model
 
 
+def labelled(cfg: Dict[str, Any], step: int, task: int, rank: int) -> int:
+    """How many of its rows rank ``rank`` labels for ``task`` at ``step`` (the first step: every task)."""
+    per_rank = BATCH // WORLD
+    if "absent" not in cfg or step == 0:
+        return per_rank
+    if cfg["absent"] == "whole":
+        gone = (step in (2, 4)) or (step == 3 and rank == 1)
+        return 0 if task == 1 and gone else per_rank
+    return [0, 3, per_rank][(step + task + 2 * rank) % 3]
+
+
 def full_batch(step: int, k: int) -> Tuple[Tensor, List[Tensor]]:
     g = torch.Generator().manual_seed(97 * step + 5)
     x = torch.randn(BATCH, IN_DIM, generator=g)
@@ -133,10 +170,16 @@ def make_optimizer(model: MultiHead, cfg: Dict[str, Any]) -> MultiTaskOptimizer:
 def train(
     model: nn.Module, opt: MultiTaskOptimizer, cfg: Dict[str, Any], steps: range, rank: int, world: int
 ) -> Dict[str, Any]:
-    """Steps on this rank's contiguous share of each batch (the whole batch when world == 1)."""
+    """Steps on this rank's contiguous share of each batch (the whole batch when world == 1).
+
+    A task's loss is over the rows the covered ranks label for it (:func:`labelled`; all
+    of them unless the configuration has absent tasks), None when there are none.
+    """
     per_rank = BATCH // world
     rows = slice(rank * per_rank, (rank + 1) * per_rank)
-    skipped, coefs, sent, modes = [], [], [], []
+    covered = [rank] if world > 1 else list(range(WORLD))  # the ranks whose rows this process holds
+    half = BATCH // WORLD
+    skipped, coefs, sent, modes, tasks = [], [], [], [], []
     for step in steps:
         x, targets = full_batch(step, cfg["k"])
         x, targets = x[rows], [t[rows] for t in targets]
@@ -144,21 +187,36 @@ def train(
         micro = cfg.get("micro", 1)
         for idx in torch.arange(per_rank).chunk(micro):
             outputs = model(x[idx])
-            losses = [F.mse_loss(y, t[idx]) / micro for y, t in zip(outputs, targets)]
+            losses: List[Optional[Tensor]] = [F.mse_loss(y, t[idx]) / micro for y, t in zip(outputs, targets)]
             if cfg.get("nan_step") == step and rank == 1:
                 losses[0] = losses[0] * float("nan")
             if micro > 1:
                 opt.accumulate(losses)
+        counts = None
+        if "absent" in cfg:  # (no micro-batches here: idx is every row)
+            picks = [
+                [(r - covered[0]) * half + n for r in covered for n in range(labelled(cfg, step, i, r))]
+                for i in range(cfg["k"])
+            ]
+            anyone = [any(labelled(cfg, step, i, r) for r in range(WORLD)) for i in range(cfg["k"])]
+            losses = [
+                F.mse_loss(y[p], t[p]) if p else (0.0 * y.sum() if some else None)
+                for y, t, p, some in zip(outputs, targets, picks, anyone)
+            ]
+            if world > 1:
+                counts = [len(p) for p in picks]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            opt.step(losses if micro == 1 else None)
+            opt.step(losses if micro == 1 else None, samples=counts)
         if opt.last_stats.get("skipped_step"):
             skipped.append(step)
         else:
-            coefs.append(torch.tensor(opt.last_stats["block_coefficients"], dtype=torch.float64))
+            found = opt.last_stats["block_coefficients"]  # None for a method that reports none
+            coefs.append(torch.tensor([] if found is None else found, dtype=torch.float64))
             sent.append(opt.last_stats.get("sent_bytes", 0))
             modes.append(opt.last_stats["gradient_mode"])
-    return {"skipped": skipped, "coefs": coefs, "sent": sent, "modes": modes}
+            tasks.append(opt.last_stats["tasks"])
+    return {"skipped": skipped, "coefs": coefs, "sent": sent, "modes": modes, "tasks": tasks}
 
 
 def full_params(model: nn.Module) -> List[Tensor]:
@@ -216,7 +274,11 @@ def run_checkpoint(rank: int, world: int, root: str) -> Dict[str, Any]:
 
 
 def refusals(rank: int, world: int) -> Dict[str, str]:
-    """What a sharded model refuses, with which message (each before any state changes)."""
+    """What a sharded model refuses, with which message (each before any state changes).
+
+    A user's own row surgery (:class:`RowAggregator`) used to be refused ("rows"); it is
+    accepted now (it sees this rank's shards and ``ctx.shards``), so "rows" must be empty.
+    """
     from multitask_optim.aggregators import RowAggregator
 
     class RowSum(RowAggregator):
@@ -251,6 +313,24 @@ def refusals(rank: int, world: int) -> Dict[str, str]:
     except ValueError as error:
         out["representation"] = str(error)
     out["unchanged"] = str(all(torch.equal(a, b) for a, b in zip(before, full_params(model))))
+
+    # a task on one rank only: refused on every rank before any backward (FSDP's own
+    # collectives would not match), nothing changed, and the next full step is taken
+    opt.step(losses)  # every task: the partition is known
+    split: List[Optional[Tensor]] = [F.mse_loss(y, t) for y, t in zip(model(x), targets)]
+    if rank == 1:
+        split[1] = None
+    before, steps = full_params(model), opt.state_dict()["multitask"]["steps"]
+    try:
+        opt.step(split)
+        out["split"] = ""
+    except ValueError as error:
+        out["split"] = str(error)
+    same = all(torch.equal(a, b) for a, b in zip(before, full_params(model)))
+    out["split_unchanged"] = str(same and opt.state_dict()["multitask"]["steps"] == steps)
+    opt.zero_grad()
+    opt.step([F.mse_loss(y, t) for y, t in zip(model(x), targets)])
+    out["split_then"] = ",".join(opt.last_stats["tasks"])
     return out
 
 
@@ -323,6 +403,7 @@ def test_two_sharded_ranks_equal_one_process_on_the_whole_batch(ranks, name: str
         err = float((a - b).abs().max())
         assert err <= tol, f"{name}: parameter #{n} differs by {err:.2e}"
     assert len(got["coefs"]) == len(want["coefs"])
+    assert got["tasks"] == want["tasks"]
     if tol <= 1e-6:
         for a, b in zip(got["coefs"], want["coefs"]):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
@@ -341,11 +422,14 @@ def test_ranks_agree_bitwise_on_coefficients_and_state(ranks, name: str) -> None
         assert torch.equal(a, b), f"{name}: coefficients differ between the ranks"
     for a, b in zip(first["params"], second["params"]):
         assert torch.equal(a, b)
+    assert first["tasks"] == second["tasks"]
     one, two = first["multitask"], second["multitask"]
     assert torch.equal(one["generator"], two["generator"])
     assert one["steps"] == two["steps"]
     for key in ("surgery", "weighting"):
         for name_, value in one["states"][key].items():
+            if key == "surgery" and name_.startswith(SHARDED_STATE):
+                continue  # per-element buffers of a row surgery: each rank holds its shard
             assert torch.equal(value, two["states"][key][name_]), f"{name}: {key} state {name_} differs"
 
 
@@ -365,6 +449,62 @@ def test_precondition_accumulators_stay_sharded(ranks) -> None:
         assert parts[0][key].shape[1] + parts[1][key].shape[1] == value.shape[1]
 
 
+#: State keys of the row surgeries that hold one value per element of the rows (sharded).
+SHARDED_STATE = ("root.", "ema.", "y.")
+
+
+def whole_rows(parts: List[Tensor], shapes: List[Tuple[int, ...]]) -> Tensor:
+    """The ``(K, P)`` block buffer from the ranks' ``(K, n_r)`` shards: each rank's buffer is
+    its dim-0 chunk of every parameter of the block, flattened, in block order."""
+    offsets = [0] * len(parts)
+    pieces = []
+    for shape in shapes:
+        chunk, inner = -(-shape[0] // WORLD), math.prod(shape[1:])
+        per_rank = []
+        for r, part in enumerate(parts):
+            n = max(0, min(chunk, shape[0] - r * chunk)) * inner
+            per_rank.append(part[:, offsets[r] : offsets[r] + n])
+            offsets[r] += n
+        pieces.append(torch.cat(per_rank, dim=1))
+    assert offsets == [p.shape[1] for p in parts]
+    return torch.cat(pieces, dim=1)
+
+
+@pytest.mark.parametrize("name", [n for n in CONFIGS if CONFIGS[n]["surgery"] in ROW_SURGERIES])
+def test_row_surgery_buffers_stay_sharded(ranks, name: str) -> None:
+    """Each rank keeps only its shard of a row surgery's per-element state (EMAs, tracked
+    gradients, accumulated squares); the shards put back together are one process's."""
+    cfg = CONFIGS[name]
+    want = reference(cfg)["multitask"]["states"]["surgery"]
+    parts = [r[name]["multitask"]["states"]["surgery"] for r in ranks]
+    trunk = [tuple(p.shape) for p in build_model(cfg["k"]).trunk.parameters()]  # the shared parameters
+    blocks = [[s] for s in trunk] if cfg.get("granularity") == "tensor" else [trunk]
+    buffers = [key for key in want if key.startswith(SHARDED_STATE)]
+    assert bool(buffers) == (cfg["surgery"] in ("excess_mtl", "db_mtl", "moco"))
+    for key in buffers:
+        block = blocks[int(key.split(".")[1])]
+        local = [p[key] for p in parts]
+        assert sum(t.shape[1] for t in local) == want[key].shape[1] and local[0].shape != local[1].shape
+        torch.testing.assert_close(whole_rows(local, block), want[key], rtol=1e-4, atol=1e-6)
+
+
+def test_absent_configurations_really_lack_tasks(ranks) -> None:
+    """Every absent-task run has a task with rows on one rank only; the "whole" runs also
+    have steps that lack a task on every rank (and report it in ``last_stats["tasks"]``)."""
+    for name, cfg in CONFIGS.items():
+        if "absent" not in cfg:
+            continue
+        one_rank = [
+            (step, i)
+            for step in range(STEPS)
+            for i in range(cfg["k"])
+            if sum(labelled(cfg, step, i, r) > 0 for r in range(WORLD)) == 1
+        ]
+        assert one_rank, name
+        lacking = [n for n, tasks in enumerate(ranks[0][name]["tasks"]) if len(tasks) < cfg["k"]]
+        assert lacking == ([2, 4] if cfg["absent"] == "whole" else []), name
+
+
 def test_nan_on_one_rank_skips_the_step_on_every_rank(ranks) -> None:
     cfg = CONFIGS["pcgrad-k2-nan-on-rank1"]
     for result in ranks:
@@ -380,10 +520,24 @@ def test_checkpoint_resumes_bitwise(ranks) -> None:
             assert torch.equal(a, b), f"rank {rank}: parameter #{n} differs after the restored run"
 
 
-def test_communication_per_step(ranks) -> None:
-    """One reduce-scatter of K x P (+ loss values and flag) and one K x K Gram all-reduce:
-    what rank r sends, as counted by the optimizer, matches the layout."""
-    cfg = CONFIGS["pcgrad-k3"]
+#: What a row surgery sums over the ranks per step (float64 entries, B blocks, K tasks),
+#: on top of the flag saying whether every rank's update shard is finite.
+ROW_SUMS = {
+    "graddrop": lambda b, k: 0,
+    "trimmed_mean": lambda b, k: 0,
+    "excess_mtl": lambda b, k: b * k,  # partial excess risks
+    "db_mtl": lambda b, k: b * k,  # squared norms of the EMAs
+    "moco": lambda b, k: b * k + b * k * k,  # squared norms of the rows, Grams of the tracked y
+}
+
+
+@pytest.mark.parametrize("name", ["pcgrad-k3", *(f"{s}-k3" for s in ROW_SURGERIES), "moco-k3-tensor-adam"])
+def test_communication_per_step(ranks, name: str) -> None:
+    """One all-reduce of K presence flags (before the backward), one reduce-scatter of
+    K x P (+ a tail: loss values, sample weights, reach flags, skip flag, bound) and one
+    B x K x K Gram all-reduce; a row surgery adds its sums and one flag, preconditioning
+    one flag: what rank r sends, as counted by the optimizer, matches the layout."""
+    cfg = CONFIGS[name]
     k = cfg["k"]
     model = build_model(k)
     params = sum(p.numel() for p in model.trunk.parameters())
@@ -395,17 +549,27 @@ def test_communication_per_step(ranks) -> None:
     padded_own = sum(
         -(-p.shape[0] // WORLD) * WORLD * (p.numel() // p.shape[0]) for p in model.heads.parameters()
     )
-    scatter = 4 * (k * padded + padded_own + WORLD * (k + 1)) // WORLD
-    gram = 2 * 8 * (k * k + 1) // WORLD
+    tensors = len(list(model.parameters()))
+    tail = 2 * k + tensors + 2
+    scatter = 4 * (k * padded + padded_own + WORLD * tail) // WORLD
+    blocks = len(list(model.trunk.parameters())) if cfg.get("granularity") == "tensor" else 1
+    gram = 2 * 8 * (blocks * k * k + 1) // WORLD
+    presence = 2 * 8 * k // WORLD
+    rows = 0
+    if cfg["surgery"] in ROW_SUMS:
+        rows = 2 * 8 * (ROW_SUMS[cfg["surgery"]](blocks, k) + 1) // WORLD
+    vote = 2 * 8 // WORLD if cfg.get("precondition") else 0  # "would an accumulator overflow?"
     assert padded >= params and padded_own >= own
     for result in ranks:
-        assert result["pcgrad-k3"]["sent"] == [scatter + gram] * STEPS
+        assert result[name]["sent"] == [presence + scatter + gram + rows + vote] * STEPS
 
 
 def test_refusals_name_the_argument(ranks) -> None:
     got = ranks[0]["refusals"]
     assert "gradient_mode='lean'" in got["lean"]
-    assert "test_row_sum" in got["rows"] and "Gram-based" in got["rows"]
+    assert got["rows"] == ""  # row surgeries run on FSDP2 shards now (no longer refused)
+    assert "['1']" in got["split"] and "absent on some ranks" in got["split"] and "samples=" in got["split"]
+    assert got["split_unchanged"] == "True" and got["split_then"] == "0,1"
     assert "not sharded" in got["mixed"] and "fully_shard" in got["mixed"]
     assert "representation=" in got["representation"]
     assert got["unchanged"] == "True"

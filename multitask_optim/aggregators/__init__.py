@@ -30,7 +30,7 @@ from . import (  # noqa: F401  (each module registers its method)
     upgrad,
 )
 from .aligned_mtl import AlignedMTL
-from .base import AGGREGATORS, AggregationContext, Aggregator, RowAggregator, random_orders
+from .base import AGGREGATORS, AggregationContext, Aggregator, RowAggregator, Shards, random_orders
 from .cagrad import CAGrad
 from .config import ConFIG
 from .db_mtl import DBMTL
@@ -86,6 +86,7 @@ __all__ = [
     "PCGrad",
     "ParetoWeights",
     "RowAggregator",
+    "Shards",
     "Sum",
     "TrimmedMean",
     "UPGrad",

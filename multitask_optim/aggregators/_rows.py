@@ -9,11 +9,12 @@ update builds a new tensor, so a skipped step can drop it.
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 from torch import Tensor
 
-from .base import State
+from .base import Shards, State
 
 
 def block_buffer(state: State, key: str, rows: Tensor) -> Tensor:
@@ -56,6 +57,19 @@ def row_norms(rows: Tensor) -> Tensor:
     if rows.shape[1] == 0:
         return torch.zeros(rows.shape[0], dtype=torch.float64)
     return torch.linalg.vector_norm(rows, dim=1, dtype=torch.float64).cpu()
+
+
+def whole_norms(rows: Sequence[Tensor], shards: Shards) -> Tensor:
+    """``(B, K)`` float64 CPU norms of every block's whole rows.
+
+    Whole rows: :func:`row_norms` of each block. Shards (FSDP2): the square root of the
+    ranks' summed squared shard norms, one :meth:`Shards.sum` for every block (float64
+    squares: no overflow for float32 or bfloat16 rows).
+    """
+    local = torch.stack([row_norms(r) for r in rows]) if rows else torch.zeros(0, 0, dtype=torch.float64)
+    if not shards.sharded:
+        return local
+    return shards.sum(local.square()).sqrt()
 
 
 def combine(coefs: Tensor, rows: Tensor) -> Tensor:

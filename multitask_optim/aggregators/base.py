@@ -12,7 +12,7 @@ drop it and leave no trace.
 from __future__ import annotations
 
 from abc import abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar, List, Optional, Tuple
 
 import torch
@@ -34,6 +34,46 @@ except ImportError:  # pragma: no cover - NumPy ships with nearly every torch in
 SCALAR_LIMIT = 20
 
 
+class Shards:
+    """Where the rows a :class:`RowAggregator` receives sit in the whole Jacobian rows.
+
+    In one process, and under DDP, every rank holds whole rows: this base class is the
+    identity. Under FSDP2 each rank holds a *shard* of every row -- its own elements of
+    each parameter, concatenated in block order -- and :mod:`multitask_optim.fsdp` hands
+    the method a subclass. Two rules then keep a row method exact on shards:
+
+    - a reduction over the elements of a row (a norm, an inner product, a sum) is
+      computed on the local elements and passed through :meth:`sum`, which adds the
+      ranks' partial results (every rank gets the same total);
+    - a random draw per element is made for the *whole* row (:meth:`size` elements, from
+      the shared generator, so every rank's generator stays in step) and this rank's
+      elements are kept with :meth:`take`, so the draws equal one process's.
+
+    Element-wise work (masks, sorts across tasks, EMAs) needs neither: it runs on the
+    local elements as it would on whole rows. Every method's use of these is in its own
+    file.
+    """
+
+    #: Whether the rows are shards (False: whole rows, every method below is the identity).
+    sharded: ClassVar[bool] = False
+
+    def sum(self, partial: Tensor) -> Tensor:
+        """The sum over the ranks of every rank's ``partial`` (same shape on every rank)."""
+        return partial
+
+    def size(self, block: int, rows: Tensor) -> int:
+        """The length ``P_b`` of block ``block``'s whole rows (``rows``: this rank's ``(K, n)``)."""
+        return int(rows.shape[-1])
+
+    def positions(self, block: int, rows: Tensor) -> Tensor:
+        """``(n,)`` long: the index in the whole row of each of this rank's elements."""
+        return torch.arange(rows.shape[-1], device=rows.device)
+
+    def take(self, block: int, rows: Tensor, whole: Tensor) -> Tensor:
+        """This rank's elements of ``whole``, a tensor over the whole row (last axis ``P_b``)."""
+        return whole
+
+
 @dataclass
 class AggregationContext:
     """What an aggregator may read besides the Gram matrices.
@@ -42,11 +82,14 @@ class AggregationContext:
         generator: the optimizer's own seeded CPU generator (checkpointed with it).
         losses: current (weighted) task losses, float64 CPU tensor of shape ``(K,)``.
         step: index of the optimizer step being computed (0 for the first).
+        shards: where a row method's rows sit in the whole rows (:class:`Shards`; the
+            identity unless the model is sharded with FSDP2).
     """
 
     generator: torch.Generator
     losses: Tensor
     step: int = 0
+    shards: Shards = field(default_factory=Shards)
 
 
 class Aggregator(Component):
@@ -92,7 +135,9 @@ class RowAggregator(Aggregator):
     Subclasses implement :meth:`aggregate_rows` instead of :meth:`aggregate`. They run in
     parameter mode only (representation mode refuses them with a clear error) and
     never take the factored fast path. The rows they see carry the task weights (and
-    the per-task preconditioning when it is on).
+    the per-task preconditioning when it is on). On a model sharded with FSDP2 the rows
+    are this rank's shards of the whole rows: a method reads ``ctx.shards``
+    (:class:`Shards`) for every sum over a row's elements and every per-element draw.
     """
 
     needs_jacobian: ClassVar[bool] = True
@@ -108,15 +153,17 @@ class RowAggregator(Aggregator):
 
         Args:
             rows: per block ``b``, the ``(K, P_b)`` Jacobian (its parameters flattened and
-                concatenated in block order), in the parameters' dtype.
+                concatenated in block order), in the parameters' dtype; under FSDP2 this
+                rank's ``(K, n_b)`` shard of it (see ``ctx.shards``).
             gram: ``(B, K, K)`` float64 Gram matrices of the same rows.
             state: the method's state (never mutated).
-            ctx: generator (every random draw comes from it), losses, step.
+            ctx: generator (every random draw comes from it), losses, step, shards.
 
         Returns:
-            ``(updates, coefficients, new_state)``: per block the ``(P_b,)`` update; the
-            ``(B, K)`` coefficients to report in ``last_stats`` when the update is a
-            combination ``J_b^T c_b`` (else None); the new state.
+            ``(updates, coefficients, new_state)``: per block the update, shaped like one
+            row (``(P_b,)``, or this rank's ``(n_b,)`` shard); the ``(B, K)``
+            coefficients to report in ``last_stats`` when the update is a combination
+            ``J_b^T c_b`` (else None); the new state.
         """
 
 

@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._rows import block_buffer, calls, check_number, combine, counter, row_norms
+from ._rows import block_buffer, calls, check_number, combine, counter, whole_norms
 from .base import AGGREGATORS, AggregationContext, RowAggregator, State
 
 #: Added to each loss under the log, as in the authors' code.
@@ -48,7 +48,9 @@ class DBMTL(RowAggregator):
     (representation mode refuses it).
 
     State: ``steps``; per block ``b`` ``ema.{b}`` (``(K, P_b)``, the rows' dtype, created
-    at first use).
+    at first use). On a model sharded with FSDP2 the EMAs stay sharded like the rows
+    (element-wise) and only the norms need every rank: each rank's ``(B, K)`` squared
+    shard norms are summed over the ranks.
 
     Args:
         beta: EMA rate of the gradients, in ``[0, 1)`` (default 0.9, LibMTL's ``DB_beta``).
@@ -84,12 +86,14 @@ class DBMTL(RowAggregator):
         rate = self.beta / step**self.beta_sigma
         inverse = 1.0 / (losses + EPS)
         new_state: State = {"steps": counter(step)}
-        updates = []
+        emas = []
         for b, r in enumerate(rows):
             g = r * inverse.to(device=r.device, dtype=r.dtype).unsqueeze(1)
             ema = g + rate * (block_buffer(state, f"ema.{b}", r) - g)
             new_state[f"ema.{b}"] = ema
-            norms = row_norms(ema)
+            emas.append(ema)
+        updates = []
+        for ema, norms in zip(emas, whole_norms(emas, ctx.shards)):
             scale = torch.where(norms > 0, norms.max() / norms.where(norms > 0, 1.0), 0.0)
             updates.append(combine(scale, ema))
         return updates, None, new_state

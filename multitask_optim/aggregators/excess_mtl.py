@@ -47,7 +47,10 @@ class ExcessMTL(RowAggregator):
     State: ``steps``; per block ``b`` ``root.{b}`` (``(K, P_b)``, rows' dtype, created at
     first use); ``weights``, ``baseline`` and ``warmup`` (``(B, K)`` float64). The update
     is ``J_b^T alpha_b``, so ``alpha`` is reported as the coefficients. Needs the
-    Jacobian's rows: parameter mode only (representation mode refuses it).
+    Jacobian's rows: parameter mode only (representation mode refuses it). On a model
+    sharded with FSDP2, ``root`` stays sharded like the rows and each rank's partial
+    ``E`` (a ``(B, K)`` sum over its elements) is summed over the ranks, so every rank
+    computes the same weights.
 
     Args:
         robust_step_size: ``eta > 0``, the step size of the weight update (default 1).
@@ -99,6 +102,7 @@ class ExcessMTL(RowAggregator):
                 size = r.abs()
                 ratio = size / torch.hypot(root, root.new_tensor(floor))  # |g| / h <= 1
                 excess[b] = (size * ratio).sum(dim=1, dtype=torch.float64).cpu()
+        excess = ctx.shards.sum(excess)  # FSDP2: the ranks' shards add up to the whole rows' E
         if step < self.n_warmup_steps:
             warmup = warmup + excess
         else:

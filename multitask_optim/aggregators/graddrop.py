@@ -40,6 +40,10 @@ class GradDrop(RowAggregator):
 
     Not linear in the Jacobian: it needs its rows and runs in parameter mode only
     (representation mode refuses it with a clear error); no coefficients are reported.
+    Purity and masks are element-wise, so on a model sharded with FSDP2 each rank works
+    on its shard of the rows; ``U`` is still drawn for the whole block (every rank's
+    generator stays in step) and each rank keeps its elements' draws, so the update
+    equals one process's.
 
     Args:
         leak: ``l_i`` in ``[0, 1]``, how much of task ``i``'s gradient passes unmasked:
@@ -78,14 +82,16 @@ class GradDrop(RowAggregator):
     ) -> Tuple[List[Tensor], Optional[Tensor], State]:
         leaks = self._leaks(gram.shape[1])
         updates = []
-        for r in rows:
-            if r.shape[1] == 0:
-                updates.append(r.new_zeros(0))
+        for b, r in enumerate(rows):
+            size = ctx.shards.size(b, r)  # the whole row's length (this rank's r may be a shard)
+            if size == 0:
+                updates.append(r.new_zeros(r.shape[1]))
                 continue
             mass = r.abs().sum(dim=0)
             purity = torch.where(mass > 0, 0.5 * (1.0 + r.sum(dim=0) / mass.where(mass > 0, 1.0)), 0.5)
             dtype = r.dtype if r.dtype in (torch.float32, torch.float64) else torch.float32
-            draw = torch.rand(r.shape[1], generator=ctx.generator, dtype=dtype).to(r.device)
+            whole = torch.rand(size, generator=ctx.generator, dtype=dtype)
+            draw = ctx.shards.take(b, r, whole).to(r.device)
             keep = ((purity > draw) & (r > 0)) | ((purity < draw) & (r < 0))
             leak = leaks.to(device=r.device, dtype=r.dtype).unsqueeze(1)
             updates.append(torch.where(keep, r, leak * r).sum(dim=0))

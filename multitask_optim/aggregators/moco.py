@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from ..gram import precise_gram
-from ._rows import block_buffer, block_vector, calls, check_number, combine, counter, row_norms
+from ._rows import block_buffer, block_vector, calls, check_number, combine, counter, whole_norms
 from .base import AGGREGATORS, AggregationContext, RowAggregator, State
 
 #: Added to each gradient norm before normalising, as in LibMTL.
@@ -50,7 +50,10 @@ class MoCo(RowAggregator):
     refuses it).
 
     State: ``steps``; ``lambda`` (``(B, K)`` float64); per block ``b`` ``y.{b}``
-    (``(K, P_b)``, the rows' dtype, created at first use).
+    (``(K, P_b)``, the rows' dtype, created at first use). On a model sharded with
+    FSDP2 the tracked ``y`` stay sharded like the rows; the gradient norms (``(B, K)``
+    squared shard norms) and ``Y Y^T`` (``(B, K, K)`` shard Grams) are summed over the
+    ranks, so every rank takes the same ``lambda`` step.
 
     Args:
         beta: step size of the tracking, in ``(0, 1]`` (default 0.5, ``MoCo_beta``).
@@ -100,14 +103,18 @@ class MoCo(RowAggregator):
         updates = []
         new_weights = torch.empty_like(weights)
         ridge = self.rho * torch.eye(k, dtype=torch.float64)
-        for b, r in enumerate(rows):
-            scale = losses / (row_norms(r) + EPS)
+        ys, grams = [], []
+        for b, (r, norms) in enumerate(zip(rows, whole_norms(rows, ctx.shards))):
+            scale = losses / (norms + EPS)
             g = r * scale.to(device=r.device, dtype=r.dtype).unsqueeze(1)
             y = block_buffer(state, f"y.{b}", r)
             y = y - beta * (y - g)
             new_state[f"y.{b}"] = y
-            tracked = precise_gram(lambda dtype, y=y: y.to(dtype) @ y.to(dtype).T, y.dtype).cpu()
-            new_weights[b] = torch.softmax(weights[b] - gamma * ((tracked + ridge) @ weights[b]), dim=0)
+            ys.append(y)
+            grams.append(precise_gram(lambda dtype, y=y: y.to(dtype) @ y.to(dtype).T, y.dtype).cpu())
+        tracked = ctx.shards.sum(torch.stack(grams))  # Y Y^T per block (FSDP2: the ranks' shard Grams summed)
+        for b, y in enumerate(ys):
+            new_weights[b] = torch.softmax(weights[b] - gamma * ((tracked[b] + ridge) @ weights[b]), dim=0)
             updates.append(combine(new_weights[b], y))
         new_state["lambda"] = new_weights
         return updates, None, new_state

@@ -28,6 +28,8 @@ class TrimmedMean(RowAggregator):
     equals. It is robust to up to ``t`` outlying tasks per coordinate; ``t = 0`` is the
     plain mean. Sorting is per coordinate, so it needs the Jacobian's rows and runs in
     parameter mode only (representation mode refuses it); no coefficients are reported.
+    Nothing crosses coordinates, so on a model sharded with FSDP2 each rank trims its
+    own shard of the rows, which is exact.
 
     Args:
         trim_number: ``t``, values dropped at each end of every coordinate (default 1).
