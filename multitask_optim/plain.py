@@ -17,6 +17,7 @@ from torch import Tensor
 
 from .amp import current_scale
 from .distributed import all_sum, reduce_presence, world_size
+from .fsdp import is_sharded
 from .gradients import all_finite
 from .graph import analyse
 from .losses import (
@@ -99,6 +100,33 @@ def gradients(
 class PlainPath:
     """The optimizer's plain step (a mixin of :class:`~multitask_optim.optimizer.MultiTaskOptimizer`)."""
 
+    def _sharded_gradients(
+        self, losses: Sequence[Tensor], factors: Optional[Sequence[float]], params: Sequence[Tensor]
+    ) -> List[Optional[Tensor]]:
+        """FSDP2: gradients of ``sum_i f_i L_i`` summed over the ranks, as sharded ``DTensor`` s.
+
+        One ``backward`` through FSDP's own hooks (its reduce-scatter averages over the
+        ``W`` ranks, so the sum is scaled by ``W``: ``f_i`` already holds each rank's share
+        of the task). The parameters' ``.grad`` are set aside during it and put back, so
+        nothing has changed until the caller writes the returned gradients.
+        """
+        scale = current_scale(self.grad_scaler) * world_size()
+        terms = (
+            list(losses) if factors is None else [x if f == 1.0 else x * f for x, f in zip(losses, factors)]
+        )
+        total = sum(terms)
+        saved = [p.grad for p in params]
+        for p in params:
+            p.grad = None
+        try:
+            (total * scale if scale != 1.0 else total).backward()  # type: ignore[union-attr]
+            grads = [p.grad for p in params]
+        finally:
+            for p, g in zip(params, saved):
+                p.grad = g
+        unscale = world_size() / scale
+        return [g if g is None or unscale == 1.0 else g * unscale for g in grads]
+
     def _plain(self) -> bool:
         """Nothing to do per task: plain sum, equal weights, no preconditioning, one process,
         and ``gradient_mode="auto"`` (an explicit mode asks for the per-task gradients, and
@@ -134,7 +162,10 @@ class PlainPath:
         bad = non_finite_losses([parsed.names[i] for i in present], values)
         if bad is not None:
             return self._skip(bad, values)
-        graph = analyse(parsed.losses) if named or (self._partition is None and not self._plain()) else None
+        if self._sharded:  # FSDP2: every rank must run the same backwards (same tasks)
+            self._rows.agree_on_tasks(parsed.names, parsed.present, first=True)
+        need_graph = named or (self._partition is None and not self._plain())
+        graph = self._rows.map_graph(analyse(parsed.losses), self._params, None) if need_graph else None
         for name, tensor in named:
             check_passes(tensor, graph, name)  # type: ignore[arg-type]
         structure = None
@@ -150,10 +181,14 @@ class PlainPath:
                 return self._skip(why, values)
         factors = loss_factors(parsed.present, present, weights, shares)
         params = [p for p in self._params if p.requires_grad]
-        grads = gradients(parsed.losses, factors, params, current_scale(self.grad_scaler))
-        if world_size() > 1:
-            grads = summed(params, grads)
-        if not all_finite([g for g in grads if g is not None]):
+        if self._sharded:
+            grads = self._sharded_gradients(parsed.losses, factors, params)
+        else:
+            grads = gradients(parsed.losses, factors, params, current_scale(self.grad_scaler))
+            if world_size() > 1:
+                grads = summed(params, grads)
+        finite = all_finite([g.to_local() if is_sharded(g) else g for g in grads if g is not None])
+        if not (self._rows.agree(finite) if self._sharded else finite):
             self._generator.set_state(generator_state)
             return self._skip("non-finite gradient", values)
         if structure is not None:
