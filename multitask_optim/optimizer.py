@@ -551,13 +551,16 @@ class MultiTaskOptimizer(Bookkeeping, PlainPath, Optimizer):
         self.weighting.after_step()
         amp_update(self.grad_scaler, self, False, self._device())
         coefs = outcome.coefficients
-        gram = None if outcome.gram is None else outcome.gram.sum(dim=0)
+        gram = outcome.gram
+        if gram is not None:
+            gram = gram[0] if gram.shape[0] == 1 else gram.sum(dim=0)
         self.last_stats = step_stats(gram, None, weights.tolist(), values.tolist(), self.skipped)
         k = len(present)
         if not ran:  # the plain path: every coefficient is 1
             coefs = torch.ones(len(self._blocks or [[]]), k, dtype=torch.float64)
-        self.last_stats["coefficients"] = None if coefs is None else coefs.mean(dim=0).tolist()
-        self.last_stats["block_coefficients"] = None if coefs is None else coefs.tolist()
+        listed = None if coefs is None else coefs.tolist()  # (B, K) -> one transfer, then Python
+        self.last_stats["coefficients"] = None if listed is None else [sum(c) / len(c) for c in zip(*listed)]
+        self.last_stats["block_coefficients"] = listed
         self.last_stats["objective"] = objective
         self.last_stats["path"] = "full" if ran else "plain"
         self.last_stats["gradient_mode"] = source.path() if ran and source is not None else "plain"
