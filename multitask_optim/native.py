@@ -128,8 +128,8 @@ def chunks(order: Sequence[Node], k: int, budget: Optional[int] = None) -> List[
     budget = CHUNK_BYTES if budget is None else budget
     largest = 1
     for node in order:
-        if getattr(node, "variable", None) is not None:
-            continue  # a parameter's gradient, not an activation's
+        if getattr(node, "variable", None) is not None or _to_parameters(node):
+            continue  # a parameter's gradient (or its transpose), not an activation's
         for meta in getattr(node, "_input_metadata", ()):
             numel = 1
             for s in meta.shape:
@@ -140,6 +140,12 @@ def chunks(order: Sequence[Node], k: int, budget: Optional[int] = None) -> List[
     count = -(-k // size)
     bounds = [round(i * k / count) for i in range(count + 1)]
     return [(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+
+
+def _to_parameters(node: Node) -> bool:
+    """Whether every input of ``node`` is a parameter (e.g. the ``W.t()`` of a linear layer)."""
+    children = [c for c, _ in node.next_functions if c is not None]
+    return bool(children) and all(getattr(c, "variable", None) is not None for c in children)
 
 
 def _add(buffers: Dict[Node, List[Optional[PerTask]]], node: Node, nr: int, grads: PerTask) -> None:
