@@ -50,18 +50,9 @@ class ParameterRows:
     def blocks(self, blocks: List[List[int]]) -> List[List[int]]:
         return blocks
 
-    def reduce_tasks(
-        self,
-        grads: TaskGradients,
-        values: Tensor,
-        present: Sequence[int],
-        weights: Sequence[float],
-        shared_like: Sequence[Tensor],
-        task_like: Sequence[Sequence[Tensor]],
-    ) -> Tuple[TaskGradients, Tensor, Tuple[int, ...]]:
-        """Each task's gradients and loss averaged over the ranks that had it (see
-        :func:`~multitask_optim.gradients.reduce_tasks`; FSDP2 reduce-scatters instead)."""
-        return reduce_tasks(grads, values, present, weights, shared_like, task_like)
+    #: each task's gradients and loss averaged over the ranks that had it (FSDP2
+    #: reduce-scatters instead: :meth:`.fsdp.FSDPRows.reduce_tasks`)
+    reduce_tasks = staticmethod(reduce_tasks)
 
     def grams(self, grads: TaskGradients, blocks: Sequence[Sequence[int]], num_tasks: int) -> Tensor:
         return grads.grams(blocks, num_tasks)

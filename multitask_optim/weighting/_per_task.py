@@ -175,6 +175,29 @@ def scalar(value: Union[int, float, bool], dtype: torch.dtype = torch.float64) -
     return torch.tensor(value, dtype=dtype)
 
 
+def check_steps_per_epoch(value: Any) -> Optional[int]:
+    """``steps_per_epoch`` of an epoch-based weighting: None (only ``epoch_end`` closes) or >= 1."""
+    return None if value is None else check_positive_int(value, "steps_per_epoch")
+
+
+def state_for(weighting: Any, state: State, num_tasks: int, key: str, label: str) -> State:
+    """``state`` when it holds ``key`` sized for ``num_tasks`` tasks, a fresh one when it is empty.
+
+    Raises:
+        ValueError: a state for another number of tasks, naming the weighting (``label``).
+    """
+    if not state or key not in state:
+        return weighting.init_state(num_tasks)
+    if state[key].shape[0] != num_tasks:
+        raise ValueError(f"{label} state is for {state[key].shape[0]} tasks, got {num_tasks} losses")
+    return state
+
+
+def epoch_totals(num_tasks: int) -> Dict[str, Tensor]:
+    """The running sums of an epoch-based weighting: ``epoch_sum (K,)`` and ``epoch_count`` (0-d)."""
+    return {"epoch_sum": torch.zeros(num_tasks, dtype=torch.float64), "epoch_count": scalar(0, torch.int64)}
+
+
 def detached_f64(p: Tensor) -> Tensor:
     """A float64 CPU copy of ``p`` that shares no memory with it."""
     return p.detach().to(device="cpu", dtype=torch.float64).clone()

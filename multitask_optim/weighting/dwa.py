@@ -8,7 +8,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from ._per_task import check_positive_int, scalar
+from ._per_task import check_steps_per_epoch, epoch_totals, scalar
 from .base import WEIGHTINGS, State, Weighting, WeightingContext
 
 
@@ -69,14 +69,11 @@ class DynamicWeightAverage(Weighting):
         if not math.isfinite(temperature) or temperature <= 0:
             raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
         self.temperature = float(temperature)
-        self.steps_per_epoch = (
-            None if steps_per_epoch is None else check_positive_int(steps_per_epoch, "steps_per_epoch")
-        )
+        self.steps_per_epoch = check_steps_per_epoch(steps_per_epoch)
 
     def init_state(self, num_tasks: int, num_blocks: int = 1) -> State:
         return {
-            "epoch_sum": torch.zeros(num_tasks, dtype=torch.float64),
-            "epoch_count": scalar(0, torch.int64),
+            **epoch_totals(num_tasks),
             "task_count": torch.zeros(num_tasks, dtype=torch.int64),
             "last_means": torch.zeros(2, num_tasks, dtype=torch.float64),
             "epochs_seen": torch.zeros(num_tasks, dtype=torch.int64),

@@ -14,6 +14,7 @@ from ._per_task import (
     check_positive_float,
     check_positive_losses,
     scalar,
+    state_for,
 )
 from .base import WEIGHTINGS, State, Weighting, WeightingContext
 
@@ -123,11 +124,7 @@ class FAMO(Weighting):
         }
 
     def _state(self, state: State, num_tasks: int) -> State:
-        if not state or "logits" not in state:
-            return self.init_state(num_tasks)
-        if state["logits"].shape[0] != num_tasks:
-            raise ValueError(f"FAMO state is for {state['logits'].shape[0]} tasks, got {num_tasks} losses")
-        return state
+        return state_for(self, state, num_tasks, "logits", "FAMO")
 
     def _check(self, losses: Tensor) -> None:
         check_num_losses(losses, None if self.task_names is None else len(self.task_names), "FAMO")

@@ -7,7 +7,15 @@ from typing import Any, Dict, Optional
 import torch
 from torch import Tensor
 
-from ._per_task import check_positive_float, check_positive_int, check_positive_losses, scalar
+from ._per_task import (
+    check_positive_float,
+    check_positive_int,
+    check_positive_losses,
+    check_steps_per_epoch,
+    epoch_totals,
+    scalar,
+    state_for,
+)
 from .base import WEIGHTINGS, State, Weighting, WeightingContext
 
 
@@ -67,24 +75,17 @@ class SmoothTchebycheff(Weighting):
     ) -> None:
         self.mu = check_positive_float(mu, "mu")
         self.warmup_epochs = check_positive_int(warmup_epochs, "warmup_epochs")
-        self.steps_per_epoch = (
-            None if steps_per_epoch is None else check_positive_int(steps_per_epoch, "steps_per_epoch")
-        )
+        self.steps_per_epoch = check_steps_per_epoch(steps_per_epoch)
 
     def init_state(self, num_tasks: int, num_blocks: int = 1) -> State:
         return {
-            "epoch_sum": torch.zeros(num_tasks, dtype=torch.float64),
-            "epoch_count": scalar(0, torch.int64),
+            **epoch_totals(num_tasks),
             "epochs_done": scalar(0, torch.int64),
             "nadir": torch.zeros(num_tasks, dtype=torch.float64),
         }
 
     def _state(self, state: State, num_tasks: int) -> State:
-        if not state or "nadir" not in state:
-            return self.init_state(num_tasks)
-        if state["nadir"].shape[0] != num_tasks:
-            raise ValueError(f"STCH state is for {state['nadir'].shape[0]} tasks, got {num_tasks} losses")
-        return state
+        return state_for(self, state, num_tasks, "nadir", "STCH")
 
     def warming_up(self, state: State) -> bool:
         """Whether the warm-up is still running (no nadir point yet)."""
