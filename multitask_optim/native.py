@@ -68,7 +68,8 @@ def trunk_backward(
     """Per-task gradients from the frontier ``seeds`` down to the shared parameters, into ``out``.
 
     Args:
-        seeds: per frontier edge, the K per-task gradients arriving on it (None: zero).
+        seeds: per frontier edge, the K per-task gradients arriving on it (None: zero);
+            emptied chunk by chunk as they are consumed.
         graph: the step's loss graph.
         shared: the shared parameters; ``shared_index`` maps ``id`` to position.
         useful: shared nodes, and whether a shared parameter lies below them.
@@ -91,6 +92,7 @@ def trunk_backward(
             buffers: Dict[Node, List[Optional[PerTask]]] = {}
             for (node, nr), per_task in seeds.items():
                 part = per_task[start:stop]
+                per_task[start:stop] = [None] * (stop - start)  # consumed: freed with this chunk
                 variable = getattr(node, "variable", None)
                 if variable is not None:
                     _write_rows(rows, shared_index[id(variable)], variable, part, start, k)
