@@ -392,12 +392,16 @@ class FSDPRows(ParameterRows):
         peak = _peak(full.tensors())  # NaN when an entry is not finite
         local_bad = not (bool(torch.isfinite(values).all()) and math.isfinite(peak))
         unit = bool((mine[list(present)] == 1.0).all())
+        # sample weights multiply in float32 at least: s_ir * g in float16 could overflow on
+        # one rank only, after its non-finite flag was taken
         items: List[Tuple[Tensor, Optional[Tensor], Tuple[int, ...]]] = [
-            (p, rows if rows is None or unit else _times(rows, mine), (k,))
+            (p, rows if rows is None or unit else _times(_wide(rows), mine), (k,))
             for p, rows in zip(shared_like, full.shared)
         ]
         for i, (params, task) in enumerate(zip(task_like, full.tasks)):
-            items += [(p, g if g is None or unit else g * float(mine[i]), ()) for p, g in zip(params, task)]
+            items += [
+                (p, g if g is None or unit else _wide(g) * float(mine[i]), ()) for p, g in zip(params, task)
+            ]
         bound = float(mine.amax()) * peak / self.world if math.isfinite(peak) else 0.0
         flags = [0.0 if g is None else 1.0 for _, g, _ in items]
         tail = torch.cat(
@@ -431,7 +435,9 @@ class FSDPRows(ParameterRows):
             bad = not self.agree(all_finite(shards))
         if bad:  # a rank saw a non-finite loss or gradient (or an average overflowed): all skip
             new_values = torch.full_like(new_values, float("nan"))
-        self._bound = 0.0
+        # a bound on the averaged entries (the same on every rank): a step with no Gram (one
+        # that surgery_every leaves out) still knows whether its update needs a vote
+        self._bound = bound * float(after.amax()) if math.isfinite(bound) else math.inf
         return ShardedGradients(shared, tasks, [], source=self), new_values, union
 
     def _scatter(
@@ -585,6 +591,11 @@ def _peak(tensors: Sequence[Tensor]) -> float:
             return math.nan
         peak = max(peak, float(top.amax()))
     return peak
+
+
+def _wide(t: Tensor) -> Tensor:
+    """``t`` in float32 at least (half-precision products can overflow)."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
 def _times(rows: Tensor, factors: Tensor) -> Tensor:

@@ -101,6 +101,9 @@ def _imprecise(gram: Tensor, dtype: torch.dtype) -> bool:
 def _has_tiny_row(rows: Sequence[Tensor], gram: Tensor) -> bool:
     if not bool(torch.isfinite(gram).all()):
         return True
+    rows = [r for r in rows if r.numel()]  # an empty shard (FSDP2) has no entries
+    if not rows:
+        return False
     peak = torch.stack([r.reshape(r.shape[0], -1).abs().amax(dim=1) for r in rows]).amax(dim=0)
     info = torch.finfo(torch.promote_types(rows[0].dtype, torch.float32))
     return bool(((peak.cpu() > 0) & (gram.diagonal() < info.tiny / info.eps)).any())

@@ -105,12 +105,12 @@ class PlainPath:
     ) -> List[Optional[Tensor]]:
         """FSDP2: gradients of ``sum_i f_i L_i`` summed over the ranks, as sharded ``DTensor`` s.
 
-        One ``backward`` through FSDP's own hooks (its reduce-scatter averages over the
-        ``W`` ranks, so the sum is scaled by ``W``: ``f_i`` already holds each rank's share
-        of the task). The parameters' ``.grad`` are set aside during it and put back, so
+        One ``backward`` through FSDP's own hooks, at the loss scaler's scale; FSDP's
+        reduce-scatter averages over the ``W`` ranks of its mesh, so the result is
+        multiplied by ``W`` (``f_i`` already holds each rank's share of the task). The parameters' ``.grad`` are set aside during it and put back, so
         nothing has changed until the caller writes the returned gradients.
         """
-        scale = current_scale(self.grad_scaler) * world_size()
+        scale = current_scale(self.grad_scaler)
         terms = (
             list(losses) if factors is None else [x if f == 1.0 else x * f for x, f in zip(losses, factors)]
         )
@@ -124,7 +124,7 @@ class PlainPath:
         finally:
             for p, g in zip(params, saved):
                 p.grad = g
-        unscale = world_size() / scale
+        unscale = self._rows.world / scale  # FSDP averaged over its mesh: the sum, unscaled
         return [g if g is None or unscale == 1.0 else g * unscale for g in grads]
 
     def _plain(self) -> bool:

@@ -17,6 +17,7 @@ differs:
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -99,7 +100,7 @@ class RepresentationRows:
         reduced = iter(all_average([values, *tasks]))
         values = next(reduced)
         new_tasks = [[None if g is None else next(reduced) for g in task] for task in grads.tasks]
-        return TaskGradients(grads.shared, new_tasks), values
+        return replace(grads, tasks=new_tasks), values  # the rows (and HeadFactor) are per rank
 
     def grams(self, grads: TaskGradients, blocks: Sequence[Sequence[int]], num_tasks: int) -> Tensor:
         gram = grads.grams(blocks, num_tasks)

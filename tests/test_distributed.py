@@ -106,6 +106,8 @@ def labelled(cfg: Dict[str, Any], step: int, task: int, rank: int) -> int:
 def expected_collectives(cfg: Dict[str, Any]) -> List[int]:
     """One collective per step; a plain step under a process group needs two (values, then gradients)."""
     every = cfg.get("surgery_every", 1)
+    if cfg.get("representation"):  # values and task gradients (two dtypes), the Grams, the trunk update
+        return [4] * STEPS
     return [1 if step % every == 0 else 2 for step in range(STEPS)]
 
 
@@ -113,6 +115,18 @@ def expected_collectives(cfg: Dict[str, Any]) -> List[int]:
 # random draw (GradDrop) comes from the optimizer's generator, the same on every rank
 for _surgery in ("graddrop", "trimmed_mean", "excess_mtl", "db_mtl", "moco"):
     CONFIGS[f"ddp-{_surgery}-k3"] = {"wrap": "ddp", "surgery": _surgery, "k": 3}
+
+
+# representation mode over linear heads (factored rows: HeadFactor) and MGDA-UB
+CONFIGS["plain-mgda-k3-representation"] = {"wrap": "plain", "surgery": "mgda", "k": 3, "representation": True}
+
+
+def forward(model: nn.Module, x: Tensor, cfg: Dict[str, Any]) -> Tuple[List[Tensor], Optional[Tensor]]:
+    """The outputs, and the trunk's output for representation mode (else None)."""
+    if not cfg.get("representation"):
+        return model(x), None
+    z = model.trunk(x)
+    return [head(z) for head in model.heads], z
 
 
 def build_model(k: int) -> MultiHead:
@@ -206,7 +220,7 @@ def _train_step(
         # DDP: no_sync() keeps DDP's reducer out; the optimizer does the all_reduce.
         sync = net.no_sync() if isinstance(net, nn.parallel.DistributedDataParallel) else nullcontext()
         with sync:
-            outputs = net(x[idx])
+            outputs, z = forward(net, x[idx], cfg)
         losses = [F.mse_loss(y, t[idx]) for y, t in zip(outputs, targets)]
         counts = [labelled(cfg, step, i, rank) for i in range(cfg["k"])]
         if "absent" in cfg:
@@ -222,7 +236,7 @@ def _train_step(
         if micro > 1:
             opt.step()
         else:
-            opt.step(losses, samples=counts if cfg.get("absent") == "samples" else None)
+            opt.step(losses, samples=counts if cfg.get("absent") == "samples" else None, representation=z)
     if opt.last_stats.get("skipped_step"):
         skipped_steps.append(step)
     return int(opt.last_stats.get("conflicts", 0))
@@ -269,10 +283,11 @@ def reference(cfg: Dict[str, Any]) -> Dict[str, Any]:
         opt.zero_grad()
         per_rank = BATCH // WORLD
         losses: List[Optional[Tensor]] = []
-        for i, (y, t) in enumerate(zip(model(x), targets)):  # the union of the rows the ranks labelled
+        outputs, z = forward(model, x, cfg)
+        for i, (y, t) in enumerate(zip(outputs, targets)):  # the union of the rows the ranks labelled
             rows = [r * per_rank + n for r in range(WORLD) for n in range(labelled(cfg, step, i, r))]
             losses.append(F.mse_loss(y[rows], t[rows]) if rows else None)
-        opt.step(losses)
+        opt.step(losses, representation=z)
     return {
         "params": [p.detach().clone() for p in model.parameters()],
         "multitask": opt.state_dict()["multitask"],

@@ -360,10 +360,101 @@ def _worker(rank: int, world: int, root: str) -> None:
             results[name]["seconds"] = time.perf_counter() - start
         results["checkpoint"] = run_checkpoint(rank, world, root)
         results["refusals"] = refusals(rank, world)
+        results["edges"] = edge_cases()
         dist.barrier()
         torch.save(results, os.path.join(root, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+class TwoHeads(nn.Module):
+    def __init__(self, width: int, head_in: int, bias: bool = True) -> None:
+        super().__init__()
+        self.trunk = nn.Linear(4, width, bias=bias)
+        self.h0 = nn.Linear(head_in, 1, bias=bias)
+        self.h1 = nn.Linear(head_in, 1, bias=bias)
+
+    def forward(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+        z = self.trunk(x)
+        return self.h0(z), self.h1(z)
+
+
+def edge_cases() -> Dict[str, Any]:
+    """Corner cases found by review, each a few steps on a tiny sharded model.
+
+    - ``fp16_samples``: float16 parameters (FSDP's policy) and large ``samples=``: the
+      sample weights must not overflow the half-precision rows on one rank only;
+    - ``accumulated_plain``: accumulated micro-batches on steps ``surgery_every`` leaves
+      out, with huge static weights: the ranks must skip (or not) together;
+    - ``scaler``: a float16 model with a GradScaler on steps left out by the schedule:
+      the backward runs at the scaler's scale (no overflow, no drop of the scale);
+    - ``empty_shard``: a trunk ``Linear(4, 1)`` whose weight shard is empty on a rank.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    out: Dict[str, Any] = {}
+    half = {"mp_policy": MixedPrecisionPolicy(param_dtype=torch.float16, reduce_dtype=torch.float32)}
+
+    torch.manual_seed(0)
+    model = TwoHeads(4, 4, bias=False)
+    fully_shard(model.trunk, **half)
+    fully_shard(model, **half)
+    opt = MultiTaskOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), surgery="pcgrad")
+    x = torch.tensor([[0.0, 0.0, 0.0, 200.0]]).half()
+    for _ in range(2):
+        o0, o1 = model(x)
+        opt.step({"a": o0.sum().float(), "b": -0.5 * o1.sum().float()}, samples={"a": 1000, "b": 1000})
+    out["fp16_samples"] = opt.skipped
+
+    torch.manual_seed(0)
+    model = TwoHeads(4, 4, bias=False)
+    fully_shard(model.trunk)
+    fully_shard(model)
+    opt = MultiTaskOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.0),
+        surgery="pcgrad",
+        surgery_every=2,
+        weighting="static",
+        weighting_kwargs={"weights": [1e30, 1e30]},
+    )
+    x = torch.tensor([[0.0, 0.0, 0.0, 1e9]])
+    skipped = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(3):
+            o0, o1 = model(x)
+            opt.accumulate({"a": o0.sum(), "b": -0.5 * o1.sum()})
+            opt.step()
+            skipped.append(opt.skipped)
+    out["accumulated_plain"] = skipped
+
+    torch.manual_seed(0)
+    model = TwoHeads(4, 4)
+    fully_shard(model.trunk, **half)
+    fully_shard(model, **half)
+    scaler = torch.amp.GradScaler("cpu", init_scale=80000.0, growth_interval=1000)
+    opt = MultiTaskOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.01),
+        surgery="pcgrad",
+        surgery_every=1000,
+        surgery_start=1000,  # every step here is a plain one
+        grad_scaler=scaler,
+    )
+    x = torch.randn(1, 4).half()
+    for _ in range(3):
+        o0, o1 = model(x)
+        opt.step({"a": o0.sum().float(), "b": o1.sum().float()})
+    out["scaler"] = (opt.skipped, scaler.get_scale(), opt.last_stats["path"])
+
+    torch.manual_seed(0)
+    model = TwoHeads(1, 1)
+    fully_shard(model.trunk)
+    fully_shard(model)
+    opt = MultiTaskOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), surgery="pcgrad")
+    o0, o1 = model(torch.randn(4, 4))
+    opt.step({"a": o0.pow(2).mean(), "b": o1.pow(2).mean()})
+    out["empty_shard"] = (opt.skipped, opt.last_stats["path"])
+    return out
 
 
 def run_ranks(root: Path, world: int, timeout: float) -> None:
@@ -595,3 +686,14 @@ def test_refusals_without_a_process_group() -> None:
     from multitask_optim.fsdp import is_sharded
 
     assert not is_sharded(torch.zeros(2))
+
+
+def test_edge_cases_found_by_review(ranks) -> None:
+    """Each would have made one rank skip while the other stepped (then hung), skipped
+    steps for nothing, or raised (see :func:`edge_cases`)."""
+    edges = [result["edges"] for result in ranks]
+    assert edges[0] == edges[1], "the ranks must agree"
+    assert edges[0]["fp16_samples"] == 0
+    assert edges[0]["accumulated_plain"] == [1, 2, 3]  # 1e30 x 1e9 overflows float32: every rank skips
+    assert edges[0]["scaler"] == (0, 80000.0, "plain")
+    assert edges[0]["empty_shard"] == (0, "full")

@@ -169,3 +169,30 @@ def test_aggregator_reads_the_weighted_losses() -> None:
     opt.step(losses)
     got = torch.tensor(opt.last_stats["block_coefficients"], dtype=torch.float64)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9)
+
+
+def test_dense_grams_of_an_empty_shard_are_zero() -> None:
+    """Under FSDP2 a rank's shard of a block can be empty: its partial Gram is 0 (no IndexError)."""
+    from multitask_optim.gram import dense_grams
+
+    out = dense_grams([torch.zeros(2, 0), torch.zeros(2, 0, 3)], [[0, 1]], 2)
+    assert torch.equal(out, torch.zeros(1, 2, 2, dtype=torch.float64))
+
+
+def test_krum_ignores_the_rounding_asymmetry_of_a_gram() -> None:
+    """Krum reads distances from the Gram; a Gram that rounding left a hair asymmetric
+    must select what its symmetric part selects (ties are broken the same way)."""
+    from multitask_optim import AGGREGATORS
+    from multitask_optim.aggregators import AggregationContext
+
+    krum = AGGREGATORS.build("krum", {})
+    rows = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], dtype=torch.float64)
+    gram = (rows @ rows.T).unsqueeze(0)  # tasks 0 and 1 tie exactly
+    ctx = AggregationContext(torch.Generator().manual_seed(0), torch.ones(3, dtype=torch.float64), 0)
+    want, _ = krum(gram, {}, ctx)
+    for eps in (1e-15, -1e-15):
+        skewed = gram.clone()
+        skewed[0, 0, 2] += eps
+        skewed[0, 2, 0] -= eps
+        got, _ = krum(skewed, {}, ctx)
+        assert torch.equal(got, want)

@@ -69,6 +69,7 @@ class Krum(Aggregator):
                 f"krum with n_selected={self.n_selected} needs at least that many tasks, got {k}"
             )
         g = gram.to(torch.float64)
+        g = 0.5 * (g + g.transpose(-1, -2))  # a Gram is symmetric: rounding must not break ties
         s = g.diagonal(dim1=-2, dim2=-1).amax(-1).view(-1, 1, 1)
         g = g / torch.where(s > 0, s, 1.0)  # the ranking does not change with the scale
         diag = g.diagonal(dim1=-2, dim2=-1)
