@@ -42,6 +42,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from models import MultiHead
+from ranks import tasks_on_one_rank
 from torch import Tensor, nn
 
 from multitask_optim import MultiTaskOptimizer
@@ -383,13 +384,7 @@ def test_absent_configurations_really_lack_tasks() -> None:
     """The absent-task configurations have steps where a task is on one rank only."""
     for name, cfg in CONFIGS.items():
         if "absent" in cfg:
-            one_rank = [
-                (step, i)
-                for step in range(STEPS)
-                for i in range(cfg["k"])
-                if sum(labelled(cfg, step, i, r) > 0 for r in range(WORLD)) == 1
-            ]
-            assert one_rank, name
+            assert tasks_on_one_rank(cfg, labelled, STEPS, WORLD), name
 
 
 def test_world_size_is_one_without_a_process_group() -> None:

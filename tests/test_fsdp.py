@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from ranks import tasks_on_one_rank
 from torch import Tensor, nn
 
 from multitask_optim import MultiTaskOptimizer
@@ -601,13 +602,7 @@ def test_absent_configurations_really_lack_tasks(ranks) -> None:
     for name, cfg in CONFIGS.items():
         if "absent" not in cfg:
             continue
-        one_rank = [
-            (step, i)
-            for step in range(STEPS)
-            for i in range(cfg["k"])
-            if sum(labelled(cfg, step, i, r) > 0 for r in range(WORLD)) == 1
-        ]
-        assert one_rank, name
+        assert tasks_on_one_rank(cfg, labelled, STEPS, WORLD), name
         lacking = [n for n, tasks in enumerate(ranks[0][name]["tasks"]) if len(tasks) < cfg["k"]]
         assert lacking == ([2, 4] if cfg["absent"] == "whole" else []), name
 
