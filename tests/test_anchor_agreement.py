@@ -33,13 +33,12 @@ from __future__ import annotations
 
 import importlib.util
 import random
-import sys
-import types
 from pathlib import Path
 from typing import List, Sequence
 
 import pytest
 import torch
+from libmtl import load_weighting_module
 from torch import Tensor, nn
 
 from multitask_optim import MultiTaskOptimizer
@@ -303,30 +302,11 @@ def _load_libmtl(name: str):
     root = Path(list(spec.submodule_search_locations)[0]) / "weighting"
     if not (root / f"{name}.py").exists():
         pytest.skip(f"LibMTL has no weighting/{name}.py")
-    keys = ["LibMTL", "LibMTL.weighting", "LibMTL.weighting.abstract_weighting", f"LibMTL.weighting.{name}"]
-    saved = {k: sys.modules.get(k) for k in keys}
     try:
-        pkg = types.ModuleType("LibMTL")
-        pkg.__path__ = [str(root.parent)]
-        sub = types.ModuleType("LibMTL.weighting")
-        sub.__path__ = [str(root)]
-        sys.modules["LibMTL"], sys.modules["LibMTL.weighting"] = pkg, sub
-        module = None
-        for mod_name, file in (("abstract_weighting", "abstract_weighting.py"), (name, f"{name}.py")):
-            full_name = f"LibMTL.weighting.{mod_name}"
-            mspec = importlib.util.spec_from_file_location(full_name, root / file)
-            module = importlib.util.module_from_spec(mspec)
-            sys.modules[full_name] = module
-            mspec.loader.exec_module(module)
-        return module, getattr(module, name)
+        module = load_weighting_module(root, name)
     except ImportError as err:  # pragma: no cover - depends on the LibMTL version
         pytest.skip(f"LibMTL weighting {name} cannot be loaded alone: {err}")
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                sys.modules.pop(k, None)
-            else:
-                sys.modules[k] = v
+    return module, getattr(module, name)
 
 
 def _drive_libmtl(cls, jac: Tensor, **kwargs) -> Tensor:

@@ -22,13 +22,12 @@ from __future__ import annotations
 import importlib.util
 import os
 import subprocess
-import sys
-import types
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import pytest
 import torch
+from libmtl import load_weighting_module
 from torch import Tensor
 
 from multitask_optim.aggregators import (
@@ -156,27 +155,7 @@ def _libmtl_source(name: str, tmp: Path) -> Path:
 def _load_libmtl(name: str, tmp: Path) -> type:
     """LibMTL's weighting class ``name`` without running ``LibMTL/__init__.py`` (torchvision)."""
     root = _libmtl_source(name, tmp)
-    keys = ["LibMTL", "LibMTL.weighting", "LibMTL.weighting.abstract_weighting", f"LibMTL.weighting.{name}"]
-    saved = {k: sys.modules.get(k) for k in keys}
-    try:
-        pkg, sub = types.ModuleType("LibMTL"), types.ModuleType("LibMTL.weighting")
-        pkg.__path__, sub.__path__ = [str(root.parent)], [str(root)]
-        sys.modules["LibMTL"], sys.modules["LibMTL.weighting"] = pkg, sub
-        module: Any = None
-        for mod_name in ("abstract_weighting", name):
-            full = f"LibMTL.weighting.{mod_name}"
-            spec = importlib.util.spec_from_file_location(full, root / f"{mod_name}.py")
-            assert spec is not None and spec.loader is not None
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[full] = module
-            spec.loader.exec_module(module)
-        return getattr(module, name)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                sys.modules.pop(k, None)
-            else:
-                sys.modules[k] = v
+    return getattr(load_weighting_module(root, name), name)
 
 
 class _Driver:

@@ -29,13 +29,12 @@ import importlib.util
 import io
 import os
 import subprocess
-import sys
-import types
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional
 
 import pytest
 import torch
+from libmtl import load_weighting_module
 from torch import Tensor
 
 from multitask_optim.weighting import FAMO, IMTLL, GeometricLossStrategy, SmoothTchebycheff, WeightingContext
@@ -93,31 +92,10 @@ def load_libmtl(name: str, tmp_path: Path) -> type:
     folder.mkdir(exist_ok=True)
     (folder / "abstract_weighting.py").write_text((root / "abstract_weighting.py").read_text())
     (folder / f"{name}.py").write_text(text)
-    keys = ["LibMTL", "LibMTL.weighting", "LibMTL.weighting.abstract_weighting", f"LibMTL.weighting.{name}"]
-    saved = {k: sys.modules.get(k) for k in keys}
     try:
-        pkg = types.ModuleType("LibMTL")
-        pkg.__path__ = [str(folder.parent)]
-        sub = types.ModuleType("LibMTL.weighting")
-        sub.__path__ = [str(folder)]
-        sys.modules["LibMTL"], sys.modules["LibMTL.weighting"] = pkg, sub
-        module = None
-        for mod_name in ("abstract_weighting", name):
-            full = f"LibMTL.weighting.{mod_name}"
-            spec = importlib.util.spec_from_file_location(full, folder / f"{mod_name}.py")
-            assert spec is not None and spec.loader is not None
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[full] = module
-            spec.loader.exec_module(module)
-        return getattr(module, name)
+        return getattr(load_weighting_module(folder, name), name)
     except ImportError as err:  # pragma: no cover - depends on the LibMTL version
         pytest.skip(f"LibMTL weighting {name} cannot be loaded alone: {err}")
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                sys.modules.pop(k, None)
-            else:
-                sys.modules[k] = v
 
 
 @contextlib.contextmanager
