@@ -327,3 +327,18 @@ class MultiHead(nn.Module):
     def forward(self, x: Tensor) -> List[Tensor]:
         h = self.trunk(x)
         return [head(h) for head in self.heads]
+
+
+def multihead(k: int = 3, seed: int = 0) -> MultiHead:
+    """A fresh :class:`MultiHead` (default sizes), the same for the same ``k`` and ``seed``."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return MultiHead(k)
+
+
+def conflicting_losses(model: MultiHead, seed: int, scale: float = 1.0) -> List[Tensor]:
+    """MSE losses of a batch of 10 drawn from ``seed``, with targets of alternating sign per task."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(10, 6, generator=g)
+    base = torch.randn(10, 2, generator=g) + 1.0
+    return [F.mse_loss(y, (-1.0) ** i * base) * scale for i, y in enumerate(model(x))]

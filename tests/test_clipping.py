@@ -14,8 +14,7 @@ from typing import Dict, List
 
 import pytest
 import torch
-import torch.nn.functional as F
-from models import MultiHead
+from models import MultiHead, conflicting_losses, multihead
 from torch import Tensor
 
 from multitask_optim import MultiTaskOptimizer
@@ -25,16 +24,11 @@ K = 3
 
 
 def model_of(seed: int = 0) -> MultiHead:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return MultiHead(K)
+    return multihead(K, seed)
 
 
 def losses_of(model: MultiHead, step: int, scale: float = 1.0) -> List[Tensor]:
-    g = torch.Generator().manual_seed(7 * step + 2)
-    x = torch.randn(10, 6, generator=g)
-    base = torch.randn(10, 2, generator=g) + 1.0
-    return [F.mse_loss(y, (-1.0) ** i * base) * scale for i, y in enumerate(model(x))]
+    return conflicting_losses(model, 7 * step + 2, scale)
 
 
 def captured(opt: MultiTaskOptimizer, model: MultiHead) -> Dict[int, Tensor]:

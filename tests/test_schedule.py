@@ -13,9 +13,8 @@ from typing import List, Optional
 
 import pytest
 import torch
-import torch.nn.functional as F
 from faultkit import round_trip, state_diff
-from models import MultiHead
+from models import MultiHead, conflicting_losses, multihead
 from torch import Tensor
 
 from multitask_optim import MultiTaskOptimizer
@@ -25,16 +24,11 @@ K = 3
 
 
 def model_of(seed: int = 0) -> MultiHead:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return MultiHead(K)
+    return multihead(K, seed)
 
 
 def losses_of(model: MultiHead, step: int, scale: float = 1.0) -> List[Tensor]:
-    g = torch.Generator().manual_seed(17 * step + 1)
-    x = torch.randn(10, 6, generator=g)
-    base = torch.randn(10, 2, generator=g) + 1.0
-    return [F.mse_loss(y, (-1.0) ** i * base) * scale for i, y in enumerate(model(x))]
+    return conflicting_losses(model, 17 * step + 1, scale)
 
 
 def make(model: MultiHead, **kw) -> MultiTaskOptimizer:
