@@ -66,6 +66,18 @@ FACTORIES: Dict[str, Callable[[], Aggregator]] = {
     "krum": Krum,
 }
 METHODS = sorted(FACTORIES)
+#: the registered methods (by their registry names), for the registry and end-to-end tests
+SURGERIES = [
+    "upgrad",
+    "dualproj",
+    "cagrad",
+    "imtl_g",
+    "aligned_mtl",
+    "config",
+    "nash_mtl",
+    "fairgrad",
+    "krum",
+]
 DEGREE = {name: 1.0 for name in METHODS}
 DEGREE.update({"nash_mtl": 0.0, "nash_mtl_unclipped": 0.0, "fairgrad": 0.0, "fairgrad_2": -1.0 / 3.0})
 #: Output discontinuous in G on degenerate Jacobians (see the module docstring).
@@ -143,17 +155,7 @@ def independent(jac: Tensor) -> bool:
 
 
 def test_every_method_is_registered() -> None:
-    for name in (
-        "upgrad",
-        "dualproj",
-        "cagrad",
-        "imtl_g",
-        "aligned_mtl",
-        "config",
-        "nash_mtl",
-        "fairgrad",
-        "krum",
-    ):
+    for name in SURGERIES:
         assert AGGREGATORS[name] is type(FACTORIES[name]())
 
 
@@ -544,18 +546,6 @@ def test_repr_shows_hyper_parameters() -> None:
 
 
 # --------------------------------------------------------------------- end to end
-
-SURGERIES = [
-    "upgrad",
-    "dualproj",
-    "cagrad",
-    "imtl_g",
-    "aligned_mtl",
-    "config",
-    "nash_mtl",
-    "fairgrad",
-    "krum",
-]
 
 
 def make_model(name: str):
