@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import io
 import math
 from typing import Sequence
 
 import pytest
 import torch
+from faultkit import round_trip
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -39,13 +39,6 @@ def make_ctx(
 
 def t64(values: Sequence[float]) -> torch.Tensor:
     return torch.tensor(values, dtype=F64)
-
-
-def roundtrip(state: dict) -> dict:
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=True)
 
 
 # --------------------------------------------------------------------------- registry
@@ -314,7 +307,7 @@ def test_dwa_matches_closed_form_on_scripted_history():
             if epoch < 2:
                 assert torch.equal(w, torch.ones(k, dtype=F64))
         completed.append([sum(float(h[i]) for h in history) / n for i in range(k)])
-        state = roundtrip(dwa.epoch_end(state))  # also: the state loads with weights_only
+        state = round_trip(dwa.epoch_end(state))  # also: the state loads with weights_only
     assert int(state["epochs_done"]) == len(steps_per_epoch)
 
 
@@ -381,7 +374,7 @@ def test_htw_exact_schedule():
     w, state = htw.compute(first, state, make_ctx(step=0))
     assert torch.allclose(w, t64([1.0, 0.1, 1.0]), rtol=1e-15, atol=0)
     assert torch.equal(state["initial_losses"], first)
-    state = roundtrip(state)
+    state = round_trip(state)
     for step in range(1, 15):
         losses = t64([2.0 / (step + 1), 5.0 * 0.9**step, 8.0 * 0.5**step])
         w, new_state = htw.compute(losses, state, make_ctx(step=step))
@@ -450,7 +443,7 @@ def test_gradnorm_gradient_matches_autograd(alpha):
     ctx = make_ctx(names="abcd")
     w, state = gn.compute(initial, gn.init_state(k), ctx)  # first call stores L(0)
     assert torch.equal(w, weights) and torch.equal(state["initial_losses"], initial)
-    gn.backward(losses, weights, roundtrip(state), ctx, gram=gram)
+    gn.backward(losses, weights, round_trip(state), ctx, gram=gram)
     expected = _gradnorm_autograd(weights, grads, losses, initial, alpha)
     assert torch.allclose(_grads(gn).to(F64), expected, rtol=1e-6, atol=1e-6)
     assert _grads(gn).abs().sum() > 0

@@ -8,13 +8,13 @@ FAMO's same-batch call ``opt.update_weighting``, and the refusal of losses <= 0.
 from __future__ import annotations
 
 import copy
-import io
 import math
 from typing import Any, Dict, List, Sequence
 
 import pytest
 import torch
 import torch.nn.functional as F
+from faultkit import round_trip
 from hypothesis import given
 from hypothesis import strategies as st
 from models import TrunkHeads, build
@@ -40,13 +40,6 @@ def ctx(step: int = 0, names: Sequence[str] = NAMES) -> WeightingContext:
 
 def t64(values: Sequence[float]) -> Tensor:
     return torch.tensor(values, dtype=F64)
-
-
-def roundtrip(obj: Any) -> Any:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=True)
 
 
 # ---------------------------------------------------------------------- registry, arguments
@@ -105,7 +98,7 @@ def test_optimizer_refuses_a_zero_loss_and_changes_nothing(name: str) -> None:
     model = build(TrunkHeads, seed=0, out_dims=(2, 3, 1))
     opt = MultiTaskOptimizer(torch.optim.Adam(model.parameters(), lr=1e-2), weighting=name, seed=0)
     opt.step(_losses(model, 0))
-    saved = roundtrip(opt.state_dict())
+    saved = round_trip(opt.state_dict())
     params = [p.detach().clone() for p in model.parameters()]
     losses = _losses(model, 1)
     losses[2] = losses[2] * 0.0
@@ -373,7 +366,7 @@ def test_trains_and_resumes_bitwise(name: str, kwargs: Dict[str, Any], surgery: 
         opt.zero_grad()
         opt.step(_losses(model, step))
         if step == 4:  # STCH: mid-way through its second (last) warm-up epoch
-            saved = (copy.deepcopy(model.state_dict()), roundtrip(opt.state_dict()))
+            saved = (copy.deepcopy(model.state_dict()), round_trip(opt.state_dict()))
     assert saved is not None
     assert sum(float(v.detach()) for v in _losses(model, 100)) < sum(first)
     if name == "stch":
@@ -428,7 +421,7 @@ def test_famo_same_batch_resumes_bitwise() -> None:
     model = build(TrunkHeads, seed=3, out_dims=(2, 3, 1))
     opt = _make(model, "famo", {}, "pcgrad")
     _famo_loop(model, opt, range(5), same_batch=True)
-    saved = (copy.deepcopy(model.state_dict()), roundtrip(opt.state_dict()))
+    saved = (copy.deepcopy(model.state_dict()), round_trip(opt.state_dict()))
     _famo_loop(model, opt, range(5, 10), same_batch=True)
     twin = build(TrunkHeads, seed=3, out_dims=(2, 3, 1))
     twin.load_state_dict(saved[0])
@@ -458,7 +451,7 @@ def test_update_weighting_refuses_bad_input_and_changes_nothing(bad: Any, error:
     model = build(TrunkHeads, seed=4, out_dims=(2, 3, 1))
     opt = _make(model, "famo", {}, "pcgrad")
     opt.step(_losses(model, 0))
-    saved = roundtrip(opt.state_dict())
+    saved = round_trip(opt.state_dict())
     with pytest.raises(error, match=match):
         opt.update_weighting(bad)
     assert _same(opt.state_dict(), saved)
@@ -487,12 +480,12 @@ def test_update_weighting_before_tasks_and_with_other_weightings() -> None:
     with pytest.raises(RuntimeError, match="take a step first"):
         opt.update_weighting([1.0, 1.0, 1.0])
     declared = _make(model, "famo", {}, "pcgrad")
-    saved = roundtrip(declared.state_dict())
+    saved = round_trip(declared.state_dict())
     declared.update_weighting([1.0, 1.0, 1.0])  # tasks known, no step pending: nothing to do
     assert _same(declared.state_dict(), saved)
     gls = _make(model, "gls", {}, "pcgrad")
     gls.step(_losses(model, 0))
-    saved = roundtrip(gls.state_dict())
+    saved = round_trip(gls.state_dict())
     with pytest.raises(NotImplementedError, match="'gls'"):
         gls.update_weighting([1.0, 1.0, 1.0])
     assert _same(gls.state_dict(), saved)
