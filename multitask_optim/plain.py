@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .amp import current_scale
 from .distributed import all_sum, reduce_presence, world_size
-from .fsdp import is_sharded
+from .fsdp import local
 from .gradients import all_finite
 from .graph import analyse
 from .losses import (
@@ -79,6 +79,12 @@ def summed(params: Sequence[Tensor], grads: Sequence[Optional[Tensor]]) -> List[
     return [g if r else None for g, r in zip(reduced[1:], reached)]
 
 
+def weighted_sum(losses: Sequence[Tensor], factors: Optional[Sequence[float]]) -> Tensor:
+    """``sum_i f_i L_i``; a factor of exactly 1 is not multiplied (bitwise the plain sum)."""
+    terms = list(losses) if factors is None else [x if f == 1.0 else x * f for x, f in zip(losses, factors)]
+    return sum(terms)  # type: ignore[return-value]
+
+
 def gradients(
     losses: Sequence[Tensor], factors: Optional[Sequence[float]], params: Sequence[Tensor], scale: float
 ) -> Tuple[Optional[Tensor], ...]:
@@ -87,8 +93,7 @@ def gradients(
     A factor of exactly 1 is not multiplied, so with no factors and no loss scale this is
     bitwise ``torch.autograd.grad(sum(losses), params)``.
     """
-    terms = list(losses) if factors is None else [x if f == 1.0 else x * f for x, f in zip(losses, factors)]
-    total = sum(terms)
+    total = weighted_sum(losses, factors)
     if scale != 1.0:
         total = total * scale
     grads = torch.autograd.grad(total, params, allow_unused=True)  # type: ignore[arg-type]
@@ -107,14 +112,12 @@ class PlainPath:
 
         One ``backward`` through FSDP's own hooks, at the loss scaler's scale; FSDP's
         reduce-scatter averages over the ``W`` ranks of its mesh, so the result is
-        multiplied by ``W`` (``f_i`` already holds each rank's share of the task). The parameters' ``.grad`` are set aside during it and put back, so
-        nothing has changed until the caller writes the returned gradients.
+        multiplied by ``W`` (``f_i`` already holds each rank's share of the task). The
+        parameters' ``.grad`` are set aside during it and put back, so nothing has
+        changed until the caller writes the returned gradients.
         """
         scale = current_scale(self.grad_scaler)
-        terms = (
-            list(losses) if factors is None else [x if f == 1.0 else x * f for x, f in zip(losses, factors)]
-        )
-        total = sum(terms)
+        total = weighted_sum(losses, factors)
         saved = [p.grad for p in params]
         for p in params:
             p.grad = None
@@ -187,7 +190,7 @@ class PlainPath:
             grads = gradients(parsed.losses, factors, params, current_scale(self.grad_scaler))
             if world_size() > 1:
                 grads = summed(params, grads)
-        finite = all_finite([g.to_local() if is_sharded(g) else g for g in grads if g is not None])
+        finite = all_finite([local(g) for g in grads if g is not None])
         if not (self._rows.agree(finite) if self._sharded else finite):
             self._generator.set_state(generator_state)
             return self._skip("non-finite gradient", values)
