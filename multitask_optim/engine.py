@@ -21,7 +21,7 @@ from torch import Tensor
 
 from .gradients import TaskGradients
 from .graph import LossGraph
-from .jacobian import MODES, run_path
+from .jacobian import MODES, defers, run_path
 
 #: Unmeasured order: the first path that works is kept (vmap limitations fall through).
 FALLBACK = ("frontier", "batched", "looped")
@@ -150,24 +150,27 @@ class GradientEngine:
         graph: LossGraph,
         shared: Sequence[Tensor],
         tasks: Sequence[Sequence[Tensor]],
+        defer: bool = False,
     ) -> TaskGradients:
+        """The step's per-task gradients. ``defer``: the caller combines every shared
+        parameter with one set of coefficients, once (see :func:`.jacobian.run_path`)."""
         if self.requested != "auto":
             assert self.mode is not None
-            return run_path(self.mode, losses, graph, shared, tasks, False, self.factored)
+            return run_path(self.mode, losses, graph, shared, tasks, False, self.factored, defer)
         signature, work = _signature(losses, graph, shared)
         chosen = self._choices.get(signature) or self._restored
         self.timings = {}
         if chosen is not None:
             self.mode = chosen
             self._pending = (signature, None, chosen)
-            return run_path(chosen, losses, graph, shared, tasks, False, self.factored)
+            return run_path(chosen, losses, graph, shared, tasks, False, self.factored, defer)
         if work < MEASURE_ABOVE:
             order = ("looped",) if work < LOOP_BELOW else FALLBACK
             result, mode = self._first(order, losses, graph, shared, tasks)
             self.mode = mode
             self._pending = (signature, None, mode)
             return result
-        return self._measure(signature, losses, graph, shared, tasks)
+        return self._measure(signature, losses, graph, shared, tasks, defer)
 
     def _first(
         self,
@@ -176,20 +179,23 @@ class GradientEngine:
         graph: LossGraph,
         shared: Sequence[Tensor],
         tasks: Sequence[Sequence[Tensor]],
+        defer: bool = False,
     ) -> Tuple[TaskGradients, str]:
         """The first candidate that works (the graph is kept until one has)."""
         last_error: Optional[Exception] = None
         for mode in candidates:
             try:
-                return run_path(mode, losses, graph, shared, tasks, True, self.factored), mode
+                return run_path(mode, losses, graph, shared, tasks, True, self.factored, defer), mode
             except RuntimeError as error:  # vmap / custom Function limitations
                 last_error = error
         raise RuntimeError("no gradient path succeeded") from last_error
 
-    def _candidates(self, signature: Signature, rows_bytes: int) -> List[str]:
+    def _candidates(self, signature: Signature, rows_bytes: int, lean_native: bool) -> List[str]:
         paths = [m for m in MODES if self.factored or m != "lean"]
         if self.factored and rows_bytes > JACOBIAN_BUDGET:
             paths = [m for m in paths if m not in ("batched", "looped")]
+        if lean_native:  # the paths that hold every factored layer's deltas would set the peak
+            paths = [m for m in paths if m not in ("lean", "frontier")]
         history = self._history.get(signature)
         if not history:
             return paths
@@ -204,16 +210,25 @@ class GradientEngine:
         graph: LossGraph,
         shared: Sequence[Tensor],
         tasks: Sequence[Sequence[Tensor]],
+        defer: bool,
     ) -> TaskGradients:
         """Run every candidate path on this step, timed; use the first (in :data:`MODES`) that works.
 
         That path runs last, so only its result is alive when the step goes on (the
         others are dropped as soon as their Gram is taken): measuring costs time, not
-        twice the memory.
+        twice the memory. When ``native`` would keep only its factored layers' Gram
+        (``defer``, :func:`.jacobian.defers`), the paths holding their deltas are not
+        measured: the peak memory of the run is the point; a single candidate is not timed.
         """
         k = len(losses)
         rows_bytes = sum(k * p.numel() * p.element_size() for p in shared if graph.reached_by(p))
-        candidates = self._candidates(signature, rows_bytes)
+        lean_native = defer and self.factored and defers(graph, shared, k)
+        candidates = self._candidates(signature, rows_bytes, lean_native)
+        if len(candidates) == 1:
+            result, mode = self._first(candidates, losses, graph, shared, tasks, defer)
+            self.mode = mode
+            self._pending = (signature, None, mode)
+            return result
         preferred = min(candidates, key=MODES.index)
         order = [m for m in candidates if m != preferred] + [preferred]
         grams: Dict[str, Tensor] = {}
@@ -223,7 +238,7 @@ class GradientEngine:
         for mode in order:
             start = time.perf_counter()
             try:
-                result = run_path(mode, losses, graph, shared, tasks, True, self.factored)
+                result = run_path(mode, losses, graph, shared, tasks, True, self.factored, defer)
             except RuntimeError as error:
                 last_error = error
                 times[mode] = math.inf
@@ -248,7 +263,7 @@ class GradientEngine:
             raise RuntimeError("no gradient path succeeded") from last_error
         used = working[0]
         if used != preferred or last is None:  # the preferred path failed or disagreed: run the next one
-            last = run_path(used, losses, graph, shared, tasks, True, self.factored)
+            last = run_path(used, losses, graph, shared, tasks, True, self.factored, defer)
         self.mode = used
         self.timings = dict(times)
         self._pending = (signature, times, used)

@@ -94,6 +94,7 @@ from torch import Tensor
 
 from .aggregators.base import Shards
 from .engine import GradientEngine
+from .fsdp_shards import RowShards
 from .fsdp_state import MultiTaskState, get_optimizer_state_dict, set_optimizer_state_dict
 from .gradients import Rows, TaskGradients, all_finite
 from .gram import dense_grams
@@ -240,39 +241,6 @@ class ShardedGradients(TaskGradients):
         return RowShards(self.source, blocks, like)
 
 
-class RowShards(Shards):
-    """This rank's shards of the rows of every block, for a row surgery (``ctx.shards``).
-
-    Block ``b``'s rows on this rank are, for each parameter of the block in order, its
-    local elements (the parameter's ``Shard(dim)`` chunk, flattened): :meth:`positions`
-    maps them into the whole flattened block, and :meth:`sum` is one ``all_reduce`` (in
-    float64) over the sharding group.
-    """
-
-    sharded = True
-
-    def __init__(self, source: FSDPRows, blocks: Sequence[Sequence[int]], like: Sequence[Tensor]) -> None:
-        self.source = source
-        self.params = [[like[pos] for pos in block] for block in blocks]
-
-    def sum(self, partial: Tensor) -> Tensor:
-        return self.source.sum(partial)
-
-    def size(self, block: int, rows: Tensor) -> int:
-        return sum(p.numel() for p in self.params[block])
-
-    def positions(self, block: int, rows: Tensor) -> Tensor:
-        parts, offset = [], 0
-        for p in self.params[block]:
-            parts.append(self.source.positions(p) + offset)
-            offset += p.numel()
-        found = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
-        return found.to(rows.device)
-
-    def take(self, block: int, rows: Tensor, whole: Tensor) -> Tensor:
-        return whole.index_select(-1, self.positions(block, rows).to(whole.device))
-
-
 @dataclass
 class _Piece:
     """Where one gradient goes in the reduce-scatter buffer."""
@@ -346,7 +314,9 @@ class FSDPRows(ParameterRows):
                 "samples= 0 for it: the task's gradient is then averaged over the ranks with samples"
             )
 
-    def gather(self, losses: Sequence[Tensor], graph: LossGraph, partition: Partition) -> TaskGradients:
+    def gather(
+        self, losses: Sequence[Tensor], graph: LossGraph, partition: Partition, once: bool = False
+    ) -> TaskGradients:
         """Each task's gradient of the full (unsharded) parameters on this rank's batch."""
 
         def leaf(p: Tensor) -> Tensor:

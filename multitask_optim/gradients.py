@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -50,6 +50,9 @@ class LinearFactor:
     def positions(self) -> List[int]:
         return [self.weight] if self.bias is None else [self.weight, self.bias]
 
+    def tensors(self) -> List[Tensor]:
+        return [self.deltas]
+
     def scaled(self, factors: Tensor) -> LinearFactor:
         k = factors.shape[0]
         scale = factors.to(dtype=self.deltas.dtype, device=self.deltas.device).view(k, 1, 1)
@@ -69,7 +72,7 @@ class LinearFactor:
             sums = self.deltas.sum(dim=1).to(torch.float64)
             return sums @ sums.T
         dtype = torch.promote_types(self.inputs.dtype, torch.float32)
-        return precise_gram(lambda d: _factor_gram(self.inputs, self.deltas, d), dtype)
+        return precise_gram(lambda d: factor_gram(self.inputs, self.deltas, d), dtype)
 
     def update(self, position: int, coefs: Tensor, dtype: Optional[torch.dtype]) -> Tensor:
         """``J^T c`` for the weight or the bias, computed in ``dtype`` (None: the deltas')."""
@@ -110,6 +113,9 @@ class HeadFactor:
     def positions(self) -> List[int]:
         return [0]
 
+    def tensors(self) -> List[Tensor]:
+        return [self.deltas]
+
     def scaled(self, factors: Tensor) -> HeadFactor:
         scale = factors.to(dtype=self.deltas.dtype, device=self.deltas.device)[
             self.owner.to(self.deltas.device)
@@ -138,22 +144,92 @@ class HeadFactor:
         return ((d * c) @ self.maps.to(d.dtype).T).to(self.deltas.dtype)
 
 
+@dataclass
+class GramFactor:
+    """Shared parameters whose rows were reduced to their Gram as the gradient walk passed them.
+
+    With many tasks the per-task output gradients of every linear layer (``K x N x out``
+    each, :class:`LinearFactor`) would be held until the update: here each layer's
+    Gram contribution is formed as soon as its K output gradients are complete and they
+    are dropped (:func:`.native.trunk_backward`). The update ``J^T c`` is then one
+    backward of ``sum_i c_i L_i`` (``solve``): exact, one backward pass more, bounded memory.
+    The update is computed in the parameters' dtype (no float64 recomputation).
+
+    Attributes:
+        grams: per shared position, its float64 ``(K, K)`` Gram contribution (CPU).
+        solve: coefficients ``(K,)`` float64 -> the update of every position in ``grams``
+            (callable once: its backward frees the graph).
+        factors: per-task factors applied by :meth:`scaled` (float64 ``(K,)``; None: ones).
+    """
+
+    grams: Dict[int, Tensor]
+    solve: Callable[[Tensor], Dict[int, Tensor]]
+    factors: Optional[Tensor] = None
+    _done: Optional[Tuple[Tensor, Dict[int, Tensor]]] = field(default=None, repr=False)
+
+    def positions(self) -> List[int]:
+        return sorted(self.grams)
+
+    def tensors(self) -> List[Tensor]:
+        return list(self.grams.values())  # NaN and inf in the gradients reach the Gram
+
+    def scaled(self, factors: Tensor) -> GramFactor:
+        f = factors.to(torch.float64).cpu()
+        grams = {p: g * (f.view(-1, 1) * f.view(1, -1)) for p, g in self.grams.items()}
+        return GramFactor(grams, self.solve, f if self.factors is None else self.factors * f)
+
+    def rows(self) -> Dict[int, Tensor]:
+        raise RuntimeError("the rows of these layers were reduced to their Gram during the step and are gone")
+
+    def gram(self, position: int) -> Tensor:
+        return self.grams[position]
+
+    def update(self, position: int, coefs: Tensor, dtype: Optional[torch.dtype]) -> Tensor:
+        """``J^T c`` of ``position``; the backward runs once, for the first coefficients given."""
+        c = coefs.detach().to(torch.float64).cpu()
+        if self._done is None:
+            self._done = (c, self.solve(c if self.factors is None else c * self.factors))
+        elif not torch.equal(self._done[0], c):
+            raise RuntimeError("a GramFactor's update is computed once, for one set of coefficients")
+        return self._done[1][position]
+
+
 #: The factored Gram forms ``(X X^T) delta_j`` for this many bytes of tasks at a time.
 _GRAM_CHUNK_BYTES = 16 * 2**20
 
 
-def _factor_gram(inputs: Tensor, deltas: Tensor, dtype: torch.dtype) -> Tensor:
-    """``G_ij = <delta_i, (X X^T) delta_j>``, the product formed for a few tasks at a time
-    (bounded memory: a ``K x N x out`` temporary would match the deltas' own size)."""
-    x, d = inputs.to(dtype), deltas.to(dtype)
-    k = d.shape[0]
+def factor_gram(inputs: Tensor, deltas: Union[Tensor, Sequence[Tensor]], dtype: torch.dtype) -> Tensor:
+    """``G_ij = <delta_i, (X X^T) delta_j>``, the product ``(X X^T) delta_j`` formed for
+    :data:`_GRAM_CHUNK_BYTES` of tasks at a time (bounded memory: a ``K x N x out``
+    temporary would match the deltas' own size).
+
+    ``deltas`` is one ``(K, N, out)`` tensor, or its parts (``(K_p, N, out)`` each, tasks
+    end to end: no copy of the whole is made).
+    """
+    x = inputs.to(dtype)
     a = x @ x.T
-    flat = d.reshape(k, -1)
-    step = max(1, _GRAM_CHUNK_BYTES // max(1, flat[0].numel() * flat.element_size()))
-    if step >= k:
-        return flat @ (a @ d).reshape(k, -1).T
-    cols = [flat @ (a @ d[j : j + step]).reshape(-1, flat.shape[1]).T for j in range(0, k, step)]
-    return torch.cat(cols, dim=1)
+    parts = [deltas] if isinstance(deltas, Tensor) else list(deltas)
+    rows = [p.reshape(p.shape[0], -1) for p in parts]
+    k = sum(p.shape[0] for p in parts)
+    step = max(1, _GRAM_CHUNK_BYTES // max(1, rows[0][0].numel() * torch.finfo(dtype).bits // 8))
+    tasks = [(n, i) for n, p in enumerate(parts) for i in range(p.shape[0])]  # (part, index) per task
+    cols = []
+    for start in range(0, k, step):
+        group = tasks[start : start + step]
+        mixed = torch.empty((len(group), *parts[0].shape[1:]), dtype=dtype, device=a.device)
+        first = 0
+        while first < len(group):  # runs of one part: one product each, written in place
+            n, i = group[first]
+            run = 1
+            while first + run < len(group) and group[first + run][0] == n:
+                run += 1
+            torch.matmul(a, parts[n][i : i + run].to(dtype), out=mixed[first : first + run])
+            first += run
+        flat = mixed.reshape(len(group), -1)
+        cols.append(
+            torch.cat([r.to(dtype) @ flat.T for r in rows]) if len(rows) > 1 else rows[0].to(dtype) @ flat.T
+        )
+    return cols[0] if len(cols) == 1 else torch.cat(cols, dim=1)
 
 
 @dataclass
@@ -169,7 +245,7 @@ class TaskGradients:
 
     shared: Rows
     tasks: List[List[Optional[Tensor]]]
-    factors: List[Union[LinearFactor, HeadFactor]] = field(default_factory=list)
+    factors: List[Union[LinearFactor, HeadFactor, GramFactor]] = field(default_factory=list)
 
     @classmethod
     def empty(cls, num_shared: int, task_sizes: Sequence[int]) -> TaskGradients:
@@ -179,7 +255,7 @@ class TaskGradients:
         """Every gradient tensor (for finiteness checks and collectives)."""
         out = [j for j in self.shared if j is not None]
         out += [g for t in self.tasks for g in t if g is not None]
-        out += [f.deltas for f in self.factors]
+        out += [t for f in self.factors for t in f.tensors()]
         return out
 
     def all_finite(self) -> bool:

@@ -30,16 +30,17 @@ Representation mode differentiates the losses with respect to a feature tensor i
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Set, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
 from torch import Tensor
 from torch.autograd.graph import GradientEdge
 
 from . import native
-from .gradients import LinearFactor, TaskGradients
+from .gradients import GramFactor, LinearFactor, TaskGradients
 from .graph import LossGraph, Node, popcount
 from .native import chunks, trunk_backward
+from .native import defers as native_defers
 
 MODES = ("lean", "frontier", "native", "batched", "looped")
 
@@ -116,6 +117,7 @@ def _frontier(
     keep: bool,
     factor: str = "never",
     native: bool = False,
+    defer: bool = False,
 ) -> TaskGradients:
     k = len(losses)
     out = _empty(shared, tasks)
@@ -145,7 +147,11 @@ def _frontier(
             seeds.setdefault(edge, [None] * k)[i] = total
     if native:
         linear = _linear_nodes(graph, shared_index, k, factor) if factor != "never" else []
-        held = trunk_backward(seeds, graph, shared, shared_index, useful, linear, out, k)
+        order = [n for n in graph.order if useful.get(n, False)]
+        grams: Optional[Dict[int, Tensor]] = {} if defer and native_defers(order, linear, k) else None
+        held = trunk_backward(seeds, graph, shared, shared_index, useful, linear, out, k, grams)
+        if grams is not None:
+            out.factors.append(GramFactor(grams, _solver(losses, shared, sorted(grams), keep)))
     else:
         held = _trunk_backward(seeds, graph, shared, shared_index, out, keep, factor, k)
     for n, p in enumerate(shared):
@@ -202,6 +208,34 @@ def _trunk_backward(
         prev = out.shared[n]
         out.shared[n] = g if prev is None else prev + g
     return held
+
+
+def _solver(
+    losses: Sequence[Tensor], shared: Sequence[Tensor], positions: Sequence[int], keep: bool
+) -> Callable[[Tensor], Dict[int, Tensor]]:
+    """The update of the shared ``positions`` for coefficients ``c``: one backward of
+    ``sum_i c_i L_i`` (the graph freed by it unless ``keep``)."""
+
+    def solve(coefs: Tensor) -> Dict[int, Tensor]:
+        params = [shared[p] for p in positions]
+        with torch.enable_grad():
+            terms = [loss * c for loss, c in zip(losses, coefs.tolist()) if c != 0.0]
+            grads = (
+                torch.autograd.grad(sum(terms), params, retain_graph=keep, allow_unused=True) if terms else ()
+            )
+        got = dict(zip(positions, grads))
+        return {p: torch.zeros_like(shared[p]) if got.get(p) is None else got[p] for p in positions}
+
+    return solve
+
+
+def defers(graph: LossGraph, shared: Sequence[Tensor], k: int) -> bool:
+    """Whether the ``native`` path, allowed to, keeps only its factored layers' Gram
+    (:func:`.native.defers`): it then holds far less than the paths that keep their deltas."""
+    shared_index = {id(p): n for n, p in enumerate(shared)}
+    useful = _useful_nodes(graph, shared_index)
+    linear = _linear_nodes(graph, shared_index, k, "cheaper")
+    return bool(linear) and native_defers([n for n in graph.order if useful.get(n, False)], linear, k)
 
 
 def task_chunks(graph: LossGraph, k: int) -> List[Tuple[int, int]]:
@@ -393,13 +427,17 @@ def run_path(
     tasks: Sequence[Sequence[Tensor]],
     keep: bool,
     factored: bool = True,
+    defer: bool = False,
 ) -> TaskGradients:
     """The per-task gradients by path ``mode`` (one of :data:`MODES`); ``keep`` retains the graph.
 
     ``lean`` factors every shared linear layer; ``frontier`` and ``native`` only where
-    that is cheaper, and none when ``factored`` is False.
+    that is cheaper, and none when ``factored`` is False. ``defer``: the caller combines
+    every shared parameter with one set of coefficients, once, so ``native`` may keep
+    only its factored layers' Gram (:class:`~.gradients.GramFactor`, :func:`defers`).
     """
     if mode in ("lean", "frontier", "native"):
         policy = "always" if mode == "lean" else ("cheaper" if factored else "never")
-        return _frontier(losses, graph, shared, tasks, keep, policy, native=mode == "native")
+        native = mode == "native"
+        return _frontier(losses, graph, shared, tasks, keep, policy, native, defer and native and factored)
     return _PATHS[mode](losses, graph, shared, tasks, keep)

@@ -22,8 +22,14 @@ uses. What batches is batched:
   gradient is multiplied by the same 0/1 values at the same positions.
 
 Tasks run in chunks so that at most ``CHUNK_BYTES`` of per-task activation gradients
-are alive at once (many tasks: memory stays bounded as K grows). Nothing here
-differentiates twice or frees the graph (the graph stays usable for another path).
+are alive at once (many tasks: memory stays bounded as K grows). The factored layers'
+output gradients (K x N x out each) are then held until the update; when they would
+hold more than :data:`DEFER_ABOVE` (and more than one activation gradient of every
+task), and the caller allows it, the walk goes node by node with every task at once
+instead, forms each factored layer's Gram contribution as soon as its K output
+gradients are complete and drops them (:class:`~.gradients.GramFactor`: the update is
+then one backward of the combined loss). Nothing here differentiates twice or frees
+the graph (the graph stays usable for another path).
 Tensor hooks registered on intermediate tensors are not run (the engine runs them);
 :class:`~.engine.GradientEngine` compares every measured path's Gram with the
 others' and drops a path that disagrees.
@@ -36,7 +42,8 @@ from typing import Dict, List, Optional, Sequence, Set, Tuple
 import torch
 from torch import Tensor
 
-from .gradients import LinearFactor, TaskGradients
+from .gradients import LinearFactor, TaskGradients, factor_gram
+from .gram import precise_gram
 from .graph import LossGraph, Node
 
 #: Per-task activation gradients alive at once (bytes); tasks are processed in chunks.
@@ -49,6 +56,15 @@ CHUNK_BYTES = 16 * 2**20
 #: K = 8 with 16 MiB chunks), so it starts only where one activation's K copies pass
 #: 128 MiB: memory stays bounded as K grows, ordinary steps run in one call.
 VMAP_CHUNK_BYTES = 128 * 2**20
+
+#: Bytes of factored output gradients above which the walk keeps only their Gram (when
+#: allowed): measured on the MLP at K = 40 (three 1024-wide layers, batch 256: 126 MB
+#: of output gradients), peak extra RSS ... Below it the one extra backward pass
+#: costs more than the memory is worth.
+DEFER_ABOVE = 64 * 2**20
+
+#: The node-by-node walk stacks a factored layer's output gradients this many bytes at a time.
+GRAM_PART_BYTES = 16 * 2**20
 
 Edge = Tuple[Node, int]
 PerTask = List[Optional[Tensor]]
@@ -64,6 +80,7 @@ def trunk_backward(
     linear: Sequence[Linear],
     out: TaskGradients,
     k: int,
+    grams: Optional[Dict[int, Tensor]] = None,
 ) -> Set[int]:
     """Per-task gradients from the frontier ``seeds`` down to the shared parameters, into ``out``.
 
@@ -76,6 +93,9 @@ def trunk_backward(
         linear: the linear layers to keep factored (``(node, weight pos, bias pos, X)``).
         out: receives the ``(K, *shape)`` rows and the factors.
         k: number of tasks.
+        grams: None, or a dict that receives each factored layer's weight and bias Gram
+            contributions (float64 ``(K, K)`` by position) instead of factors in ``out``:
+            the walk then goes node by node with every task at once (see :func:`defers`).
 
     Returns:
         The positions of the shared parameters held by factors.
@@ -88,7 +108,7 @@ def trunk_backward(
     fused = _fusable_pools(order, graph, useful)
     masks: Dict[Node, Tensor] = {}  # per fused pool, computed once for every chunk
     with torch.no_grad():
-        for start, stop in chunks(order, k):
+        for start, stop in chunks(order, k) if grams is None else [(0, k)]:
             buffers: Dict[Node, List[Optional[PerTask]]] = {}
             for (node, nr), per_task in seeds.items():
                 part = per_task[start:stop]
@@ -98,6 +118,7 @@ def trunk_backward(
                     _write_rows(rows, shared_index[id(variable)], variable, part, start, k)
                 else:
                     _add(buffers, node, nr, part)
+                del part  # the buffers hold the seeds now: each is freed once its node used it
             for node in order:
                 slots = buffers.pop(node, None)
                 if slots is None:
@@ -107,7 +128,9 @@ def trunk_backward(
                     if id(variable) in shared_index and slots[0] is not None:
                         _write_rows(rows, shared_index[id(variable)], variable, slots[0], start, k)
                     continue
-                if node in factored:
+                if node in factored and grams is not None:
+                    _linear_gram(node, factored[node], slots, shared, grams, buffers, useful)
+                elif node in factored:
                     _linear(node, factored[node], slots, shared, deltas, buffers, useful, start, k)
                 elif node in fused:
                     _relu_pool(node, fused[node], slots, buffers, useful, masks)
@@ -117,6 +140,11 @@ def trunk_backward(
         prev = out.shared[pos]
         out.shared[pos] = r if prev is None else prev + r
     for node, (w, b, x) in factored.items():
+        if grams is not None:  # a layer no task reached adds nothing to the Gram
+            for pos in (w, b):
+                if pos is not None and pos not in grams:
+                    grams[pos] = torch.zeros((k, k), dtype=torch.float64)
+            continue
         delta = deltas.get(node)
         if delta is None:
             delta = x.new_zeros((k, x.shape[0], shared[w].shape[0]))
@@ -124,21 +152,41 @@ def trunk_backward(
     return held
 
 
-def chunks(order: Sequence[Node], k: int, budget: Optional[int] = None) -> List[Tuple[int, int]]:
-    """Balanced task chunks holding at most ``budget`` (default :data:`CHUNK_BYTES`) of the
-    largest activation gradient each."""
-    budget = CHUNK_BYTES if budget is None else budget
+def defers(order: Sequence[Node], linear: Sequence[Linear], k: int) -> bool:
+    """Whether the walk should keep only the factored layers' Gram (:func:`trunk_backward`'s
+    ``grams``): their K output gradients would hold more than :data:`DEFER_ABOVE`, and more
+    than the node-by-node walk holds (every task's gradient of the largest activation)."""
+    held = 0
+    for node, _, _, _ in linear:
+        meta = node._input_metadata[0]  # the layer's output gradient, (N, out)
+        held += k * _bytes(meta)
+    return held > DEFER_ABOVE and k * _largest(order) < held
+
+
+def _bytes(meta) -> int:  # type: ignore[no-untyped-def]
+    numel = 1
+    for s in meta.shape:
+        numel *= int(s)
+    return numel * meta.dtype.itemsize if meta.dtype.is_floating_point else numel
+
+
+def _largest(order: Sequence[Node]) -> int:
+    """Bytes of the largest activation gradient of one task in ``order``."""
     largest = 1
     for node in order:
         if getattr(node, "variable", None) is not None or _to_parameters(node):
             continue  # a parameter's gradient (or its transpose), not an activation's
         for meta in getattr(node, "_input_metadata", ()):
-            numel = 1
-            for s in meta.shape:
-                numel *= int(s)
-            largest = max(largest, numel * meta.dtype.itemsize if meta.dtype.is_floating_point else numel)
+            largest = max(largest, _bytes(meta))
+    return largest
+
+
+def chunks(order: Sequence[Node], k: int, budget: Optional[int] = None) -> List[Tuple[int, int]]:
+    """Balanced task chunks holding at most ``budget`` (default :data:`CHUNK_BYTES`) of the
+    largest activation gradient each."""
+    budget = CHUNK_BYTES if budget is None else budget
     # a node holds its incoming gradients and produces its outgoing ones: about 3 at once
-    size = max(1, min(k, budget // (3 * largest)))
+    size = max(1, min(k, budget // (3 * _largest(order))))
     count = -(-k // size)
     bounds = [round(i * k / count) for i in range(count + 1)]
     return [(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
@@ -201,6 +249,9 @@ def _generic(node: Node, slots: List[Optional[PerTask]], buffers, useful, size: 
     results: List[Optional[Sequence[Optional[Tensor]]]] = []
     for i in range(size):
         grads = [None if s is None else s[i] for s in slots]
+        for s in slots:  # consumed: a task's input gradient is freed as soon as it is used
+            if s is not None:
+                s[i] = None
         if all(g is None for g in grads):
             results.append(None)
             continue
@@ -249,6 +300,41 @@ def _linear(node: Node, held, slots, shared, deltas, buffers, useful, start: int
     _add(buffers, child, nr, list(grad_x.unbind(0)))
 
 
+def _linear_gram(node: Node, held, slots, shared, grams, buffers, useful) -> None:  # type: ignore[no-untyped-def]
+    """A factored linear layer with every task's output gradient at hand: its weight's and
+    bias' Gram contributions now; the gradients are stacked a part at a time (each task's
+    freed once copied) and each part dropped once its input gradient is formed."""
+    w, b, x = held
+    per_task = slots[0] or []
+    like = next((g for g in per_task if g is not None), None)
+    if like is None:
+        return
+    size = max(1, GRAM_PART_BYTES // max(1, like.numel() * like.element_size()))
+    parts: List[Tensor] = []
+    for a in range(0, len(per_task), size):
+        part = [like.new_zeros(like.shape) if g is None else g for g in per_task[a : a + size]]
+        per_task[a : a + size] = [None] * len(part)
+        parts.append(torch.stack(part))
+        del part
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    grams[w] = precise_gram(lambda d: factor_gram(x, parts, d), dtype).cpu()
+    if b is not None:
+        sums = torch.cat([p.sum(dim=1) for p in parts]).to(torch.float64)
+        grams[b] = (sums @ sums.T).cpu()
+    name = type(node).__name__
+    child, nr = node.next_functions[1] if name == "AddmmBackward0" else node.next_functions[0]
+    if child is None or not useful.get(child, False):
+        return
+    weight = shared[w]
+    grad_x: PerTask = []
+    parts.reverse()
+    while parts:  # each part is freed as soon as its input gradient exists
+        part_ = parts.pop()
+        grad_x.extend(torch.matmul(part_, weight.to(part_.dtype)).unbind(0))
+        del part_
+    _add(buffers, child, nr, grad_x)
+
+
 def _fusable_pools(order: Sequence[Node], graph: LossGraph, useful: Dict[Node, bool]) -> Dict[Node, Node]:
     """``MaxPool2d`` nodes whose input is a ``ReLU`` output read by nothing else: ``{pool: relu}``."""
     out: Dict[Node, Node] = {}
@@ -285,7 +371,9 @@ def _relu_pool(pool: Node, relu: Node, slots, buffers, useful, masks) -> None:  
         pool._saved_ceil_mode,
     )
     results: List[Optional[Sequence[Optional[Tensor]]]] = []
-    for g in slots[0] or []:
+    incoming = slots[0] or []
+    for i, g in enumerate(incoming):
+        incoming[i] = None  # consumed
         if g is None:
             results.append(None)
             continue

@@ -323,7 +323,7 @@ class MultiTaskOptimizer(Bookkeeping, PlainPath, Optimizer):
         elif (representation is None and self._plain()) or not self.schedule.runs(self._steps):
             self._plain_step(losses, features, representation, samples)
         else:
-            self._run(*self._gather(losses, None, features, representation, samples))
+            self._run(*self._gather(losses, None, features, representation, samples, once=True))
         return result
 
     # ------------------------------------------------------------------ the plain path
@@ -388,12 +388,12 @@ class MultiTaskOptimizer(Bookkeeping, PlainPath, Optimizer):
         features: Optional[Union[Tensor, Sequence[Tensor]]],
         representation: Optional[Tensor],
         samples: Samples = None,
+        once: bool = False,
     ) -> Tuple[Gathered, Source]:
         """Check the losses and compute this micro-batch's per-task gradients (no state change).
 
-        Returns the gathered gradients (added to ``into`` when accumulating) and the
-        source they came from.
-        """
+        Returns the gathered gradients (added to ``into`` when accumulating) and their
+        source. ``once``: a whole step, not a micro-batch."""
         known = self._names if self._names is not None else (into.names if into is not None else None)
         parsed = parse_losses(losses, known)
         names, loss_list, counts = parsed.names, parsed.losses, task_samples(samples, parsed)
@@ -427,7 +427,7 @@ class MultiTaskOptimizer(Bookkeeping, PlainPath, Optimizer):
         )
         scale = current_scale(self.grad_scaler)
         scaled = [loss * scale for loss in loss_list] if scale != 1.0 else loss_list
-        grads = source.gather(scaled, graph, structure.partition)
+        grads = source.gather(scaled, graph, structure.partition, once and len(structure.blocks) == 1)
         if scale != 1.0:
             grads = grads.scaled([1.0 / scale] * len(loss_list))
         out = Gathered(names, values, structure, grads, present=parsed.present, samples=weights)

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from .distributed import all_average, world_size
 from .engine import GradientEngine
-from .gradients import Rows, TaskGradients, all_finite, reduce_tasks
+from .gradients import GramFactor, Rows, TaskGradients, all_finite, reduce_tasks
 from .graph import LossGraph
 from .partition import Partition
 from .representation import feature_rows
@@ -45,8 +45,14 @@ class ParameterRows:
         """The graph as the partition reads it (FSDP2 maps unsharded leaves to sharded parameters)."""
         return graph
 
-    def gather(self, losses: Sequence[Tensor], graph: LossGraph, partition: Partition) -> TaskGradients:
-        return self.engine.compute(losses, graph, partition.shared, partition.tasks)
+    def gather(
+        self, losses: Sequence[Tensor], graph: LossGraph, partition: Partition, once: bool = False
+    ) -> TaskGradients:
+        """``once``: these gradients are combined with one set of coefficients and nothing
+        else (one step, one block, not accumulated): on one process the engine may then
+        keep only the Gram of large factored layers (:class:`~.gradients.GramFactor`)."""
+        defer = once and world_size() == 1
+        return self.engine.compute(losses, graph, partition.shared, partition.tasks, defer)
 
     def blocks(self, blocks: List[List[int]]) -> List[List[int]]:
         return blocks
@@ -72,6 +78,8 @@ class ParameterRows:
         out: Dict[str, Any] = {
             "factored_params": len(factored),
             "jacobian_params": sum(1 for j in grads.shared if j is not None),
+            # of the factored: rows reduced to their Gram during the walk (many tasks)
+            "gram_only_params": sum(len(f.positions()) for f in grads.factors if isinstance(f, GramFactor)),
         }
         if self.engine.timings:  # gradient_mode="auto" measured the paths on this step
             out["gradient_timings_ms"] = dict(self.engine.timings)
@@ -87,7 +95,9 @@ class RepresentationRows:
         self.features = features
         self.graph = graph
 
-    def gather(self, losses: Sequence[Tensor], graph: LossGraph, partition: Partition) -> TaskGradients:
+    def gather(
+        self, losses: Sequence[Tensor], graph: LossGraph, partition: Partition, once: bool = False
+    ) -> TaskGradients:
         return feature_rows(losses, self.features, partition.tasks, graph)
 
     def blocks(self, blocks: List[List[int]]) -> List[List[int]]:

@@ -1,0 +1,213 @@
+"""Many tasks: the native walk keeps only the factored layers' Gram (GramFactor).
+
+With the threshold lowered (``native.DEFER_ABOVE = 0``) small models take the same
+path the MLP at K = 40 takes in the speed benchmark: the walk goes node by node with
+every task, forms each factored layer's Gram as soon as its output gradients are
+complete and drops them, and the update is one backward of ``sum_i c_i L_i``. Every
+result must equal the path that keeps the deltas (``frontier``), to rounding.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from multitask_optim import MultiTaskOptimizer, engine, native
+from multitask_optim.gradients import GramFactor, LinearFactor
+from multitask_optim.graph import analyse
+from multitask_optim.jacobian import run_path
+
+
+class Deep(nn.Module):
+    """Three shared linear layers (one without bias), K linear heads, conflicting targets."""
+
+    def __init__(self, k: int = 4, width: int = 24) -> None:
+        super().__init__()
+        self.l1 = nn.Linear(20, width)
+        self.l2 = nn.Linear(width, width, bias=False)
+        self.l3 = nn.Linear(width, width)
+        self.heads = nn.ModuleList(nn.Linear(width, 1) for _ in range(k))
+
+    def losses(self, x: Tensor, y: Tensor, scale: float = 1.0) -> List[Tensor]:
+        z = torch.relu(self.l3(torch.tanh(self.l2(torch.relu(self.l1(x))))))
+        return [
+            ((head(z).squeeze(-1) - y[:, i]) ** 2).mean() * (1.0 + i) * scale
+            for i, head in enumerate(self.heads)
+        ]
+
+
+def batch(step: int, k: int = 4, n: int = 6) -> tuple:
+    g = torch.Generator().manual_seed(100 + step)
+    return torch.randn(n, 20, generator=g), torch.randn(n, k, generator=g) * torch.tensor(
+        [(-1.0) ** i for i in range(k)]
+    )
+
+
+@pytest.fixture
+def defer_always(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(native, "DEFER_ABOVE", 0)
+
+
+def train(mode: str, steps: int = 4, k: int = 4, scaler: Optional[Any] = None, **kw: Any):
+    torch.manual_seed(0)
+    model = Deep(k)
+    opt = MultiTaskOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.05), gradient_mode=mode, seed=3, grad_scaler=scaler, **kw
+    )
+    stats: List[Dict[str, Any]] = []
+    for step in range(steps):
+        x, y = batch(step, k)
+        opt.zero_grad()
+        opt.step(model.losses(x, y))
+        stats.append(dict(opt.last_stats))
+    return [p.detach().clone() for p in model.parameters()], opt, stats
+
+
+def assert_close(a: List[Tensor], b: List[Tensor], tol: float = 1e-5) -> None:
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"surgery": "pcgrad"},
+        {"surgery": "gradvac"},
+        {"surgery": "mgda"},
+        {"surgery": "upgrad"},
+        {"surgery": "cagrad"},
+        {"surgery": None, "weighting": "uncertainty"},
+        {"surgery": "pcgrad", "weighting": "gradnorm"},
+        {"surgery": "pcgrad", "weighting": "dwa", "weighting_kwargs": {"steps_per_epoch": 2}},
+    ],
+    ids=lambda kw: "-".join(str(v) for v in kw.values() if not isinstance(v, dict)),
+)
+def test_gram_only_walk_trains_as_the_delta_path(defer_always: None, kw: Dict[str, Any]) -> None:
+    deferred, _, stats = train("native", **kw)
+    reference, _, ref_stats = train("frontier", **kw)
+    assert all(s["gram_only_params"] == 5 for s in stats), "l1 (w, b), l2 (w), l3 (w, b): Gram only"
+    assert all(s["gram_only_params"] == 0 and s["factored_params"] == 5 for s in ref_stats)
+    assert_close(deferred, reference)
+
+
+def test_default_threshold_keeps_small_steps_on_the_delta_path() -> None:
+    _, _, stats = train("native", surgery="pcgrad")
+    assert all(s["gram_only_params"] == 0 and s["factored_params"] == 5 for s in stats)
+
+
+def test_grams_equal_the_factored_ones(defer_always: None) -> None:
+    torch.manual_seed(0)
+    model = Deep(5)
+    x, y = batch(0, 5)
+    shared = [model.l1.weight, model.l1.bias, model.l2.weight, model.l3.weight, model.l3.bias]
+    tasks = [list(h.parameters()) for h in model.heads]
+    blocks = [[0], [1], [2], [3], [4], list(range(5))]
+    losses = model.losses(x, y)
+    graph = analyse(losses)
+    kept = run_path("native", losses, graph, shared, tasks, True, True, False)
+    gram_only = run_path("native", losses, graph, shared, tasks, True, True, True)
+    assert all(isinstance(f, LinearFactor) for f in kept.factors)
+    assert [type(f) for f in gram_only.factors] == [GramFactor]
+    torch.testing.assert_close(gram_only.grams(blocks, 5), kept.grams(blocks, 5), rtol=1e-6, atol=1e-9)
+    for a, b in zip(gram_only.tasks, kept.tasks):
+        for g, h in zip(a, b):
+            torch.testing.assert_close(g, h)
+    coefs = torch.tensor([[0.5, -1.0, 2.0, 0.0, 1e-3]], dtype=torch.float64)
+    got, finite = gram_only.combine([list(range(5))], coefs)
+    want, _ = kept.combine([list(range(5))], coefs)
+    assert finite
+    for g, h in zip(got, want):
+        torch.testing.assert_close(g, h, rtol=1e-5, atol=1e-7)
+    again, _ = gram_only.combine([list(range(5))], coefs)  # the backward ran once; the result is kept
+    assert all(torch.equal(g, h) for g, h in zip(got, again))
+    with pytest.raises(RuntimeError, match="once"):
+        gram_only.combine([list(range(5))], coefs * 2)
+
+
+def test_weights_and_loss_scale_reach_the_update(defer_always: None) -> None:
+    """Task factors (weights, 1 / loss scale) multiply the Gram on both sides and the
+    coefficients of the combined backward."""
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=2)
+    kw = {
+        "surgery": "pcgrad",
+        "weighting": "static",
+        "weighting_kwargs": {"weights": [1.0, 0.25, 3.0, 1e-40]},
+    }
+    deferred, _, stats = train("native", scaler=scaler, **kw)
+    reference, _, _ = train("frontier", **kw)
+    assert stats[-1]["gram_only_params"] == 5
+    assert scaler.get_scale() == 2.0**12
+    assert_close(deferred, reference)
+
+
+def test_not_on_accumulated_or_blockwise_steps(defer_always: None) -> None:
+    """The combined backward serves one set of coefficients once: accumulated
+    micro-batches and per-tensor blocks keep the deltas."""
+    _, _, stats = train("native", surgery="pcgrad", granularity="tensor")
+    assert all(s["gram_only_params"] == 0 for s in stats)
+    torch.manual_seed(0)
+    model = Deep()
+    opt = MultiTaskOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.05), surgery="pcgrad", gradient_mode="native"
+    )
+    for step in range(2):
+        x, y = batch(step)
+        opt.accumulate(model.losses(x, y))
+    opt.step()
+    assert (
+        opt.last_stats["gram_only_params"] == 0 and opt.last_stats["jacobian_params"] == 5
+    )  # summed densely
+
+
+def test_absent_tasks(defer_always: None) -> None:
+    def run(mode: str) -> List[Tensor]:
+        torch.manual_seed(0)
+        model = Deep()
+        opt = MultiTaskOptimizer(
+            torch.optim.SGD(model.parameters(), lr=0.05), surgery="gradvac", gradient_mode=mode
+        )
+        for step in range(4):
+            x, y = batch(step)
+            losses = model.losses(x, y)
+            opt.zero_grad()
+            opt.step([None if step and i == step % 4 else loss for i, loss in enumerate(losses)])
+        assert opt.last_stats["gram_only_params"] == (5 if mode == "native" else 0)
+        return [p.detach().clone() for p in model.parameters()]
+
+    assert_close(run("native"), run("frontier"))
+
+
+def test_non_finite_gradient_skips_and_changes_nothing(defer_always: None) -> None:
+    torch.manual_seed(0)
+    model = Deep()
+    opt = MultiTaskOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.05), surgery="pcgrad", gradient_mode="native"
+    )
+    x, y = batch(0)
+    before = [p.detach().clone() for p in model.parameters()]
+    losses = model.losses(x, y)
+    losses[2] = losses[2] * torch.where(
+        model.l3.bias.sum() > -1e30, float("inf"), 1.0
+    )  # inf reaches the trunk
+    opt.zero_grad()
+    with pytest.warns(UserWarning):
+        opt.step(losses)
+    assert opt.skipped == 1
+    assert all(torch.equal(a, b.detach()) for a, b in zip(before, model.parameters()))
+
+
+def test_auto_does_not_measure_the_delta_paths(defer_always: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """When ``native`` keeps only Grams, ``auto`` does not time the paths that hold every
+    layer's deltas (they would set the run's peak memory): with only one candidate left
+    nothing is timed."""
+    monkeypatch.setattr(engine, "MEASURE_ABOVE", 0)
+    monkeypatch.setattr(engine, "LOOP_BELOW", 0)
+    monkeypatch.setattr(engine, "JACOBIAN_BUDGET", 0)
+    deferred, opt, stats = train("auto", surgery="pcgrad")
+    assert opt.engine.mode == "native" and opt.engine.timings == {}
+    assert all(s["gradient_mode"] == "native" and s["gram_only_params"] == 5 for s in stats)
+    reference, _, _ = train("frontier", surgery="pcgrad")
+    assert_close(deferred, reference)
