@@ -39,7 +39,7 @@ from torch.autograd.graph import GradientEdge
 from . import native
 from .gradients import GramFactor, LinearFactor, TaskGradients
 from .graph import LossGraph, Node, popcount
-from .native import chunks, trunk_backward
+from .native import chunks, part_size, stash, trunk_backward
 from .native import defers as native_defers
 
 MODES = ("lean", "frontier", "native", "batched", "looped")
@@ -129,8 +129,14 @@ def _frontier(
         if popcount(m) == 1:
             private[m.bit_length() - 1].append(node)
 
-    # seeds[(node, input_nr)] = per-task gradient arriving on that frontier edge
+    linear = _linear_nodes(graph, shared_index, k, factor) if native and factor != "never" else []
+    order = [n for n in graph.order if useful.get(n, False)]
+    grams: Optional[Dict[int, Tensor]] = {} if native and defer and native_defers(order, linear, k) else None
+    # seeds[(node, input_nr)] = per-task gradient arriving on that frontier edge; when the
+    # walk keeps only Grams, copied into parts of tasks as they come (see native.stash)
     seeds: Dict[Edge, List[Optional[Tensor]]] = {}
+    slabs: Dict[Edge, Dict[int, Tensor]] = {}
+    size = part_size(order) if grams is not None else None
     for i, loss in enumerate(losses):
         own = _reached(graph, tasks[i], 1 << i)
         own_shared = [p for p in shared if graph.reached_by(p) == 1 << i]
@@ -144,11 +150,10 @@ def _frontier(
                 out.shared[shared_index[id(p)]] = _row(g, i, k)
         for edge, parts in captured.items():
             total = parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)
-            seeds.setdefault(edge, [None] * k)[i] = total
+            stash(seeds, slabs, edge, i, total, k, size)
+        del captured
+    del slabs
     if native:
-        linear = _linear_nodes(graph, shared_index, k, factor) if factor != "never" else []
-        order = [n for n in graph.order if useful.get(n, False)]
-        grams: Optional[Dict[int, Tensor]] = {} if defer and native_defers(order, linear, k) else None
         held = trunk_backward(seeds, graph, shared, shared_index, useful, linear, out, k, grams)
         if grams is not None:
             out.factors.append(GramFactor(grams, _solver(losses, shared, sorted(grams), keep)))

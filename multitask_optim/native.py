@@ -107,6 +107,10 @@ def trunk_backward(
     deltas: Dict[Node, Tensor] = {}  # per factored layer, (K, N, out), filled chunk by chunk
     fused = _fusable_pools(order, graph, useful)
     masks: Dict[Node, Tensor] = {}  # per fused pool, computed once for every chunk
+    size = part_size(order)  # tasks per part in the node-by-node walk
+    # seeded nodes no shared node feeds: their parts are the walk's own (stash), safe to overwrite
+    fed = {c for n in order for c, _ in n.next_functions if c is not None}
+    own_seeds = {node for node, _ in seeds if node not in fed}
     with torch.no_grad():
         for start, stop in chunks(order, k) if grams is None else [(0, k)]:
             buffers: Dict[Node, List[Optional[PerTask]]] = {}
@@ -129,7 +133,9 @@ def trunk_backward(
                         _write_rows(rows, shared_index[id(variable)], variable, slots[0], start, k)
                     continue
                 if node in factored and grams is not None:
-                    _linear_gram(node, factored[node], slots, shared, grams, buffers, useful)
+                    _linear_gram(node, factored[node], slots, shared, grams, buffers, useful, size, graph)
+                elif grams is not None and type(node).__name__ == "ReluBackward0":
+                    _relu_parts(node, slots, buffers, useful, size, node in own_seeds)
                 elif node in factored:
                     _linear(node, factored[node], slots, shared, deltas, buffers, useful, start, k)
                 elif node in fused:
@@ -150,6 +156,37 @@ def trunk_backward(
             delta = x.new_zeros((k, x.shape[0], shared[w].shape[0]))
         out.factors.append(LinearFactor(w, b, x, delta))
     return held
+
+
+def part_size(order: Sequence[Node]) -> int:
+    """Tasks per part in the node-by-node walk: :data:`GRAM_PART_BYTES` of the largest activation gradient."""
+    return max(1, GRAM_PART_BYTES // _largest(order))
+
+
+def stash(
+    seeds: Dict[Edge, List[Optional[Tensor]]],
+    slabs: Dict[Edge, Dict[int, Tensor]],
+    edge: Edge,
+    i: int,
+    grad: Tensor,
+    k: int,
+    size: Optional[int],
+) -> None:
+    """Keep task ``i``'s gradient arriving on frontier ``edge``. With ``size`` (the node-by-node
+    walk) it is copied into the part of ``size`` tasks it belongs to and passed on as a
+    row of it: one allocation per part, which the walk then uses as it is (:func:`_part`)."""
+    per_task = seeds.setdefault(edge, [None] * k)
+    if size is None:
+        per_task[i] = grad
+        return
+    first = i - i % size
+    parts = slabs.setdefault(edge, {})
+    part = parts.get(first)
+    if part is None:
+        part = parts[first] = grad.new_zeros((min(size, k - first), *grad.shape))
+    row = part[i - first]
+    row.copy_(grad)
+    per_task[i] = row
 
 
 def defers(order: Sequence[Node], linear: Sequence[Linear], k: int) -> bool:
@@ -300,22 +337,72 @@ def _linear(node: Node, held, slots, shared, deltas, buffers, useful, start: int
     _add(buffers, child, nr, list(grad_x.unbind(0)))
 
 
-def _linear_gram(node: Node, held, slots, shared, grams, buffers, useful) -> None:  # type: ignore[no-untyped-def]
+def _part(per_task: PerTask, a: int, b: int) -> Tuple[Optional[Tensor], bool]:
+    """Tasks ``a:b`` of ``per_task`` as one ``(b - a, ...)`` tensor (None if all are None), and
+    whether it is a fresh copy. When they are the consecutive rows of one tensor (a part
+    this walk formed, passed on as views) that tensor is returned, uncopied. The entries
+    are cleared: a copied task is freed at once."""
+    chunk = per_task[a:b]
+    per_task[a:b] = [None] * (b - a)
+    like = next((g for g in chunk if g is not None), None)
+    if like is None:
+        return None, False
+    base = like._base
+    if (
+        base is not None
+        and base.dim() == like.dim() + 1
+        and base.shape[0] == b - a
+        and base.is_contiguous()
+        and all(
+            g is not None
+            and g.shape == base.shape[1:]
+            and g.dtype == base.dtype
+            and g.data_ptr() == base.data_ptr() + i * base.stride(0) * base.element_size()
+            for i, g in enumerate(chunk)
+        )
+    ):
+        return base, False
+    return torch.stack([like.new_zeros(like.shape) if g is None else g for g in chunk]), True
+
+
+def _relu_parts(node: Node, slots, buffers, useful, size: int, own: bool) -> None:  # type: ignore[no-untyped-def]
+    """``ReLU`` backward a part of tasks at a time (node-by-node walk): one kernel per part,
+    in place when the part is this walk's own (a copy, or ``own``: the seeds' parts). The engine's own kernel
+    (``threshold_backward``, broadcast over the part's tasks): exact."""
+    result = node._saved_result
+    per_task = slots[0] or []
+    results: List[Optional[Sequence[Optional[Tensor]]]] = []
+    for a in range(0, len(per_task), size):
+        b = min(a + size, len(per_task))
+        part, fresh = _part(per_task, a, b)
+        if part is None:
+            results.extend([None] * (b - a))
+            continue
+        into = {"grad_input": part if fresh or own else torch.empty_like(part)}
+        part = torch.ops.aten.threshold_backward.grad_input(part, result, 0, **into)
+        results.extend((g,) for g in part.unbind(0))
+        del part
+    _route(node, results, buffers, useful)
+
+
+def _linear_gram(node: Node, held, slots, shared, grams, buffers, useful, size: int, graph) -> None:  # type: ignore[no-untyped-def]
     """A factored linear layer with every task's output gradient at hand: its weight's and
-    bias' Gram contributions now; the gradients are stacked a part at a time (each task's
-    freed once copied) and each part dropped once its input gradient is formed."""
+    bias' Gram contributions now, from parts of ``size`` tasks (each task freed once
+    copied, or the parts taken as they came); each part is dropped once its input
+    gradient is formed."""
     w, b, x = held
     per_task = slots[0] or []
     like = next((g for g in per_task if g is not None), None)
     if like is None:
         return
-    size = max(1, GRAM_PART_BYTES // max(1, like.numel() * like.element_size()))
     parts: List[Tensor] = []
     for a in range(0, len(per_task), size):
-        part = [like.new_zeros(like.shape) if g is None else g for g in per_task[a : a + size]]
-        per_task[a : a + size] = [None] * len(part)
-        parts.append(torch.stack(part))
+        part, _ = _part(per_task, a, min(a + size, len(per_task)))
+        parts.append(
+            like.new_zeros((min(a + size, len(per_task)) - a, *like.shape)) if part is None else part
+        )
         del part
+    del like
     dtype = torch.promote_types(x.dtype, torch.float32)
     grams[w] = precise_gram(lambda d: factor_gram(x, parts, d), dtype).cpu()
     if b is not None:
@@ -326,13 +413,23 @@ def _linear_gram(node: Node, held, slots, shared, grams, buffers, useful) -> Non
     if child is None or not useful.get(child, False):
         return
     weight = shared[w]
-    grad_x: PerTask = []
+    # a ReLU read by this layer only: its backward is applied in place on the fresh input
+    # gradients (the same kernel), which go straight to the ReLU's input
+    relu = child if type(child).__name__ == "ReluBackward0" and graph.parents.get(child) == 1 else None
+    results: List[Optional[Sequence[Optional[Tensor]]]] = []
     parts.reverse()
     while parts:  # each part is freed as soon as its input gradient exists
         part_ = parts.pop()
-        grad_x.extend(torch.matmul(part_, weight.to(part_.dtype)).unbind(0))
+        grad = torch.matmul(part_, weight.to(part_.dtype))
         del part_
-    _add(buffers, child, nr, grad_x)
+        if relu is not None:
+            torch.ops.aten.threshold_backward.grad_input(grad, relu._saved_result, 0, grad_input=grad)
+        results.extend((g,) for g in grad.unbind(0))
+        del grad
+    if relu is not None:
+        _route(relu, results, buffers, useful)
+    else:
+        _add(buffers, child, nr, [r[0] for r in results])  # type: ignore[index]
 
 
 def _fusable_pools(order: Sequence[Node], graph: LossGraph, useful: Dict[Node, bool]) -> Dict[Node, Node]:

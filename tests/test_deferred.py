@@ -211,3 +211,45 @@ def test_auto_does_not_measure_the_delta_paths(defer_always: None, monkeypatch: 
     assert all(s["gradient_mode"] == "native" and s["gram_only_params"] == 5 for s in stats)
     reference, _, _ = train("frontier", surgery="pcgrad")
     assert_close(deferred, reference)
+
+
+class Residual(nn.Module):
+    """ReLUs read twice (a skip connection), a head that also reads inside the trunk: the
+    walk's in-place ReLU must not touch a gradient another branch still reads."""
+
+    def __init__(self, k: int = 4, width: int = 24) -> None:
+        super().__init__()
+        self.l1 = nn.Linear(20, width)
+        self.l2 = nn.Linear(width, width)
+        self.l3 = nn.Linear(width, width)
+        self.heads = nn.ModuleList(nn.Linear(width, 1) for _ in range(k))
+
+    def losses(self, x: Tensor, y: Tensor, scale: float = 1.0) -> List[Tensor]:
+        h1 = torch.relu(self.l1(x))
+        h2 = torch.relu(self.l2(h1)) + h1
+        h3 = self.l3(h2)
+        # an add hands one gradient object to both its inputs (a ReLU and a product), in both orders
+        z = torch.relu(torch.relu(h3) + h3 * -0.5) + torch.relu(h3 * -0.5 + torch.relu(h3))
+        out = []
+        for i, head in enumerate(self.heads):
+            pred = head(z).squeeze(-1) + (h2.mean(-1) if i == 0 else 0.0)
+            out.append(((pred - y[:, i]) ** 2).mean() * (1.0 + i) * scale)
+        return out
+
+
+@pytest.mark.parametrize("surgery", ["pcgrad", "mgda"])
+def test_skip_connections_and_a_head_reading_the_trunk(defer_always: None, surgery: str) -> None:
+    def run(mode: str) -> List[Tensor]:
+        torch.manual_seed(0)
+        model = Residual()
+        opt = MultiTaskOptimizer(
+            torch.optim.SGD(model.parameters(), lr=0.05), surgery=surgery, gradient_mode=mode
+        )
+        for step in range(4):
+            x, y = batch(step)
+            opt.zero_grad()
+            opt.step(model.losses(x, y))
+        assert opt.last_stats["gram_only_params"] == (6 if mode == "native" else 0)
+        return [p.detach().clone() for p in model.parameters()]
+
+    assert_close(run("native"), run("frontier"))
