@@ -41,7 +41,7 @@ from torch import Tensor
 from .common import DEFAULT_OUT, git_info, machine_info
 from .speed_impls import IMPLS, SCALING_IMPLS, SCHEDULE_IMPLS, TINY_IMPLS, adam, availability, gradient_mode
 from .speed_report import aggregation_table, markdown_table, memory_table, plot, plot_scaling, ratio_table
-from .speed_timing import k_cells, memory_child, run_memory, time_aggregation, time_steps
+from .speed_timing import MEMORY_REPEATS, k_cells, memory_child, run_memory, time_aggregation, time_steps
 from .workloads import (
     CNN32,
     TINY,
@@ -105,6 +105,9 @@ def run_list(names: Sequence[str], available: Dict[str, Optional[str]]) -> Dict[
 
 
 # ---------------------------------------------------------------------- --memory
+def memory_repeats(args: argparse.Namespace) -> int:
+    """Fresh processes per memory cell (their median is reported)."""
+    return args.memory_repeats or (1 if args.quick else MEMORY_REPEATS)
 
 
 def run_memory_mode(
@@ -115,7 +118,7 @@ def run_memory_mode(
     skipped = {n: why for n, why in available.items() if why is not None}
     print(f"memory ({cfg.kind}), fresh subprocess per implementation and K", flush=True)
     runnable = [n for n in names if available[n] is None]
-    memory = run_memory(runnable, ks, cfg, args.memory_timeout, args.threads)
+    memory = run_memory(runnable, ks, cfg, args.memory_timeout, args.threads, memory_repeats(args))
     for n, why in skipped.items():
         memory[n] = {str(k): {"impl": n, "k": k, "skipped": why} for k in ks}
     doc = _load(json_path)
@@ -130,7 +133,7 @@ def run_memory_mode(
         "delta_mb": memory,
     }
     _write_json(json_path, doc)
-    print("\npeak extra RSS (MB) over a forward-only baseline, 3 steps, fresh process each\n")
+    print("\npeak extra RSS (MB) over a forward-only baseline, 3 steps, median of fresh processes\n")
     print(memory_table({n: memory[n] for n in names if n in memory}, ks))
     return doc
 
@@ -491,7 +494,7 @@ def _scaling_trunk(
                 shown = f"median {cell['median_ms']:.0f} ms, best {cell['min_ms']:.0f} ms"
                 print(f"    {n:30s} {shown} {section['modes'].get(n, {}).get(str(k), '')}", flush=True)
         if not args.no_memory:
-            memory = run_memory(mem_names, [k], cfg, args.memory_timeout, args.threads)
+            memory = run_memory(mem_names, [k], cfg, args.memory_timeout, args.threads, memory_repeats(args))
             for n, row in memory.items():
                 section.setdefault("memory_mb", {}).setdefault(n, {}).update(row)
         save(section)  # partial runs keep every finished K
@@ -565,7 +568,7 @@ def _scaling_text(doc: Dict[str, Any], names: Sequence[str]) -> str:
         if "memory_mb" in section:
             text += [
                 "",
-                "Peak extra RSS (MB), fresh process each, 3 steps",
+                "Peak extra RSS (MB), 3 steps: median of 3 fresh processes (range)",
                 "",
                 memory_table(section["memory_mb"], ks),
             ]
@@ -649,6 +652,12 @@ def _add_mode_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory-impls", type=lambda t: [v for v in t.split(",") if v], default=None)
     p.add_argument("--memory", action="store_true", help="peak extra RSS per implementation and K")
     p.add_argument("--memory-timeout", type=float, default=900.0)
+    p.add_argument(
+        "--memory-repeats",
+        type=int,
+        default=None,
+        help="fresh processes per memory cell (median; 3, --quick 1)",
+    )
     p.add_argument("--one", default=None, help="run one implementation only (with --k)")
     p.add_argument("--k", type=int, default=8)
     p.add_argument("--steps", type=int, default=20, help="steps for --one (e.g. under cProfile)")

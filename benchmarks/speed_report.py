@@ -36,7 +36,9 @@ def memory_table(memory: Dict[str, Dict[str, Any]], ks: Sequence[int]) -> str:
         cells = []
         for k in ks:
             cell = row.get(str(k), {})
-            cells.append(f"{cell['delta_mb']:.1f}" if "delta_mb" in cell else "–")
+            runs = cell.get("delta_runs_mb")
+            spread = f" ({min(runs):.0f}–{max(runs):.0f})" if runs and len(runs) > 1 else ""
+            cells.append(f"{cell['delta_mb']:.1f}{spread}" if "delta_mb" in cell else "–")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -166,17 +166,33 @@ def memory_in_subprocess(
     return json.loads(lines[-1][len("MEMORY_RESULT ") :])
 
 
+#: Fresh processes per memory cell: one process's peak RSS moves by tens of MB with the
+#: allocator's state (glibc's heap and mmap thresholds), so the median of three is reported
+#: (with every run's figure beside it).
+MEMORY_REPEATS = 3
+
+
 def run_memory(
-    names: Sequence[str], ks: Sequence[int], cfg: WorkloadConfig, timeout: float, threads: int
+    names: Sequence[str],
+    ks: Sequence[int],
+    cfg: WorkloadConfig,
+    timeout: float,
+    threads: int,
+    repeats: int = MEMORY_REPEATS,
 ) -> Dict[str, Dict[str, Any]]:
-    """Peak extra RSS per implementation and K, each in a fresh process."""
+    """Peak extra RSS per implementation and K: the median of ``repeats`` fresh processes."""
     out: Dict[str, Dict[str, Any]] = {}
     for name in names:
         for k in ks:
-            record = memory_in_subprocess(name, cfg, k, timeout, threads)
+            runs = [memory_in_subprocess(name, cfg, k, timeout, threads) for _ in range(repeats)]
+            measured = [r["delta_mb"] for r in runs if "delta_mb" in r]
+            record = dict(runs[0]) if len(measured) < len(runs) else dict(runs[-1])
+            if len(measured) == len(runs):
+                record["delta_mb"] = statistics.median(measured)
+                record["delta_runs_mb"] = measured
             out.setdefault(name, {})[str(k)] = record
             shown = (
-                f"{record['delta_mb']:.1f} MB"
+                f"{record['delta_mb']:.1f} MB (runs {', '.join(f'{m:.0f}' for m in measured)})"
                 if "delta_mb" in record
                 else record.get("skipped") or record.get("failed")
             )
