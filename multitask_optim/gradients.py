@@ -185,13 +185,24 @@ class GramFactor:
         return self.grams[position]
 
     def update(self, position: int, coefs: Tensor, dtype: Optional[torch.dtype]) -> Tensor:
-        """``J^T c`` of ``position``; the backward runs once, for the first coefficients given."""
+        """``J^T c`` of ``position``; the backward runs once, for the first coefficients given.
+
+        The backward runs with the coefficients divided by the largest one, so the
+        gradients it forms keep the losses' own magnitude (a loss scale stays in effect,
+        tiny coefficients stay normal); the results are multiplied back once.
+        """
         c = coefs.detach().to(torch.float64).cpu()
         if self._done is None:
-            self._done = (c, self.solve(c if self.factors is None else c * self.factors))
+            self._done = (c, self._solve(c if self.factors is None else c * self.factors))
         elif not torch.equal(self._done[0], c):
             raise RuntimeError("a GramFactor's update is computed once, for one set of coefficients")
         return self._done[1][position]
+
+    def _solve(self, coefs: Tensor) -> Dict[int, Tensor]:
+        peak = float(coefs.abs().max()) if coefs.numel() else 0.0
+        if peak == 0.0 or not math.isfinite(peak):
+            return self.solve(coefs)
+        return {pos: _rescaled(u, peak) for pos, u in self.solve(coefs / peak).items()}
 
 
 #: The factored Gram forms ``(X X^T) delta_j`` for this many bytes of tasks at a time.

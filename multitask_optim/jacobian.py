@@ -224,7 +224,7 @@ def _solver(
     def solve(coefs: Tensor) -> Dict[int, Tensor]:
         params = [shared[p] for p in positions]
         with torch.enable_grad():
-            terms = [loss * c for loss, c in zip(losses, coefs.tolist()) if c != 0.0]
+            terms = [loss * c for loss, c in zip(losses, coefs.tolist()) if c != 0.0 and loss.requires_grad]
             grads = (
                 torch.autograd.grad(sum(terms), params, retain_graph=keep, allow_unused=True) if terms else ()
             )

@@ -253,3 +253,20 @@ def test_skip_connections_and_a_head_reading_the_trunk(defer_always: None, surge
         return [p.detach().clone() for p in model.parameters()]
 
     assert_close(run("native"), run("frontier"))
+
+
+def test_the_combined_backward_runs_at_the_losses_magnitude() -> None:
+    """The backward gets the coefficients divided by the largest (a loss scale stays in
+    effect, tiny coefficients stay normal) and its result is multiplied back once."""
+    seen: List[Tensor] = []
+
+    def solve(c: Tensor) -> Dict[int, Tensor]:
+        seen.append(c.clone())
+        return {0: torch.full((3,), float(c.sum()))}
+
+    gram = {0: torch.eye(2, dtype=torch.float64)}
+    factor = GramFactor(gram, solve).scaled(torch.tensor([2.0**-20, 2.0**-20], dtype=torch.float64))
+    got = factor.update(0, torch.tensor([1.0, -0.5], dtype=torch.float64), None)
+    torch.testing.assert_close(seen[0], torch.tensor([1.0, -0.5], dtype=torch.float64))
+    torch.testing.assert_close(got, torch.full((3,), 0.5 * 2.0**-20))
+    assert torch.equal(factor.gram(0), torch.eye(2, dtype=torch.float64) * 2.0**-40)
