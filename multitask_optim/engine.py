@@ -226,6 +226,13 @@ class GradientEngine:
         candidates = self._candidates(signature, rows_bytes, lean_native)
         if len(candidates) == 1:
             result, mode = self._first(candidates, losses, graph, shared, tasks, defer)
+            if mode == "native" and not _engine_agrees(result, losses, graph, shared):
+                warnings.warn(
+                    "gradient_mode='auto': the 'native' path disagrees with autograd on this model "
+                    "(a tensor hook inside the shared graph?); it is not used",
+                    stacklevel=3,
+                )
+                result, mode = self._first(FALLBACK, losses, graph, shared, tasks)
             self.mode = mode
             self._pending = (signature, None, mode)
             return result
@@ -273,6 +280,24 @@ class GradientEngine:
 def _best(history: Dict[str, List[float]]) -> str:
     """The fastest path (best of its trials); ties go to the earlier one in :data:`MODES`."""
     return min(history, key=lambda m: (min(history[m]), MODES.index(m)))
+
+
+def _engine_agrees(
+    result: TaskGradients, losses: Sequence[Tensor], graph: LossGraph, shared: Sequence[Tensor]
+) -> bool:
+    """Whether the native walk's Gram agrees with autograd's own backward (which runs tensor
+    hooks; the walk does not) on one entry: the first task's squared gradient norm, from
+    one ordinary backward (one parameter-sized buffer, not the paths that hold every
+    task's deltas)."""
+    reached = [n for n, p in enumerate(shared) if graph.reached_by(p) & 1]
+    if not reached:
+        return True
+    grads = torch.autograd.grad(losses[0], [shared[n] for n in reached], retain_graph=True, allow_unused=True)
+    norm = sum(float(g.double().square().sum()) for g in grads if g is not None)
+    entry = float(result.grams([reached], len(losses))[0, 0, 0])
+    if not (math.isfinite(norm) and math.isfinite(entry)):
+        return True  # a non-finite step is skipped anyway; nothing to compare
+    return abs(norm - entry) <= AGREEMENT * max(norm, entry, 1e-300)
 
 
 def _agrees(gram: Tensor, reference: Tensor) -> bool:

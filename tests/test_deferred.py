@@ -270,3 +270,24 @@ def test_the_combined_backward_runs_at_the_losses_magnitude() -> None:
     torch.testing.assert_close(seen[0], torch.tensor([1.0, -0.5], dtype=torch.float64))
     torch.testing.assert_close(got, torch.full((3,), 0.5 * 2.0**-20))
     assert torch.equal(factor.gram(0), torch.eye(2, dtype=torch.float64) * 2.0**-40)
+
+
+def test_auto_still_drops_native_when_a_hook_makes_it_disagree(
+    defer_always: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without the other paths to compare with, ``auto`` checks the walk against one
+    ordinary backward (which runs tensor hooks; the walk does not)."""
+    monkeypatch.setattr(engine, "MEASURE_ABOVE", 0)
+    monkeypatch.setattr(engine, "LOOP_BELOW", 0)
+    monkeypatch.setattr(engine, "JACOBIAN_BUDGET", 0)
+    torch.manual_seed(0)
+    model = Deep()
+    opt = MultiTaskOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), surgery="pcgrad")
+    x, y = batch(0)
+    h = torch.relu(model.l1(x))
+    h.register_hook(lambda g: g * 3.0)
+    z = torch.relu(model.l3(torch.tanh(model.l2(h))))
+    losses = [((head(z).squeeze(-1) - y[:, i]) ** 2).mean() for i, head in enumerate(model.heads)]
+    with pytest.warns(UserWarning, match="'native' path disagrees with autograd"):
+        opt.step(losses)
+    assert opt.engine.mode == "frontier" and opt.last_stats["gram_only_params"] == 0
