@@ -544,6 +544,10 @@ def _scaling_text(doc: Dict[str, Any], names: Sequence[str]) -> str:
     text = [
         f"{doc['machine']['cpu_model']}, torch {doc['machine']['torch']}, {doc['machine']['threads']} threads"
     ]
+    if doc.get("kept_from_previous_run"):
+        text.append(
+            f"(sections kept from the previous run of this file: {', '.join(doc['kept_from_previous_run'])})"
+        )
     for trunk, section in doc["trunks"].items():
         ks = section["ks"]
         if not ks:
@@ -589,6 +593,12 @@ def run_scaling(args: argparse.Namespace, out: Path) -> Dict[str, Any]:
     started = time.perf_counter()
     doc: Dict[str, Any] = {"machine": machine_info(threads=args.threads), "trunks": {}}
     doc["inner"] = "torch.optim.Adam(lr=1e-3)"
+    wanted = [t.strip() for t in args.trunks.split(",") if t.strip()]
+    previous = out / "speed_scaling.json"
+    if previous.exists() and not args.quick:  # --trunks narrows a rerun: keep the other trunks' sections
+        kept = json.loads(previous.read_text()).get("trunks", {})
+        doc["trunks"] = {t: sec for t, sec in kept.items() if t not in wanted}
+        doc["kept_from_previous_run"] = sorted(doc["trunks"])
 
     def save(trunk: str, section: Dict[str, Any]) -> None:
         doc["trunks"][trunk] = section
@@ -596,7 +606,6 @@ def run_scaling(args: argparse.Namespace, out: Path) -> Dict[str, Any]:
         _write_json(out / "speed_scaling.json", doc)
         _write_text(out / "speed_scaling.md", _scaling_text(doc, names))
 
-    wanted = [t.strip() for t in args.trunks.split(",") if t.strip()]
     for trunk, (cfg, ks) in scaling_workloads(args).items():
         if not ks or trunk not in wanted:
             continue

@@ -202,7 +202,11 @@ class GramFactor:
         peak = float(coefs.abs().max()) if coefs.numel() else 0.0
         if peak == 0.0 or not math.isfinite(peak):
             return self.solve(coefs)
-        return {pos: _rescaled(u, peak) for pos, u in self.solve(coefs / peak).items()}
+        out = self.solve(coefs / peak)
+        return {
+            p: u.mul_(peak) if peak >= torch.finfo(u.dtype).tiny else _rescaled(u, peak)
+            for p, u in out.items()
+        }
 
 
 #: The factored Gram forms ``(X X^T) delta_j`` for this many bytes of tasks at a time.
