@@ -291,3 +291,39 @@ def test_auto_still_drops_native_when_a_hook_makes_it_disagree(
     with pytest.warns(UserWarning, match="'native' path disagrees with autograd"):
         opt.step(losses)
     assert opt.engine.mode == "frontier" and opt.last_stats["gram_only_params"] == 0
+
+
+def _gram_methods() -> List[str]:
+    from multitask_optim import AGGREGATORS
+
+    return sorted(n for n in AGGREGATORS if not AGGREGATORS[n]().needs_jacobian)
+
+
+def _weightings() -> List[str]:
+    from multitask_optim import WEIGHTINGS
+
+    return sorted(WEIGHTINGS)
+
+
+WEIGHTING_ARGS: Dict[str, Dict[str, Any]] = {
+    "static": {"weights": [1.0, 0.5, 3.0, 1e-42]},
+    "staged": {"start_steps": [0, 1, 0, 2], "ramp_steps": 1},
+    "htw": {"total_steps": 6},
+}
+
+
+@pytest.mark.parametrize("surgery", _gram_methods())
+def test_every_gram_surgery(defer_always: None, surgery: str) -> None:
+    deferred, _, stats = train("native", steps=3, surgery=surgery)
+    reference, _, _ = train("frontier", steps=3, surgery=surgery)
+    assert stats[-1]["gram_only_params"] == 5
+    assert_close(deferred, reference, tol=1e-4)
+
+
+@pytest.mark.parametrize("weighting", _weightings())
+def test_every_weighting(defer_always: None, weighting: str) -> None:
+    kw = {"surgery": "pcgrad", "weighting": weighting, "weighting_kwargs": WEIGHTING_ARGS.get(weighting, {})}
+    deferred, _, stats = train("native", steps=3, **kw)
+    reference, _, _ = train("frontier", steps=3, **kw)
+    assert all(s["gram_only_params"] == 5 for s in stats)
+    assert_close(deferred, reference, tol=1e-4)
