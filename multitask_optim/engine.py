@@ -201,6 +201,8 @@ class GradientEngine:
             return paths
         best = min(min(v) for v in history.values())
         kept = [m for m in paths if m in history and min(history[m]) <= PRUNE * best]
+        if not kept:  # what was measured is not a candidate any more (e.g. on an accumulated step)
+            return paths
         return kept[::-1]  # the other order than last time: first-run costs fall on others
 
     def _measure(
@@ -225,7 +227,10 @@ class GradientEngine:
         lean_native = defer and self.factored and defers(graph, shared, k)
         candidates = self._candidates(signature, rows_bytes, lean_native)
         if len(candidates) == 1:
-            result, mode = self._first(candidates, losses, graph, shared, tasks, defer)
+            try:
+                result, mode = self._first(candidates, losses, graph, shared, tasks, defer)
+            except RuntimeError:
+                result, mode = self._first(FALLBACK, losses, graph, shared, tasks)
             if mode == "native" and not _engine_agrees(result, losses, graph, shared):
                 warnings.warn(
                     "gradient_mode='auto': the 'native' path disagrees with autograd on this model "
@@ -286,15 +291,22 @@ def _engine_agrees(
     result: TaskGradients, losses: Sequence[Tensor], graph: LossGraph, shared: Sequence[Tensor]
 ) -> bool:
     """Whether the native walk's Gram agrees with autograd's own backward (which runs tensor
-    hooks; the walk does not) on one entry: the first task's squared gradient norm, from
-    one ordinary backward (one parameter-sized buffer, not the paths that hold every
-    task's deltas)."""
-    reached = [n for n, p in enumerate(shared) if graph.reached_by(p) & 1]
+    hooks; the walk does not): ``s^T G s`` against ``||grad of sum_i s_i L_i||^2`` for fixed
+    random signs ``s``, from one ordinary backward (one parameter-sized buffer, not the
+    paths that hold every task's deltas). A hook anywhere a task reaches changes the right
+    side and not the left."""
+    k = len(losses)
+    reached = [n for n, p in enumerate(shared) if graph.reached_by(p)]
     if not reached:
         return True
-    grads = torch.autograd.grad(losses[0], [shared[n] for n in reached], retain_graph=True, allow_unused=True)
+    signs = torch.randint(0, 2, (k,), generator=torch.Generator().manual_seed(k)).double() * 2 - 1
+    with torch.enable_grad():
+        total = sum(loss * float(s) for loss, s in zip(losses, signs.tolist()) if loss.requires_grad)
+        if not isinstance(total, Tensor):
+            return True
+        grads = torch.autograd.grad(total, [shared[n] for n in reached], retain_graph=True, allow_unused=True)
     norm = sum(float(g.double().square().sum()) for g in grads if g is not None)
-    entry = float(result.grams([reached], len(losses))[0, 0, 0])
+    entry = float(signs @ result.grams([reached], k)[0] @ signs)
     if not (math.isfinite(norm) and math.isfinite(entry)):
         return True  # a non-finite step is skipped anyway; nothing to compare
     return abs(norm - entry) <= AGREEMENT * max(norm, entry, 1e-300)

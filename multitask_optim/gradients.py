@@ -187,8 +187,9 @@ class GramFactor:
     def update(self, position: int, coefs: Tensor, dtype: Optional[torch.dtype]) -> Tensor:
         """``J^T c`` of ``position``; the backward runs once, for the first coefficients given.
 
-        The backward runs with the coefficients divided by the largest one, so the
-        gradients it forms keep the losses' own magnitude (a loss scale stays in effect,
+        The backward runs with the coefficients divided by the sum of their magnitudes:
+        every gradient it forms is then a convex combination of the tasks' own (at the
+        losses' magnitude, a loss scale in effect: no overflow where no task overflows,
         tiny coefficients stay normal); the results are multiplied back once.
         """
         c = coefs.detach().to(torch.float64).cpu()
@@ -199,7 +200,7 @@ class GramFactor:
         return self._done[1][position]
 
     def _solve(self, coefs: Tensor) -> Dict[int, Tensor]:
-        peak = float(coefs.abs().max()) if coefs.numel() else 0.0
+        peak = float(coefs.abs().sum())
         if peak == 0.0 or not math.isfinite(peak):
             return self.solve(coefs)
         out = self.solve(coefs / peak)

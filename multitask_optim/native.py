@@ -357,6 +357,7 @@ def _part(per_task: PerTask, a: int, b: int) -> Tuple[Optional[Tensor], bool]:
         and all(
             g is not None
             and g.shape == base.shape[1:]
+            and g.stride() == base.stride()[1:]  # a transposed row of a square part is not a row
             and g.dtype == base.dtype
             and g.data_ptr() == base.data_ptr() + i * base.stride(0) * base.element_size()
             for i, g in enumerate(chunk)

@@ -256,8 +256,9 @@ def test_skip_connections_and_a_head_reading_the_trunk(defer_always: None, surge
 
 
 def test_the_combined_backward_runs_at_the_losses_magnitude() -> None:
-    """The backward gets the coefficients divided by the largest (a loss scale stays in
-    effect, tiny coefficients stay normal) and its result is multiplied back once."""
+    """The backward gets the coefficients divided by the sum of their magnitudes (a loss
+    scale stays in effect, no overflow where no task overflows, tiny coefficients stay
+    normal) and its result is multiplied back once."""
     seen: List[Tensor] = []
 
     def solve(c: Tensor) -> Dict[int, Tensor]:
@@ -267,7 +268,8 @@ def test_the_combined_backward_runs_at_the_losses_magnitude() -> None:
     gram = {0: torch.eye(2, dtype=torch.float64)}
     factor = GramFactor(gram, solve).scaled(torch.tensor([2.0**-20, 2.0**-20], dtype=torch.float64))
     got = factor.update(0, torch.tensor([1.0, -0.5], dtype=torch.float64), None)
-    torch.testing.assert_close(seen[0], torch.tensor([1.0, -0.5], dtype=torch.float64))
+    # divided by the sum of magnitudes: every gradient the backward forms is a convex combination
+    torch.testing.assert_close(seen[0], torch.tensor([2.0 / 3.0, -1.0 / 3.0], dtype=torch.float64))
     torch.testing.assert_close(got, torch.full((3,), 0.5 * 2.0**-20))
     assert torch.equal(factor.gram(0), torch.eye(2, dtype=torch.float64) * 2.0**-40)
 
@@ -327,3 +329,118 @@ def test_every_weighting(defer_always: None, weighting: str) -> None:
     reference, _, _ = train("frontier", steps=3, **kw)
     assert all(s["gram_only_params"] == 5 for s in stats)
     assert_close(deferred, reference, tol=1e-4)
+
+
+# ---------------------------------------------------------------------- found by review
+
+
+class Mixer(nn.Module):
+    """A transposed view of a square activation: same shape and start as the untransposed
+    row, other strides."""
+
+    def __init__(self, k: int = 8) -> None:
+        super().__init__()
+        self.l1 = nn.Linear(20, 64)
+        self.l2 = nn.Linear(64, 24)
+        self.heads = nn.ModuleList(nn.Linear(24, 1) for _ in range(k))
+
+    def losses(self, x: Tensor, y: Tensor) -> List[Tensor]:
+        a = torch.relu(self.l1(x).view(-1, 8, 8))
+        b = torch.relu(a.transpose(1, 2) - 0.1)
+        z = torch.relu(self.l2(b.flatten(1)))
+        return [((h(z).squeeze(-1) - y[:, i]) ** 2).mean() for i, h in enumerate(self.heads)]
+
+
+def test_a_transposed_square_part_is_not_taken_for_the_part(defer_always: None) -> None:
+    def run(mode: str) -> List[Tensor]:
+        torch.manual_seed(0)
+        model = Mixer()
+        opt = MultiTaskOptimizer(
+            torch.optim.SGD(model.parameters(), lr=0.01), gradient_mode=mode, surgery="pcgrad"
+        )
+        for step in range(2):
+            x, y = batch(step, 8)
+            opt.zero_grad()
+            opt.step(model.losses(x, y))
+        assert opt.last_stats["gram_only_params"] == (4 if mode == "native" else 0)
+        return [p.detach().clone() for p in model.parameters()]
+
+    assert_close(run("native"), run("frontier"))
+
+
+def hooked(model: Deep, x: Tensor, y: Tensor) -> List[Tensor]:
+    """A tensor hook on an activation task 0 does not read (heads 1.. read past it)."""
+    h1 = torch.relu(model.l1(x))
+    h2 = torch.tanh(model.l2(h1))
+    h2.register_hook(lambda g: g * 3.0)
+    z = torch.relu(model.l3(h2))
+    return [
+        ((head(h1[:, :24] if i == 0 else z).squeeze(-1) - y[:, i]) ** 2).mean()
+        for i, head in enumerate(model.heads)
+    ]
+
+
+@pytest.fixture
+def measure_small(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(engine, "MEASURE_ABOVE", 0)
+    monkeypatch.setattr(engine, "LOOP_BELOW", 0)
+    monkeypatch.setattr(engine, "JACOBIAN_BUDGET", 0)
+
+
+def test_the_hook_check_covers_every_task(defer_always: None, measure_small: None) -> None:
+    torch.manual_seed(0)
+    model = Deep()
+    opt = MultiTaskOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), surgery="mgda")
+    x, y = batch(0)
+    with pytest.warns(UserWarning, match="'native' path disagrees with autograd"):
+        opt.step(hooked(model, x, y))
+    assert opt.engine.mode != "native" and opt.last_stats["gram_only_params"] == 0
+
+
+def test_an_accumulated_measurement_then_a_whole_step(defer_always: None, measure_small: None) -> None:
+    """A measured accumulated step prunes ``native`` (it disagrees); the next whole step
+    leaves only ``native`` to measure: it is checked, dropped, and the step goes on."""
+    torch.manual_seed(0)
+    model = Deep()
+    opt = MultiTaskOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), surgery="pcgrad")
+    x, y = batch(0)
+    with pytest.warns(UserWarning, match="disagrees"):
+        opt.accumulate(hooked(model, x, y))
+        opt.step()
+    with pytest.warns(UserWarning, match="disagrees"):
+        opt.step(hooked(model, x, y))
+    assert opt.skipped == 0 and opt.engine.mode != "native"
+
+
+def test_fp16_agreeing_tasks_do_not_overflow_the_combined_backward(defer_always: None) -> None:
+    """The combined backward adds K tasks' gradients at the loss scale: divided by the sum
+    of the coefficients' magnitudes it never exceeds the largest task's."""
+
+    def run(mode: str) -> int:
+        torch.manual_seed(0)
+        model = Deep(k=8).half()
+        with torch.no_grad():
+            for head in model.heads:
+                head.weight.fill_(3.0)
+                head.bias.zero_()
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**13)
+        opt = MultiTaskOptimizer(
+            torch.optim.SGD(model.parameters(), lr=1e-4),
+            gradient_mode=mode,
+            surgery="sum",
+            grad_scaler=scaler,
+        )
+        x = torch.randn(6, 20, generator=torch.Generator().manual_seed(0)).half()
+        for _ in range(3):
+            losses = []
+            z = torch.relu(model.l3(torch.tanh(model.l2(torch.relu(model.l1(x))))))
+            for head in model.heads:
+                out = head(z).squeeze(-1)
+                losses.append(((out - (out.detach() + 1.0)) ** 2).mean())
+            opt.zero_grad()
+            opt.step(losses)
+        assert opt.last_stats["gram_only_params"] == (5 if mode == "native" else 0)
+        return opt.skipped
+
+    assert run("frontier") == 0
+    assert run("native") == 0
