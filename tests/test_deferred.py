@@ -51,6 +51,17 @@ def defer_always(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(native, "DEFER_ABOVE", 0)
 
 
+@pytest.fixture
+def measure_small(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(engine, "MEASURE_ABOVE", 0)
+    monkeypatch.setattr(engine, "LOOP_BELOW", 0)
+    monkeypatch.setattr(engine, "JACOBIAN_BUDGET", 0)
+
+
+def sgd(model: nn.Module, surgery: str, **kw: Any) -> MultiTaskOptimizer:
+    return MultiTaskOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), surgery=surgery, **kw)
+
+
 def train(mode: str, steps: int = 4, k: int = 4, scaler: Optional[Any] = None, **kw: Any):
     torch.manual_seed(0)
     model = Deep(k)
@@ -199,13 +210,10 @@ def test_non_finite_gradient_skips_and_changes_nothing(defer_always: None) -> No
     assert all(torch.equal(a, b.detach()) for a, b in zip(before, model.parameters()))
 
 
-def test_auto_does_not_measure_the_delta_paths(defer_always: None, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_auto_does_not_measure_the_delta_paths(defer_always: None, measure_small: None) -> None:
     """When ``native`` keeps only Grams, ``auto`` does not time the paths that hold every
     layer's deltas (they would set the run's peak memory): with only one candidate left
     nothing is timed."""
-    monkeypatch.setattr(engine, "MEASURE_ABOVE", 0)
-    monkeypatch.setattr(engine, "LOOP_BELOW", 0)
-    monkeypatch.setattr(engine, "JACOBIAN_BUDGET", 0)
     deferred, opt, stats = train("auto", surgery="pcgrad")
     assert opt.engine.mode == "native" and opt.engine.timings == {}
     assert all(s["gradient_mode"] == "native" and s["gram_only_params"] == 5 for s in stats)
@@ -275,17 +283,13 @@ def test_the_combined_backward_runs_at_the_losses_magnitude() -> None:
 
 
 def test_auto_still_drops_native_when_a_hook_makes_it_disagree(
-    defer_always: None, monkeypatch: pytest.MonkeyPatch
+    defer_always: None, measure_small: None
 ) -> None:
     """Without the other paths to compare with, ``auto`` checks the walk against one
     ordinary backward (which runs tensor hooks; the walk does not)."""
-    monkeypatch.setattr(engine, "MEASURE_ABOVE", 0)
-    monkeypatch.setattr(engine, "LOOP_BELOW", 0)
-    monkeypatch.setattr(engine, "JACOBIAN_BUDGET", 0)
     torch.manual_seed(0)
     model = Deep()
-    opt = MultiTaskOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), surgery="pcgrad")
-    x, y = batch(0)
+    opt, (x, y) = sgd(model, "pcgrad"), batch(0)
     h = torch.relu(model.l1(x))
     h.register_hook(lambda g: g * 3.0)
     z = torch.relu(model.l3(torch.tanh(model.l2(h))))
@@ -380,18 +384,10 @@ def hooked(model: Deep, x: Tensor, y: Tensor) -> List[Tensor]:
     ]
 
 
-@pytest.fixture
-def measure_small(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(engine, "MEASURE_ABOVE", 0)
-    monkeypatch.setattr(engine, "LOOP_BELOW", 0)
-    monkeypatch.setattr(engine, "JACOBIAN_BUDGET", 0)
-
-
 def test_the_hook_check_covers_every_task(defer_always: None, measure_small: None) -> None:
     torch.manual_seed(0)
     model = Deep()
-    opt = MultiTaskOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), surgery="mgda")
-    x, y = batch(0)
+    opt, (x, y) = sgd(model, "mgda"), batch(0)
     with pytest.warns(UserWarning, match="'native' path disagrees with autograd"):
         opt.step(hooked(model, x, y))
     assert opt.engine.mode != "native" and opt.last_stats["gram_only_params"] == 0
@@ -402,8 +398,7 @@ def test_an_accumulated_measurement_then_a_whole_step(defer_always: None, measur
     leaves only ``native`` to measure: it is checked, dropped, and the step goes on."""
     torch.manual_seed(0)
     model = Deep()
-    opt = MultiTaskOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), surgery="pcgrad")
-    x, y = batch(0)
+    opt, (x, y) = sgd(model, "pcgrad"), batch(0)
     with pytest.warns(UserWarning, match="disagrees"):
         opt.accumulate(hooked(model, x, y))
         opt.step()
