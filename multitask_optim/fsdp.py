@@ -361,17 +361,7 @@ class FSDPRows(ParameterRows):
         spread[list(present)] = values.to(torch.float64)
         peak = _peak(full.tensors())  # NaN when an entry is not finite
         local_bad = not (bool(torch.isfinite(values).all()) and math.isfinite(peak))
-        unit = bool((mine[list(present)] == 1.0).all())
-        # sample weights multiply in float32 at least: s_ir * g in float16 could overflow on
-        # one rank only, after its non-finite flag was taken
-        items: List[Tuple[Tensor, Optional[Tensor], Tuple[int, ...]]] = [
-            (p, rows if rows is None or unit else _times(_wide(rows), mine), (k,))
-            for p, rows in zip(shared_like, full.shared)
-        ]
-        for i, (params, task) in enumerate(zip(task_like, full.tasks)):
-            items += [
-                (p, g if g is None or unit else _wide(g) * float(mine[i]), ()) for p, g in zip(params, task)
-            ]
+        items = _weighted_items(full, shared_like, task_like, mine, bool((mine[list(present)] == 1.0).all()))
         bound = float(mine.amax()) * peak / self.world if math.isfinite(peak) else 0.0
         flags = [0.0 if g is None else 1.0 for _, g, _ in items]
         tail = torch.cat(
@@ -561,6 +551,28 @@ def _peak(tensors: Sequence[Tensor]) -> float:
             return math.nan
         peak = max(peak, float(top.amax()))
     return peak
+
+
+def _weighted_items(
+    full: TaskGradients,
+    shared_like: Sequence[Tensor],
+    task_like: Sequence[Sequence[Tensor]],
+    mine: Tensor,
+    unit: bool,
+) -> List[Tuple[Tensor, Optional[Tensor], Tuple[int, ...]]]:
+    """``(parameter, gradient times this rank's task weight, leading axes)`` for every shared
+    row and task gradient. Sample weights multiply in float32 at least: ``s_ir * g`` in
+    float16 could overflow on one rank only, after its non-finite flag was taken."""
+    k = mine.shape[0]
+    items: List[Tuple[Tensor, Optional[Tensor], Tuple[int, ...]]] = [
+        (p, rows if rows is None or unit else _times(_wide(rows), mine), (k,))
+        for p, rows in zip(shared_like, full.shared)
+    ]
+    for i, (params, task) in enumerate(zip(task_like, full.tasks)):
+        items += [
+            (p, g if g is None or unit else _wide(g) * float(mine[i]), ()) for p, g in zip(params, task)
+        ]
+    return items
 
 
 def _wide(t: Tensor) -> Tensor:

@@ -146,8 +146,15 @@ def trunk_backward(
     for pos, r in rows.items():
         prev = out.shared[pos]
         out.shared[pos] = r if prev is None else prev + r
+    _factors_out(factored, deltas, grams, shared, out, k)
+    return held
+
+
+def _factors_out(factored, deltas, grams, shared, out: TaskGradients, k: int) -> None:  # type: ignore[no-untyped-def]
+    """Every factored layer's result: a zero Gram for a layer no task reached (Gram-only
+    walk), or its :class:`~.gradients.LinearFactor` (zero deltas where none arrived)."""
     for node, (w, b, x) in factored.items():
-        if grams is not None:  # a layer no task reached adds nothing to the Gram
+        if grams is not None:
             for pos in (w, b):
                 if pos is not None and pos not in grams:
                     grams[pos] = torch.zeros((k, k), dtype=torch.float64)
@@ -156,7 +163,6 @@ def trunk_backward(
         if delta is None:
             delta = x.new_zeros((k, x.shape[0], shared[w].shape[0]))
         out.factors.append(LinearFactor(w, b, x, delta))
-    return held
 
 
 def part_size(order: Sequence[Node]) -> int:
