@@ -345,11 +345,21 @@ class TaskGradients:
             out, finite = self.combine(blocks, coefs / scale.unsqueeze(1))
             back = [None if u is None else _rescaled(u, float(scale[block_of[i]])) for i, u in enumerate(out)]
             return back, finite and all_finite([u for u in back if u is not None])
-        out = self._combine(blocks, coefs, None)
+        # a coefficient below the rows' normal range (1e-45 next to 1e-15 in float32) would be
+        # rounded to a few bits when cast: such blocks are combined in float64
+        out = self._combine(blocks, coefs, torch.float64 if self._subnormal(coefs) else None)
         if all_finite([u for u in out if u is not None]):
             return out, True
         out = self._combine(blocks, coefs, torch.float64)
         return out, all_finite([u for u in out if u is not None])
+
+    def _subnormal(self, coefs: Tensor) -> bool:
+        like = next((j for j in self.shared if j is not None), None)
+        if like is None:
+            like = next((f.deltas for f in self.factors if isinstance(f, (LinearFactor, HeadFactor))), None)
+        if like is None or like.dtype == torch.float64 or not coefs.numel():
+            return False
+        return _below_normal(coefs.flatten().tolist(), like.dtype)
 
     def _combine(self, blocks: Sequence[Sequence[int]], coefs: Tensor, dtype: Optional[torch.dtype]) -> Rows:
         out: Rows = [None] * len(self.shared)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import warnings
 from typing import Dict, List
 
+import pytest
 import torch
 from faultkit import clone_state, state_diff
 from models import TrunkHeads, build, snapshot, twin
@@ -196,3 +197,54 @@ def test_krum_ignores_the_rounding_asymmetry_of_a_gram() -> None:
         skewed[0, 2, 0] -= eps
         got, _ = krum(skewed, {}, ctx)
         assert torch.equal(got, want)
+
+
+def test_nash_mtl_solves_an_ill_conditioned_gram_the_same_way_twice() -> None:
+    """Found by the stateful fault machine: after a 1e20 spike the Newton Hessian of the
+    bargaining problem was not numerically positive definite and the solver fell back to
+    ``torch.linalg.lstsq``, whose CPU solution of the same ill-conditioned system changes
+    from one call to the next, so a run restored from a checkpoint parted from the
+    original. The fallback is now a damped Cholesky factor: deterministic."""
+    from multitask_optim.aggregators.nash_mtl import NashMTL
+
+    g = torch.tensor(
+        [
+            [2.5078662307973444e36, -5.161987619579494e16, -5.135636363130962e17, -1.7348998124168806e17],
+            [-5.161987619579494e16, 0.0011887034634128213, 0.010422686114907265, 0.003501299535855651],
+            [-5.135636363130962e17, 0.010422686114907265, 0.10534190386533737, 0.03560923412442207],
+            [-1.7348998124168806e17, 0.003501299535855651, 0.03560923412442207, 0.012040216475725174],
+        ],
+        dtype=torch.float64,
+    )
+    prev = torch.tensor(
+        [234735.40246163434, 156629.64478482457, 13476.7095073712, 275118.0620037953], dtype=torch.float64
+    )
+    solver = NashMTL()
+    first = solver._solve(g, prev)
+    assert bool(torch.isfinite(first).all()) and bool((first > 0).all())
+    for _ in range(4):
+        assert torch.equal(solver._solve(g, prev), first)
+
+
+@pytest.mark.parametrize("factored", [False, True])
+def test_a_coefficient_below_float32_normal_range_keeps_its_precision(factored: bool) -> None:
+    """Found by the stateful fault machine (GLS weights after a 1e30 spike, MGDA): a
+    coefficient of 1.5e-45 next to one of 2e-15 cast to float32 rounds to the smallest
+    subnormal (7% off), and times a 1e29 gradient that is a 3% error of the update. Such
+    blocks are combined in float64."""
+    from multitask_optim.gradients import LinearFactor, TaskGradients
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 3, generator=g)
+    deltas = torch.randn(2, 5, 4, generator=g)
+    deltas[0] *= 1e29
+    coefs = torch.tensor([[1.5e-45, 2e-15]], dtype=torch.float64)
+    factor = LinearFactor(0, None, x, deltas)
+    if factored:
+        grads = TaskGradients([None], [[], []], [factor])
+    else:
+        grads = TaskGradients([factor.rows()[0]], [[], []])
+    (update,), finite = grads.combine([[0]], coefs)
+    want = torch.einsum("k,kno,ni->oi", coefs[0], deltas.double(), x.double())
+    assert finite
+    torch.testing.assert_close(update.double(), want, rtol=1e-6, atol=0.0)

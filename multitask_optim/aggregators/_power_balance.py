@@ -38,6 +38,29 @@ def _phi(g: Tensor, w: Tensor, alpha: float, a: Tensor) -> float:
     return quad - float((a * w.pow(e) / e).sum())
 
 
+def _damped_cholesky(hess: Tensor) -> Tensor | None:
+    """Cholesky factor of ``hess``, or of ``hess + d I`` with the smallest ``d`` (from
+    ``1e-12`` of the largest diagonal entry, times 100) that makes it numerically positive
+    definite: a descent direction either way (the line search does the rest). Not
+    ``lstsq``: on the CPU it returns different solutions for the same ill-conditioned
+    system from one call to the next, so two identical runs would part. None when no
+    damping helps (a non-finite Hessian)."""
+    chol, info = torch.linalg.cholesky_ex(hess)
+    if int(info) == 0:
+        return chol
+    top = float(hess.diagonal().abs().max())
+    if not top > 0.0 or top == float("inf"):
+        return None
+    eye = torch.eye(hess.shape[0], dtype=hess.dtype)
+    damp = 1e-12 * top
+    while damp <= 1e6 * top:
+        chol, info = torch.linalg.cholesky_ex(hess + damp * eye)
+        if int(info) == 0:
+            return chol
+        damp *= 100.0
+    return None
+
+
 def solve_power_balance(
     g: Tensor, alpha: float, start: Tensor | None, max_iter: int, a: Tensor | None = None
 ) -> tuple[Tensor, int]:
@@ -72,11 +95,10 @@ def solve_power_balance(
         mw = m @ w
         grad = mw - a * w.pow(-inv_alpha)
         hess = m + torch.diag(inv_alpha * a * w.pow(-inv_alpha - 1.0))
-        chol, info = torch.linalg.cholesky_ex(hess)
-        if int(info) == 0:
-            step = -torch.cholesky_solve(grad.unsqueeze(-1), chol).squeeze(-1)
-        else:
-            step = -torch.linalg.lstsq(hess, grad.unsqueeze(-1)).solution.squeeze(-1)
+        chol = _damped_cholesky(hess)
+        if chol is None:
+            break
+        step = -torch.cholesky_solve(grad.unsqueeze(-1), chol).squeeze(-1)
         dec = -float(grad @ step)
         if not dec > DECREMENT_TOL:
             break
