@@ -225,27 +225,14 @@ def factor_gram(inputs: Tensor, deltas: Union[Tensor, Sequence[Tensor]], dtype: 
     x = inputs.to(dtype)
     a = x @ x.T
     parts = [deltas] if isinstance(deltas, Tensor) else list(deltas)
-    rows = [p.reshape(p.shape[0], -1) for p in parts]
-    k = sum(p.shape[0] for p in parts)
-    step = max(1, _GRAM_CHUNK_BYTES // max(1, rows[0][0].numel() * torch.finfo(dtype).bits // 8))
-    tasks = [(n, i) for n, p in enumerate(parts) for i in range(p.shape[0])]  # (part, index) per task
+    rows = [p.reshape(p.shape[0], -1).to(dtype) for p in parts]
+    step = max(1, _GRAM_CHUNK_BYTES // max(1, rows[0][0].numel() * rows[0].element_size()))
     cols = []
-    for start in range(0, k, step):
-        group = tasks[start : start + step]
-        mixed = torch.empty((len(group), *parts[0].shape[1:]), dtype=dtype, device=a.device)
-        first = 0
-        while first < len(group):  # runs of one part: one product each, written in place
-            n, i = group[first]
-            run = 1
-            while first + run < len(group) and group[first + run][0] == n:
-                run += 1
-            torch.matmul(a, parts[n][i : i + run].to(dtype), out=mixed[first : first + run])
-            first += run
-        flat = mixed.reshape(len(group), -1)
-        cols.append(
-            torch.cat([r.to(dtype) @ flat.T for r in rows]) if len(rows) > 1 else rows[0].to(dtype) @ flat.T
-        )
-    return cols[0] if len(cols) == 1 else torch.cat(cols, dim=1)
+    for part in parts:
+        for chunk in part.split(step):
+            mixed = (a @ chunk.to(dtype)).reshape(chunk.shape[0], -1)
+            cols.append(torch.cat([r @ mixed.T for r in rows]))
+    return torch.cat(cols, dim=1)
 
 
 @dataclass

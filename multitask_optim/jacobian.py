@@ -130,13 +130,14 @@ def _frontier(
             private[m.bit_length() - 1].append(node)
 
     linear = _linear_nodes(graph, shared_index, k, factor) if native and factor != "never" else []
-    order = [n for n in graph.order if useful.get(n, False)]
-    grams: Optional[Dict[int, Tensor]] = {} if native and defer and native_defers(order, linear, k) else None
+    grams: Optional[Dict[int, Tensor]] = (
+        {} if native and defer and _gram_only(graph, useful, linear, k) else None
+    )
     # seeds[(node, input_nr)] = per-task gradient arriving on that frontier edge; when the
     # walk keeps only Grams, copied into parts of tasks as they come (see native.stash)
     seeds: Dict[Edge, List[Optional[Tensor]]] = {}
     slabs: Dict[Edge, Dict[int, Tensor]] = {}
-    size = part_size(order) if grams is not None else None
+    size = part_size(_walked(graph, useful)) if grams is not None else None
     for i, loss in enumerate(losses):
         own = _reached(graph, tasks[i], 1 << i)
         own_shared = [p for p in shared if graph.reached_by(p) == 1 << i]
@@ -238,9 +239,17 @@ def defers(graph: LossGraph, shared: Sequence[Tensor], k: int) -> bool:
     """Whether the ``native`` path, allowed to, keeps only its factored layers' Gram
     (:func:`.native.defers`): it then holds far less than the paths that keep their deltas."""
     shared_index = {id(p): n for n, p in enumerate(shared)}
-    useful = _useful_nodes(graph, shared_index)
     linear = _linear_nodes(graph, shared_index, k, "cheaper")
-    return bool(linear) and native_defers([n for n in graph.order if useful.get(n, False)], linear, k)
+    return _gram_only(graph, _useful_nodes(graph, shared_index), linear, k)
+
+
+def _gram_only(graph: LossGraph, useful: Dict[Node, bool], linear: Sequence[native.Linear], k: int) -> bool:
+    return bool(linear) and native_defers(_walked(graph, useful), linear, k)
+
+
+def _walked(graph: LossGraph, useful: Dict[Node, bool]) -> List[Node]:
+    """The nodes the native walk visits, in order (as :func:`.native.trunk_backward`)."""
+    return [n for n in graph.order if useful.get(n, False)]
 
 
 def task_chunks(graph: LossGraph, k: int) -> List[Tuple[int, int]]:

@@ -108,10 +108,11 @@ def trunk_backward(
     deltas: Dict[Node, Tensor] = {}  # per factored layer, (K, N, out), filled chunk by chunk
     fused = _fusable_pools(order, graph, useful)
     masks: Dict[Node, Tensor] = {}  # per fused pool, computed once for every chunk
-    size = part_size(order)  # tasks per part in the node-by-node walk
-    # seeded nodes no shared node feeds: their parts are the walk's own (stash), safe to overwrite
-    fed = {c for n in order for c, _ in n.next_functions if c is not None}
-    own_seeds = {node for node, _ in seeds if node not in fed}
+    if grams is not None:  # the node-by-node walk: tasks in parts of ``size``
+        size = part_size(order)
+        # seeded nodes no shared node feeds: their parts are the walk's own (stash), safe to overwrite
+        fed = {c for n in order for c, _ in n.next_functions if c is not None}
+        own_seeds = {node for node, _ in seeds if node not in fed}
     with torch.no_grad():
         for start, stop in chunks(order, k) if grams is None else [(0, k)]:
             buffers: Dict[Node, List[Optional[PerTask]]] = {}
@@ -321,6 +322,11 @@ def _zeros_for(node: Node, j: int) -> Tensor:
     return torch.zeros(meta.shape, dtype=meta.dtype, device=meta.device)
 
 
+def _input_edge(node: Node) -> Edge:
+    """Where a factored ``addmm(b, X, W^T)`` / ``mm(X, W^T)`` node sends ``X``'s gradient."""
+    return node.next_functions[1] if type(node).__name__ == "AddmmBackward0" else node.next_functions[0]
+
+
 def _linear(node: Node, held, slots, shared, deltas, buffers, useful, start: int, k: int) -> None:  # type: ignore[no-untyped-def]
     """A factored linear layer: keep the K output gradients; the input gradient in one product."""
     w, _, x = held
@@ -336,8 +342,7 @@ def _linear(node: Node, held, slots, shared, deltas, buffers, useful, start: int
     for i, g in enumerate(per_task):
         if g is not None:
             chunk[i] = g
-    name = type(node).__name__
-    child, nr = node.next_functions[1] if name == "AddmmBackward0" else node.next_functions[0]
+    child, nr = _input_edge(node)
     if child is None or not useful.get(child, False):
         return
     grad_x = torch.matmul(chunk, weight.to(chunk.dtype))  # (c, N, in): every task's input gradient
@@ -416,8 +421,7 @@ def _linear_gram(node: Node, held, slots, shared, grams, buffers, useful, size: 
     if b is not None:
         sums = torch.cat([p.sum(dim=1) for p in parts]).to(torch.float64)
         grams[b] = (sums @ sums.T).cpu()
-    name = type(node).__name__
-    child, nr = node.next_functions[1] if name == "AddmmBackward0" else node.next_functions[0]
+    child, nr = _input_edge(node)
     if child is None or not useful.get(child, False):
         return
     weight = shared[w]
