@@ -757,7 +757,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     if args.tiny:
         return run_tiny(args, args.out)
     if args.distributed:
-        from .distributed import main as run_distributed
+        from ._distributed import main as run_distributed
 
         return run_distributed(args, cfg)
     if args.schedule:

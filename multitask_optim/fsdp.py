@@ -4,7 +4,7 @@ The optimizer holds the *sharded* parameters (``DTensor`` with ``Shard(dim)`` on
 mesh); the autograd graph of a forward pass holds FSDP's *unsharded* parameters (one
 ``nn.Parameter`` per sharded one, all-gathered for the forward). :class:`FSDPRows` is the
 source of per-task rows for such a model, with the interface of
-:class:`~multitask_optim.sources.ParameterRows`, so the step pipeline is unchanged:
+:class:`~multitask_optim._sources.ParameterRows`, so the step pipeline is unchanged:
 
 0. **agree** (before any backward): ONE ``all_reduce`` of ``K`` presence flags. FSDP
    all-gathers a module's parameters for every backward pass through it, and the
@@ -28,7 +28,7 @@ source of per-task rows for such a model, with the interface of
    rank's ``samples=`` count (1 by default) and pre-divided by the world size, then
    rescaled by ``W / S_i`` (``S_i`` the total count), so every rank holds its shard of
    each task's gradient averaged over the ranks that had it -- what DDP's
-   :func:`~multitask_optim.gradients.reduce_tasks` computes, and what K separate
+   :func:`~multitask_optim._gradients.reduce_tasks` computes, and what K separate
    backwards through FSDP would deliver, in one collective instead of K. A tail rides
    in every rank's chunk (``K`` weighted loss values, ``K`` counts, a reached flag per
    parameter, a "non-finite on this rank" flag, a bound on the entries), so every rank
@@ -92,15 +92,15 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from ._engine import GradientEngine
+from ._fsdp_shards import RowShards
+from ._fsdp_state import MultiTaskState, get_optimizer_state_dict, set_optimizer_state_dict
+from ._gradients import Rows, TaskGradients, all_finite
+from ._gram import dense_grams
+from ._graph import LossGraph
+from ._sources import ParameterRows
 from .aggregators.base import Shards
-from .engine import GradientEngine
-from .fsdp_shards import RowShards
-from .fsdp_state import MultiTaskState, get_optimizer_state_dict, set_optimizer_state_dict
-from .gradients import Rows, TaskGradients, all_finite
-from .gram import dense_grams
-from .graph import LossGraph
 from .partition import Partition, describe
-from .sources import ParameterRows
 
 __all__ = [
     "FSDPRows",
@@ -338,7 +338,7 @@ class FSDPRows(ParameterRows):
         """ONE reduce-scatter: this rank's shard of each task's gradients averaged over the
         ranks that had the task, the averaged loss values, and the tasks some rank had.
 
-        The sharded counterpart of :func:`~multitask_optim.gradients.reduce_tasks` (same
+        The sharded counterpart of :func:`~multitask_optim._gradients.reduce_tasks` (same
         arguments and result, the DDP path's): every rank lays its tasks out over all
         ``K`` tasks and every parameter of the whole partition (zeros for a task it
         lacks or a parameter its losses did not reach), so the buffer has one layout on

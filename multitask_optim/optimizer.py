@@ -1,7 +1,7 @@
 """MultiTaskOptimizer: wrap any torch optimizer, hand ``step`` the per-task losses.
 
 This file is the conductor: it holds the torch optimizer contract and runs the stages
-of one step (see :mod:`.pipeline`) in order::
+of one step (see :mod:`._pipeline`) in order::
 
     step(losses) -> _gather -> _run: reduce, weigh, precondition, gram, aggregate,
                     combine (_compute) -> _commit -> _take (inner step, stats)
@@ -15,25 +15,23 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import checkpoint, fsdp
-from .aggregators import AggregationContext, Aggregator
-from .amp import current_scale
-from .amp import update as amp_update
-from .arguments import (
+from . import _checkpoint, fsdp
+from ._amp import current_scale
+from ._amp import update as amp_update
+from ._arguments import (
     Granularity,
     TaskLR,
     check_granularity,
     check_task_lr,
 )
-from .bookkeeping import Bookkeeping
-from .clipping import check_max_grad_norm, clip_
-from .components import State
-from .diagnostics import step_stats
-from .distributed import all_average, world_size
-from .engine import GradientEngine
-from .gradients import all_finite
-from .graph import analyse
-from .losses import (
+from ._bookkeeping import Bookkeeping
+from ._clipping import check_max_grad_norm, clip_
+from ._components import State
+from ._distributed import all_average, world_size
+from ._engine import GradientEngine
+from ._gradients import all_finite
+from ._graph import analyse
+from ._losses import (
     Losses,
     Samples,
     check_passes,
@@ -44,8 +42,7 @@ from .losses import (
     parse_losses,
     task_samples,
 )
-from .partition import Partition, TasksArg
-from .pipeline import (
+from ._pipeline import (
     Gathered,
     Outcome,
     aggregate_and_combine,
@@ -60,10 +57,13 @@ from .pipeline import (
     weighted_gram,
     weighting_gram,
 )
-from .plain import PlainPath
+from ._plain import PlainPath
+from ._schedule import Schedule
+from ._sources import ParameterRows, RepresentationRows
+from .aggregators import AggregationContext, Aggregator
+from .diagnostics import step_stats
+from .partition import Partition, TasksArg
 from .precondition import Preconditioner
-from .schedule import Schedule
-from .sources import ParameterRows, RepresentationRows
 from .weighting import Weighting, WeightingContext
 
 Source = Union[ParameterRows, RepresentationRows]
@@ -118,17 +118,17 @@ class MultiTaskOptimizer(Bookkeeping, PlainPath, Optimizer):
             ``"lean"``, ``"batched"`` or ``"looped"``.
         grad_scaler: a ``torch.amp.GradScaler`` for float16 training: losses are
             scaled, per-task gradients unscaled before anything reads them, and a step
-            with an inf/NaN is skipped and lowers the scale (see :mod:`.amp`). Do not
+            with an inf/NaN is skipped and lowers the scale (see :mod:`._amp`). Do not
             call ``scaler.step`` / ``scaler.update`` yourself.
         surgery_every: run the full method (per-task gradients, preconditioning, Gram,
             surgery) every ``k``-th step only; the other steps are one backward of the
-            weighted sum of the losses (see :mod:`.schedule`). Default 1.
+            weighted sum of the losses (see :mod:`._schedule`). Default 1.
         surgery_start: the first step on which the full method runs (earlier steps are
             plain). Default 0.
         max_grad_norm: clip the final update of the model parameters (after
             aggregation, before the inner step) to this global 2-norm, as
             ``torch.nn.utils.clip_grad_norm_`` does; the unclipped norm is
-            ``last_stats["grad_norm"]`` (see :mod:`.clipping`). Default None (no clipping).
+            ``last_stats["grad_norm"]`` (see :mod:`._clipping`). Default None (no clipping).
         reduction, beta, eps, beta2: deprecated spellings of ``surgery_kwargs`` /
             ``precondition_kwargs`` entries (a ``DeprecationWarning``).
     """
@@ -574,7 +574,7 @@ class MultiTaskOptimizer(Bookkeeping, PlainPath, Optimizer):
     # ------------------------------------------------------------------ state
 
     def state_dict(self) -> Dict[str, Any]:  # type: ignore[override]
-        """The inner optimizer's state dict plus a ``"multitask"`` entry (see :mod:`.checkpoint`).
+        """The inner optimizer's state dict plus a ``"multitask"`` entry (see :mod:`._checkpoint`).
 
         The entry holds the configuration (components' names and settings), the task
         names, the partition (as parameter indices in the order of the wrapped
@@ -583,7 +583,7 @@ class MultiTaskOptimizer(Bookkeeping, PlainPath, Optimizer):
         loads with ``torch.load(..., weights_only=True)``.
         """
         out = self.optimizer.state_dict()
-        out["multitask"] = checkpoint.entry(self)
+        out["multitask"] = _checkpoint.entry(self)
         return out
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:  # type: ignore[override]
@@ -597,4 +597,4 @@ class MultiTaskOptimizer(Bookkeeping, PlainPath, Optimizer):
         if mt is None:
             self.optimizer.load_state_dict(sd)
             return
-        checkpoint.restore(self, mt, sd)
+        _checkpoint.restore(self, mt, sd)

@@ -8,7 +8,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from torch import Tensor
 
-from .graph import LossGraph, popcount
+from ._graph import LossGraph, popcount
 
 ParamsArg = Iterable[Tensor]
 TasksArg = Union[Mapping[str, ParamsArg], Sequence[ParamsArg]]

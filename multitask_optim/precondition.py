@@ -30,7 +30,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .components import Component, Registry, State
+from ._components import Component, Registry, State
 
 Rows = List[Optional[Tensor]]
 

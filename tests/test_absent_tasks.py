@@ -21,8 +21,8 @@ from models import MultiHead
 from torch import Tensor, nn
 
 from multitask_optim import AGGREGATORS, MultiTaskOptimizer
+from multitask_optim._components import merge_tasks, select_tasks
 from multitask_optim.aggregators import Aggregator
-from multitask_optim.components import merge_tasks, select_tasks
 
 K = 3
 

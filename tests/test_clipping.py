@@ -18,7 +18,7 @@ from models import MultiHead, conflicting_losses, multihead
 from torch import Tensor
 
 from multitask_optim import MultiTaskOptimizer
-from multitask_optim.clipping import clip_, total_norm
+from multitask_optim._clipping import clip_, total_norm
 
 K = 3
 

@@ -15,10 +15,12 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from multitask_optim import MultiTaskOptimizer, engine, native
-from multitask_optim.gradients import GramFactor, LinearFactor
-from multitask_optim.graph import analyse
-from multitask_optim.jacobian import run_path
+from multitask_optim import MultiTaskOptimizer
+from multitask_optim import _engine as engine
+from multitask_optim import _native as native
+from multitask_optim._gradients import GramFactor, LinearFactor
+from multitask_optim._graph import analyse
+from multitask_optim._jacobian import run_path
 
 
 class Deep(nn.Module):

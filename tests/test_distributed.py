@@ -388,7 +388,7 @@ def test_absent_configurations_really_lack_tasks() -> None:
 
 
 def test_world_size_is_one_without_a_process_group() -> None:
-    from multitask_optim.distributed import all_average, world_size
+    from multitask_optim._distributed import all_average, world_size
 
     assert world_size() == 1
     t = [torch.ones(3)]

@@ -9,8 +9,8 @@ import torch
 from torch import Tensor, nn
 
 from multitask_optim import MultiTaskOptimizer
-from multitask_optim.engine import GradientEngine
-from multitask_optim.graph import analyse
+from multitask_optim._engine import GradientEngine
+from multitask_optim._graph import analyse
 
 
 class Trunk(nn.Module):

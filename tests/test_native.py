@@ -23,13 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import multitask_optim.engine as engine
-import multitask_optim.jacobian as jacobian
-import multitask_optim.native as native
+import multitask_optim._engine as engine
+import multitask_optim._jacobian as jacobian
+import multitask_optim._native as native
 from multitask_optim import MultiTaskOptimizer
-from multitask_optim.engine import GradientEngine
-from multitask_optim.graph import analyse
-from multitask_optim.jacobian import MODES
+from multitask_optim._engine import GradientEngine
+from multitask_optim._graph import analyse
+from multitask_optim._jacobian import MODES
 
 
 class Scale(torch.autograd.Function):

@@ -30,7 +30,8 @@ from models import (
 )
 from torch import nn
 
-from multitask_optim import MultiTaskOptimizer, engine
+from multitask_optim import MultiTaskOptimizer
+from multitask_optim import _engine as engine
 
 INNER: Dict[str, Callable[[Any], torch.optim.Optimizer]] = {
     "sgd_momentum": lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9),

@@ -22,9 +22,9 @@ from models import TrunkHeads, build, snapshot, twin
 from torch import Tensor
 
 from multitask_optim import AggregationContext, Aggregator, MultiTaskOptimizer
+from multitask_optim._gram import dense_grams
 from multitask_optim.aggregators.gradvac import GradVac
 from multitask_optim.aggregators.mgda import MGDA
-from multitask_optim.gram import dense_grams
 
 
 # ---------------------------------------------------------------------- a
@@ -174,7 +174,7 @@ def test_aggregator_reads_the_weighted_losses() -> None:
 
 def test_dense_grams_of_an_empty_shard_are_zero() -> None:
     """Under FSDP2 a rank's shard of a block can be empty: its partial Gram is 0 (no IndexError)."""
-    from multitask_optim.gram import dense_grams
+    from multitask_optim._gram import dense_grams
 
     out = dense_grams([torch.zeros(2, 0), torch.zeros(2, 0, 3)], [[0, 1]], 2)
     assert torch.equal(out, torch.zeros(1, 2, 2, dtype=torch.float64))
@@ -232,7 +232,7 @@ def test_a_coefficient_below_float32_normal_range_keeps_its_precision(factored: 
     coefficient of 1.5e-45 next to one of 2e-15 cast to float32 rounds to the smallest
     subnormal (7% off), and times a 1e29 gradient that is a 3% error of the update. Such
     blocks are combined in float64."""
-    from multitask_optim.gradients import LinearFactor, TaskGradients
+    from multitask_optim._gradients import LinearFactor, TaskGradients
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(5, 3, generator=g)

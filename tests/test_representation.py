@@ -167,8 +167,8 @@ class ManyHeads(nn.Module):
 
 @pytest.mark.parametrize("kind", ["linear", "two-reads", "nonlinear"])
 def test_factored_representation_rows_equal_the_dense_ones(kind: str) -> None:
-    from multitask_optim.graph import analyse
-    from multitask_optim.representation import feature_gradients, feature_rows
+    from multitask_optim._graph import analyse
+    from multitask_optim._representation import feature_gradients, feature_rows
 
     torch.manual_seed(3)
     k = 4
@@ -198,7 +198,7 @@ def test_factored_representation_rows_equal_the_dense_ones(kind: str) -> None:
 
 def test_factored_representation_step_equals_the_dense_step(monkeypatch: pytest.MonkeyPatch) -> None:
     """A whole MGDA-UB run: the factored heads give the dense run's parameters."""
-    from multitask_optim import representation
+    from multitask_optim import _representation as representation
 
     def run() -> List[Tensor]:
         torch.manual_seed(0)

@@ -10,8 +10,8 @@ from models import TrunkHeads, build
 from torch import Tensor
 
 from multitask_optim import MultiTaskOptimizer
+from multitask_optim._components import State
 from multitask_optim.aggregators import AggregationContext, RowAggregator
-from multitask_optim.components import State
 
 
 class RowSum(RowAggregator):

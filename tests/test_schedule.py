@@ -18,7 +18,7 @@ from models import MultiHead, conflicting_losses, multihead
 from torch import Tensor
 
 from multitask_optim import MultiTaskOptimizer
-from multitask_optim.schedule import Schedule
+from multitask_optim._schedule import Schedule
 
 K = 3
 

@@ -18,7 +18,7 @@ from typing import ClassVar, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..components import Component, Registry, State
+from .._components import Component, Registry, State
 
 try:  # optional: the package needs only torch; NumPy makes the pairwise surgeries faster
     import numpy as np

@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..gram import precise_gram
+from .._gram import precise_gram
 from ._rows import block_buffer, block_vector, calls, check_number, combine, counter, whole_norms
 from .base import AGGREGATORS, AggregationContext, RowAggregator, State
 

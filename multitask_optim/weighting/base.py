@@ -2,7 +2,7 @@
 
 A weighting maps the current loss values (and its own state) to weights ``w`` of
 shape ``(K,)``; the optimizer then scales task ``i``'s gradients by ``w_i``. Like every
-component (:mod:`multitask_optim.components`), a weighting is functional in its
+component (:mod:`multitask_optim._components`), a weighting is functional in its
 *state*: :meth:`Weighting.weights` returns a new state dict, which the optimizer
 commits only when the step is taken.
 
@@ -30,7 +30,7 @@ from typing import ClassVar, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from ..components import Component, Registry, State
+from .._components import Component, Registry, State
 
 #: The Gram matrices a weighting with ``needs_gram`` receives (``None`` for the others).
 Gram = Optional[Tensor]
@@ -70,7 +70,7 @@ class Weighting(Component):
     Steps with absent tasks: the weighting is bound to all ``K`` tasks and asked for the
     weights of the present ones (``ctx.present``); per-task arguments and parameters are
     read at ``ctx.indices``. A weighting declares its state's task axes
-    (:meth:`~multitask_optim.components.Component.task_axes`, ``{}`` when it has no
+    (:meth:`~multitask_optim._components.Component.task_axes`, ``{}`` when it has no
     per-task state or reads ``ctx.present`` itself); without a declaration it is refused
     such steps. A learnable weighting keeps one scalar parameter per task, so an absent
     task's parameter gets no gradient and the inner optimizer leaves it and its moments

@@ -4,11 +4,11 @@ The step pipeline runs the same stages in both modes; a *source* is the part tha
 differs:
 
 - :class:`ParameterRows` (the default, exact): rows are the Jacobian of the losses with
-  respect to the shared parameters (:mod:`.jacobian`); the update of a block is
+  respect to the shared parameters (:mod:`._jacobian`); the update of a block is
   ``J_b^T c_b``. Under ``torch.distributed`` the rows are averaged across ranks.
 - :class:`RepresentationRows` (``step(losses, representation=z)``, an approximation):
   rows are the gradients with respect to the shared representation ``z`` (head
-  backwards only, factored for linear heads: :mod:`.representation`; the batch
+  backwards only, factored for linear heads: :mod:`._representation`; the batch
   flattened into the row as in the MGDA-UB paper's code); the
   combined feature gradient ``Z^T c`` runs one backward through the trunk. Under
   ``torch.distributed`` the global Gram is the sum of the ranks' Grams over the global
@@ -23,12 +23,12 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .distributed import all_average, world_size
-from .engine import GradientEngine
-from .gradients import GramFactor, Rows, TaskGradients, all_finite, reduce_tasks
-from .graph import LossGraph
+from ._distributed import all_average, world_size
+from ._engine import GradientEngine
+from ._gradients import GramFactor, Rows, TaskGradients, all_finite, reduce_tasks
+from ._graph import LossGraph
+from ._representation import feature_rows
 from .partition import Partition
-from .representation import feature_rows
 
 
 class ParameterRows:
@@ -50,7 +50,7 @@ class ParameterRows:
     ) -> TaskGradients:
         """``once``: these gradients are combined with one set of coefficients and nothing
         else (one step, one block, not accumulated): on one process the engine may then
-        keep only the Gram of large factored layers (:class:`~.gradients.GramFactor`)."""
+        keep only the Gram of large factored layers (:class:`~._gradients.GramFactor`)."""
         defer = once and world_size() == 1
         return self.engine.compute(losses, graph, partition.shared, partition.tasks, defer)
 

@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .components import Component, State
+from ._components import Component, State
 from .partition import Partition
 
 VERSION = 2

@@ -4,7 +4,7 @@
 MGDA-UB) needs, per task, the gradient of its loss w.r.t. ``z`` and w.r.t. its own
 parameters; only the heads are traversed, never the trunk.
 
-- **Factored** (:class:`~.gradients.HeadFactor`), when every head reads ``z`` (2-D) only
+- **Factored** (:class:`~._gradients.HeadFactor`), when every head reads ``z`` (2-D) only
   through linear maps of its own (``nn.Linear``, ``F.linear``, ``z @ W``) and that is
   cheaper: ONE backward of all losses gives each map's output gradient ``delta_a`` and
   every task's own-parameter gradients (each map and each own parameter is reached by
@@ -23,8 +23,8 @@ import torch
 from torch import Tensor
 from torch.autograd.graph import GradientEdge
 
-from .gradients import HeadFactor, TaskGradients
-from .graph import LossGraph, Node
+from ._gradients import HeadFactor, TaskGradients
+from ._graph import LossGraph, Node
 
 
 def feature_rows(

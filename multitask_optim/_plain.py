@@ -1,7 +1,7 @@
 """The plain path: one backward of the weighted sum of the present tasks' losses.
 
 Used for the plain configuration (plain sum, equal weights, ...) and for every step the
-schedule leaves out (:mod:`.schedule`). Under ``torch.distributed`` each task's loss
+schedule leaves out (:mod:`._schedule`). Under ``torch.distributed`` each task's loss
 value and gradient are the average over the ranks that had it: the loss values travel
 first (one small collective, so every rank computes the same weights), each rank scales
 its task ``i`` loss by ``s_ir / S_i`` (its share of the task's samples), and one more
@@ -15,12 +15,11 @@ from typing import Any, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .amp import current_scale
-from .distributed import all_sum, reduce_presence, world_size
-from .fsdp import local
-from .gradients import all_finite
-from .graph import analyse
-from .losses import (
+from ._amp import current_scale
+from ._distributed import all_sum, reduce_presence, world_size
+from ._gradients import all_finite
+from ._graph import analyse
+from ._losses import (
     Losses,
     Parsed,
     Samples,
@@ -31,7 +30,8 @@ from .losses import (
     parse_losses,
     task_samples,
 )
-from .pipeline import Outcome, non_finite_losses, write_grad
+from ._pipeline import Outcome, non_finite_losses, write_grad
+from .fsdp import local
 
 
 def ranked_values(

@@ -17,22 +17,20 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 import torch
 from torch import Tensor
 
-from . import checkpoint, groups
-from .aggregators import AGGREGATORS, Aggregator, GramianCallable
-from .amp import update as amp_update
-from .arguments import (
+from . import _checkpoint, _groups
+from ._amp import update as amp_update
+from ._arguments import (
     blocks_of,
     component_kwargs,
     task_names_from,
     task_rates,
 )
-from .components import State
-from .graph import LossGraph
-from .losses import (
+from ._components import State
+from ._graph import LossGraph
+from ._losses import (
     Parsed,
 )
-from .partition import Partition, TasksArg, check_against_graph, discover, explicit, warn_unused
-from .pipeline import (
+from ._pipeline import (
     Outcome,
     Structure,
     merged_states,
@@ -40,8 +38,10 @@ from .pipeline import (
     weigh,
     write_grad,
 )
+from ._sources import ParameterRows, RepresentationRows
+from .aggregators import AGGREGATORS, Aggregator, GramianCallable
+from .partition import Partition, TasksArg, check_against_graph, discover, explicit, warn_unused
 from .precondition import PRECONDITIONERS, Preconditioner
-from .sources import ParameterRows, RepresentationRows
 from .weighting import WEIGHTINGS, Weighting, WeightingContext
 
 Source = Union[ParameterRows, RepresentationRows]
@@ -124,14 +124,14 @@ class Bookkeeping:
             sub = Structure(whole, blocks).restricted(parsed.present)
             check_against_graph(sub.partition, graph, self._params)
             if not self._weighting_ready:
-                groups.check_can_add_weighting(self.optimizer, self.weighting)
+                _groups.check_can_add_weighting(self.optimizer, self.weighting)
                 self.weighting.bind(names)
             return sub
         if known is not None:
             check_against_graph(known.full, graph, self._params)
             return known.restricted(parsed.present) if known.whole is not None else known
         if self._partition is None and self._task_lr is not None:
-            groups.check_can_split(self.optimizer)
+            _groups.check_can_split(self.optimizer)
         partition = self._partition if self._partition is not None else discover(self._params, graph, names)
         check_against_graph(partition, graph, self._params)
         if self._partition is None and self._task_lr is not None:
@@ -142,7 +142,7 @@ class Bookkeeping:
             else blocks_of(self._granularity, partition, self._index_of)
         )
         if not self._weighting_ready:
-            groups.check_can_add_weighting(self.optimizer, self.weighting)
+            _groups.check_can_add_weighting(self.optimizer, self.weighting)
             self.weighting.bind(names)
         return Structure(partition, blocks)
 
@@ -247,13 +247,13 @@ class Bookkeeping:
                 stacklevel=5,
             )
         if (self._task_lr is not None or split) and not self._split:
-            groups.split_groups(self.optimizer, partition, task_rates(self._task_lr, partition.names))
+            _groups.split_groups(self.optimizer, partition, task_rates(self._task_lr, partition.names))
             self._split = True
 
     def _adopt_weighting(self, names: Sequence[str]) -> None:
         """Bind the weighting to ``names`` and give its parameters their own group."""
         self.weighting.bind(names)
-        groups.add_weighting_group(self.optimizer, self.weighting)
+        _groups.add_weighting_group(self.optimizer, self.weighting)
         if not self._states["weighting"]:
             self._states["weighting"] = self.weighting.init_state(len(names))
         self._names = tuple(names)
@@ -263,8 +263,8 @@ class Bookkeeping:
         """What a checkpoint must match: each component's name and settings, the granularity."""
         granularity = self._granularity if isinstance(self._granularity, str) else repr(self._granularity)
         return {
-            "surgery": checkpoint.record(self.aggregator),
-            "weighting": checkpoint.record(self.weighting),
-            "precondition": checkpoint.record(self.preconditioner),
+            "surgery": _checkpoint.record(self.aggregator),
+            "weighting": _checkpoint.record(self.weighting),
+            "precondition": _checkpoint.record(self.preconditioner),
             "granularity": granularity,
         }

@@ -1,6 +1,6 @@
 """Choosing the gradient path: ``gradient_mode="auto"`` measures, the others are fixed.
 
-The paths themselves (all exact) are in :mod:`.jacobian`; this module decides which
+The paths themselves (all exact) are in :mod:`._jacobian`; this module decides which
 one computes a step. ``auto`` times every applicable path on the first real steps of a
 model (per *signature*: the number of losses, which shared parameters each reaches, the
 shapes of the shared graph), as ``torch.backends.cudnn.benchmark`` does for convolution
@@ -19,9 +19,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .gradients import TaskGradients
-from .graph import LossGraph
-from .jacobian import MODES, defers, run_path
+from ._gradients import TaskGradients
+from ._graph import LossGraph
+from ._jacobian import MODES, defers, run_path
 
 #: Unmeasured order: the first path that works is kept (vmap limitations fall through).
 FALLBACK = ("frontier", "batched", "looped")
@@ -153,7 +153,7 @@ class GradientEngine:
         defer: bool = False,
     ) -> TaskGradients:
         """The step's per-task gradients. ``defer``: the caller combines every shared
-        parameter with one set of coefficients, once (see :func:`.jacobian.run_path`)."""
+        parameter with one set of coefficients, once (see :func:`._jacobian.run_path`)."""
         if self.requested != "auto":
             assert self.mode is not None
             return run_path(self.mode, losses, graph, shared, tasks, False, self.factored, defer)
@@ -219,7 +219,7 @@ class GradientEngine:
         That path runs last, so only its result is alive when the step goes on (the
         others are dropped as soon as their Gram is taken): measuring costs time, not
         twice the memory. When ``native`` would keep only its factored layers' Gram
-        (``defer``, :func:`.jacobian.defers`), the paths holding their deltas are not
+        (``defer``, :func:`._jacobian.defers`), the paths holding their deltas are not
         measured: the peak memory of the run is the point; a single candidate is not timed.
         """
         k = len(losses)

@@ -9,7 +9,7 @@ from typing import Any, List, Mapping, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from .graph import LossGraph
+from ._graph import LossGraph
 from .partition import check_names
 
 Losses = Union[Sequence[Optional[Tensor]], Mapping[str, Optional[Tensor]], Tensor]

@@ -17,9 +17,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
+from ._distributed import all_average, all_sum
+from ._gram import dense_grams, precise_gram
 from .aggregators.base import Shards
-from .distributed import all_average, all_sum
-from .gram import dense_grams, precise_gram
 
 Rows = List[Optional[Tensor]]
 
@@ -151,7 +151,7 @@ class GramFactor:
     With many tasks the per-task output gradients of every linear layer (``K x N x out``
     each, :class:`LinearFactor`) would be held until the update: here each layer's
     Gram contribution is formed as soon as its K output gradients are complete and they
-    are dropped (:func:`.native.trunk_backward`). The update ``J^T c`` is then one
+    are dropped (:func:`._native.trunk_backward`). The update ``J^T c`` is then one
     backward of ``sum_i c_i L_i`` (``solve``): exact, one backward pass more, bounded memory.
     The update is computed in the parameters' dtype (no float64 recomputation).
 

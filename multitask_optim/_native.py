@@ -12,7 +12,7 @@ transposed) produces each task's exact weight gradient and, only where a shared
 parameter lies below it, its input gradient, with the same kernels a plain backward
 uses. What batches is batched:
 
-- a shared linear layer ``x W^T (+ b)`` kept factored (:class:`~.gradients.LinearFactor`)
+- a shared linear layer ``x W^T (+ b)`` kept factored (:class:`~._gradients.LinearFactor`)
   takes the K output gradients at once: the input gradient is one ``(K, N, out) @ W``
   product and the weight is never differentiated per task;
 - ``ReLU`` followed by max-pooling (``MaxPool2d(ReLU(h))``, the usual conv block) is
@@ -27,11 +27,11 @@ output gradients (K x N x out each) are then held until the update; when they wo
 hold more than :data:`DEFER_ABOVE` (and more than one activation gradient of every
 task), and the caller allows it, the walk goes node by node with every task at once
 instead, forms each factored layer's Gram contribution as soon as its K output
-gradients are complete and drops them (:class:`~.gradients.GramFactor`: the update is
+gradients are complete and drops them (:class:`~._gradients.GramFactor`: the update is
 then one backward of the combined loss). Nothing here differentiates twice or frees
 the graph (the graph stays usable for another path).
 Tensor hooks registered on intermediate tensors are not run (the engine runs them);
-:class:`~.engine.GradientEngine` compares every measured path's Gram with the
+:class:`~._engine.GradientEngine` compares every measured path's Gram with the
 others' and drops a path that disagrees.
 """
 
@@ -42,9 +42,9 @@ from typing import Dict, List, Optional, Sequence, Set, Tuple
 import torch
 from torch import Tensor
 
-from .gradients import LinearFactor, TaskGradients, factor_gram
-from .gram import precise_gram
-from .graph import LossGraph, Node
+from ._gradients import LinearFactor, TaskGradients, factor_gram
+from ._gram import precise_gram
+from ._graph import LossGraph, Node
 
 #: Per-task activation gradients alive at once (bytes); tasks are processed in chunks.
 CHUNK_BYTES = 16 * 2**20
@@ -153,7 +153,7 @@ def trunk_backward(
 
 def _factors_out(factored, deltas, grams, shared, out: TaskGradients, k: int) -> None:  # type: ignore[no-untyped-def]
     """Every factored layer's result: a zero Gram for a layer no task reached (Gram-only
-    walk), or its :class:`~.gradients.LinearFactor` (zero deltas where none arrived)."""
+    walk), or its :class:`~._gradients.LinearFactor` (zero deltas where none arrived)."""
     for node, (w, b, x) in factored.items():
         if grams is not None:
             for pos in (w, b):

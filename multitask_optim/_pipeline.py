@@ -30,13 +30,13 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
+from ._components import Component, State, check_partial, merge_tasks, select_tasks
+from ._gradients import Rows, TaskGradients, all_finite, scaled_grad
+from ._sources import ParameterRows, RepresentationRows
 from .aggregators import AggregationContext, Aggregator, RowAggregator
-from .components import Component, State, check_partial, merge_tasks, select_tasks
 from .fsdp import as_param_grad
-from .gradients import Rows, TaskGradients, all_finite, scaled_grad
 from .partition import Partition
 from .precondition import Preconditioner
-from .sources import ParameterRows, RepresentationRows
 from .weighting import Weighting, WeightingContext
 
 Source = Union[ParameterRows, RepresentationRows]

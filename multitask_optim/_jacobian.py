@@ -1,6 +1,6 @@
 """Per-task gradients: task parameters from their own loss, shared ones as a Jacobian.
 
-Five exact paths; ``gradient_mode="auto"`` measures them (see :class:`~.engine.GradientEngine`):
+Five exact paths; ``gradient_mode="auto"`` measures them (see :class:`~._engine.GradientEngine`):
 
 - ``frontier``: find the edges where each task's private graph meets the shared graph,
   backpropagate each loss through its own head once to those edges (capturing only the
@@ -16,7 +16,7 @@ Five exact paths; ``gradient_mode="auto"`` measures them (see :class:`~.engine.G
   needs no element-wise per-task access, so not with per-task preconditioning.
 - ``lean``: the frontier path with *every* such linear layer factored (least memory).
 - ``native``: the frontier's head pass, then the shared graph walked node by node with
-  each node's own backward kernel per task (:mod:`.native`): convolutions and pooling
+  each node's own backward kernel per task (:mod:`._native`): convolutions and pooling
   without vmap (whose convolution and max-pool rules fall back to a per-sample loop
   and a ``cat``), factored linear layers in one product, ReLU + max-pool fused, tasks
   in chunks of bounded memory.
@@ -25,7 +25,7 @@ Five exact paths; ``gradient_mode="auto"`` measures them (see :class:`~.engine.G
 
 All paths give the same Jacobian up to float rounding (their summation orders differ).
 Representation mode differentiates the losses with respect to a feature tensor instead
-(see :mod:`.representation`).
+(see :mod:`._representation`).
 """
 
 from __future__ import annotations
@@ -36,11 +36,11 @@ import torch
 from torch import Tensor
 from torch.autograd.graph import GradientEdge
 
-from . import native
-from .gradients import GramFactor, LinearFactor, TaskGradients
-from .graph import LossGraph, Node, popcount
-from .native import chunks, part_size, stash, trunk_backward
-from .native import defers as native_defers
+from . import _native
+from ._gradients import GramFactor, LinearFactor, TaskGradients
+from ._graph import LossGraph, Node, popcount
+from ._native import chunks, part_size, stash, trunk_backward
+from ._native import defers as native_defers
 
 MODES = ("lean", "frontier", "native", "batched", "looped")
 
@@ -134,7 +134,7 @@ def _frontier(
         {} if native and defer and _gram_only(graph, useful, linear, k) else None
     )
     # seeds[(node, input_nr)] = per-task gradient arriving on that frontier edge; when the
-    # walk keeps only Grams, copied into parts of tasks as they come (see native.stash)
+    # walk keeps only Grams, copied into parts of tasks as they come (see _native.stash)
     seeds: Dict[Edge, List[Optional[Tensor]]] = {}
     slabs: Dict[Edge, Dict[int, Tensor]] = {}
     size = part_size(_walked(graph, useful)) if grams is not None else None
@@ -237,24 +237,24 @@ def _solver(
 
 def defers(graph: LossGraph, shared: Sequence[Tensor], k: int) -> bool:
     """Whether the ``native`` path, allowed to, keeps only its factored layers' Gram
-    (:func:`.native.defers`): it then holds far less than the paths that keep their deltas."""
+    (:func:`._native.defers`): it then holds far less than the paths that keep their deltas."""
     shared_index = {id(p): n for n, p in enumerate(shared)}
     linear = _linear_nodes(graph, shared_index, k, "cheaper")
     return _gram_only(graph, _useful_nodes(graph, shared_index), linear, k)
 
 
-def _gram_only(graph: LossGraph, useful: Dict[Node, bool], linear: Sequence[native.Linear], k: int) -> bool:
+def _gram_only(graph: LossGraph, useful: Dict[Node, bool], linear: Sequence[_native.Linear], k: int) -> bool:
     return bool(linear) and native_defers(_walked(graph, useful), linear, k)
 
 
 def _walked(graph: LossGraph, useful: Dict[Node, bool]) -> List[Node]:
-    """The nodes the native walk visits, in order (as :func:`.native.trunk_backward`)."""
+    """The nodes the native walk visits, in order (as :func:`._native.trunk_backward`)."""
     return [n for n in graph.order if useful.get(n, False)]
 
 
 def task_chunks(graph: LossGraph, k: int) -> List[Tuple[int, int]]:
-    """Task ranges whose batched backward holds at most :data:`.native.VMAP_CHUNK_BYTES` per activation."""
-    return chunks([n for n in graph.order if popcount(graph.mask[n]) >= 2], k, native.VMAP_CHUNK_BYTES)
+    """Task ranges whose batched backward holds at most :data:`._native.VMAP_CHUNK_BYTES` per activation."""
+    return chunks([n for n in graph.order if popcount(graph.mask[n]) >= 2], k, _native.VMAP_CHUNK_BYTES)
 
 
 def _batched_grad(
@@ -448,7 +448,7 @@ def run_path(
     ``lean`` factors every shared linear layer; ``frontier`` and ``native`` only where
     that is cheaper, and none when ``factored`` is False. ``defer``: the caller combines
     every shared parameter with one set of coefficients, once, so ``native`` may keep
-    only its factored layers' Gram (:class:`~.gradients.GramFactor`, :func:`defers`).
+    only its factored layers' Gram (:class:`~._gradients.GramFactor`, :func:`defers`).
     """
     if mode in ("lean", "frontier", "native"):
         policy = "always" if mode == "lean" else ("cheaper" if factored else "never")
