@@ -1,0 +1,103 @@
+"""The public surface of the package, for the API reference and its tests.
+
+A module is public when no part of its dotted name starts with ``_``. Its public names
+are its ``__all__`` when it has one, else the classes and functions it defines whose
+names do not start with ``_``. Each public name is documented once, where its object is
+defined (its *canonical* path); packages re-export names, and their reference pages list
+them with links to that one place (:func:`names_table`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import pkgutil
+import re
+from typing import Any, List
+
+import multitask_optim
+
+MARKER = re.compile(r"<!--\s*public-names:\s*([\w.]+)\s*-->")
+
+
+def public_modules() -> List[str]:
+    """Every public module of the package, the package itself first."""
+    out = ["multitask_optim"]
+    for info in pkgutil.walk_packages(multitask_optim.__path__, "multitask_optim."):
+        if not any(part.startswith("_") for part in info.name.split(".")):
+            out.append(info.name)
+    return out
+
+
+def module_public(module_name: str) -> List[str]:
+    """A module's public names (see the module docstring).
+
+    Args:
+        module_name: a dotted module name (imported if needed).
+
+    Returns:
+        The names, in ``__all__`` order or definition order.
+    """
+    module = importlib.import_module(module_name)
+    names = getattr(module, "__all__", None)
+    if names is not None:
+        return list(names)
+    return [
+        n
+        for n, obj in vars(module).items()
+        if not n.startswith("_")
+        and (inspect.isclass(obj) or inspect.isfunction(obj))
+        and getattr(obj, "__module__", None) == module_name
+    ]
+
+
+def canonical(module_name: str, name: str) -> str:
+    """The dotted path where the object ``module_name.name`` is defined.
+
+    Classes and functions know their module. Other objects (a registry instance) are
+    found in the public module that assigns the name at its top level.
+
+    Args:
+        module_name: a module that exposes ``name``.
+        name: the public name.
+
+    Returns:
+        ``"package.module.name"`` of the definition.
+
+    Raises:
+        LookupError: when no public module assigns ``name`` (a private module defines it).
+    """
+    obj = getattr(importlib.import_module(module_name), name)
+    if (inspect.isclass(obj) or inspect.isfunction(obj)) and hasattr(obj, "__qualname__"):
+        return f"{obj.__module__}.{obj.__qualname__}"
+    for module in public_modules():
+        if re.search(rf"^{re.escape(name)}\s*[:=]", inspect.getsource(importlib.import_module(module)), re.M):
+            return f"{module}.{name}"
+    raise LookupError(f"{module_name}.{name}: no public module assigns it at top level")
+
+
+def _summary(obj: Any) -> str:
+    doc = inspect.getdoc(obj) if (inspect.isclass(obj) or inspect.isfunction(obj)) else None
+    return (doc or "").strip().split("\n\n")[0].replace("\n", " ").replace("|", "\\|")
+
+
+def names_table(module_name: str) -> str:
+    """A Markdown table of a module's public names, each linked to its documentation.
+
+    Args:
+        module_name: a public module.
+
+    Returns:
+        The table (autorefs links: the build fails when a target is not documented).
+    """
+    module = importlib.import_module(module_name)
+    lines = ["| name | documented at | summary |", "| --- | --- | --- |"]
+    for name in module_public(module_name):
+        target = canonical(module_name, name)
+        lines.append(f"| [`{name}`][{target}] | `{target}` | {_summary(getattr(module, name))} |")
+    return "\n".join(lines) + "\n"
+
+
+def expand(markdown: str) -> str:
+    """Replace each ``<!-- public-names: module -->`` marker with :func:`names_table`."""
+    return MARKER.sub(lambda m: names_table(m.group(1)), markdown)
