@@ -35,7 +35,9 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
         env={**__import__("os").environ, "NO_MKDOCS_2_WARNING": "1"},
     )
     problems = [line for line in done.stderr.splitlines() if "WARNING" in line or "Error" in line]
-    assert done.returncode == 0, "mkdocs build --strict failed:\n" + "\n".join(problems or [done.stderr[-3000:]])
+    assert done.returncode == 0, "mkdocs build --strict failed:\n" + "\n".join(
+        problems or [done.stderr[-3000:]]
+    )
     return out
 
 

@@ -8,6 +8,7 @@ are described in :mod:`docs_blocks`.
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 from typing import Any, Dict, Iterator
 
 import pytest
@@ -32,7 +33,10 @@ def registries() -> Iterator[None]:
 
 
 @pytest.mark.parametrize("page", sorted(PAGES))
-def test_page_blocks_run(page: str, registries: None) -> None:
+def test_page_blocks_run(
+    page: str, registries: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # examples may write files (a plot, a checkpoint)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # e.g. the automatic partition's notes
         result = run_page(page, PAGES[page])

@@ -173,7 +173,9 @@ def problems(kind: Kind, name: str, cls: type) -> List[str]:
         if not text:
             out.append(f"{where}: argument {param!r} has no 'Args:' entry")
         if default == "required" and "Example" not in doc.sections:
-            out.append(f"{where}: argument {param!r} has no default, so the class needs an 'Example:' section")
+            out.append(
+                f"{where}: argument {param!r} has no default, so the class needs an 'Example:' section"
+            )
     return out
 
 
@@ -287,7 +289,11 @@ def measured_section(kind: Kind, name: str) -> str:
         lines.append(f"| {r.suite} | {r.label} | {r.delta_m} | {r.plain} | `benchmarks/results/{r.source}` |")
     commands = sorted({r.command for r in rows if r.command})
     if commands:
-        lines += ["", "The runs' commands, as recorded in the results files (run from the repository root):", ""]
+        lines += [
+            "",
+            "The runs' commands, as recorded in the results files (run from the repository root):",
+            "",
+        ]
         lines += [f"```bash\n{c}\n```" for c in commands]
     return "\n".join(lines) + "\n"
 
@@ -338,7 +344,7 @@ def default_example(kind: Kind, name: str, cls: type) -> str:
         "from torch import nn\n"
         "from multitask_optim import MultiTaskOptimizer\n\n"
         "torch.manual_seed(0)\n"
-        f"names = [f\"task{{i}}\" for i in range({num_tasks})]\n"
+        f'names = [f"task{{i}}" for i in range({num_tasks})]\n'
         "trunk = nn.Sequential(nn.Linear(8, 16), nn.ReLU())\n"
         "heads = nn.ModuleDict({name: nn.Linear(16, 1) for name in names})\n"
         "x, y = torch.randn(32, 8), torch.randn(32, len(names))\n\n"
@@ -419,7 +425,7 @@ def method_page(kind: Kind, name: str, cls: type) -> str:
     if missing and not __import__("os").environ.get("DOCS_DRAFT"):  # TEMPORARY
         raise ValueError("; ".join(missing))
     doc = parse(plain_roles(inspect.getdoc(cls) or ""))
-    out = [f"# {cls.__qualname__}: `{kind.arg}=\"{name}\"`", "", doc.summary, ""]
+    out = [f'# {cls.__qualname__}: `{kind.arg}="{name}"`', "", doc.summary, ""]
     if doc.body:
         out += [doc.body, ""]
     out += ["| | |", "| --- | --- |"] + [f"| {a} | {b} |" for a, b in facts(kind, cls)] + [""]
@@ -429,7 +435,11 @@ def method_page(kind: Kind, name: str, cls: type) -> str:
     if params:
         out += ["| argument | default | meaning |", "| --- | --- | --- |"]
         out += [f"| `{p}` | {d} | {plain_roles(t)} |" for p, d, t in params]
-        out += ["", f"Pass them by name as `{kind.arg}_kwargs={{...}}`, or pass an instance as `{kind.arg}=`.", ""]
+        out += [
+            "",
+            f"Pass them by name as `{kind.arg}_kwargs={{...}}`, or pass an instance as `{kind.arg}=`.",
+            "",
+        ]
     else:
         out += ["None.", ""]
     for title in REQUIRED[1:]:
@@ -454,7 +464,12 @@ def index_page() -> str:
         "",
     ]
     for kind in KINDS:
-        out += [f"## {kind.title} (`{kind.arg}=`)", "", "| name | class | what it does |", "| --- | --- | --- |"]
+        out += [
+            f"## {kind.title} (`{kind.arg}=`)",
+            "",
+            "| name | class | what it does |",
+            "| --- | --- | --- |",
+        ]
         for name in sorted(kind.registry):
             cls = kind.registry[name]
             summary = plain_roles(parse(cls.__doc__).summary).replace("|", "\\|")
