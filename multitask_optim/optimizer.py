@@ -129,8 +129,10 @@ class MultiTaskOptimizer(Bookkeeping, PlainPath, Optimizer):
             aggregation, before the inner step) to this global 2-norm, as
             ``torch.nn.utils.clip_grad_norm_`` does; the unclipped norm is
             ``last_stats["grad_norm"]`` (see :mod:`._clipping`). Default None (no clipping).
-        reduction, beta, eps, beta2: deprecated spellings of ``surgery_kwargs`` /
-            ``precondition_kwargs`` entries (a ``DeprecationWarning``).
+        reduction: deprecated: use ``surgery_kwargs={"reduction": ...}`` (a ``DeprecationWarning``).
+        beta: deprecated: use ``surgery_kwargs={"beta": ...}`` (a ``DeprecationWarning``).
+        eps: deprecated: use ``precondition_kwargs={"eps": ...}`` (a ``DeprecationWarning``).
+        beta2: deprecated: use ``precondition_kwargs={"beta2": ...}`` (a ``DeprecationWarning``).
     """
 
     def __init__(

@@ -14,6 +14,9 @@ ParamsArg = Iterable[Tensor]
 TasksArg = Union[Mapping[str, ParamsArg], Sequence[ParamsArg]]
 RESERVED = ("shared", "unused", "weighting")
 
+#: The public names; the other functions are the optimizer's bookkeeping.
+__all__ = ["Partition", "explicit"]
+
 
 def describe(index: int, param: Tensor) -> str:
     return f"parameter #{index} (shape {tuple(param.shape)})"

@@ -218,6 +218,10 @@ class Measured:
     command: str
 
 
+#: Each family's component when the options leave it out (``None``).
+DEFAULTS = {"surgery": "sum", "weighting": "equal", "precondition": ""}
+
+
 def _components(options: Dict[str, Any]) -> Dict[str, str]:
     return {
         "surgery": options.get("surgery") or "sum",
@@ -241,33 +245,46 @@ def measured(kind: Kind, name: str, results: Path = RESULTS) -> List[Measured]:
         results: the folder of ``quality*.json`` files.
 
     Returns:
-        The rows, with the plain sum's Δm% of the same run and suite beside each.
+        The rows, with the plain sum's Δm% of the same run, suite and variant beside
+        each. A default component (the plain sum, equal weights) lists only the rows
+        where the other components are at their defaults too.
     """
     out: List[Measured] = []
     for path in sorted(results.glob("quality*.json")):
         data = json.loads(path.read_text())
         for suite in data.get("suites", {}).values():
             rows = {k: v for k, v in suite.get("methods", {}).items() if isinstance(v.get("options"), dict)}
-            plain = [
-                v
-                for v in rows.values()
-                if _components(v["options"]) == {"surgery": "sum", "weighting": "equal", "precondition": ""}
-                and not v["options"].get("representation")
-            ]
-            for row in rows.values():
-                if _components(row["options"])[kind.arg] != name:
+            for key, row in rows.items():
+                parts = _components(row["options"])
+                alone = all(parts[k] == v for k, v in DEFAULTS.items() if k != kind.arg)
+                if parts[kind.arg] != name or not (alone or name != DEFAULTS[kind.arg]):
                     continue
+                plain = _plain_row(rows, _variant(key))
                 out.append(
                     Measured(
                         path.name,
                         suite.get("title", ""),
                         row.get("label", ""),
                         _fmt(row.get("delta_m")),
-                        _fmt(plain[0].get("delta_m")) if plain else "—",
+                        _fmt(plain.get("delta_m")) if plain else "—",
                         data.get("command", ""),
                     )
                 )
     return out
+
+
+def _variant(key: str) -> str:
+    """The run variant a row key names after ``@`` (``"pcgrad@zero"``: ``"zero"``)."""
+    return key.split("@", 1)[1] if "@" in key else ""
+
+
+def _plain_row(rows: Dict[str, Dict[str, Any]], variant: str) -> Optional[Dict[str, Any]]:
+    """The plain sum's row of the same variant (no surgery, weighting or preconditioning)."""
+    for key, row in rows.items():
+        if _components(row["options"]) == DEFAULTS and not row["options"].get("representation"):
+            if _variant(key) == variant:
+                return row
+    return None
 
 
 def measured_section(kind: Kind, name: str) -> str:
@@ -422,14 +439,14 @@ def method_page(kind: Kind, name: str, cls: type) -> str:
         ValueError: listing what the docstring lacks (see :func:`problems`).
     """
     missing = problems(kind, name, cls)
-    if missing and not __import__("os").environ.get("DOCS_DRAFT"):  # TEMPORARY
+    if missing:
         raise ValueError("; ".join(missing))
     doc = parse(plain_roles(inspect.getdoc(cls) or ""))
     out = [f'# {cls.__qualname__}: `{kind.arg}="{name}"`', "", doc.summary, ""]
     if doc.body:
         out += [doc.body, ""]
     out += ["| | |", "| --- | --- |"] + [f"| {a} | {b} |" for a, b in facts(kind, cls)] + [""]
-    out += ["## " + HEADINGS["Paper"], "", doc.sections.get("Paper", "TODO"), ""]
+    out += ["## " + HEADINGS["Paper"], "", doc.sections["Paper"], ""]
     out += ["## Hyper-parameters", ""]
     params = hyper_parameters(cls)
     if params:
@@ -443,7 +460,7 @@ def method_page(kind: Kind, name: str, cls: type) -> str:
     else:
         out += ["None.", ""]
     for title in REQUIRED[1:]:
-        out += ["## " + HEADINGS[title], "", doc.sections.get(title, "TODO"), ""]
+        out += ["## " + HEADINGS[title], "", doc.sections[title], ""]
         if title == "When to use":
             out += ["### Measured", "", measured_section(kind, name)]
     out += ["## Example", "", "```python", example(kind, name, cls).rstrip(), "```", ""]

@@ -33,6 +33,9 @@ except ImportError:  # pragma: no cover - NumPy ships with nearly every torch in
 #: 0.4 ms / 1.2 ms (``python -m benchmarks.aggregation_time --k 40``).
 SCALAR_LIMIT = 20
 
+#: The contract's public names; the other helpers here serve the method modules.
+__all__ = ["AGGREGATORS", "AggregationContext", "Aggregator", "RowAggregator", "Shards", "random_orders"]
+
 
 class Shards:
     """Where the rows a :class:`RowAggregator` receives sit in the whole Jacobian rows.
@@ -167,8 +170,11 @@ class RowAggregator(Aggregator):
         """
 
 
-#: Aggregators by name (``surgery=``); ``None`` builds :class:`~.sum.Sum` (set in ``sum.py``).
 AGGREGATORS: Registry[Aggregator] = Registry("surgery", Aggregator)
+"""Aggregators by name (``surgery=``); ``None`` builds :class:`~.sum.Sum` (set in ``sum.py``).
+
+Register a new one with ``@AGGREGATORS.register`` (or :func:`register_aggregator`).
+"""
 
 
 def random_orders(num_blocks: int, num_tasks: int, generator: torch.Generator) -> Tensor:

@@ -52,6 +52,29 @@ class DBMTL(RowAggregator):
     (element-wise) and only the norms need every rank: each rank's ``(B, K)`` squared
     shard norms are summed over the ranks.
 
+    Paper:
+        B. Lin, W. Jiang, F. Ye, Y. Zhang, P. Chen, Y.-C. Chen, S. Liu, J. T. Kwok,
+        "Dual-Balancing for Multi-Task Learning", arXiv:2308.12029, 2023 (Algorithm 1).
+
+    Departures:
+        Equals LibMTL's ``DB_MTL`` (the authors' code) over several steps to 1e-5 relative
+        (``tests/test_anchor_rows.py``), except for LibMTL's ``+ 1e-8`` floor on the EMA
+        norms, which we leave out (the paper's exact ratio). In LibMTL the heads receive the
+        gradient of ``log L_i``; here every head gets its own loss's gradient.
+
+    Cost:
+        Reads the Jacobian's rows: the K x P per-task gradients of every block are built (no
+        factored fast path) and a K x P moving average per block is kept in the state.
+        Measured: 19-21 ms at K = 4, 69-77 ms at K = 16 per call on K x 100,000 rows (median
+        of 30 ``aggregate_rows`` calls, one thread), against well under a millisecond for
+        the Gram methods.
+
+    When to use:
+        Loss scales and gradient magnitudes that both differ, under an inner SGD. Its moving
+        average of the gradients sits in front of an Adam-like optimizer's own: with the
+        defaults and inner Adam it is among the worst rows (MultiDigits 24.5, scale 633);
+        set ``beta`` low (e.g. 0) under Adam.
+
     Args:
         beta: EMA rate of the gradients, in ``[0, 1)`` (default 0.9, LibMTL's ``DB_beta``).
         beta_sigma: decay exponent of the rate, ``>= 0`` (default 0, ``DB_beta_sigma``).

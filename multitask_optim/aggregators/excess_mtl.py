@@ -52,6 +52,29 @@ class ExcessMTL(RowAggregator):
     ``E`` (a ``(B, K)`` sum over its elements) is summed over the ranks, so every rank
     computes the same weights.
 
+    Paper:
+        Y. He, S. Zhou, G. Zhang, H. Yun, Y. Xu, B. Zeng, T. Chilimbi, H. Zhao, "Robust
+        Multi-Task Learning with Excess Risks", ICML 2024 (Equations 6, 7 and 9, Section
+        3.2, Appendix C.1).
+
+    Departures:
+        Equals TorchJD 0.18's ``ExcessMTL`` over several consecutive steps, with and without
+        warm-up, to 1e-5 relative (``tests/test_anchor_rows.py``). LibMTL's port differs:
+        its weights start at 1 and sum to K, its first step makes no weight update, and it
+        divides by the baseline with no floor.
+
+    Cost:
+        Reads the Jacobian's rows: the K x P per-task gradients of every block are built (no
+        factored fast path) and a K x P accumulator per block is kept in the state.
+        Measured: 13-28 ms at K = 4, 51-91 ms at K = 16 per call on K x 100,000 rows (median
+        of 30 ``aggregate_rows`` calls, one thread), against well under a millisecond for
+        the Gram methods.
+
+    When to use:
+        Tasks with label noise of different levels (it down-weights the tasks whose excess
+        risk stays high). With the defaults on the quality suites it is among the worst rows
+        (MultiDigits 18.3 ± 10.3): tune ``robust_step_size`` and the warm-up first.
+
     Args:
         robust_step_size: ``eta > 0``, the step size of the weight update (default 1).
         n_warmup_steps: steps with uniform weights that set the baseline (default 0).

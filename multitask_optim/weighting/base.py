@@ -181,13 +181,29 @@ class Weighting(Component):
         )
 
 
-#: Weightings by name (``weighting=``); ``None`` builds :class:`Equal`.
 WEIGHTINGS: Registry[Weighting] = Registry("weighting", Weighting)
+"""Weightings by name (``weighting=``); ``None`` builds :class:`Equal`.
+
+Register a new one with ``@WEIGHTINGS.register`` (or :func:`register_weighting`).
+"""
 
 
 @WEIGHTINGS.register
 class Equal(Weighting):
-    """All weights 1: the plain sum of the losses."""
+    """All weights 1: the plain sum of the losses.
+
+    Paper:
+        None: every weight is 1 (the plain sum of the losses).
+
+    Departures:
+        None.
+
+    Cost:
+        No Gram matrix or per-task gradient of its own: the weights are constant.
+
+    When to use:
+        The default (``weighting=None``).
+    """
 
     name = "equal"
 

@@ -15,10 +15,6 @@ from .base import WEIGHTINGS, State, Weighting, WeightingContext
 class GeometricLossStrategy(Weighting):
     """Geometric Loss Strategy (GLS): minimise the geometric mean of the losses.
 
-    Reference: S. Chennupati, G. Sistu, S. Yogamani, S. A. Rawashdeh, "MultiNet++:
-    Multi-Stream Feature Aggregation and Geometric Loss Strategy for Multi-Task
-    Learning", CVPR 2019 Workshops (arXiv:1904.08492), eq. (2).
-
     The objective is ``G = (prod_i L_i)^(1/K)``. Its gradient is
     ``grad G = sum_i G / (K L_i) grad L_i``, so the weights are::
 
@@ -39,6 +35,25 @@ class GeometricLossStrategy(Weighting):
     (the optimizer then changes nothing).
 
     GLS has no hyper-parameters and no state.
+
+    Paper:
+        S. Chennupati, G. Sistu, S. Yogamani, S. A. Rawashdeh, "MultiNet++: Multi-Stream
+        Feature Aggregation and Geometric Loss Strategy for Multi-Task Learning", CVPR 2019
+        Workshops (Equation 2).
+
+    Departures:
+        Computed in log space. LibMTL's ``GLS`` applies the same weights (to 1e-12 relative,
+        ``tests/test_anchor_weighting_wave2.py``) but reports others and forms the product
+        of the losses, which overflows float32 with many tasks.
+
+    Cost:
+        No Gram matrix or per-task gradient of its own: a few operations on the K loss
+        values.
+
+    When to use:
+        Losses of very different scales (its direction is invariant to them): scale suite 88
+        against ~400. It weights a task by ``1 / L_i``, so a loss that approaches 0 takes
+        every weight from the other tasks.
     """
 
     name = "gls"

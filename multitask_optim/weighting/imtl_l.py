@@ -15,9 +15,6 @@ from .base import WEIGHTINGS, Gram, State, Weighting, WeightingContext
 class IMTLL(Weighting):
     """IMTL-L: a learnable scale per task that makes every scaled loss equal to 1.
 
-    Reference: L. Liu, Y. Li, Z. Kuang, J.-H. Xue, Y. Chen, W. Yang, Q. Liao, W. Zhang,
-    "Towards Impartial Multi-task Learning", ICLR 2021, Sec. 3.2 (IMTL-L).
-
     Each task has a learnable ``s_i`` (initialised to 0) and contributes the term
     ``e^{s_i} L_i - s_i`` to the objective. So the loss weights returned by
     :meth:`weights` are ``w_i = e^{s_i}``, and :meth:`backward` writes
@@ -38,6 +35,23 @@ class IMTLL(Weighting):
     Losses that are not positive: for ``L_i <= 0`` the term ``e^{s_i} L_i - s_i`` has no
     minimum in ``s_i`` (``s_i`` would grow without bound), so :meth:`weights` raises a
     ``ValueError`` naming the task(s), before any state changes.
+
+    Paper:
+        L. Liu, Y. Li, Z. Kuang, J.-H. Xue, Y. Chen, W. Yang, Q. Liao, W. Zhang, "Towards
+        Impartial Multi-task Learning", ICLR 2021 (Section 3.2, IMTL-L).
+
+    Departures:
+        LibMTL only has the IMTL hybrid; its loss-scale part equals ours to 1e-12 relative
+        in the weights (``tests/test_anchor_weighting_wave2.py``).
+
+    Cost:
+        No Gram matrix or per-task gradient of its own: K learnable scalars in their own
+        param group.
+
+    When to use:
+        With ``surgery="imtl_g"`` (the paper's IMTL: scale suite 88.5, MultiDigits 1.12).
+        Alone its scales move one learning rate per step, too slowly for a 10^6 imbalance in
+        a short run (scale suite 412).
 
     Args:
         lr: learning rate of the weighting's param group (``None``: the first group's).
