@@ -133,6 +133,12 @@ class MultiTaskOptimizer(Bookkeeping, PlainPath, Optimizer):
         beta: deprecated: use ``surgery_kwargs={"beta": ...}`` (a ``DeprecationWarning``).
         eps: deprecated: use ``precondition_kwargs={"eps": ...}`` (a ``DeprecationWarning``).
         beta2: deprecated: use ``precondition_kwargs={"beta2": ...}`` (a ``DeprecationWarning``).
+
+    Raises:
+        TypeError: ``optimizer`` is not a ``torch.optim.Optimizer`` (or is already a
+            ``MultiTaskOptimizer``), or a component of the wrong type.
+        ValueError: a bad argument, named in the message (an unknown method, a
+            hyper-parameter out of range, a parameter in two param groups or two roles).
     """
 
     def __init__(
@@ -298,6 +304,13 @@ class MultiTaskOptimizer(Bookkeeping, PlainPath, Optimizer):
 
         Returns:
             The inner optimizer's return value, or the closure's (None without one).
+
+        Raises:
+            ValueError: bad losses (count, names, a non-scalar or a loss that does not
+                require grad), naming the task; ``representation=`` or ``features=``
+                without losses or with accumulated micro-batches; losses while
+                micro-batches are pending. Nothing changes.
+            TypeError: a loss of the wrong type, or two closures.
         """
         if callable(losses) and not isinstance(losses, (Tensor, Mapping, list, tuple)):
             if closure is not None:
@@ -347,11 +360,15 @@ class MultiTaskOptimizer(Bookkeeping, PlainPath, Optimizer):
         are summed likewise. A step the schedule leaves out still gathers per-task
         gradients here (the weights need the summed losses first), but neither the
         surgery nor the preconditioner runs on it.
+
+        Args:
+            losses: the micro-batch's per-task losses, as for :meth:`step`.
+            samples: under ``torch.distributed``, this rank's sample count per task.
         """
         self._accumulated = self._gather(losses, self._accumulated, None, None, samples)[0]
 
     def epoch_end(self) -> None:
-        """Mark an epoch boundary for epoch-based weightings (DWA)."""
+        """Mark an epoch boundary for the weightings that count epochs (DWA, STCH)."""
         self._states["weighting"] = self.weighting.epoch_end(self._states["weighting"])
 
     def update_weighting(self, losses: Any) -> None:

@@ -46,6 +46,9 @@ class Preconditioner(Component):
 
     Args:
         eps: added to ``sqrt(v_hat)`` (must be > 0).
+
+    Raises:
+        ValueError: naming ``eps`` when it is not a number > 0.
     """
 
     def __init__(self, eps: float = 1e-8) -> None:
@@ -58,15 +61,31 @@ class Preconditioner(Component):
 
     @abstractmethod
     def second_moment(self, v_old: Tensor, square: Tensor, step: Tensor) -> Tuple[Tensor, Tensor]:
-        """``(v, v_hat)`` from the previous accumulator, ``g^2`` and the new per-task step
-        counts (``(K,)`` float64)."""
+        """The new accumulator and the value the gradient is divided by (before ``sqrt``).
+
+        Args:
+            v_old: ``(K, *shape)`` previous accumulator (zeros at the start).
+            square: ``(K, *shape)`` squared per-task gradients ``g^2``.
+            step: ``(K,)`` float64 per-task step counts, this step included.
+
+        Returns:
+            ``(v, v_hat)``: the new accumulator and its bias-corrected value.
+        """
 
     def apply(
         self, rows: Sequence[Optional[Tensor]], keys: Sequence[str], state: State
     ) -> Tuple[Rows, State]:
-        """Rescale each ``(K, *shape)`` Jacobian; return the rows and the new state.
+        """Rescale each ``(K, *shape)`` Jacobian by its tasks' accumulators.
 
         A parameter no loss reached (``rows[p] is None``) keeps its state unchanged.
+
+        Args:
+            rows: per shared parameter, its ``(K, *shape)`` per-task gradients (or None).
+            keys: per shared parameter, its state key prefix (its index in the optimizer).
+            state: the accumulators (never mutated).
+
+        Returns:
+            ``(rows, new_state)``: the rescaled rows and the new accumulators.
         """
         out: Rows = []
         new_state = dict(state)

@@ -5,10 +5,14 @@ module defines without a leading ``_``; see ``docs/_gen/reference.py``) and the 
 methods those classes define. Each needs a docstring (an overriding method may inherit
 its base's) with, where they apply:
 
-- ``Args:`` naming every parameter (a class documents its constructor's);
-- ``Returns:`` (or ``Yields:``) when the annotation says it returns something, except
-  for properties and one-line docstrings of trivial accessors (see ``SHORT``);
+- ``Args:`` naming every parameter (a class documents its constructor's; a dataclass
+  may name its fields under ``Attributes:``);
+- ``Returns:`` (or ``Yields:``) when the annotation says it returns something;
 - ``Raises:`` when its own body raises.
+
+A method that overrides a documented method of a base class inherits its contract:
+its own docstring (if any) need not repeat ``Args:`` and ``Returns:``, but still names
+what its own body raises.
 """
 
 from __future__ import annotations
@@ -21,10 +25,6 @@ import textwrap
 from typing import Any, Callable, Iterator, List, Tuple
 
 from docs_blocks import reference
-
-#: Callables whose whole contract fits the summary line may skip Args/Returns when they
-#: take at most this many parameters (``settings()``, ``__len__``-like accessors).
-SHORT = 0
 
 
 def _sections(doc: str) -> List[str]:
@@ -70,10 +70,11 @@ def _returns(fn: Callable[..., Any]) -> bool:
 def _check(where: str, fn: Callable[..., Any], doc: str, params: List[str], own: bool) -> List[str]:
     out = []
     sections = _sections(doc)
-    if params and "Args" not in sections and not (len(params) <= SHORT):
+    named = next((s for s in ("Args", "Attributes") if s in sections), None)
+    if params and named is None:
         out.append(f"{where}: no 'Args:' for {params}")
-    if "Args" in sections:
-        args = doc.split("Args:", 1)[1]
+    if named is not None and params:
+        args = doc.split(f"{named}:", 1)[1]
         for name in params:
             if not re.search(rf"^\s+\**{re.escape(name)}\b.*:", args, flags=re.M):
                 out.append(f"{where}: 'Args:' does not name {name!r}")
@@ -92,6 +93,11 @@ def _members(cls: type) -> Iterator[Tuple[str, Callable[..., Any]]]:
             yield name, value.__func__
         elif inspect.isfunction(value):
             yield name, value
+
+
+def _overrides(cls: type, attr: str) -> bool:
+    """Whether ``cls.attr`` overrides a method a base class documents."""
+    return any(attr in vars(base) and getattr(vars(base)[attr], "__doc__", None) for base in cls.__mro__[1:])
 
 
 def problems() -> List[str]:
@@ -124,9 +130,12 @@ def problems() -> List[str]:
                 if not fdoc.strip():
                     out.append(f"{fwhere}: no docstring")
                     continue
-                own = bool(fn.__doc__)
+                if _overrides(obj, attr):
+                    if _raises(fn) and "Raises" not in _sections(fdoc):
+                        out.append(f"{fwhere}: raises but has no 'Raises:'")
+                    continue
                 skip = not isinstance(vars(obj)[attr], staticmethod)
-                out += _check(fwhere, fn, fdoc, _params(fn, skip) if own else [], own=own)
+                out += _check(fwhere, fn, fdoc, _params(fn, skip), own=True)
     return out
 
 

@@ -75,7 +75,15 @@ def _support_root(
 
 
 def cagrad_weights(gram: List[List[float]], c: float) -> List[float]:
-    """CAGrad coefficients for one ``K x K`` Gram matrix (plain floats)."""
+    """CAGrad coefficients for one ``K x K`` Gram matrix (plain floats).
+
+    Args:
+        gram: the Gram matrix as nested lists.
+        c: the radius of the ball around the average gradient (see :class:`CAGrad`).
+
+    Returns:
+        ``K`` coefficients (all 0 at a Pareto-stationary point).
+    """
     k = len(gram)
     u = 1.0 / k
     scale = max(gram[i][i] for i in range(k))

@@ -98,6 +98,11 @@ class DBMTL(RowAggregator):
     def aggregate_rows(
         self, rows: List[Tensor], gram: Tensor, state: State, ctx: AggregationContext
     ) -> Tuple[List[Tensor], Optional[Tensor], State]:
+        """The update from the log-loss gradients' moving averages (see the class).
+
+        Raises:
+            ValueError: a negative loss (its log is undefined), naming its position.
+        """
         losses = ctx.losses.to(torch.float64)
         negative = (losses < 0).nonzero().flatten().tolist()
         if negative:

@@ -230,6 +230,9 @@ class GradVac(Aggregator):
     Args:
         beta: EMA rate of the per-pair cosine targets, in ``[0, 1]``.
         reduction: ``"sum"`` (the paper) or ``"mean"``.
+
+    Raises:
+        ValueError: naming ``beta`` or ``reduction`` when it is out of range.
     """
 
     name = "gradvac"

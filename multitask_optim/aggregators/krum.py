@@ -77,6 +77,11 @@ class Krum(Aggregator):
         return max(self.n_byzantine + 3, self.n_selected)
 
     def aggregate(self, gram: Tensor, state: State, ctx: AggregationContext) -> tuple[Tensor, State]:
+        """The (Multi-)Krum selection from the Gram matrix's distances (see the class).
+
+        Raises:
+            ValueError: fewer tasks than ``n_byzantine + 3`` or than ``n_selected``.
+        """
         bad = nan_coefficients(gram)
         if bad is not None:
             return bad, state

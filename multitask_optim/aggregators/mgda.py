@@ -70,6 +70,10 @@ def mgda_coefficients(gram: Tensor, scales: Tensor | None = None) -> Tensor:
     ``alpha`` of the normalised rows are returned as ``c_i = alpha_i / n_i`` so that
     ``J^T c = sum_i alpha_i g_i / n_i``.
 
+    Args:
+        gram: ``(B, K, K)`` Gram matrices.
+        scales: ``(B, K)`` positive divisors ``n``, or None (no normalisation).
+
     Returns:
         ``(B, K)`` float64 coefficients.
     """

@@ -105,7 +105,17 @@ class ParetoWeights(Aggregator):
             check_lower(values, len(values), name="lower_bounds")
 
     def bounds(self, num_tasks: int) -> list[float]:
-        """The lower bounds for ``num_tasks`` tasks (validated against ``K``)."""
+        """The lower bounds for ``num_tasks`` tasks.
+
+        Args:
+            num_tasks: ``K``.
+
+        Returns:
+            ``K`` bounds.
+
+        Raises:
+            ValueError: the bounds do not fit ``K`` tasks (their number, or a sum above 1).
+        """
         return check_lower(self.lower_bounds, num_tasks, name="lower_bounds")
 
     def aggregate(self, gram: Tensor, state: State, ctx: AggregationContext) -> tuple[Tensor, State]:

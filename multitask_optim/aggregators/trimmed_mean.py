@@ -69,6 +69,11 @@ class TrimmedMean(RowAggregator):
     def aggregate_rows(
         self, rows: List[Tensor], gram: Tensor, state: State, ctx: AggregationContext
     ) -> Tuple[List[Tensor], Optional[Tensor], State]:
+        """The coordinate-wise trimmed mean of every block's rows.
+
+        Raises:
+            ValueError: fewer than ``2 * trim_number + 1`` tasks.
+        """
         k, t = gram.shape[1], self.trim_number
         if k < 2 * t + 1:
             raise ValueError(f"trimmed_mean with trim_number={t} needs at least {2 * t + 1} tasks, got {k}")

@@ -110,8 +110,15 @@ class DynamicWeightAverage(Weighting):
         return state
 
     def current_weights(self, state: State, tasks: Optional[Sequence[int]] = None) -> Tensor:
-        """The weights of the current epoch for ``tasks`` (default all), from each task's
-        two last epoch means."""
+        """The weights of the current epoch, from each task's two last epoch means.
+
+        Args:
+            state: DWA's state.
+            tasks: the task indices to weigh (default all).
+
+        Returns:
+            ``(len(tasks),)`` float64 weights.
+        """
         k = state["epoch_sum"].shape[0]
         tasks = list(range(k)) if tasks is None else list(tasks)
         out = torch.ones(len(tasks), dtype=torch.float64)

@@ -147,11 +147,27 @@ class FAMO(Weighting):
         check_positive_losses(losses, self.task_names, "FAMO", "takes log L_i")
 
     def mixture(self, state: State) -> Tensor:
-        """``z = softmax(logits)``, the task mixture the weights are built from."""
+        """``z = softmax(logits)``, the task mixture the weights are built from.
+
+        Args:
+            state: FAMO's state.
+
+        Returns:
+            ``(K,)`` float64 mixture.
+        """
         return torch.softmax(state["logits"], dim=0)
 
     def update_logits(self, state: State, before: Tensor, after: Tensor) -> State:
-        """One Adam step of the logits from the losses ``before`` and ``after`` a step (new state)."""
+        """One Adam step of the logits from the losses ``before`` and ``after`` a step.
+
+        Args:
+            state: FAMO's state (never mutated).
+            before: ``(K,)`` losses before the step.
+            after: ``(K,)`` losses after it.
+
+        Returns:
+            The new state.
+        """
         delta = torch.log(before + LOSS_EPS) - torch.log(after + LOSS_EPS)
         logits = state["logits"]
         z = torch.softmax(logits, dim=0)

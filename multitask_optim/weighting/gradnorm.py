@@ -152,6 +152,9 @@ class GradNorm(Weighting):
             gram: ``(B, K, K)`` or ``(K, K)`` Gram of the weighted task gradients; the
                 last block is the last shared layer.
             initial: ``(K,)`` first losses ``L_i(0)``.
+
+        Returns:
+            ``(K,)`` float64 gradient of ``L_grad`` with respect to the weights.
         """
         g = gram[-1] if gram.dim() == 3 else gram
         g = g.detach().to(device="cpu", dtype=torch.float64)
@@ -172,6 +175,11 @@ class GradNorm(Weighting):
         ``state`` may be the state before or after this step's :meth:`weights`: on the
         first step, when ``L_i(0)`` is not stored yet, ``L_i(0) = L_i(t)`` is used, which
         is what :meth:`weights` stores.
+
+        Raises:
+            ValueError: no ``gram=``, or losses that make the loss ratio meaningless (a first
+                loss ``<= 0`` or a negative loss), naming the task.
+            RuntimeError: the weighting is not bound to its tasks yet.
         """
         params = self._bound()
         if gram is None:

@@ -124,6 +124,11 @@ class HTW(Weighting):
         return self.warmup * self.total_steps
 
     def build(self, task_names: Tuple[str, ...]) -> None:
+        """Resolve ``main_task`` (a name or an index) against the tasks.
+
+        Raises:
+            ValueError: ``main_task`` names no task, or its index is out of range.
+        """
         num_tasks = len(task_names)
         if isinstance(self.main_task, str):
             if self.main_task not in task_names:
@@ -143,7 +148,14 @@ class HTW(Weighting):
         return dict(LossRatio.AXES)
 
     def main_weight(self, step: int) -> float:
-        """Main-task weight at step ``step`` (0-based)."""
+        """Main-task weight at a step.
+
+        Args:
+            step: the step index (0-based).
+
+        Returns:
+            ``min(1, (step + 1) / W)`` (1 without warm-up).
+        """
         w = self.warmup_steps
         if w <= 0.0:
             return 1.0

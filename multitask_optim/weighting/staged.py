@@ -82,7 +82,17 @@ class StagedStart(Weighting):
         self._starts = resolve_per_task(self._spec, task_names, "start_steps", default=0, allow_missing=True)
 
     def weight_at(self, step: int) -> Tensor:
-        """The ``(K,)`` float64 weights at optimizer step ``step`` (needs the task count)."""
+        """The weights at an optimizer step.
+
+        Args:
+            step: the step index (0 for the first taken step).
+
+        Returns:
+            ``(K,)`` float64 weights.
+
+        Raises:
+            RuntimeError: the weighting is not bound to its tasks yet.
+        """
         if self._starts is None:
             raise RuntimeError("StagedStart needs bind(task_names) first")
         start = torch.tensor(self._starts, dtype=torch.float64)

@@ -103,7 +103,14 @@ class SmoothTchebycheff(Weighting):
         return state_for(self, state, num_tasks, "nadir", "STCH")
 
     def warming_up(self, state: State) -> bool:
-        """Whether the warm-up is still running (no nadir point yet)."""
+        """Whether the warm-up is still running (no nadir point yet).
+
+        Args:
+            state: STCH's state.
+
+        Returns:
+            True during the warm-up epochs.
+        """
         return not state or int(state["epochs_done"]) < self.warmup_epochs
 
     def weights(self, losses: Tensor, state: State, ctx: WeightingContext) -> tuple[Tensor, State]:
