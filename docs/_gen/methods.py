@@ -20,6 +20,7 @@ tests run their examples.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import re
@@ -33,8 +34,8 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(Path(__file__).resolve().parent) not in sys.path:  # griffe_roles, next to this file
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from griffe_roles import plain_roles  # noqa: E402
 from reference import module_public  # noqa: E402
+from roles import plain_roles  # noqa: E402
 
 from multitask_optim import AGGREGATORS, PRECONDITIONERS, WEIGHTINGS  # noqa: E402
 from multitask_optim._components import Component, Registry  # noqa: E402
@@ -251,7 +252,7 @@ def measured(kind: Kind, name: str, results: Path = RESULTS) -> List[Measured]:
     """
     out: List[Measured] = []
     for path in sorted(results.glob("quality*.json")):
-        data = json.loads(path.read_text())
+        data = _load(path)
         for suite in data.get("suites", {}).values():
             rows = {k: v for k, v in suite.get("methods", {}).items() if isinstance(v.get("options"), dict)}
             for key, row in rows.items():
@@ -271,6 +272,12 @@ def measured(kind: Kind, name: str, results: Path = RESULTS) -> List[Measured]:
                     )
                 )
     return out
+
+
+@functools.cache
+def _load(path: Path) -> Dict[str, Any]:
+    """A results file, read once per build (every method page reads every file)."""
+    return json.loads(path.read_text())
 
 
 def _variant(key: str) -> str:

@@ -15,6 +15,8 @@ import pkgutil
 import re
 from typing import Any, List
 
+from roles import plain_roles
+
 import multitask_optim
 
 MARKER = re.compile(r"<!--\s*public-names:\s*([\w.]+)\s*-->")
@@ -78,7 +80,8 @@ def canonical(module_name: str, name: str) -> str:
 
 def _summary(obj: Any) -> str:
     doc = inspect.getdoc(obj) if (inspect.isclass(obj) or inspect.isfunction(obj)) else None
-    return (doc or "").strip().split("\n\n")[0].replace("\n", " ").replace("|", "\\|")
+    summary = (doc or "").strip().split("\n\n")[0].replace("\n", " ")
+    return plain_roles(summary).replace("|", "\\|")
 
 
 def names_table(module_name: str) -> str:
