@@ -201,9 +201,19 @@ def facts(kind: Kind, cls: type) -> List[Tuple[str, str]]:
             rows.append(("epoch boundaries", "yes: call `opt.epoch_end()` (or pass `steps_per_epoch=`)"))
         if cls.observe is not Weighting.observe:
             rows.append(("losses after the step", "optional: `opt.update_weighting(losses)`"))
-    has_state = cls.init_state is not Component.init_state or cls.task_axes is not Component.task_axes
-    rows.append(("state in the checkpoint", "yes" if has_state else "no"))
+    rows.append(("keeps its own state (checkpointed)", "yes" if _keeps_state(cls) else "no"))
     return rows
+
+
+def _keeps_state(cls: type) -> bool:
+    """Whether the method keeps state: it builds a fresh one, or declares per-task state axes."""
+    if cls.init_state not in (Component.init_state, Weighting.init_state):
+        return True
+    try:
+        instance = cls()
+    except TypeError:  # required arguments: judge by the class alone
+        return False
+    return bool(instance.task_axes())
 
 
 # ----------------------------------------------------------------------------- measured
