@@ -31,21 +31,21 @@ FENCE = re.compile(r"^```python\n(.*?)^```", flags=re.S | re.M)
 
 
 def generator() -> Any:
-    """The docs generator module (``docs/_gen/methods.py``), imported by path."""
+    """The method-page generator (``docs/_gen/method_pages.py``), imported by path."""
     if str(GEN) not in sys.path:
         sys.path.insert(0, str(GEN))
-    import methods
+    import method_pages
 
-    return methods
+    return method_pages
 
 
-def reference() -> Any:
-    """The public-surface helpers (``docs/_gen/reference.py``), imported by path."""
+def public_api() -> Any:
+    """The public-surface helpers (``docs/_gen/public_api.py``), imported by path."""
     if str(GEN) not in sys.path:
         sys.path.insert(0, str(GEN))
-    import reference
+    import public_api
 
-    return reference
+    return public_api
 
 
 def blocks(markdown: str) -> List[str]:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Set
 
 import pytest
-from docs_blocks import ROOT, generator, reference
+from docs_blocks import ROOT, generator, public_api
 
 from multitask_optim import AGGREGATORS, PRECONDITIONERS, WEIGHTINGS
 
@@ -55,10 +55,10 @@ def test_site_builds_strict(site: Path) -> None:
 def test_every_public_name_is_in_the_reference(site: Path) -> None:
     documented = _inventory(site)
     missing = [
-        f"{module}.{name} (documented at {reference().canonical(module, name)})"
-        for module in reference().public_modules()
-        for name in reference().module_public(module)
-        if reference().canonical(module, name) not in documented
+        f"{module}.{name} (documented at {public_api().canonical(module, name)})"
+        for module in public_api().public_modules()
+        for name in public_api().module_public(module)
+        if public_api().canonical(module, name) not in documented
     ]
     assert not missing, "public names missing from the API reference:\n" + "\n".join(missing)
 

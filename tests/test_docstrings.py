@@ -1,7 +1,7 @@
 """Every public class and function has a Google-style docstring.
 
 Public: the names of every public module (``__all__``, else the classes and functions a
-module defines without a leading ``_``; see ``docs/_gen/reference.py``) and the public
+module defines without a leading ``_``; see ``docs/_gen/public_api.py``) and the public
 methods those classes define. Each needs a docstring (an overriding method may inherit
 its base's) with, where they apply:
 
@@ -24,7 +24,7 @@ import re
 import textwrap
 from typing import Any, Callable, Iterator, List, Tuple
 
-from docs_blocks import reference
+from docs_blocks import public_api
 
 
 def _sections(doc: str) -> List[str]:
@@ -104,9 +104,9 @@ def problems() -> List[str]:
     """Every public callable whose docstring is missing or lacks a section it needs."""
     out: List[str] = []
     seen = set()
-    for module_name in reference().public_modules():
+    for module_name in public_api().public_modules():
         module = importlib.import_module(module_name)
-        for name in reference().module_public(module_name):
+        for name in public_api().module_public(module_name):
             obj = getattr(module, name)
             if not (inspect.isclass(obj) or inspect.isfunction(obj)) or id(obj) in seen:
                 continue

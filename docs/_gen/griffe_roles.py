@@ -1,4 +1,4 @@
-"""Griffe extension: every docstring mkdocstrings renders goes through :func:`roles.plain_roles`."""
+"""Griffe extension: every docstring mkdocstrings renders goes through :func:`sphinx_roles.plain_roles`."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import griffe
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from roles import plain_roles  # noqa: E402
+from sphinx_roles import plain_roles  # noqa: E402
 
 
 class PlainRoles(griffe.Extension):

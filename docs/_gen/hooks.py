@@ -1,6 +1,6 @@
 """mkdocs hooks: the pages the site generates at build time.
 
-- ``methods/index.md`` and one page per registered method (:mod:`methods`), and the
+- ``methods/index.md`` and one page per registered method (:mod:`method_pages`), and the
   "Methods" entry of the navigation filled with them;
 - ``changelog.md`` from the repository's ``CHANGELOG.md``;
 - the benchmark figures of ``benchmarks/results/`` under ``benchmarks/`` in the site.
@@ -16,8 +16,8 @@ from mkdocs.structure.files import File, Files
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import methods  # noqa: E402
-import reference  # noqa: E402
+import method_pages  # noqa: E402
+import public_api  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -37,7 +37,7 @@ def on_config(config: Any, **kwargs: Any) -> Any:
     """
     for n, entry in enumerate(config["nav"] or []):
         if isinstance(entry, dict) and "Methods" in entry:
-            config["nav"][n] = {"Methods": methods.nav()}
+            config["nav"][n] = {"Methods": method_pages.nav()}
             return config
     raise ValueError("mkdocs.yml: the navigation needs a 'Methods' entry for the generated method pages")
 
@@ -53,7 +53,7 @@ def on_files(files: Files, config: Any, **kwargs: Any) -> Files:
     Returns:
         The files, with the generated ones added.
     """
-    for path, text in methods.pages().items():
+    for path, text in method_pages.pages().items():
         files.append(File.generated(config, path, content=text))
     files.append(File.generated(config, "changelog.md", content=(ROOT / "CHANGELOG.md").read_text()))
     for image in sorted((ROOT / "benchmarks" / "results").glob("*.png")):
@@ -71,4 +71,4 @@ def on_page_markdown(markdown: str, **kwargs: Any) -> str:
     Returns:
         The Markdown with every marker replaced.
     """
-    return reference.expand(markdown)
+    return public_api.expand(markdown)

@@ -15,7 +15,7 @@ import pkgutil
 import re
 from typing import Any, List
 
-from roles import plain_roles
+from sphinx_roles import plain_roles
 
 import multitask_optim
 

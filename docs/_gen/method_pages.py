@@ -31,11 +31,11 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 ROOT = Path(__file__).resolve().parents[2]
-if str(Path(__file__).resolve().parent) not in sys.path:  # griffe_roles, next to this file
+if str(Path(__file__).resolve().parent) not in sys.path:  # sphinx_roles and public_api, next to this file
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from reference import module_public  # noqa: E402
-from roles import plain_roles  # noqa: E402
+from public_api import module_public  # noqa: E402
+from sphinx_roles import plain_roles  # noqa: E402
 
 from multitask_optim import AGGREGATORS, PRECONDITIONERS, WEIGHTINGS  # noqa: E402
 from multitask_optim._components import Component, Registry  # noqa: E402
