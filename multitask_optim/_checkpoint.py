@@ -64,9 +64,33 @@ def saved_partition(
     every = [n for key in ("shared", "unused") for n in data[key]] + [n for t in data["tasks"] for n in t]
     if every and max(every) >= len(params):
         raise ValueError("state_dict's partition refers to more parameters than this optimizer has")
-    if current is not None and current.to_indices(index_of) != data:
-        raise ValueError("state_dict's partition differs from this optimizer's partition")
+    if current is not None:
+        mine = current.to_indices(index_of)
+        differs = [key for key in ("names", "shared", "tasks", "unused") if mine[key] != data[key]]
+        if differs:
+            raise ValueError(
+                f"state_dict's partition differs from this optimizer's partition ({', '.join(differs)}: "
+                f"checkpoint {[data[k] for k in differs]}, this optimizer {[mine[k] for k in differs]}, as "
+                "parameter positions); nothing was loaded"
+            )
     return Partition.from_indices(data, params)
+
+
+def check_task_names(saved: Optional[Sequence[str]], current: Optional[Sequence[str]]) -> None:
+    """Raise a ValueError unless the checkpoint's task names are this optimizer's, in order.
+
+    Per-task state is stored by position: the same names in another order would hand
+    each task another task's state, so that is refused too, saying how to fix it.
+    """
+    if saved is None or current is None or list(saved) == list(current):
+        return
+    if sorted(saved) == sorted(current):
+        raise ValueError(
+            f"state_dict has the same tasks in another order (checkpoint {list(saved)}, this optimizer "
+            f"{list(current)}): per-task state is stored by position and would go to the wrong tasks; "
+            "list the tasks in the checkpoint's order (task_names= / tasks=); nothing was loaded"
+        )
+    raise ValueError(f"state_dict is for tasks {list(saved)}, this optimizer has {list(current)}")
 
 
 def place_precondition_state(state: State, params: Sequence[Tensor]) -> None:
@@ -106,8 +130,7 @@ def restore(opt: Any, mt: Mapping[str, Any], inner: Mapping[str, Any]) -> None:
         raise ValueError(f"unsupported multitask state version {mt.get('version')!r}")
     check_config(mt["config"], opt._config())
     names = tuple(mt["names"]) if mt["names"] is not None else None
-    if opt._names is not None and names is not None and names != opt._names:
-        raise ValueError(f"state_dict is for tasks {list(names)}, this optimizer has {list(opt._names)}")
+    check_task_names(names, opt._names)
     partition = saved_partition(mt["partition"], opt._params, opt._partition, opt._index_of)
     if names is not None and not opt._weighting_ready:
         opt.weighting.bind(names)
