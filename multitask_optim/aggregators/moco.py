@@ -45,8 +45,8 @@ class MoCo(RowAggregator):
     are the ones the surgery sees (``ctx.losses``, weighted when a weighting is on, as
     the rows are). ``Y Y^T`` is recomputed in float64 when the rows' dtype overflows.
 
-    **Under an Adam-like inner optimizer (Adam, AdamW, RMSprop, ...) set ``beta=1,
-    beta_sigma=0``** (``surgery_kwargs={"beta": 1.0, "beta_sigma": 0.0}``): then
+    **Under an Adam-like inner optimizer (Adam, AdamW: measured with Adam) set
+    ``beta=1, beta_sigma=0``** (``surgery_kwargs={"beta": 1.0, "beta_sigma": 0.0}``): then
     ``y_i`` is the current normalised gradient, with no tracking. The default tracking
     rate ``0.5 / sqrt(t)`` averages over a window that grows with ``t``, in front of the
     inner optimizer's own moving average, so the update follows ever older gradients.
