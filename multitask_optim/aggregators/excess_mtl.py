@@ -91,7 +91,8 @@ class ExcessMTL(RowAggregator):
     """
 
     name = "excess_mtl"
-    #: Not positively homogeneous: its weights move by exp(step * excess risk), which scales with the gradients.
+    #: Not positively homogeneous: h = sqrt(S + 1e-7) has an absolute floor, so E / E^0 (and the
+    #: weights) change with the gradients' scale where the gradients are small.
     homogeneous = False
 
     def __init__(self, robust_step_size: float = 1e-2, n_warmup_steps: int = 0) -> None:
