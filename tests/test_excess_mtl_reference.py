@@ -99,6 +99,7 @@ def optimizer_run(model: TrunkHeads, scales: Sequence[float], kwargs: Dict[str, 
         tasks=[h.parameters() for h in model.heads],
         surgery="excess_mtl",
         surgery_kwargs=kwargs,
+        gradient_mode="frontier",
     )
     history = []
     for step in range(STEPS):
