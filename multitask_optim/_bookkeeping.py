@@ -40,6 +40,7 @@ from ._pipeline import (
 )
 from ._sources import ParameterRows, RepresentationRows
 from .aggregators import AGGREGATORS, Aggregator, GramianCallable
+from .diagnostics import step_stats
 from .partition import Partition, TasksArg, check_against_graph, discover, explicit, warn_unused
 from .precondition import PRECONDITIONERS, Preconditioner
 from .weighting import WEIGHTINGS, Weighting, WeightingContext
@@ -177,8 +178,11 @@ class Bookkeeping:
         merged = merged_states(comps, current, {"weighting": new_state}, present, k, 1)
         return weights, merged, why
 
-    def _commit(self, structure: Structure, outcome: Outcome) -> None:
-        """Nothing before this changed any state; from here the step is taken."""
+    def _commit(self, structure: Structure, outcome: Outcome, own_grads: bool = True) -> None:
+        """Nothing before this changed any state; from here the step is taken.
+
+        ``own_grads``: the step owns ``.grad`` (False in weights-only mode, where the
+        caller's backward writes it and an absent task's gradients are left alone)."""
         partition = structure.partition
         if self._partition is None:
             self._adopt_partition(partition, warn=True, blocks=structure.blocks)
@@ -189,7 +193,8 @@ class Bookkeeping:
                 write_grad(p, g)
         for p, u in zip(partition.shared, outcome.shared_updates):
             write_grad(p, u)
-        self._drop_absent(partition.names)
+        if own_grads:
+            self._drop_absent(partition.names)
         self._states.update(outcome.states)
         self.engine.commit()
 
@@ -222,6 +227,47 @@ class Bookkeeping:
         if weights is not None:  # the weights were computed: say what they were
             self.last_stats["weights"] = weights.tolist()
         return None
+
+    def _weighting_backward(
+        self, names: Tuple[str, ...], present: Tuple[int, ...], values: Tensor, outcome: Outcome
+    ) -> None:
+        """A learnable weighting's own gradients, into the ``.grad`` of its parameters (after
+        the commit: its state is the step's). A weighting that reads the Gram gets none on a
+        plain step."""
+        ran = outcome.coefficients is not None or outcome.gram is not None
+        if self.weighting.parameters() and (ran or not self.weighting.needs_gram):
+            comps = {"weighting": self.weighting}
+            state = sub_states(comps, self._states, present, len(names))["weighting"]
+            ctx = WeightingContext(self._generator, self._steps, names, present)
+            self.weighting.backward(values, outcome.weights, state, ctx, gram=outcome.weighting_gram)
+
+    def _record(
+        self,
+        names: Tuple[str, ...],
+        present: Tuple[int, ...],
+        values: Tensor,
+        outcome: Outcome,
+        source: Optional[Source],
+        objective: float,
+    ) -> None:
+        """``last_stats`` of a taken step."""
+        weights = outcome.weights
+        ran = outcome.coefficients is not None or outcome.gram is not None
+        coefs = outcome.coefficients
+        gram = outcome.gram
+        if gram is not None:
+            gram = gram[0] if gram.shape[0] == 1 else gram.sum(dim=0)
+        self.last_stats = step_stats(gram, None, weights.tolist(), values.tolist(), self.skipped)
+        if not ran:  # the plain path: every coefficient is 1
+            coefs = torch.ones(len(self._blocks or [[]]), len(present), dtype=torch.float64)
+        listed = None if coefs is None else coefs.tolist()  # (B, K) -> one transfer, then Python
+        self.last_stats["coefficients"] = None if listed is None else [sum(c) / len(c) for c in zip(*listed)]
+        self.last_stats["block_coefficients"] = listed
+        self.last_stats["objective"] = objective
+        self.last_stats["path"] = "full" if ran else "plain"
+        self.last_stats["gradient_mode"] = source.path() if ran and source is not None else "plain"
+        self.last_stats["tasks"] = [names[i] for i in present]
+        self.last_stats.update(outcome.stats)
 
     def _device(self) -> torch.device:
         return self._params[0].device if self._params else torch.device("cpu")

@@ -151,19 +151,22 @@ class GradientEngine:
         shared: Sequence[Tensor],
         tasks: Sequence[Sequence[Tensor]],
         defer: bool = False,
+        keep: bool = False,
     ) -> TaskGradients:
         """The step's per-task gradients. ``defer``: the caller combines every shared
-        parameter with one set of coefficients, once (see :func:`._jacobian.run_path`)."""
+        parameter with one set of coefficients, once (see :func:`._jacobian.run_path`).
+        ``keep``: the graph stays usable afterwards (weights-only mode: the caller runs
+        the backward)."""
         if self.requested != "auto":
             assert self.mode is not None
-            return run_path(self.mode, losses, graph, shared, tasks, False, self.factored, defer)
+            return run_path(self.mode, losses, graph, shared, tasks, keep, self.factored, defer)
         signature, work = _signature(losses, graph, shared)
         chosen = self._choices.get(signature) or self._restored
         self.timings = {}
         if chosen is not None:
             self.mode = chosen
             self._pending = (signature, None, chosen)
-            return run_path(chosen, losses, graph, shared, tasks, False, self.factored, defer)
+            return run_path(chosen, losses, graph, shared, tasks, keep, self.factored, defer)
         if work < MEASURE_ABOVE:
             order = ("looped",) if work < LOOP_BELOW else FALLBACK
             result, mode = self._first(order, losses, graph, shared, tasks)

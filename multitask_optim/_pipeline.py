@@ -235,11 +235,14 @@ def aggregate_and_combine(
     source: Any,
     ctx: AggregationContext,
     weights: Optional[Tensor],
+    combine: bool = True,
 ) -> Tuple[Optional[Tensor], Rows, State, Optional[str]]:
     """Aggregate, then combine the rows: ``(coefficients, shared updates, new state, why not)``.
 
     ``weights`` multiply the coefficients when the rows do not carry them (Gram-space
-    weighting); ``None`` when they do.
+    weighting); ``None`` when they do. ``combine=False``: the coefficients only (no
+    updates; weights-only mode, where the caller's backward of ``sum_i c_i w_i L_i``
+    forms them).
     """
     shared = partition.shared
     if isinstance(aggregator, RowAggregator):
@@ -250,8 +253,8 @@ def aggregate_and_combine(
         finite = grads.agree(all_finite([u for u in updates if u is not None]))  # sharded: every rank's
         return coefs, updates, new_state, None if finite else "non-finite aggregation"
     coefs, new_state, why = aggregate(aggregator, gram, state, ctx)
-    if why is not None:
-        return coefs, [], state, why
+    if why is not None or not combine:
+        return coefs, [], (state if why is not None else new_state), why
     mix = coefs if weights is None or all_ones(weights) else coefs * weights.view(1, -1)
     updates, finite = source.updates(grads, blocks, mix, partition)
     return coefs, updates, new_state, None if finite else "non-finite aggregation"

@@ -46,13 +46,19 @@ class ParameterRows:
         return graph
 
     def gather(
-        self, losses: Sequence[Tensor], graph: LossGraph, partition: Partition, once: bool = False
+        self,
+        losses: Sequence[Tensor],
+        graph: LossGraph,
+        partition: Partition,
+        once: bool = False,
+        keep: bool = False,
     ) -> TaskGradients:
         """``once``: these gradients are combined with one set of coefficients and nothing
         else (one step, one block, not accumulated): on one process the engine may then
-        keep only the Gram of large factored layers (:class:`~._gradients.GramFactor`)."""
+        keep only the Gram of large factored layers (:class:`~._gradients.GramFactor`).
+        ``keep``: the graph stays usable for a backward of the caller's (weights-only mode)."""
         defer = once and world_size() == 1
-        return self.engine.compute(losses, graph, partition.shared, partition.tasks, defer)
+        return self.engine.compute(losses, graph, partition.shared, partition.tasks, defer, keep)
 
     def blocks(self, blocks: List[List[int]]) -> List[List[int]]:
         return blocks
@@ -96,7 +102,12 @@ class RepresentationRows:
         self.graph = graph
 
     def gather(
-        self, losses: Sequence[Tensor], graph: LossGraph, partition: Partition, once: bool = False
+        self,
+        losses: Sequence[Tensor],
+        graph: LossGraph,
+        partition: Partition,
+        once: bool = False,
+        keep: bool = False,
     ) -> TaskGradients:
         return feature_rows(losses, self.features, partition.tasks, graph)
 

@@ -61,10 +61,9 @@ from ._plain import PlainPath
 from ._schedule import Schedule
 from ._sources import ParameterRows, RepresentationRows
 from .aggregators import AggregationContext, Aggregator
-from .diagnostics import step_stats
 from .partition import Partition, TasksArg
 from .precondition import Preconditioner
-from .weighting import Weighting, WeightingContext
+from .weighting import Weighting
 
 Source = Union[ParameterRows, RepresentationRows]
 
@@ -434,8 +433,14 @@ class MultiTaskOptimizer(Bookkeeping, PlainPath, Optimizer):
         return (out if into is None else into + out), source
 
     # ------------------------------------------------------------------ the stages
-    def _run(self, gathered: Gathered, source: Source) -> None:
-        """Reduce ... combine (no state change), then commit and take the step, or skip."""
+    def _run(
+        self, gathered: Gathered, source: Source, combine: bool = True
+    ) -> Optional[Tuple[Outcome, Tensor, Tuple[int, ...]]]:
+        """Reduce ... combine (no state change), then commit and take the step, or skip.
+
+        ``combine=False`` (weights-only mode): stop after the coefficients, commit the
+        states without writing any ``.grad`` and leave the rest to the caller. Returns
+        the outcome, the loss values and the present tasks of a taken step (None: skipped)."""
         if gathered.bad is not None or gathered.grads is None or gathered.structure is None:
             return self._skip(gathered.bad or "non-finite loss", gathered.values)
         generator_state = self._generator.get_state()
@@ -443,7 +448,7 @@ class MultiTaskOptimizer(Bookkeeping, PlainPath, Optimizer):
             if source.mode == "parameters" and (world_size() > 1 or self._sharded):
                 assert isinstance(source, ParameterRows)
                 gathered = reduced(gathered, source)  # each task averaged over the ranks that had it
-            outcome, why, values, weights = self._compute(gathered, source)
+            outcome, why, values, weights = self._compute(gathered, source, combine)
         except BaseException:
             self._generator.set_state(generator_state)
             self.engine.forget()
@@ -451,14 +456,17 @@ class MultiTaskOptimizer(Bookkeeping, PlainPath, Optimizer):
         if outcome is None:
             self._generator.set_state(generator_state)
             return self._skip(why or "non-finite values", values, weights)
-        self._commit(gathered.structure, outcome)
-        self._take(gathered.names, gathered.present, values, outcome, source)
-        return None
+        self._commit(gathered.structure, outcome, own_grads=combine)
+        if combine:
+            self._take(gathered.names, gathered.present, values, outcome, source)
+        return outcome, values, gathered.present
 
     def _compute(
-        self, gathered: Gathered, source: Source
+        self, gathered: Gathered, source: Source, combine: bool = True
     ) -> Tuple[Optional[Outcome], Optional[str], Tensor, Optional[Tensor]]:
-        """Reduce, weigh, precondition, Gram, aggregate, combine: an Outcome, or why to skip."""
+        """Reduce, weigh, precondition, Gram, aggregate, combine: an Outcome, or why to skip.
+
+        ``combine=False``: no update is formed (the Outcome has coefficients, no gradients)."""
         assert gathered.grads is not None and gathered.structure is not None
         names, structure, present = gathered.names, gathered.structure, gathered.present
         k = len(present)
@@ -512,11 +520,14 @@ class MultiTaskOptimizer(Bookkeeping, PlainPath, Optimizer):
             source,
             agg_ctx,
             weights if not carry else None,
+            combine,
         )
         coefs, updates, states["surgery"], why = combined
         if why is not None:
             return None, why, values, weights
-        task_grads = grads.tasks if carry else scale_tasks(grads.tasks, weights.tolist())
+        task_grads = (
+            [] if not combine else grads.tasks if carry else scale_tasks(grads.tasks, weights.tolist())
+        )
         overflow_possible = any(abs(w) > 1.0 for w in weights.tolist())  # |w| <= 1 keeps finite finite
         if overflow_possible and not all_finite([g for task in task_grads for g in task if g is not None]):
             return None, "a weighted task gradient overflows", values, weights  # e.g. w_i * g_i > float32 max
@@ -537,39 +548,16 @@ class MultiTaskOptimizer(Bookkeeping, PlainPath, Optimizer):
         source: Optional[Source],
     ) -> None:
         """The weighting's own gradients, clipping, the inner step, and the step's statistics."""
-        weights = outcome.weights
-        ran = outcome.coefficients is not None or outcome.gram is not None
-        if self.weighting.parameters() and (ran or not self.weighting.needs_gram):
-            comps = {"weighting": self.weighting}
-            state = sub_states(comps, self._states, present, len(names))["weighting"]
-            ctx = WeightingContext(self._generator, self._steps, names, present)
-            self.weighting.backward(values, weights, state, ctx, gram=outcome.weighting_gram)
+        self._weighting_backward(names, present, values, outcome)
         norm = None if self.max_grad_norm is None else clip_(self._params, self.max_grad_norm)
-        objective = self.weighting.objective(values, weights)
+        objective = self.weighting.objective(values, outcome.weights)
         self._steps += 1
         self.optimizer.step()
         self.weighting.after_step()
         amp_update(self.grad_scaler, self, False, self._device())
-        coefs = outcome.coefficients
-        gram = outcome.gram
-        if gram is not None:
-            gram = gram[0] if gram.shape[0] == 1 else gram.sum(dim=0)
-        self.last_stats = step_stats(gram, None, weights.tolist(), values.tolist(), self.skipped)
-        k = len(present)
-        if not ran:  # the plain path: every coefficient is 1
-            coefs = torch.ones(len(self._blocks or [[]]), k, dtype=torch.float64)
-        listed = None if coefs is None else coefs.tolist()  # (B, K) -> one transfer, then Python
-        self.last_stats["coefficients"] = None if listed is None else [sum(c) / len(c) for c in zip(*listed)]
-        self.last_stats["block_coefficients"] = listed
-        self.last_stats["objective"] = objective
-        self.last_stats["path"] = "full" if ran else "plain"
-        self.last_stats["gradient_mode"] = source.path() if ran and source is not None else "plain"
-        self.last_stats["tasks"] = [names[i] for i in present]
+        self._record(names, present, values, outcome, source, objective)
         if norm is not None:
             self.last_stats["grad_norm"] = norm
-        self.last_stats.update(outcome.stats)
-
-    # ------------------------------------------------------------------ committed structure
 
     # ------------------------------------------------------------------ state
 
