@@ -51,6 +51,9 @@ Source = Union[ParameterRows, RepresentationRows]
 class Bookkeeping:
     """Committed state of a multi-task optimizer and the rules that change it."""
 
+    #: True while weights-only mode runs: the engine that runs the backward owns the loss scaler
+    _engine_owns_scaler = False
+
     def _build_components(
         self,
         surgery: Any,
@@ -215,7 +218,8 @@ class Bookkeeping:
 
     def _skip(self, why: str, values: Tensor, weights: Optional[Tensor] = None) -> None:
         self.engine.forget()
-        amp_update(self.grad_scaler, self, True, self._device())
+        if not self._engine_owns_scaler:  # weights-only mode: the caller steps and updates the scaler
+            amp_update(self.grad_scaler, self, True, self._device())
         self.skipped += 1
         if not self._warned_skip:
             warnings.warn(

@@ -16,6 +16,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import _checkpoint, fsdp
+from . import _weights_only as weights_only
 from ._amp import current_scale
 from ._amp import update as amp_update
 from ._arguments import (
@@ -196,6 +197,7 @@ class MultiTaskOptimizer(Bookkeeping, PlainPath, Optimizer):
         self.skipped = 0
         self._warned_skip = False
         self._accumulated: Optional[Gathered] = None
+        self._pending: Optional[weights_only.Pending] = None  # weighted_loss() calls since the last step()
         # committed state: changed only by a taken step or a load
         self._partition: Optional[Partition] = None
         self._blocks: Optional[List[List[int]]] = None
@@ -303,7 +305,8 @@ class MultiTaskOptimizer(Bookkeeping, PlainPath, Optimizer):
         if losses is None and self._accumulated is None:
             if representation is not None or features is not None:
                 raise ValueError("representation= and features= need losses")
-            return self.optimizer.step(closure) if closure is not None else self.optimizer.step()
+            return weights_only.inner_step(self, closure)  # the inner step (finishing weighted_loss() calls)
+        self._check_not_pending()
         if self._accumulated is not None and (representation is not None or features is not None):
             raise ValueError("representation= and features= cannot be combined with accumulated losses")
         if losses is not None and self._accumulated is not None:
@@ -345,7 +348,60 @@ class MultiTaskOptimizer(Bookkeeping, PlainPath, Optimizer):
         gradients here (the weights need the summed losses first), but neither the
         surgery nor the preconditioner runs on it.
         """
+        self._check_not_pending()
         self._accumulated = self._gather(losses, self._accumulated, None, None, samples)[0]
+
+    def weighted_loss(
+        self,
+        losses: Losses,
+        *,
+        features: Optional[Union[Tensor, Sequence[Tensor]]] = None,
+        representation: Optional[Tensor] = None,
+        samples: Samples = None,
+    ) -> Tensor:
+        """Weights-only mode: the method as one scalar loss, for an engine that runs the backward.
+
+        Computes what a step computes up to the coefficients -- the per-task gradients'
+        Gram of the shared parameters, the weights ``w``, the surgery's coefficients
+        ``c`` -- commits their state as a taken step does (component states, generator,
+        step counter, ``last_stats``) and returns ``sum_i c_i w_i L_i`` with ``c`` and
+        ``w`` detached. Its ordinary backward (``loss.backward()``,
+        ``accelerator.backward(loss)``, ``scaler.scale(loss).backward()``, Lightning,
+        DeepSpeed) puts the method's update on the shared parameters; ``step()`` (no
+        losses) then clips to ``max_grad_norm``, skips a step with a non-finite gradient
+        and runs the inner optimizer. A task's own parameters receive ``c_i w_i grad L_i``
+        (the full step gives them ``w_i grad L_i``); a learnable weighting's gradient
+        rides along in the scalar (a term of value 0). Each call is one step of the
+        method: several calls before one ``step()`` apply it per micro-batch. See
+        :mod:`multitask_optim._weights_only` for the details.
+
+        Args:
+            losses: as for :meth:`step` (sequence, mapping or 1-D tensor; absent tasks
+                left out or ``None``).
+            features: as for :meth:`step` (a hint, never changes the result).
+            representation: refused (representation mode needs :meth:`step`).
+            samples: as for :meth:`step`, under ``torch.distributed``.
+
+        Returns:
+            A scalar tensor whose backward applies the method. On a skipped step (a
+            non-finite loss, weight or coefficient: counted in ``last_stats["skipped"]``)
+            the plain sum of the present losses, and the next ``step()`` does not run the
+            inner optimizer.
+
+        Raises:
+            ValueError: a surgery that reads the Jacobian's rows, per-task
+                preconditioning, representation mode, several Gram blocks, an FSDP2
+                model, pending ``accumulate()`` micro-batches, or bad losses (named);
+                nothing changes.
+        """
+        return weights_only.weighted_loss(self, losses, features, representation, samples)
+
+    def _check_not_pending(self) -> None:
+        if self._pending is not None:
+            raise ValueError(
+                "weighted_loss() was called since the last step(): call step() without losses to apply "
+                "its update first"
+            )
 
     def epoch_end(self) -> None:
         """Mark an epoch boundary for epoch-based weightings (DWA)."""
@@ -388,11 +444,12 @@ class MultiTaskOptimizer(Bookkeeping, PlainPath, Optimizer):
         representation: Optional[Tensor],
         samples: Samples = None,
         once: bool = False,
+        keep: bool = False,
     ) -> Tuple[Gathered, Source]:
         """Check the losses and compute this micro-batch's per-task gradients (no state change).
 
         Returns the gathered gradients (added to ``into`` when accumulating) and their
-        source. ``once``: a whole step, not a micro-batch."""
+        source. ``once``: a whole step, not a micro-batch. ``keep``: the graph stays usable."""
         known = self._names if self._names is not None else (into.names if into is not None else None)
         parsed = parse_losses(losses, known)
         names, loss_list, counts = parsed.names, parsed.losses, task_samples(samples, parsed)
@@ -426,7 +483,7 @@ class MultiTaskOptimizer(Bookkeeping, PlainPath, Optimizer):
         )
         scale = current_scale(self.grad_scaler)
         scaled = [loss * scale for loss in loss_list] if scale != 1.0 else loss_list
-        grads = source.gather(scaled, graph, structure.partition, once and len(structure.blocks) == 1)
+        grads = source.gather(scaled, graph, structure.partition, once and len(structure.blocks) == 1, keep)
         if scale != 1.0:
             grads = grads.scaled([1.0 / scale] * len(loss_list))
         out = Gathered(names, values, structure, grads, present=parsed.present, samples=weights)
