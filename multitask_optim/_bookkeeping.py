@@ -25,6 +25,7 @@ from ._arguments import (
     task_names_from,
     task_rates,
 )
+from ._clipping import clip_
 from ._components import State
 from ._graph import LossGraph
 from ._losses import (
@@ -231,6 +232,26 @@ class Bookkeeping:
         if weights is not None:  # the weights were computed: say what they were
             self.last_stats["weights"] = weights.tolist()
         return None
+
+    def _take(
+        self,
+        names: Tuple[str, ...],
+        present: Tuple[int, ...],
+        values: Tensor,
+        outcome: Outcome,
+        source: Optional[Source],
+    ) -> None:
+        """The weighting's own gradients, clipping, the inner step, and the step's statistics."""
+        self._weighting_backward(names, present, values, outcome)
+        norm = None if self.max_grad_norm is None else clip_(self._params, self.max_grad_norm)
+        objective = self.weighting.objective(values, outcome.weights)
+        self._steps += 1
+        self.optimizer.step()
+        self.weighting.after_step()
+        amp_update(self.grad_scaler, self, False, self._device())
+        self._record(names, present, values, outcome, source, objective)
+        if norm is not None:
+            self.last_stats["grad_norm"] = norm
 
     def _weighting_backward(
         self, names: Tuple[str, ...], present: Tuple[int, ...], values: Tensor, outcome: Outcome

@@ -109,6 +109,16 @@ def check_supported(opt: MultiTaskOptimizer, representation: Optional[Tensor]) -
         )
 
 
+def check_not_pending(opt: MultiTaskOptimizer) -> None:
+    """``step(losses)`` and ``accumulate()`` write ``.grad`` themselves: not on top of a
+    weighted_loss() backward whose step has not run."""
+    if opt._pending is not None:
+        raise ValueError(
+            "weighted_loss() was called since the last step(): call step() without losses to apply "
+            "its update first"
+        )
+
+
 def weighted_loss(
     opt: MultiTaskOptimizer,
     losses: Losses,

@@ -18,7 +18,6 @@ from torch.optim import Optimizer
 from . import _checkpoint, fsdp
 from . import _weights_only as weights_only
 from ._amp import current_scale
-from ._amp import update as amp_update
 from ._arguments import (
     Granularity,
     TaskLR,
@@ -26,7 +25,7 @@ from ._arguments import (
     check_task_lr,
 )
 from ._bookkeeping import Bookkeeping
-from ._clipping import check_max_grad_norm, clip_
+from ._clipping import check_max_grad_norm
 from ._components import State
 from ._distributed import all_average, world_size
 from ._engine import GradientEngine
@@ -306,7 +305,7 @@ class MultiTaskOptimizer(Bookkeeping, PlainPath, Optimizer):
             if representation is not None or features is not None:
                 raise ValueError("representation= and features= need losses")
             return weights_only.inner_step(self, closure)  # the inner step (finishing weighted_loss() calls)
-        self._check_not_pending()
+        weights_only.check_not_pending(self)
         if self._accumulated is not None and (representation is not None or features is not None):
             raise ValueError("representation= and features= cannot be combined with accumulated losses")
         if losses is not None and self._accumulated is not None:
@@ -328,8 +327,6 @@ class MultiTaskOptimizer(Bookkeeping, PlainPath, Optimizer):
             self._run(*self._gather(losses, None, features, representation, samples, once=True))
         return result
 
-    # ------------------------------------------------------------------ the plain path
-
     def accumulate(self, losses: Losses, samples: Samples = None) -> None:
         """Add one micro-batch's per-task gradients; the next ``step()`` aggregates them once.
 
@@ -348,7 +345,7 @@ class MultiTaskOptimizer(Bookkeeping, PlainPath, Optimizer):
         gradients here (the weights need the summed losses first), but neither the
         surgery nor the preconditioner runs on it.
         """
-        self._check_not_pending()
+        weights_only.check_not_pending(self)
         self._accumulated = self._gather(losses, self._accumulated, None, None, samples)[0]
 
     def weighted_loss(
@@ -361,47 +358,33 @@ class MultiTaskOptimizer(Bookkeeping, PlainPath, Optimizer):
     ) -> Tensor:
         """Weights-only mode: the method as one scalar loss, for an engine that runs the backward.
 
-        Computes what a step computes up to the coefficients -- the per-task gradients'
-        Gram of the shared parameters, the weights ``w``, the surgery's coefficients
-        ``c`` -- commits their state as a taken step does (component states, generator,
-        step counter, ``last_stats``) and returns ``sum_i c_i w_i L_i`` with ``c`` and
-        ``w`` detached. Its ordinary backward (``loss.backward()``,
-        ``accelerator.backward(loss)``, ``scaler.scale(loss).backward()``, Lightning,
-        DeepSpeed) puts the method's update on the shared parameters; ``step()`` (no
-        losses) then clips to ``max_grad_norm``, skips a step with a non-finite gradient
-        and runs the inner optimizer. A task's own parameters receive ``c_i w_i grad L_i``
-        (the full step gives them ``w_i grad L_i``); a learnable weighting's gradient
-        rides along in the scalar (a term of value 0). Each call is one step of the
-        method: several calls before one ``step()`` apply it per micro-batch. See
-        :mod:`multitask_optim._weights_only` for the details.
+        Computes a step up to the coefficients (the per-task gradients' Gram of the
+        shared parameters, the weights ``w``, the surgery's coefficients ``c``), commits
+        their state as a taken step does (component states, generator, step counter,
+        ``last_stats``) and returns ``sum_i c_i w_i L_i`` with ``c`` and ``w`` detached.
+        Its backward (``loss.backward()``, ``accelerator.backward``, a ``GradScaler``,
+        Lightning, DeepSpeed) puts the method's update on the shared parameters;
+        ``step()`` then clips (``max_grad_norm``), skips non-finite gradients and runs the
+        inner optimizer. Task parameters receive ``c_i w_i grad L_i`` (the full step:
+        ``w_i grad L_i``); see :mod:`multitask_optim._weights_only` for what else differs.
 
         Args:
-            losses: as for :meth:`step` (sequence, mapping or 1-D tensor; absent tasks
-                left out or ``None``).
+            losses: as for :meth:`step` (absent tasks left out or ``None``).
             features: as for :meth:`step` (a hint, never changes the result).
             representation: refused (representation mode needs :meth:`step`).
             samples: as for :meth:`step`, under ``torch.distributed``.
 
         Returns:
-            A scalar tensor whose backward applies the method. On a skipped step (a
-            non-finite loss, weight or coefficient: counted in ``last_stats["skipped"]``)
-            the plain sum of the present losses, and the next ``step()`` does not run the
-            inner optimizer.
+            A scalar tensor whose backward applies the method; on a skipped step (a
+            non-finite loss, weight or coefficient, counted in ``last_stats["skipped"]``)
+            the plain sum of the present losses, and the next ``step()`` skips.
 
         Raises:
             ValueError: a surgery that reads the Jacobian's rows, per-task
-                preconditioning, representation mode, several Gram blocks, an FSDP2
-                model, pending ``accumulate()`` micro-batches, or bad losses (named);
-                nothing changes.
+                preconditioning, representation mode, several Gram blocks, FSDP2,
+                pending ``accumulate()`` micro-batches, or bad losses; nothing changes.
         """
         return weights_only.weighted_loss(self, losses, features, representation, samples)
-
-    def _check_not_pending(self) -> None:
-        if self._pending is not None:
-            raise ValueError(
-                "weighted_loss() was called since the last step(): call step() without losses to apply "
-                "its update first"
-            )
 
     def epoch_end(self) -> None:
         """Mark an epoch boundary for epoch-based weightings (DWA)."""
@@ -595,26 +578,6 @@ class MultiTaskOptimizer(Bookkeeping, PlainPath, Optimizer):
             "weighting": states["weighting"],
         }
         return Outcome(weights, coefs, gram, updates, task_grads, states, wgram, stats), None, values, weights
-
-    def _take(
-        self,
-        names: Tuple[str, ...],
-        present: Tuple[int, ...],
-        values: Tensor,
-        outcome: Outcome,
-        source: Optional[Source],
-    ) -> None:
-        """The weighting's own gradients, clipping, the inner step, and the step's statistics."""
-        self._weighting_backward(names, present, values, outcome)
-        norm = None if self.max_grad_norm is None else clip_(self._params, self.max_grad_norm)
-        objective = self.weighting.objective(values, outcome.weights)
-        self._steps += 1
-        self.optimizer.step()
-        self.weighting.after_step()
-        amp_update(self.grad_scaler, self, False, self._device())
-        self._record(names, present, values, outcome, source, objective)
-        if norm is not None:
-            self.last_stats["grad_norm"] = norm
 
     # ------------------------------------------------------------------ state
 
