@@ -22,15 +22,19 @@ def require(module: str, extra: str) -> ModuleType:
 
 
 def find_multitask(optimizer: Any) -> Optional[MultiTaskOptimizer]:
-    """The ``MultiTaskOptimizer`` inside framework wrappers (each keeps the one it wraps
-    as ``.optimizer``: Accelerate, Lightning, DeepSpeed), or None."""
-    seen = 0
-    while optimizer is not None and seen < 8:
+    """The ``MultiTaskOptimizer`` inside framework wrappers (each keeps the one it wraps as
+    ``.optimizer``: Accelerate, Lightning, DeepSpeed), or None.
+
+    The innermost one: Lightning's ``LightningOptimizer`` is itself an instance of the
+    optimizer's class holding a copy of its attributes, which a step must not update."""
+    found = None
+    for _ in range(8):
+        if optimizer is None:
+            break
         if isinstance(optimizer, MultiTaskOptimizer):
-            return optimizer
+            found = optimizer
         optimizer = getattr(optimizer, "optimizer", None)
-        seen += 1
-    return None
+    return found
 
 
 class _Collect:
