@@ -358,15 +358,12 @@ class MultiTaskOptimizer(Bookkeeping, PlainPath, Optimizer):
     ) -> Tensor:
         """Weights-only mode: the method as one scalar loss, for an engine that runs the backward.
 
-        Computes a step up to the coefficients (the per-task gradients' Gram of the
-        shared parameters, the weights ``w``, the surgery's coefficients ``c``), commits
-        their state as a taken step does (component states, generator, step counter,
-        ``last_stats``) and returns ``sum_i c_i w_i L_i`` with ``c`` and ``w`` detached.
-        Its backward (``loss.backward()``, ``accelerator.backward``, a ``GradScaler``,
-        Lightning, DeepSpeed) puts the method's update on the shared parameters;
-        ``step()`` then clips (``max_grad_norm``), skips non-finite gradients and runs the
-        inner optimizer. Task parameters receive ``c_i w_i grad L_i`` (the full step:
-        ``w_i grad L_i``); see :mod:`multitask_optim._weights_only` for what else differs.
+        Runs the step up to the coefficients (Gram of the shared parameters, weights
+        ``w``, coefficients ``c``), commits their state as a taken step does and returns
+        ``sum_i c_i w_i L_i`` with ``c`` and ``w`` detached: its backward puts the
+        method's update on the shared parameters, and ``step()`` (no losses) then clips,
+        skips a non-finite gradient and runs the inner optimizer. Task parameters receive
+        ``c_i w_i grad L_i``; see :mod:`multitask_optim._weights_only` for all differences.
 
         Args:
             losses: as for :meth:`step` (absent tasks left out or ``None``).
@@ -375,14 +372,12 @@ class MultiTaskOptimizer(Bookkeeping, PlainPath, Optimizer):
             samples: as for :meth:`step`, under ``torch.distributed``.
 
         Returns:
-            A scalar tensor whose backward applies the method; on a skipped step (a
-            non-finite loss, weight or coefficient, counted in ``last_stats["skipped"]``)
-            the plain sum of the present losses, and the next ``step()`` skips.
+            The scalar; on a skipped step (counted in ``last_stats["skipped"]``) the plain
+            sum of the present losses, and the next ``step()`` skips.
 
         Raises:
-            ValueError: a surgery that reads the Jacobian's rows, per-task
-                preconditioning, representation mode, several Gram blocks, FSDP2,
-                pending ``accumulate()`` micro-batches, or bad losses; nothing changes.
+            ValueError: a row method, per-task preconditioning, representation mode,
+                several Gram blocks, FSDP2, pending ``accumulate()``, or bad losses.
         """
         return weights_only.weighted_loss(self, losses, features, representation, samples)
 
