@@ -155,25 +155,27 @@ class GradientEngine:
     ) -> TaskGradients:
         """The step's per-task gradients. ``defer``: the caller combines every shared
         parameter with one set of coefficients, once (see :func:`._jacobian.run_path`).
-        ``keep``: the graph stays usable afterwards (weights-only mode: the caller runs
-        the backward)."""
+        ``keep``: the graph stays usable afterwards (weights-only mode: the caller runs the
+        backward, which is also the update of the Gram-only walk, so that walk is taken
+        wherever it holds less: :func:`._native.defers` with threshold 0)."""
+        above = 0 if keep else None
         if self.requested != "auto":
             assert self.mode is not None
-            return run_path(self.mode, losses, graph, shared, tasks, keep, self.factored, defer)
+            return run_path(self.mode, losses, graph, shared, tasks, keep, self.factored, defer, above)
         signature, work = _signature(losses, graph, shared)
         chosen = self._choices.get(signature) or self._restored
         self.timings = {}
         if chosen is not None:
             self.mode = chosen
             self._pending = (signature, None, chosen)
-            return run_path(chosen, losses, graph, shared, tasks, keep, self.factored, defer)
+            return run_path(chosen, losses, graph, shared, tasks, keep, self.factored, defer, above)
         if work < MEASURE_ABOVE:
             order = ("looped",) if work < LOOP_BELOW else FALLBACK
             result, mode = self._first(order, losses, graph, shared, tasks)
             self.mode = mode
             self._pending = (signature, None, mode)
             return result
-        return self._measure(signature, losses, graph, shared, tasks, defer)
+        return self._measure(signature, losses, graph, shared, tasks, defer, above)
 
     def _first(
         self,
@@ -183,12 +185,13 @@ class GradientEngine:
         shared: Sequence[Tensor],
         tasks: Sequence[Sequence[Tensor]],
         defer: bool = False,
+        above: Optional[int] = None,
     ) -> Tuple[TaskGradients, str]:
         """The first candidate that works (the graph is kept until one has)."""
         last_error: Optional[Exception] = None
         for mode in candidates:
             try:
-                return run_path(mode, losses, graph, shared, tasks, True, self.factored, defer), mode
+                return run_path(mode, losses, graph, shared, tasks, True, self.factored, defer, above), mode
             except RuntimeError as error:  # vmap / custom Function limitations
                 last_error = error
         raise RuntimeError("no gradient path succeeded") from last_error
@@ -216,6 +219,7 @@ class GradientEngine:
         shared: Sequence[Tensor],
         tasks: Sequence[Sequence[Tensor]],
         defer: bool,
+        above: Optional[int] = None,
     ) -> TaskGradients:
         """Run every candidate path on this step, timed; use the first (in :data:`MODES`) that works.
 
@@ -227,11 +231,11 @@ class GradientEngine:
         """
         k = len(losses)
         rows_bytes = sum(k * p.numel() * p.element_size() for p in shared if graph.reached_by(p))
-        lean_native = defer and self.factored and defers(graph, shared, k)
+        lean_native = defer and self.factored and defers(graph, shared, k, above)
         candidates = self._candidates(signature, rows_bytes, lean_native)
         if len(candidates) == 1:
             try:
-                result, mode = self._first(candidates, losses, graph, shared, tasks, defer)
+                result, mode = self._first(candidates, losses, graph, shared, tasks, defer, above)
             except RuntimeError:
                 result, mode = self._first(FALLBACK, losses, graph, shared, tasks)
             if mode == "native" and not _engine_agrees(result, losses, graph, shared):
@@ -253,7 +257,7 @@ class GradientEngine:
         for mode in order:
             start = time.perf_counter()
             try:
-                result = run_path(mode, losses, graph, shared, tasks, True, self.factored, defer)
+                result = run_path(mode, losses, graph, shared, tasks, True, self.factored, defer, above)
             except RuntimeError as error:
                 last_error = error
                 times[mode] = math.inf
@@ -278,7 +282,7 @@ class GradientEngine:
             raise RuntimeError("no gradient path succeeded") from last_error
         used = working[0]
         if used != preferred or last is None:  # the preferred path failed or disagreed: run the next one
-            last = run_path(used, losses, graph, shared, tasks, True, self.factored, defer)
+            last = run_path(used, losses, graph, shared, tasks, True, self.factored, defer, above)
         self.mode = used
         self.timings = dict(times)
         self._pending = (signature, times, used)

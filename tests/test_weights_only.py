@@ -355,9 +355,9 @@ def test_learnable_weightings_that_read_the_gram_or_all_tasks(weighting: str) ->
 
 
 def test_the_gram_only_walk_keeps_only_grams(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Where the native walk keeps only the factored layers' Gram (many tasks; lowered
-    here), weights-only mode needs nothing else: the caller's backward is the update
-    the full step forms with one more backward."""
+    """The native walk keeps only the factored layers' Gram wherever that holds less
+    (the full step does so above a size, since it costs it one more backward, lowered
+    here; in weights-only mode that backward is the caller's own)."""
     from multitask_optim import _native
 
     monkeypatch.setattr(_native, "DEFER_ABOVE", 0)
@@ -366,3 +366,16 @@ def test_the_gram_only_walk_keeps_only_grams(monkeypatch: pytest.MonkeyPatch) ->
         net={"width": 48, "rows": 4},
     )
     assert wo.last_stats["gram_only_params"] > 0
+
+
+def test_weights_only_takes_the_gram_only_walk_below_the_full_steps_threshold() -> None:
+    """A small model: the full step keeps the deltas (its Gram-only walk would cost one
+    more backward); weights-only mode keeps only the Gram (the update is the caller's backward)."""
+    net = make_net(width=48, rows=4)
+    full = optimizer(net, "upgrad", None, gradient_mode="native")
+    full.step(losses(net, 0))
+    assert full.last_stats["gram_only_params"] == 0 and full.last_stats["factored_params"] > 0
+    wo_net = make_net(width=48, rows=4)
+    wo = optimizer(wo_net, "upgrad", None, gradient_mode="native")
+    weights_only_step(wo, losses(wo_net, 0))
+    assert wo.last_stats["gram_only_params"] == full.last_stats["factored_params"]
