@@ -118,6 +118,7 @@ def entry(opt: Any) -> Dict[str, Any]:
         "states": {key: dict(state) for key, state in opt._states.items()},
         "weighting_params": [p.detach().clone() for p in weighting_params],
         "gradient_mode": opt.engine.remembered(),
+        "representation_path": opt.engine.heads.remembered(),
     }
 
 
@@ -150,3 +151,4 @@ def restore(opt: Any, mt: Mapping[str, Any], inner: Mapping[str, Any]) -> None:
     opt._generator.set_state(mt["generator"].clone())
     opt._steps = int(mt["steps"])
     opt.engine.restore(mt["gradient_mode"])
+    opt.engine.heads.restore(mt.get("representation_path"))  # absent from checkpoints before it was measured

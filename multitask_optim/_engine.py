@@ -6,7 +6,8 @@ model (per *signature*: the number of losses, which shared parameters each reach
 shapes of the shared graph), as ``torch.backends.cudnn.benchmark`` does for convolution
 algorithms, and keeps the fastest. Steps too small for the choice to matter are not
 measured (:data:`MEASURE_ABOVE`, :data:`LOOP_BELOW`): the decision then reads only the
-graph's metadata and is deterministic.
+graph's metadata and is deterministic. Representation mode's two head paths
+(:mod:`._representation`) are chosen the same way (:class:`HeadPaths`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -22,6 +23,7 @@ from torch import Tensor
 from ._gradients import TaskGradients
 from ._graph import LossGraph
 from ._jacobian import MODES, defers, run_path
+from ._representation import HeadMap, dense_rows, factored_is_cheaper, factored_rows, head_maps
 
 #: Unmeasured order: the first path that works is kept (vmap limitations fall through).
 FALLBACK = ("frontier", "batched", "looped")
@@ -47,6 +49,9 @@ AGREEMENT = 1e-3
 #: (``batched``, ``looped``: K x P elements) when that buffer would exceed this many
 #: bytes and a factored path exists: they would set the run's peak memory.
 JACOBIAN_BUDGET = 256 * 2**20
+#: The clock ``auto`` times the paths with (seconds; only differences are used). The one
+#: place wall-clock time enters the library: the tests put a deterministic clock here.
+clock: Callable[[], float] = time.perf_counter
 Signature = Tuple[object, ...]
 
 
@@ -99,6 +104,8 @@ class GradientEngine:
         self._history: Dict[Signature, Dict[str, List[float]]] = {}
         self._pending: Optional[Tuple[Signature, Optional[Dict[str, float]], str]] = None
         self._restored: Optional[str] = None
+        #: representation mode's head path, chosen alike and committed with the same steps
+        self.heads = HeadPaths(measure=mode == "auto", lean=mode == "lean")
 
     @property
     def confirmed(self) -> bool:
@@ -111,6 +118,7 @@ class GradientEngine:
 
     def commit(self) -> None:
         """The step was taken: keep what it measured or chose."""
+        self.heads.commit()
         if self._pending is None:
             return
         signature, times, mode = self._pending
@@ -133,6 +141,7 @@ class GradientEngine:
 
     def forget(self) -> None:
         """The step was skipped or refused: what it measured or chose is dropped."""
+        self.heads.forget()
         self._pending = None
         if self.requested == "auto":
             self.mode = self._remembered
@@ -255,14 +264,14 @@ class GradientEngine:
         last: Optional[TaskGradients] = None
         last_error: Optional[Exception] = None
         for mode in order:
-            start = time.perf_counter()
+            start = clock()
             try:
                 result = run_path(mode, losses, graph, shared, tasks, True, self.factored, defer, above)
             except RuntimeError as error:
                 last_error = error
                 times[mode] = math.inf
                 continue
-            times[mode] = (time.perf_counter() - start) * 1e3
+            times[mode] = (clock() - start) * 1e3
             grams[mode] = result.grams([list(range(len(shared)))], k)[0]
             last = result if mode == preferred else None
             del result
@@ -346,3 +355,164 @@ def _signature(losses: Sequence[Tensor], graph: LossGraph, shared: Sequence[Tens
         shapes.append((type(node).__name__, sizes))
     masks = tuple(graph.reached_by(p) for p in shared)
     return (k, masks, tuple(shapes)), work * k
+
+
+# ---------------------------------------------------------------------- representation mode
+
+#: Representation mode measures its head paths only when the dense rows would hold at
+#: least this many elements (K x N x D); below, the rule decides.
+HEADS_MEASURE_ABOVE = 1 << 22
+#: Representation mode's head paths; ties go to the first.
+HEAD_PATHS = ("factored", "dense")
+
+
+class HeadPaths:
+    """Representation mode's head path (:mod:`._representation`): ``"factored"`` or ``"dense"``.
+
+    Where the heads allow both, ``gradient_mode="auto"`` times both (the rows, their
+    Gram and one combination) on the first :data:`TRIALS` steps of a *signature* (K, the
+    representation's shape, dtype and device, the heads' maps) and keeps the faster, as
+    :class:`GradientEngine` does for the parameter-level paths: a measuring step uses
+    the rule's rows, so its result does not depend on the timings; a choice is kept
+    only when its step is taken (:meth:`commit`, :meth:`forget`); the checkpoint
+    records it (:meth:`remembered`, :meth:`restore`). The rule
+    (:func:`._representation.factored_is_cheaper`) decides where nothing is measured:
+    steps below :data:`HEADS_MEASURE_ABOVE` and explicit gradient modes (``"lean"``:
+    factored); dense rows beyond :data:`JACOBIAN_BUDGET` bytes are not built when the
+    factored path exists.
+
+    Args:
+        measure: whether to measure (``gradient_mode="auto"``).
+        lean: always factor where the heads allow it (``gradient_mode="lean"``).
+    """
+
+    def __init__(self, measure: bool = False, lean: bool = False) -> None:
+        self.measure = measure
+        self.lean = lean
+        #: the path of the step computed last (None before any)
+        self.path: Optional[str] = None
+        #: ms per path measured on the step computed last (empty when it was not measured)
+        self.timings: Dict[str, float] = {}
+        #: best-of-trials ms per path behind the last measured choice (empty before one)
+        self.measurements: Dict[str, float] = {}
+        self._remembered: Optional[str] = None
+        self._restored: Optional[str] = None
+        self._choices: Dict[Signature, str] = {}
+        self._history: Dict[Signature, Dict[str, List[float]]] = {}
+        self._pending: Optional[Tuple[Signature, Optional[Dict[str, float]], str]] = None
+
+    def remembered(self) -> Optional[str]:
+        """The choice a checkpoint records: the last committed one (None before any)."""
+        return self._remembered
+
+    def commit(self) -> None:
+        """The step was taken: keep what it measured or chose."""
+        if self._pending is None:
+            return
+        signature, times, path = self._pending
+        self._pending = None
+        if times is None:
+            self._choices[signature] = self._remembered = path
+            self._restored = None
+            return
+        history = self._history.setdefault(signature, {})
+        for name, ms in times.items():
+            history.setdefault(name, []).append(ms)
+        if min(len(v) for v in history.values()) >= TRIALS:
+            self.measurements = {name: min(v) for name, v in history.items()}
+            best = min(history, key=lambda name: (min(history[name]), HEAD_PATHS.index(name)))
+            self._choices[signature] = self._remembered = best
+            self._restored = None
+            del self._history[signature]
+
+    def forget(self) -> None:
+        """The step was skipped or refused: what it measured or chose is dropped."""
+        self._pending = None
+
+    def restore(self, path: Optional[str]) -> None:
+        """Set a remembered choice (from a checkpoint): used for the next signature instead of measuring."""
+        if path is not None and self.measure:
+            self._choices.clear()
+            self._history.clear()
+            self._restored = self._remembered = path
+
+    def rows(
+        self, losses: Sequence[Tensor], features: Tensor, tasks: Sequence[Sequence[Tensor]], graph: LossGraph
+    ) -> TaskGradients:
+        """The step's rows w.r.t. ``features`` by the chosen, measured or ruled path."""
+        self.timings = {}
+        self._pending = None
+        maps = head_maps(losses, features, graph)
+        if maps is None:  # a head reads z other than through a linear map of its own
+            self.path = "dense"
+            return dense_rows(losses, features, tasks, graph)
+        k = len(losses)
+        rule = "factored" if self.lean or factored_is_cheaper(k, features, maps) else "dense"
+        if not self.measure:
+            self.path = rule
+            return _head_path(rule, losses, features, tasks, graph, maps)
+        signature: Signature = (
+            k,
+            tuple(features.shape),
+            features.dtype,
+            str(features.device),
+            tuple((task, tuple(m.shape)) for task, _, m in maps),
+        )
+        chosen = self._choices.get(signature) or self._restored
+        size = k * features.numel()
+        if chosen is None and size * features.element_size() > JACOBIAN_BUDGET:
+            chosen = "factored"  # the dense rows would set the run's peak memory
+        elif chosen is None and size < HEADS_MEASURE_ABOVE:
+            chosen = rule
+        if chosen is None:
+            return self._measure(signature, rule, losses, features, tasks, graph, maps)
+        self.path = chosen
+        self._pending = (signature, None, chosen)
+        return _head_path(chosen, losses, features, tasks, graph, maps)
+
+    def _measure(
+        self,
+        signature: Signature,
+        rule: str,
+        losses: Sequence[Tensor],
+        features: Tensor,
+        tasks: Sequence[Sequence[Tensor]],
+        graph: LossGraph,
+        maps: List[HeadMap],
+    ) -> TaskGradients:
+        """Time both paths (rows, Gram, one combination); the rule's runs last and is used."""
+        k = len(losses)
+        ones = torch.ones(1, k, dtype=torch.float64)
+        times: Dict[str, float] = {}
+        for path in [p for p in HEAD_PATHS if p != rule] + [rule]:
+            start = _now(features.device)
+            result = _head_path(path, losses, features, tasks, graph, maps)
+            result.grams([[0]], k)
+            TaskGradients(result.shared[:1], [], result.factors).combine([[0]], ones)
+            times[path] = (_now(features.device) - start) * 1e3
+            if path != rule:
+                del result  # only the used path's rows stay alive: measuring costs no memory
+        self.path = rule
+        self.timings = times
+        self._pending = (signature, times, rule)
+        return result
+
+
+def _head_path(
+    path: str,
+    losses: Sequence[Tensor],
+    features: Tensor,
+    tasks: Sequence[Sequence[Tensor]],
+    graph: LossGraph,
+    maps: List[HeadMap],
+) -> TaskGradients:
+    if path == "factored":
+        return factored_rows(losses, features, tasks, graph, maps)
+    return dense_rows(losses, features, tasks, graph)
+
+
+def _now(device: torch.device) -> float:
+    """:data:`clock` once the device has finished its queued work (CUDA runs asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return clock()

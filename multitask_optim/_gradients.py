@@ -132,16 +132,52 @@ class HeadFactor:
         return {0: torch.einsum("no,ok,do->knd", self.deltas, s, self.maps.to(self.deltas.dtype))}
 
     def gram(self, position: int) -> Tensor:
-        """Float64 ``(K, K)`` Gram of the rows, on the CPU."""
-        d, m = self.deltas.to(torch.float64), self.maps.to(torch.float64)
-        s = self._onehot(torch.float64, d.device)
-        return (s.T @ ((d.T @ d) * (m.T @ m)) @ s).cpu()
+        """Float64 ``(K, K)`` Gram of the rows, on the CPU.
+
+        The two ``O x O`` products are formed in the rows' dtype (float32 at least), as
+        the dense rows' Gram is, and recomputed in float64 when that overflows or loses
+        a small row (:func:`~._gram.precise_gram`): in float64 they would cost twice the
+        time of the dense path's Gram on most hardware.
+        """
+        dtype = torch.promote_types(self.deltas.dtype, torch.float32)
+        return precise_gram(self._gram, dtype).cpu()
+
+    def _gram(self, dtype: torch.dtype) -> Tensor:
+        d, m = self.deltas.to(dtype), self.maps.to(device=self.deltas.device, dtype=dtype)
+        return head_gram(d, m, self._onehot(dtype, d.device))
 
     def update(self, position: int, coefs: Tensor, dtype: Optional[torch.dtype]) -> Tensor:
         """``sum_i c_i Z_i`` (``N x D``) computed in ``dtype`` (None: the deltas')."""
         d = self.deltas if dtype is None else self.deltas.to(dtype)
         c = coefs.to(device=d.device, dtype=d.dtype)[self.owner.to(d.device)]
         return ((d * c) @ self.maps.to(d.dtype).T).to(self.deltas.dtype)
+
+
+#: Columns per block of :func:`head_gram`'s ``O x O`` products.
+HEAD_BLOCK = 128
+
+
+def head_gram(deltas: Tensor, maps: Tensor, onehot: Tensor) -> Tensor:
+    """``S^T ((Delta^T Delta) * (M^T M)) S`` (see :class:`HeadFactor`), in the inputs' dtype.
+
+    Both ``O x O`` products are symmetric: with ``c`` blocks of about :data:`HEAD_BLOCK`
+    columns only the blocks on and above the diagonal are formed, ``(c + 1) / 2c`` of
+    the work (the products of the mirrored blocks are each other's transposes).
+    """
+    o = deltas.shape[1]
+    count = max(1, o // HEAD_BLOCK)
+    bounds = [o * b // count for b in range(count + 1)]
+    cols = [slice(bounds[b], bounds[b + 1]) for b in range(count)]
+    gram: Optional[Tensor] = None
+    for a, ca in enumerate(cols):
+        for b in range(a, count):
+            cb = cols[b]
+            inner = (deltas[:, ca].T @ deltas[:, cb]) * (maps[:, ca].T @ maps[:, cb])
+            part = onehot[ca].T @ inner @ onehot[cb]
+            part = part if b == a else part + part.T
+            gram = part if gram is None else gram + part
+    assert gram is not None
+    return gram
 
 
 @dataclass

@@ -8,7 +8,8 @@ differs:
   ``J_b^T c_b``. Under ``torch.distributed`` the rows are averaged across ranks.
 - :class:`RepresentationRows` (``step(losses, representation=z)``, an approximation):
   rows are the gradients with respect to the shared representation ``z`` (head
-  backwards only, factored for linear heads: :mod:`._representation`; the batch
+  backwards only, factored for linear heads where measured faster: :mod:`._representation`,
+  :class:`~._engine.HeadPaths`; the batch
   flattened into the row as in the MGDA-UB paper's code); the
   combined feature gradient ``Z^T c`` runs one backward through the trunk. Under
   ``torch.distributed`` the global Gram is the sum of the ranks' Grams over the global
@@ -24,10 +25,9 @@ import torch
 from torch import Tensor
 
 from ._distributed import all_average, world_size
-from ._engine import GradientEngine
+from ._engine import GradientEngine, HeadPaths
 from ._gradients import GramFactor, Rows, TaskGradients, all_finite, reduce_tasks
 from ._graph import LossGraph
-from ._representation import feature_rows
 from .partition import Partition
 
 
@@ -97,9 +97,11 @@ class RepresentationRows:
 
     mode = "representation"
 
-    def __init__(self, features: Tensor, graph: LossGraph) -> None:
+    def __init__(self, features: Tensor, graph: LossGraph, engine: Optional[GradientEngine] = None) -> None:
         self.features = features
         self.graph = graph
+        #: the head path's chooser: the engine's (measured, committed with its steps), else the rule
+        self.heads = engine.heads if engine is not None else HeadPaths()
 
     def gather(
         self,
@@ -109,7 +111,7 @@ class RepresentationRows:
         once: bool = False,
         keep: bool = False,
     ) -> TaskGradients:
-        return feature_rows(losses, self.features, partition.tasks, graph)
+        return self.heads.rows(losses, self.features, partition.tasks, graph)
 
     def blocks(self, blocks: List[List[int]]) -> List[List[int]]:
         return [[0]]
@@ -156,4 +158,8 @@ class RepresentationRows:
         return "representation"
 
     def stats(self, grads: TaskGradients) -> Dict[str, Any]:
-        return {}
+        """Which head path computed the rows (and, on a measuring step, each path's ms)."""
+        out: Dict[str, Any] = {"representation_path": self.heads.path}
+        if self.heads.timings:
+            out["representation_timings_ms"] = dict(self.heads.timings)
+        return out

@@ -457,7 +457,9 @@ class MultiTaskOptimizer(Bookkeeping, PlainPath, Optimizer):
                 check_passes(tensor, graph, name)
         structure = self._structure(parsed, graph, into.structure if into is not None else None)
         source: Source = (
-            RepresentationRows(representation, graph) if representation is not None else self._rows
+            RepresentationRows(representation, graph, self.engine)
+            if representation is not None
+            else self._rows
         )
         scale = current_scale(self.grad_scaler)
         scaled = [loss * scale for loss in loss_list] if scale != 1.0 else loss_list

@@ -198,6 +198,7 @@ def test_factored_representation_rows_equal_the_dense_ones(kind: str) -> None:
 
 def test_factored_representation_step_equals_the_dense_step(monkeypatch: pytest.MonkeyPatch) -> None:
     """A whole MGDA-UB run: the factored heads give the dense run's parameters."""
+    from multitask_optim import _engine as engine
     from multitask_optim import _representation as representation
 
     def run() -> List[Tensor]:
@@ -209,14 +210,18 @@ def test_factored_representation_step_equals_the_dense_step(monkeypatch: pytest.
             z, losses = model(x)
             opt.zero_grad()
             opt.step(losses, representation=z)
+            assert opt.last_stats["representation_path"] == path
         return [p.detach().clone() for p in model.parameters()]
 
     calls = []
-    original = representation._factored
-    monkeypatch.setattr(representation, "_factored", lambda *a: calls.append(1) or original(*a))
+    original = representation.factored_rows
+    monkeypatch.setattr(engine, "factored_rows", lambda *a: calls.append(1) or original(*a))
+    path = "factored"
     factored = run()
     assert len(calls) == 4, "the linear heads must take the factored path"
-    monkeypatch.setattr(representation, "_linear_maps", lambda *args: None)
+    monkeypatch.setattr(engine, "factored_is_cheaper", lambda *args: False)
+    path = "dense"
     dense = run()
+    assert len(calls) == 4
     for a, b in zip(factored, dense):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
