@@ -38,14 +38,11 @@ import argparse
 import json
 import os
 import random
-import statistics
 import time
-from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
-from torch import Tensor
 
 from .common import (
     DEFAULT_OUT,
@@ -57,9 +54,10 @@ from .common import (
     write_text,
 )
 from .speed_gpu import run_gpu_table
-from .speed_impls import IMPLS, SCHEDULE_IMPLS, TINY_IMPLS, adam, availability, gradient_mode
-from .speed_report import aggregation_table, markdown_table, memory_table, plot, ratio_table
+from .speed_impls import IMPLS, adam, availability, gradient_mode
+from .speed_report import aggregation_table, markdown_table, memory_table, plot
 from .speed_scaling import run_scaling
+from .speed_schedule import run_schedule
 from .speed_timing import (
     TIMERS,
     k_cells,
@@ -71,13 +69,8 @@ from .speed_timing import (
     step_timer,
     time_steps,
 )
-from .workloads import TINY, WorkloadConfig, build_model, make_data
-
-
-def sgd_tiny(params: Iterable[Tensor]) -> torch.optim.Optimizer:
-    """The inner optimizer of TorchJD's example: ``SGD(lr=0.1)``."""
-    return torch.optim.SGD(params, lr=0.1)
-
+from .speed_tiny import run_tiny
+from .workloads import WorkloadConfig, build_model, make_data
 
 # ---------------------------------------------------------------------- --one, --list
 
@@ -308,129 +301,6 @@ def _sweep_text(
     if skipped:
         text += ["", "Skipped:"] + [f"- {n}: {why}" for n, why in skipped.items()]
     return "\n".join(text)
-
-
-# ---------------------------------------------------------------------- --tiny
-
-
-def paired_ratio(times: Dict[str, List[float]], a: str, b: str) -> Dict[str, Optional[float]]:
-    """``a / b``: of the medians, of the bests, and the median of the per-round ratios."""
-    if not times.get(a) or not times.get(b):
-        return {"median": None, "best": None, "paired": None}
-    ta, tb = times[a], times[b]
-    return {
-        "median": statistics.median(ta) / statistics.median(tb),
-        "best": min(ta) / min(tb),
-        "paired": statistics.median(x / y for x, y in zip(ta, tb)),
-    }
-
-
-TINY_RATIOS = (
-    ("ours-pcgrad", "torchjd-pcgrad"),
-    ("ours-sum", "floor"),
-    ("ours-pcgrad", "floor"),
-    ("torchjd-pcgrad", "floor"),
-    ("torchjd-upgrad", "floor"),
-)
-
-
-def run_tiny(args: argparse.Namespace, out: Path) -> Dict[str, Any]:
-    """TorchJD's example network: our PCGrad step vs TorchJD's, ours without surgery vs the floor."""
-    cfg = replace(TINY, seed=args.seed, device=str(args.device))
-    available = availability(TINY_IMPLS)
-    runnable = [n for n in TINY_IMPLS if available[n] is None]
-    rounds = args.reps or (200 if args.quick else 3000)
-    warmup = max(args.warmup, 20)
-    started = time.perf_counter()
-    rng = random.Random(args.seed)
-    res = time_steps(runnable, cfg, 2, rounds, warmup, rng, inner=sgd_tiny, gc_every=100, timer=args.timer)
-    ratios = {f"{a} / {b}": paired_ratio(res.times_ms, a, b) for a, b in TINY_RATIOS}
-    skipped = {n: why for n, why in available.items() if why is not None}
-    doc = {
-        "machine": machine_info(cfg.device, threads=args.threads, timer=args.timer),
-        "config": {
-            "workload": cfg.to_dict(),
-            "k": 2,
-            "rounds": res.rounds,
-            "warmup": warmup,
-            "inner": "torch.optim.SGD(lr=0.1) (TorchJD's example)",
-            "wall_seconds": time.perf_counter() - started,
-        },
-        "results": {n: c for n, c in k_cells(res, TINY_IMPLS, skipped).items()},
-        "ratios": ratios,
-        "gradient_modes": {n: m for n, m in res.modes.items() if m},
-    }
-    text = "\n".join(
-        [
-            f"TorchJD's example network (10->5->3 shared MLP, two Linear(3,1) heads, batch 16, MSE, "
-            f"inner SGD(lr=0.1)), {res.rounds} interleaved rounds, {args.threads} thread(s)",
-            "",
-            markdown_table({n: {"2": c} for n, c in doc["results"].items()}, TINY_IMPLS, [2]),
-            "",
-            ratio_table(ratios),
-        ]
-    )
-    print("\n" + text)
-    write_json(out / "speed_tiny.json", doc)
-    write_text(out / "speed_tiny.md", text)
-    print(f"\nwrote {out / 'speed_tiny.json'}, {out / 'speed_tiny.md'}")
-    return doc
-
-
-# ---------------------------------------------------------------------- --schedule
-
-
-def run_schedule(args: argparse.Namespace, cfg: WorkloadConfig, out: Path) -> Dict[str, Any]:
-    """Average step cost of PCGrad run every k = 1, 2, 4, 8 steps (``surgery_every``) at one K.
-
-    Interleaved rounds as in the sweep; the rounds are a multiple of 8 so every
-    implementation's timed steps cover whole schedule periods, and the *mean* (not the
-    median, which would pick the plain steps) is the average step cost.
-    """
-    k = args.k
-    available = availability(SCHEDULE_IMPLS)
-    runnable = [n for n in SCHEDULE_IMPLS if available[n] is None]
-    rounds = args.reps or (16 if args.quick else 64)
-    rounds = 8 * max(1, round(rounds / 8))
-    warmup = 8 * max(1, args.warmup)  # whole periods, so the timed steps start at a period boundary
-    started = time.perf_counter()
-    res = time_steps(runnable, cfg, k, rounds, warmup, random.Random(args.seed), timer=args.timer)
-    mean = {n: statistics.fmean(t) for n, t in res.times_ms.items()}
-    median = {n: statistics.median(t) for n, t in res.times_ms.items()}
-    doc = {
-        "machine": machine_info(cfg.device, threads=args.threads, timer=args.timer),
-        "config": {
-            "workload": cfg.to_dict(),
-            "k": k,
-            "rounds": res.rounds,
-            "warmup": warmup,
-            "wall_seconds": time.perf_counter() - started,
-        },
-        "mean_ms": mean,
-        "median_ms": median,
-        "mean_over_floor": {n: mean[n] / mean["floor"] for n in mean if "floor" in mean},
-        "mean_over_every1": {n: mean[n] / mean["ours-pcgrad"] for n in mean if "ours-pcgrad" in mean},
-        "failed": res.failed,
-    }
-    lines = [
-        f"PCGrad on a schedule (surgery_every = k), K = {k}, {cfg.kind} trunk, {res.rounds} interleaved "
-        f"rounds, {args.threads} thread(s); mean = average step cost over whole schedule periods",
-        "",
-        "| implementation | mean ms/step | median ms/step | mean / floor | mean / every step |",
-        "| --- | ---: | ---: | ---: | ---: |",
-    ]
-    for n in runnable:
-        if n in mean:
-            lines.append(
-                f"| {n} | {mean[n]:.2f} | {median[n]:.2f} | {doc['mean_over_floor'].get(n, float('nan')):.2f} | "
-                f"{doc['mean_over_every1'].get(n, float('nan')):.2f} |"
-            )
-    text = "\n".join(lines)
-    print("\n" + text)
-    write_json(out / "speed_schedule.json", doc)
-    write_text(out / "speed_schedule.md", text)
-    print(f"\nwrote {out / 'speed_schedule.json'}, {out / 'speed_schedule.md'}")
-    return doc
 
 
 # ---------------------------------------------------------------------- CLI

@@ -237,6 +237,8 @@ class GradientEngine:
         twice the memory. When ``native`` would keep only its factored layers' Gram
         (``defer``, :func:`._jacobian.defers`), the paths holding their deltas are not
         measured: the peak memory of the run is the point; a single candidate is not timed.
+        On CUDA the device is synchronised around each timed path (:func:`_now`): its
+        kernels run asynchronously, and a path's launch time is not its cost.
         """
         k = len(losses)
         rows_bytes = sum(k * p.numel() * p.element_size() for p in shared if graph.reached_by(p))
@@ -263,15 +265,16 @@ class GradientEngine:
         times: Dict[str, float] = {}
         last: Optional[TaskGradients] = None
         last_error: Optional[Exception] = None
+        device = losses[0].device
         for mode in order:
-            start = clock()
+            start = _now(device)
             try:
                 result = run_path(mode, losses, graph, shared, tasks, True, self.factored, defer, above)
             except RuntimeError as error:
                 last_error = error
                 times[mode] = math.inf
                 continue
-            times[mode] = (clock() - start) * 1e3
+            times[mode] = (_now(device) - start) * 1e3
             grams[mode] = result.grams([list(range(len(shared)))], k)[0]
             last = result if mode == preferred else None
             del result
