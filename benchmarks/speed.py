@@ -214,7 +214,9 @@ def _sweep_one_k(
     rng: random.Random,
     sweep: Dict[str, Any],
 ) -> None:
-    sweep["conflict"][str(k)], agg = probe_conflict(cfg, k, args.agg_calls)
+    agg: Dict[str, float] = {}
+    if args.agg_calls > 0:  # 0: no conflict probe (K backward passes) and no aggregation timing
+        sweep["conflict"][str(k)], agg = probe_conflict(cfg, k, args.agg_calls)
     for label, us in agg.items():
         sweep["aggregation"][label][str(k)] = us
     t0 = time.perf_counter()
@@ -233,8 +235,8 @@ def _sweep_one_k(
                 sweep["paths"].setdefault(n, {})[str(k)] = res.paths[n]
     print(
         f"  K={k}: {res.rounds} rounds in {time.perf_counter() - t0:.0f}s (load "
-        f"{load_before:.1f} -> {sweep['loads'][str(k)]['after']:.1f}); agg-only "
-        f"pcgrad {agg['pcgrad']:.0f} us, gradvac {agg['gradvac']:.0f} us",
+        f"{load_before:.1f} -> {sweep['loads'][str(k)]['after']:.1f})"
+        + "".join(f"; agg-only {label} {us:.0f} us" for label, us in agg.items()),
         flush=True,
     )
     for n in names:
@@ -407,7 +409,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--in-dim", type=int, default=512, help="MLP input width")
     p.add_argument("--depth", type=int, default=3, help="MLP trunk layers")
     p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--agg-calls", type=int, default=300, help="calls per aggregation-only timing")
+    p.add_argument(
+        "--agg-calls",
+        type=int,
+        default=300,
+        help="calls per aggregation-only timing (sweep: 0 skips it and the conflict probe)",
+    )
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default benchmarks/out/)")
     p.add_argument("--json", type=Path, default=None, help="default <out>/speed[_cnn].json")
     p.add_argument("--plot", type=Path, default=None, help="default <out>/speed[_cnn].png")

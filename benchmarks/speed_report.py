@@ -81,7 +81,8 @@ def aggregation_table(aggregation: Mapping[str, Mapping[str, float]], ks: Sequen
     lines = ["| aggregation only (us) | " + " | ".join(f"K={k}" for k in ks) + " |"]
     lines.append("|" + " --- |" * (len(ks) + 1))
     for label, row in aggregation.items():
-        lines.append(f"| ours {label} | " + " | ".join(f"{row[str(k)]:.0f}" for k in ks) + " |")
+        cells = (f"{row[str(k)]:.0f}" if str(k) in row else "–" for k in ks)
+        lines.append(f"| ours {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
