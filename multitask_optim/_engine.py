@@ -55,7 +55,78 @@ clock: Callable[[], float] = time.perf_counter
 Signature = Tuple[object, ...]
 
 
-class GradientEngine:
+class Trials:
+    """What a measured choice of path remembers, per *signature*, and when.
+
+    A step proposes what it ran (:meth:`propose`: the path, and its timings when it
+    measured); only a taken step keeps it (:meth:`commit`), a skipped or refused one
+    leaves no trace (:meth:`forget`). After :data:`TRIALS` measured steps of a signature
+    the fastest path (best of its trials; ties to the earlier in ``paths``) is its
+    choice. :meth:`remembered` is what a checkpoint records; :meth:`restore_choice` sets
+    it back, used for the next signature instead of measuring.
+
+    Args:
+        paths: the candidate paths, in order of preference.
+    """
+
+    def __init__(self, paths: Sequence[str]) -> None:
+        self.paths = tuple(paths)
+        #: best-of-trials ms per path behind the last measured choice (empty before one)
+        self.measurements: Dict[str, float] = {}
+        self._remembered: Optional[str] = None
+        self._choices: Dict[Signature, str] = {}
+        self._history: Dict[Signature, Dict[str, List[float]]] = {}
+        self._pending: Optional[Tuple[Signature, Optional[Dict[str, float]], str]] = None
+        self._restored: Optional[str] = None
+
+    def remembered(self) -> Optional[str]:
+        """The choice a checkpoint records: the last committed one (None before any)."""
+        return self._remembered
+
+    def chosen(self, signature: Signature) -> Optional[str]:
+        """The path kept for ``signature``, else a restored one, else None (measure or rule)."""
+        return self._choices.get(signature) or self._restored
+
+    def propose(self, signature: Signature, path: str, times: Optional[Dict[str, float]] = None) -> None:
+        """This step ran ``path`` (and measured ``times``, ms per path); kept if it is committed."""
+        self._pending = (signature, times, path)
+
+    def commit(self) -> None:
+        """The step was taken: keep what it measured or chose."""
+        if self._pending is None:
+            return
+        signature, times, path = self._pending
+        self._pending = None
+        if times is None:  # a remembered, restored or unmeasured choice
+            self._choices[signature] = self._remembered = path
+            self._restored = None
+            return
+        history = self._history.setdefault(signature, {})
+        for name, ms in times.items():
+            history.setdefault(name, []).append(ms)
+        if max(len(v) for v in history.values()) >= TRIALS:
+            best = min(history, key=lambda name: (min(history[name]), self.paths.index(name)))
+            self.measurements = {name: min(v) for name, v in history.items()}
+            self._choices[signature] = self._remembered = best
+            self._restored = None
+            del self._history[signature]
+            self._chose(best)
+
+    def _chose(self, best: str) -> None:
+        """A measured choice was just made (subclasses follow it)."""
+
+    def forget(self) -> None:
+        """The step was skipped or refused: what it measured or chose is dropped."""
+        self._pending = None
+
+    def restore_choice(self, path: str) -> None:
+        """Forget every choice and measurement; use ``path`` for the next signature seen."""
+        self._choices.clear()
+        self._history.clear()
+        self._restored = self._remembered = path
+
+
+class GradientEngine(Trials):
     """Computes :class:`TaskGradients` by one of several exact paths, measured or fixed.
 
     With ``mode="auto"`` the first steps on a model (for each *signature*: number of
@@ -72,9 +143,9 @@ class GradientEngine:
     ``looped``, whose K plain backward calls cost less than the frontier's K + 1.
 
     A choice (and the timings behind it) is remembered only when the optimizer commits
-    the step (:meth:`commit`): a skipped or refused step leaves no trace (:meth:`forget`).
-    The checkpoint stores the current choice (``gradient_mode``); a restored engine uses
-    it for the next signature it sees instead of measuring.
+    the step (:meth:`commit`): a skipped or refused step leaves no trace (:meth:`forget`;
+    see :class:`Trials`). The checkpoint stores the current choice (``gradient_mode``); a
+    restored engine uses it for the next signature it sees instead of measuring.
 
     Args:
         mode: ``"auto"`` or one of ``"lean"``, ``"frontier"``, ``"native"``, ``"batched"``,
@@ -91,19 +162,14 @@ class GradientEngine:
                 "gradient_mode='lean' keeps linear layers factored, which per-task preconditioning and "
                 "Jacobian-based aggregators cannot use"
             )
+        super().__init__(MODES)
         self.requested = mode
         self.factored = factored
         #: the path of the step computed last (None before any, or after a skipped first step)
         self.mode: Optional[str] = None if mode == "auto" else mode
         #: ms per path measured on the step computed last (empty when it was not measured)
         self.timings: Dict[str, float] = {}
-        #: best-of-trials ms per path behind the last choice ``auto`` made (empty before one)
-        self.measurements: Dict[str, float] = {}
-        self._remembered: Optional[str] = None if mode == "auto" else mode
-        self._choices: Dict[Signature, str] = {}
-        self._history: Dict[Signature, Dict[str, List[float]]] = {}
-        self._pending: Optional[Tuple[Signature, Optional[Dict[str, float]], str]] = None
-        self._restored: Optional[str] = None
+        self._remembered = None if mode == "auto" else mode
         #: representation mode's head path, chosen alike and committed with the same steps
         self.heads = HeadPaths(measure=mode == "auto", lean=mode == "lean")
 
@@ -112,46 +178,26 @@ class GradientEngine:
         """Whether ``mode`` is a committed choice (what the checkpoint records)."""
         return self.mode is not None and self.mode == self._remembered
 
-    def remembered(self) -> Optional[str]:
-        """The choice a checkpoint records: the last committed one (None before any)."""
-        return self._remembered
-
     def commit(self) -> None:
-        """The step was taken: keep what it measured or chose."""
+        """The step was taken: keep what it (and representation mode's head path) measured or chose."""
         self.heads.commit()
-        if self._pending is None:
-            return
-        signature, times, mode = self._pending
-        self._pending = None
-        if times is None:  # a remembered, restored or unmeasured choice
-            self._choices[signature] = mode
-            self._remembered = mode
-            self._restored = None
-            return
-        history = self._history.setdefault(signature, {})
-        for path, ms in times.items():
-            history.setdefault(path, []).append(ms)
-        if max(len(v) for v in history.values()) >= TRIALS:
-            best = _best(history)
-            self.measurements = {p: min(v) for p, v in history.items()}
-            self._choices[signature] = best
-            self._remembered = self.mode = best
-            self._restored = None
-            del self._history[signature]
+        super().commit()
+
+    def _chose(self, best: str) -> None:
+        self.mode = best
 
     def forget(self) -> None:
         """The step was skipped or refused: what it measured or chose is dropped."""
         self.heads.forget()
-        self._pending = None
+        super().forget()
         if self.requested == "auto":
             self.mode = self._remembered
 
     def restore(self, mode: Optional[str]) -> None:
         """Set a remembered choice (from a checkpoint): used for the next signature instead of measuring."""
         if mode is not None and self.requested == "auto":
-            self._choices.clear()
-            self._history.clear()
-            self._restored = self._remembered = self.mode = mode
+            self.restore_choice(mode)
+            self.mode = mode
 
     def compute(
         self,
@@ -172,17 +218,17 @@ class GradientEngine:
             assert self.mode is not None
             return run_path(self.mode, losses, graph, shared, tasks, keep, self.factored, defer, above)
         signature, work = _signature(losses, graph, shared)
-        chosen = self._choices.get(signature) or self._restored
+        chosen = self.chosen(signature)
         self.timings = {}
         if chosen is not None:
             self.mode = chosen
-            self._pending = (signature, None, chosen)
+            self.propose(signature, chosen)
             return run_path(chosen, losses, graph, shared, tasks, keep, self.factored, defer, above)
         if work < MEASURE_ABOVE:
             order = ("looped",) if work < LOOP_BELOW else FALLBACK
             result, mode = self._first(order, losses, graph, shared, tasks)
             self.mode = mode
-            self._pending = (signature, None, mode)
+            self.propose(signature, mode)
             return result
         return self._measure(signature, losses, graph, shared, tasks, defer, above)
 
@@ -257,7 +303,7 @@ class GradientEngine:
                 )
                 result, mode = self._first(FALLBACK, losses, graph, shared, tasks)
             self.mode = mode
-            self._pending = (signature, None, mode)
+            self.propose(signature, mode)
             return result
         preferred = min(candidates, key=MODES.index)
         order = [m for m in candidates if m != preferred] + [preferred]
@@ -297,13 +343,8 @@ class GradientEngine:
             last = run_path(used, losses, graph, shared, tasks, True, self.factored, defer, above)
         self.mode = used
         self.timings = dict(times)
-        self._pending = (signature, times, used)
+        self.propose(signature, used, times)
         return last
-
-
-def _best(history: Dict[str, List[float]]) -> str:
-    """The fastest path (best of its trials); ties go to the earlier one in :data:`MODES`."""
-    return min(history, key=lambda m: (min(history[m]), MODES.index(m)))
 
 
 def _engine_agrees(
@@ -369,7 +410,7 @@ HEADS_MEASURE_ABOVE = 1 << 22
 HEAD_PATHS = ("factored", "dense")
 
 
-class HeadPaths:
+class HeadPaths(Trials):
     """Representation mode's head path (:mod:`._representation`): ``"factored"`` or ``"dense"``.
 
     Where the heads allow both, ``gradient_mode="auto"`` times both (the rows, their
@@ -390,61 +431,25 @@ class HeadPaths:
     """
 
     def __init__(self, measure: bool = False, lean: bool = False) -> None:
+        super().__init__(HEAD_PATHS)
         self.measure = measure
         self.lean = lean
         #: the path of the step computed last (None before any)
         self.path: Optional[str] = None
         #: ms per path measured on the step computed last (empty when it was not measured)
         self.timings: Dict[str, float] = {}
-        #: best-of-trials ms per path behind the last measured choice (empty before one)
-        self.measurements: Dict[str, float] = {}
-        self._remembered: Optional[str] = None
-        self._restored: Optional[str] = None
-        self._choices: Dict[Signature, str] = {}
-        self._history: Dict[Signature, Dict[str, List[float]]] = {}
-        self._pending: Optional[Tuple[Signature, Optional[Dict[str, float]], str]] = None
-
-    def remembered(self) -> Optional[str]:
-        """The choice a checkpoint records: the last committed one (None before any)."""
-        return self._remembered
-
-    def commit(self) -> None:
-        """The step was taken: keep what it measured or chose."""
-        if self._pending is None:
-            return
-        signature, times, path = self._pending
-        self._pending = None
-        if times is None:
-            self._choices[signature] = self._remembered = path
-            self._restored = None
-            return
-        history = self._history.setdefault(signature, {})
-        for name, ms in times.items():
-            history.setdefault(name, []).append(ms)
-        if min(len(v) for v in history.values()) >= TRIALS:
-            self.measurements = {name: min(v) for name, v in history.items()}
-            best = min(history, key=lambda name: (min(history[name]), HEAD_PATHS.index(name)))
-            self._choices[signature] = self._remembered = best
-            self._restored = None
-            del self._history[signature]
-
-    def forget(self) -> None:
-        """The step was skipped or refused: what it measured or chose is dropped."""
-        self._pending = None
 
     def restore(self, path: Optional[str]) -> None:
         """Set a remembered choice (from a checkpoint): used for the next signature instead of measuring."""
         if path is not None and self.measure:
-            self._choices.clear()
-            self._history.clear()
-            self._restored = self._remembered = path
+            self.restore_choice(path)
 
     def rows(
         self, losses: Sequence[Tensor], features: Tensor, tasks: Sequence[Sequence[Tensor]], graph: LossGraph
     ) -> TaskGradients:
         """The step's rows w.r.t. ``features`` by the chosen, measured or ruled path."""
         self.timings = {}
-        self._pending = None
+        self.forget()  # what a step that never reached its end proposed
         maps = head_maps(losses, features, graph)
         if maps is None:  # a head reads z other than through a linear map of its own
             self.path = "dense"
@@ -461,7 +466,7 @@ class HeadPaths:
             str(features.device),
             tuple((task, tuple(m.shape)) for task, _, m in maps),
         )
-        chosen = self._choices.get(signature) or self._restored
+        chosen = self.chosen(signature)
         size = k * features.numel()
         if chosen is None and size * features.element_size() > JACOBIAN_BUDGET:
             chosen = "factored"  # the dense rows would set the run's peak memory
@@ -470,7 +475,7 @@ class HeadPaths:
         if chosen is None:
             return self._measure(signature, rule, losses, features, tasks, graph, maps)
         self.path = chosen
-        self._pending = (signature, None, chosen)
+        self.propose(signature, chosen)
         return _head_path(chosen, losses, features, tasks, graph, maps)
 
     def _measure(
@@ -497,7 +502,7 @@ class HeadPaths:
                 del result  # only the used path's rows stay alive: measuring costs no memory
         self.path = rule
         self.timings = times
-        self._pending = (signature, times, rule)
+        self.propose(signature, rule, times)
         return result
 
 
