@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from multitask_optim import MultiTaskOptimizer
 from multitask_optim.diagnostics import StatsHistory, plot_history
 
+from .common import default_device
 from .quality_data import (
     TOY_STARTS,
     distance_to_set,
@@ -75,7 +76,7 @@ class Config:
     threads: int = 1
     #: where the supervised suites train (models, data, optimizers); they are evaluated on
     #: the CPU, and the toy's 2-D points always run there (a device would only add launches)
-    device: str = "cpu"
+    device: str = field(default_factory=default_device)
     #: folder of the diagnostics plot of one run (PCGrad on MultiDigits, first seed); None: no plot
     plot_dir: Optional[str] = None
 

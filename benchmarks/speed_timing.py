@@ -214,7 +214,10 @@ def cuda_memory(
 def memory_child(
     name: str, cfg: WorkloadConfig, k: int, steps: int = 3, inner: InnerFactory = adam
 ) -> Dict[str, Any]:
-    """Peak extra RSS of ``steps`` steps of ``name``, over a forward-only baseline."""
+    """Peak extra RSS of ``steps`` steps of ``name``, over a forward-only baseline (on CUDA:
+    :func:`cuda_memory`)."""
+    if torch.device(cfg.device).type == "cuda":
+        return cuda_memory(name, cfg, k, steps, inner)
     impl = IMPLS[name]
     check_ours()  # every child imports the same modules before its baseline
     try:

@@ -20,6 +20,7 @@ from typing import Any, Dict, List, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from .common import default_device
 from .trunks import cnn_trunk, mlp_trunk
 
 Batch = Tuple[Tensor, Tensor]
@@ -49,8 +50,9 @@ class WorkloadConfig:
         seed: seed of the model init and of the data.
         head_outputs: outputs of every head (``Linear(feature_dim, head_outputs)``): each
             output regresses its own target of the same form.
-        device: where the model and the data live (built on the CPU from the seed, then
-            moved, so every device starts from the same weights and batches).
+        device: where the model and the data live (default: CUDA when available; built on
+            the CPU from the seed, then moved, so every device starts from the same
+            weights and batches).
     """
 
     kind: str = "mlp"
@@ -69,7 +71,7 @@ class WorkloadConfig:
     own: float = 1.0
     seed: int = 0
     head_outputs: int = 1
-    device: str = "cpu"
+    device: str = field(default_factory=default_device)
 
     def to_dict(self) -> Dict[str, object]:
         return asdict(self)
