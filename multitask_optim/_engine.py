@@ -499,7 +499,7 @@ class HeadPaths(Trials):
             TaskGradients(result.shared[:1], [], result.factors).combine([[0]], ones)
             times[path] = (_now(features.device) - start) * 1e3
             if path != rule:
-                del result  # only the used path's rows stay alive: measuring costs no memory
+                del result  # dropped before the next path runs: only the used rows stay alive
         self.path = rule
         self.timings = times
         self.propose(signature, rule, times)
