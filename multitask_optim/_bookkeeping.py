@@ -151,6 +151,17 @@ class Bookkeeping:
             self.weighting.bind(names)
         return Structure(partition, blocks)
 
+    def _note_task_count(self, names: Sequence[str]) -> None:
+        """Warn once when the losses are one task's: nothing multi-task applies then."""
+        if len(names) == 1 and not self._warned_single:
+            self._warned_single = True
+            warnings.warn(
+                "MultiTaskOptimizer: step() got the loss of a single task, so nothing multi-task applies "
+                f"(surgery={self.aggregator.name!r} and the weighting see one task); pass one loss per task, "
+                "e.g. opt.step([loss_a, loss_b]), not their sum (warned once)",
+                stacklevel=4,
+            )
+
     def _components(self) -> Dict[str, Any]:
         return {"surgery": self.aggregator, "weighting": self.weighting, "precondition": self.preconditioner}
 

@@ -25,6 +25,7 @@ class registers itself with the registry's decorator.
 
 from __future__ import annotations
 
+from difflib import get_close_matches
 from fnmatch import fnmatchcase
 from typing import Any, ClassVar, Dict, Generic, Mapping, Optional, Sequence, Tuple, Type, TypeVar, Union
 
@@ -108,7 +109,7 @@ class Registry(Generic[C]):
         elif isinstance(spec, str):
             found = self.classes.get(spec.lower())
             if found is None:
-                raise ValueError(f"unknown {self.kind} {spec!r}; known: {', '.join(sorted(self.classes))}")
+                raise ValueError(self.unknown(spec))
             cls = found
         else:
             raise TypeError(
@@ -118,6 +119,13 @@ class Registry(Generic[C]):
             return cls(**options)
         except TypeError as error:
             raise TypeError(f"{self.kind} {cls.name!r}: {error}") from None
+
+    def unknown(self, spec: str) -> str:
+        """The message for an unknown name: the closest registered names, then all of them."""
+        close = [repr(c) for c in get_close_matches(spec.lower(), list(self.classes), n=3, cutoff=0.6)]
+        listed = " or ".join([", ".join(close[:-1]), close[-1]] if len(close) > 1 else close)
+        hint = f"did you mean {listed}? " if close else ""
+        return f"unknown {self.kind} {spec!r}; {hint}known: {', '.join(sorted(self.classes))}"
 
     def __contains__(self, name: object) -> bool:
         return name in self.classes

@@ -167,6 +167,7 @@ class PlainPath:
         the weights and each loss's factor: everything a plain step needs before its backward
         (no state change). None: the step was skipped (a non-finite loss or weight)."""
         parsed = parse_losses(losses, self._names)
+        self._note_task_count(parsed.names)
         named = [("representation", representation)] if representation is not None else []
         named += named_features(features)
         for name, tensor in named:

@@ -36,6 +36,7 @@ from ._losses import (
     Samples,
     check_passes,
     check_tensor,
+    explained_errors,
     loss_values,
     named_features,
     observed_values,
@@ -195,6 +196,7 @@ class MultiTaskOptimizer(Bookkeeping, PlainPath, Optimizer):
         self.last_stats: Dict[str, Any] = {}
         self.skipped = 0
         self._warned_skip = False
+        self._warned_single = False
         self._accumulated: Optional[Gathered] = None
         self._pending: Optional[weights_only.Pending] = None  # weighted_loss() calls since the last step()
         # committed state: changed only by a taken step or a load
@@ -317,14 +319,15 @@ class MultiTaskOptimizer(Bookkeeping, PlainPath, Optimizer):
         if closure is not None:  # as torch optimizers do: run it first, return its value
             with torch.enable_grad():
                 result = closure()
-        if losses is None:
-            gathered, self._accumulated = self._accumulated, None
-            assert gathered is not None
-            self._run(gathered, self._rows)
-        elif (representation is None and self._plain()) or not self.schedule.runs(self._steps):
-            self._plain_step(losses, features, representation, samples)
-        else:
-            self._run(*self._gather(losses, None, features, representation, samples, once=True))
+        with explained_errors():  # e.g. losses whose graph the caller's own backward() freed
+            if losses is None:
+                gathered, self._accumulated = self._accumulated, None
+                assert gathered is not None
+                self._run(gathered, self._rows)
+            elif (representation is None and self._plain()) or not self.schedule.runs(self._steps):
+                self._plain_step(losses, features, representation, samples)
+            else:
+                self._run(*self._gather(losses, None, features, representation, samples, once=True))
         return result
 
     def accumulate(self, losses: Losses, samples: Samples = None) -> None:
@@ -346,7 +349,8 @@ class MultiTaskOptimizer(Bookkeeping, PlainPath, Optimizer):
         surgery nor the preconditioner runs on it.
         """
         weights_only.check_not_pending(self)
-        self._accumulated = self._gather(losses, self._accumulated, None, None, samples)[0]
+        with explained_errors():
+            self._accumulated = self._gather(losses, self._accumulated, None, None, samples)[0]
 
     def weighted_loss(
         self,
@@ -379,7 +383,8 @@ class MultiTaskOptimizer(Bookkeeping, PlainPath, Optimizer):
             ValueError: a row method, per-task preconditioning, representation mode,
                 several Gram blocks, FSDP2, pending ``accumulate()``, or bad losses.
         """
-        return weights_only.weighted_loss(self, losses, features, representation, samples)
+        with explained_errors():
+            return weights_only.weighted_loss(self, losses, features, representation, samples)
 
     def epoch_end(self) -> None:
         """Mark an epoch boundary for epoch-based weightings (DWA)."""
@@ -430,6 +435,7 @@ class MultiTaskOptimizer(Bookkeeping, PlainPath, Optimizer):
         source. ``once``: a whole step, not a micro-batch. ``keep``: the graph stays usable."""
         known = self._names if self._names is not None else (into.names if into is not None else None)
         parsed = parse_losses(losses, known)
+        self._note_task_count(parsed.names)
         names, loss_list, counts = parsed.names, parsed.losses, task_samples(samples, parsed)
         if self._sharded:  # FSDP2: before any backward, every rank must have the same tasks
             assert isinstance(self._rows, fsdp.FSDPRows)
