@@ -10,8 +10,8 @@ from torch import Tensor
 
 from ._per_task import (
     check_nonnegative_float,
-    check_num_losses,
     check_nonnegative_losses,
+    check_num_losses,
     check_positive_float,
     present_names,
     scalar,

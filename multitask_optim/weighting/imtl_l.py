@@ -73,9 +73,7 @@ class IMTLL(Weighting):
         return self.scale
 
     def weights(self, losses: Tensor, state: State, ctx: WeightingContext) -> tuple[Tensor, State]:
-        check_nonnegative_losses(
-            losses, present_names(ctx), "IMTL-L", "minimises e^{s_i} L_i - s_i over s_i"
-        )
+        check_nonnegative_losses(losses, present_names(ctx), "IMTL-L", "minimises e^{s_i} L_i - s_i over s_i")
         return torch.exp(detached_f64(self._bound())), state
 
     def backward(
