@@ -159,7 +159,7 @@ class Bookkeeping:
                 "MultiTaskOptimizer: step() got the loss of a single task, so nothing multi-task applies "
                 f"(surgery={self.aggregator.name!r} and the weighting see one task); pass one loss per task, "
                 "e.g. opt.step([loss_a, loss_b]), not their sum (warned once)",
-                stacklevel=4,
+                stacklevel=5,  # the caller of opt.step (through torch's step wrapper)
             )
 
     def _components(self) -> Dict[str, Any]:
