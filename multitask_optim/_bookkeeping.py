@@ -229,17 +229,25 @@ class Bookkeeping:
                     p.grad = None
 
     def _skip(self, why: str, values: Tensor, weights: Optional[Tensor] = None) -> None:
+        """Nothing written; the skip counted, with its reason (``skipped``, ``last_skip_reason``)."""
         self.engine.forget()
         if not self._engine_owns_scaler:  # weights-only mode: the caller steps and updates the scaler
             amp_update(self.grad_scaler, self, True, self._device())
         self.skipped += 1
+        self.last_skip_reason = why
         if not self._warned_skip:
             warnings.warn(
-                f"MultiTaskOptimizer skipped a step: {why} (warned once; see last_stats['skipped'])",
+                f"MultiTaskOptimizer skipped a step: {why} (warned once; see opt.skipped and "
+                "opt.last_skip_reason)",
                 stacklevel=4,
             )
             self._warned_skip = True
-        self.last_stats = {"skipped": self.skipped, "losses": values.tolist(), "skipped_step": True}
+        self.last_stats = {
+            "skipped": self.skipped,
+            "skip_reason": why,
+            "losses": values.tolist(),
+            "skipped_step": True,
+        }
         if weights is not None:  # the weights were computed: say what they were
             self.last_stats["weights"] = weights.tolist()
         return None

@@ -131,6 +131,16 @@ class MultiTaskOptimizer(Bookkeeping, PlainPath, Optimizer):
             ``last_stats["grad_norm"]`` (see :mod:`._clipping`). Default None (no clipping).
         reduction, beta, eps, beta2: deprecated spellings of ``surgery_kwargs`` /
             ``precondition_kwargs`` entries (a ``DeprecationWarning``).
+
+    Attributes:
+        skipped: how many steps were skipped (a non-finite loss, gradient, weight or
+            aggregation, an overflow): nothing was written on them. Kept in
+            :meth:`state_dict` and in ``last_stats["skipped"]``.
+        last_skip_reason: why the last skipped step was skipped (None before any);
+            also ``last_stats["skip_reason"]`` after a skipped step. Kept in
+            :meth:`state_dict`.
+        last_stats: the last step's statistics as plain Python values (see
+            :mod:`~multitask_optim.diagnostics`).
     """
 
     def __init__(
@@ -195,6 +205,7 @@ class MultiTaskOptimizer(Bookkeeping, PlainPath, Optimizer):
         self.max_grad_norm = check_max_grad_norm(max_grad_norm)
         self.last_stats: Dict[str, Any] = {}
         self.skipped = 0
+        self.last_skip_reason: Optional[str] = None
         self._warned_skip = False
         self._warned_single = False
         self._accumulated: Optional[Gathered] = None
