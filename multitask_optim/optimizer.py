@@ -54,6 +54,7 @@ from ._pipeline import (
     precondition,
     reduced,
     scale_tasks,
+    sub_components,
     sub_states,
     weighted_gram,
     weighting_gram,
@@ -533,6 +534,7 @@ class MultiTaskOptimizer(Bookkeeping, PlainPath, Optimizer):
             return None, "non-finite loss or gradient", values, None
         current = self._current_states(len(names), len(structure.blocks))
         old = sub_states(self._components(), current, present, len(names)) if full else {}
+        aggregator = sub_components(self._components(), present, len(names))["surgery"]
         weights, states, why = self._weigh(names, present, values, old, current)
         if why is not None:
             return None, why, values, weights
@@ -565,7 +567,7 @@ class MultiTaskOptimizer(Bookkeeping, PlainPath, Optimizer):
             wgram = weighting_gram(self.weighting, grads, structure, source, gram, weights)
         agg_ctx = AggregationContext(self._generator, values * weights, self._steps)
         combined = aggregate_and_combine(
-            self.aggregator,
+            aggregator,  # type: ignore[arg-type]
             old["surgery"],
             grads,
             gram,

@@ -132,7 +132,8 @@ class ConeProjection(Aggregator):
     """The hyper-parameters UPGrad and DualProj share (TorchJD's names).
 
     Args:
-        pref_vector: ``K`` weights; ``None`` means ``1/K`` each.
+        pref_vector: ``K`` weights; ``None`` means ``1/K`` each. A step lacking some
+            tasks uses the present tasks' weights, rescaled to the same total.
         norm_eps: TorchJD's threshold on ``tr(G)`` (used only with ``reg_eps > 0``).
         reg_eps: ridge added to ``G / tr(G)``; 0 (default) solves the exact problem.
 
@@ -140,6 +141,10 @@ class ConeProjection(Aggregator):
         ValueError: naming the argument if ``pref_vector`` is not a 1-D finite vector
             (or, at a call, does not have ``K`` entries) or an eps is negative.
     """
+
+    #: A step lacking some tasks uses the present tasks' preferences, rescaled to the
+    #: same total (the default ``1/K`` each becomes ``1/K'`` each).
+    per_task = {"pref_vector": "rescale"}
 
     def __init__(self, pref_vector: PrefVector = None, norm_eps: float = 0.0, reg_eps: float = 0.0) -> None:
         self.pref_vector = check_pref_vector(pref_vector)

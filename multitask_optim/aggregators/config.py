@@ -44,7 +44,8 @@ class ConFIG(GramSolver):
     values below about ``3e-7``. The two differ only for nearly dependent gradients.
 
     Args:
-        pref_vector: ``K`` target cosines (up to scale); ``None`` means all ones.
+        pref_vector: ``K`` target cosines (up to scale); ``None`` means all ones. A step
+            lacking some tasks uses the present tasks' entries.
 
     Raises:
         ValueError: naming ``pref_vector`` if it is not a finite 1-D vector (or, at a
@@ -53,6 +54,10 @@ class ConFIG(GramSolver):
 
     name = "config"
     unit_scale = True  # the coefficients do not change when G is scaled
+
+    #: A step lacking some tasks uses the present tasks' target cosines (rescaled to the
+    #: same total; ConFIG does not depend on their scale).
+    per_task = {"pref_vector": "rescale"}
 
     def __init__(self, pref_vector: PrefVector = None) -> None:
         self.pref_vector = check_pref_vector(pref_vector)
