@@ -52,6 +52,11 @@ Source = Union[ParameterRows, RepresentationRows]
 class Bookkeeping:
     """Committed state of a multi-task optimizer and the rules that change it."""
 
+    #: Why the last skipped step was skipped (None before any; :meth:`_skip` sets it).
+    last_skip_reason: Optional[str] = None
+    #: Whether the one-task warning was given (:meth:`_note_task_count`).
+    _warned_single: bool = False
+
     #: True while weights-only mode runs: the engine that runs the backward owns the loss scaler
     _engine_owns_scaler = False
 

@@ -243,9 +243,11 @@ def aggregate_and_combine(
     ``weights`` multiply the coefficients when the rows do not carry them (Gram-space
     weighting); ``None`` when they do. ``combine=False``: the coefficients only (no
     updates; weights-only mode, where the caller's backward of ``sum_i c_i w_i L_i``
-    forms them).
+    forms them). The aggregator is told the precision of each block's rows
+    (``ctx.rounding``, :meth:`~._gradients.TaskGradients.gram_rounding`).
     """
     shared = partition.shared
+    ctx = replace(ctx, rounding=grads.gram_rounding(blocks))
     if isinstance(aggregator, RowAggregator):
         rows = grads.block_rows(blocks, shared)  # FSDP2: this rank's shards, ctx.shards says which
         ctx = replace(ctx, shards=grads.shards(blocks, shared))

@@ -35,7 +35,6 @@ from ._losses import (
     Losses,
     Samples,
     check_passes,
-    check_tensor,
     explained_errors,
     loss_values,
     named_features,
@@ -61,7 +60,7 @@ from ._pipeline import (
 )
 from ._plain import PlainPath
 from ._schedule import Schedule
-from ._sources import ParameterRows, RepresentationRows
+from ._sources import ParameterRows, RepresentationRows, check_representation
 from .aggregators import AggregationContext, Aggregator
 from .partition import Partition, TasksArg
 from .precondition import Preconditioner
@@ -134,14 +133,9 @@ class MultiTaskOptimizer(Bookkeeping, PlainPath, Optimizer):
             ``precondition_kwargs`` entries (a ``DeprecationWarning``).
 
     Attributes:
-        skipped: how many steps were skipped (a non-finite loss, gradient, weight or
-            aggregation, an overflow): nothing was written on them. Kept in
-            :meth:`state_dict` and in ``last_stats["skipped"]``.
-        last_skip_reason: why the last skipped step was skipped (None before any);
-            also ``last_stats["skip_reason"]`` after a skipped step. Kept in
-            :meth:`state_dict`.
-        last_stats: the last step's statistics as plain Python values (see
-            :mod:`~multitask_optim.diagnostics`).
+        skipped: how many steps were skipped (nothing written on them; ``last_stats``).
+        last_skip_reason: why the last one was (None before any); both in :meth:`state_dict`.
+        last_stats: the last step's statistics, plain Python values (:mod:`.diagnostics`).
     """
 
     def __init__(
@@ -206,9 +200,7 @@ class MultiTaskOptimizer(Bookkeeping, PlainPath, Optimizer):
         self.max_grad_norm = check_max_grad_norm(max_grad_norm)
         self.last_stats: Dict[str, Any] = {}
         self.skipped = 0
-        self.last_skip_reason: Optional[str] = None
         self._warned_skip = False
-        self._warned_single = False
         self._accumulated: Optional[Gathered] = None
         self._pending: Optional[weights_only.Pending] = None  # weighted_loss() calls since the last step()
         # committed state: changed only by a taken step or a load
@@ -331,15 +323,14 @@ class MultiTaskOptimizer(Bookkeeping, PlainPath, Optimizer):
         if closure is not None:  # as torch optimizers do: run it first, return its value
             with torch.enable_grad():
                 result = closure()
-        with explained_errors():  # e.g. losses whose graph the caller's own backward() freed
-            if losses is None:
-                gathered, self._accumulated = self._accumulated, None
-                assert gathered is not None
-                self._run(gathered, self._rows)
-            elif (representation is None and self._plain()) or not self.schedule.runs(self._steps):
-                self._plain_step(losses, features, representation, samples)
-            else:
-                self._run(*self._gather(losses, None, features, representation, samples, once=True))
+        if losses is None:
+            gathered, self._accumulated = self._accumulated, None
+            assert gathered is not None
+            self._run(gathered, self._rows)
+        elif (representation is None and self._plain()) or not self.schedule.runs(self._steps):
+            self._plain_step(losses, features, representation, samples)
+        else:
+            self._run(*self._gather(losses, None, features, representation, samples, once=True))
         return result
 
     def accumulate(self, losses: Losses, samples: Samples = None) -> None:
@@ -361,8 +352,7 @@ class MultiTaskOptimizer(Bookkeeping, PlainPath, Optimizer):
         surgery nor the preconditioner runs on it.
         """
         weights_only.check_not_pending(self)
-        with explained_errors():
-            self._accumulated = self._gather(losses, self._accumulated, None, None, samples)[0]
+        self._accumulated = self._gather(losses, self._accumulated, None, None, samples)[0]
 
     def weighted_loss(
         self,
@@ -395,8 +385,7 @@ class MultiTaskOptimizer(Bookkeeping, PlainPath, Optimizer):
             ValueError: a row method, per-task preconditioning, representation mode,
                 several Gram blocks, FSDP2, pending ``accumulate()``, or bad losses.
         """
-        with explained_errors():
-            return weights_only.weighted_loss(self, losses, features, representation, samples)
+        return weights_only.weighted_loss(self, losses, features, representation, samples)
 
     def epoch_end(self) -> None:
         """Mark an epoch boundary for epoch-based weightings (DWA)."""
@@ -453,16 +442,7 @@ class MultiTaskOptimizer(Bookkeeping, PlainPath, Optimizer):
             assert isinstance(self._rows, fsdp.FSDPRows)
             self._rows.agree_on_tasks(names, parsed.present, first=into is None)
         if representation is not None:
-            check_tensor(representation, "representation")
-            if self.preconditioner is not None:
-                raise ValueError("precondition is not supported in representation mode (representation=)")
-            if self.aggregator.needs_jacobian:
-                raise ValueError(
-                    f"surgery {self.aggregator.name!r} reads the Jacobian's rows and does not run in "
-                    "representation mode (representation=); use a Gram-based surgery or parameter mode"
-                )
-            if parsed.partial and world_size() > 1:
-                raise ValueError("representation mode (representation=) needs every task on every rank")
+            check_representation(representation, self.preconditioner, self.aggregator, parsed.partial)
         values = loss_values(loss_list)
         bad = None if world_size() > 1 else non_finite_losses(parsed.present_names, values)
         weights = None if counts is None else torch.tensor(counts, dtype=torch.float64)
@@ -474,14 +454,17 @@ class MultiTaskOptimizer(Bookkeeping, PlainPath, Optimizer):
             if tensor is not None:
                 check_passes(tensor, graph, name)
         structure = self._structure(parsed, graph, into.structure if into is not None else None)
+        scale = current_scale(self.grad_scaler)
         source: Source = (
-            RepresentationRows(representation, graph, self.engine)
+            RepresentationRows(representation, graph, self.engine, scale)
             if representation is not None
             else self._rows
         )
-        scale = current_scale(self.grad_scaler)
         scaled = [loss * scale for loss in loss_list] if scale != 1.0 else loss_list
-        grads = source.gather(scaled, graph, structure.partition, once and len(structure.blocks) == 1, keep)
+        with explained_errors():  # e.g. losses whose graph the caller's own backward() freed
+            grads = source.gather(
+                scaled, graph, structure.partition, once and len(structure.blocks) == 1, keep
+            )
         if scale != 1.0:
             grads = grads.scaled([1.0 / scale] * len(loss_list))
         out = Gathered(names, values, structure, grads, present=parsed.present, samples=weights)
