@@ -21,8 +21,8 @@ NOISE_FACTOR = 4.0
 
 def noise_floor(ctx: AggregationContext, num_tasks: int, num_blocks: int) -> Tensor:
     """``(B,)`` float64: per block, the eigenvalue of the ``K x K`` cosine matrix below
-    which it is rounding noise of the Gram, ``4 K ctx.rounding`` (about ``5e-7 K`` for a
-    Gram of float32 rows, ``1e-15 K`` for one formed in float64).
+    which the rows' precision cannot resolve it, ``4 K ctx.rounding`` (about ``5e-7 K``
+    for float32 rows, ``1e-15 K`` for float64 ones).
 
     Raises:
         ValueError: ``ctx.rounding`` has neither one entry nor one per block.
@@ -36,9 +36,9 @@ def noise_floor(ctx: AggregationContext, num_tasks: int, num_blocks: int) -> Ten
 
 
 def clean_gram(gram: Tensor, noise: Tensor) -> Tensor:
-    """The Gram matrices with what their rounding cannot resolve set to exactly zero.
+    """The Gram matrices with what the rows' precision cannot resolve set to exactly zero.
 
-    Each entry of a Gram formed in float32 is off by about ``eps ||g_i|| ||g_j||``, so in
+    Each entry of a Gram of float32 rows is off by about ``eps ||g_i|| ||g_j||``, so in
     the cosine matrix ``C = D^-1 G D^-1`` (``D = diag ||g_i||``) every entry is off by
     about ``eps``. A rank-deficient Gram (a 3-element bias with 4 tasks, duplicated or
     dependent rows) then has eigenvalues of about ``+-1e-8`` where the exact ones are 0,
