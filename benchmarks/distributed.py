@@ -1,7 +1,11 @@
-"""Two gloo ranks on the speed benchmark's MLP: DDP and FSDP2, ours vs the plain step on ``sum(losses)``.
+"""Two ranks on the speed benchmark's MLP: DDP and FSDP2, ours vs the plain step on ``sum(losses)``.
 
     python -m benchmarks.speed --distributed            # K = 4, 10 timed rounds
     python -m benchmarks.speed --distributed --k 8 --reps 5 --width 512
+    python -m benchmarks.speed --distributed --device cuda   # NCCL, one GPU per rank (needs 2)
+
+On the CPU the ranks talk over gloo; with ``--device cuda`` rank ``r`` runs on
+``cuda:r`` over NCCL, and every timed step is bracketed by ``torch.cuda.synchronize``.
 
 Four implementations, each on its own copy of the model (same init), each rank on half
 of every batch, one thread per rank:
@@ -31,7 +35,7 @@ import os
 import random
 import statistics
 import tempfile
-import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Dict, List
 
@@ -41,6 +45,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from .common import git_info, machine_info
+from .speed_timing import step_timer
 from .workloads import WorkloadConfig, build_model, make_data
 
 WORLD = 2
@@ -148,11 +153,23 @@ def _setup(name: str, cfg: WorkloadConfig, k: int, counter: Counter) -> Callable
     return step
 
 
+def _rank_config(cfg: WorkloadConfig, rank: int) -> WorkloadConfig:
+    """The rank's workload: on ``cuda:rank`` when the benchmark runs on CUDA."""
+    if torch.device(cfg.device).type == "cuda":
+        return replace(cfg, device=f"cuda:{rank}")
+    return cfg
+
+
 def _worker(rank: int, world: int, root: str, args: Dict[str, Any]) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{root}/rendezvous", rank=rank, world_size=world)
+    cfg = _rank_config(WorkloadConfig.from_dict(args["cfg"]), rank)
+    device = torch.device(cfg.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, init_method=f"file://{root}/rendezvous", rank=rank, world_size=world)
     try:
-        cfg = WorkloadConfig.from_dict(args["cfg"])
+        timed = step_timer(device)
         k = args["k"]
         data = make_data(cfg, k)
         per = cfg.batch // world
@@ -169,9 +186,8 @@ def _worker(rank: int, world: int, root: str, args: Dict[str, Any]) -> None:
             for name in order:
                 dist.barrier()
                 counter.sent = {}
-                start = time.perf_counter()
-                steps[name](local[rnd % len(local)])
-                elapsed = time.perf_counter() - start
+                batch = local[rnd % len(local)]
+                elapsed = timed(lambda: steps[name](batch)) / 1e3  # noqa: B023 (called at once)
                 if rnd >= args["warmup"]:
                     times[name].append(elapsed)
                     sent[name] = dict(counter.sent)
@@ -184,9 +200,15 @@ def _worker(rank: int, world: int, root: str, args: Dict[str, Any]) -> None:
 
 
 def run(cfg: WorkloadConfig, k: int, reps: int, warmup: int, seed: int, out: Path) -> Dict[str, Any]:
+    cuda = torch.device(cfg.device).type == "cuda"
+    if cuda and torch.cuda.device_count() < WORLD:
+        raise SystemExit(
+            f"--distributed --device cuda needs {WORLD} GPUs, this machine has {torch.cuda.device_count()}"
+        )
     with tempfile.TemporaryDirectory() as root:
         args = {"cfg": cfg.to_dict(), "k": k, "reps": reps, "warmup": warmup, "seed": seed}
-        method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+        # CUDA cannot be used again in a forked child: spawn the ranks there
+        method = "fork" if "fork" in mp.get_all_start_methods() and not cuda else "spawn"
         mp.start_processes(_worker, args=(WORLD, root, args), nprocs=WORLD, join=True, start_method=method)
         with open(os.path.join(root, "result.json")) as f:
             raw = json.load(f)
@@ -212,12 +234,15 @@ def run(cfg: WorkloadConfig, k: int, reps: int, warmup: int, seed: int, out: Pat
         "trunk_params": trunk,
         "reps": reps,
         "rows": rows,
-        "machine": machine_info(),
+        "backend": "nccl" if cuda else "gloo",
+        "machine": machine_info(cfg.device),
         "git": git_info(),
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "speed_distributed.json").write_text(json.dumps(doc, indent=2))
-    print(f"2 gloo ranks, K={k}, trunk P={trunk:,} params, batch {cfg.batch} ({cfg.batch // WORLD} per rank)")
+    print(
+        f"{WORLD} {'nccl' if cuda else 'gloo'} ranks, K={k}, trunk P={trunk:,} params, batch {cfg.batch} ({cfg.batch // WORLD} per rank)"
+    )
     print(f"{'impl':12s} {'ms/step':>9s} {'x floor':>8s} {'MB sent/step/rank':>18s}  by collective (MB)")
     for r in rows:
         parts = ", ".join(f"{kind} {v / 1e6:.2f}" for kind, v in sorted(r["sent_bytes"].items()))

@@ -11,7 +11,9 @@ metrics and Delta_m% as mean +- std over seeds:
     python -m benchmarks.quality --suites toy --toy-methods equal,mgda,pcgrad
 
 Output goes to ``benchmarks/out/`` (git-ignored) unless ``--out`` says otherwise; no
-result file records an absolute path.
+result file records an absolute path. ``--device`` (default: CUDA when available) is
+where the supervised suites train; the JSON records it with the torch, CUDA and cuDNN
+versions.
 
 The benchmark, by concern:
 
@@ -42,7 +44,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple
 
-from .common import DEFAULT_OUT, machine_info, portable_path
+from .common import DEFAULT_OUT, add_device_argument, machine_info, portable_path
 from .quality_data import toy_pareto_set
 from .quality_methods import FULL_METHODS, METHODS, TOY_ALLOWED, TOY_FULL
 from .quality_plots import make_plots
@@ -61,7 +63,7 @@ def run(cfg: Config, progress: bool = True) -> Dict[str, Any]:
     doc: Dict[str, Any] = {
         "benchmark": "quality",
         "config": cfg.to_dict(),
-        "machine": machine_info(workers=cfg.workers, threads_per_worker=cfg.threads),
+        "machine": machine_info(cfg.device, workers=cfg.workers, threads_per_worker=cfg.threads),
         "suites": {},
     }
     for name in SUPERVISED:
@@ -101,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--toy-lr", type=float, default=None)
     p.add_argument("--workers", type=int, default=None, help="processes (default: min(2, cores))")
     p.add_argument("--threads", type=int, default=None, help="torch threads per worker (default 1)")
+    add_device_argument(p)
     p.add_argument(
         "--out",
         type=Path,
@@ -159,6 +162,7 @@ def config_from(args: argparse.Namespace) -> Config:
     cfg.toy = replace(cfg.toy, **_given(steps=args.toy_steps, lr=args.toy_lr))
     cfg.workers = args.workers if args.workers is not None else max(1, min(2, os.cpu_count() or 1))
     cfg.threads = args.threads if args.threads is not None else 1
+    cfg.device = str(args.device)
     if not args.no_plots:
         cfg.plot_dir = str(args.plot_dir)
     return cfg

@@ -101,6 +101,16 @@ def _rlw(ctx: MethodContext) -> Dict[str, Any]:
     return {"weighting_kwargs": {"scale": "sumK"}}
 
 
+def _db_mtl_for_adam(ctx: MethodContext) -> Dict[str, Any]:
+    """DB-MTL without its gradient EMA: the inner Adam keeps its own moving average."""
+    return {"surgery_kwargs": {"beta": 0.0}}
+
+
+def _moco_for_adam(ctx: MethodContext) -> Dict[str, Any]:
+    """MoCo without gradient tracking (y = the current normalised gradient): the inner Adam averages."""
+    return {"surgery_kwargs": {"beta": 1.0, "beta_sigma": 0.0}}
+
+
 def _adam(params: Iterable[Tensor], lr: float, sgd_lr: float) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=lr)
 
@@ -223,7 +233,13 @@ WAVE2 = (
     Method("graddrop", "GradDrop", surgery="graddrop"),
     Method("excess_mtl", "ExcessMTL", surgery="excess_mtl"),
     Method("db_mtl", "DB-MTL", surgery="db_mtl"),
+    Method(
+        "db_mtl-b0", "DB-MTL (beta=0: no gradient EMA, for Adam)", surgery="db_mtl", extra=_db_mtl_for_adam
+    ),
     Method("moco", "MoCo", surgery="moco"),
+    Method(
+        "moco-b1", "MoCo (beta=1, beta_sigma=0: no tracking, for Adam)", surgery="moco", extra=_moco_for_adam
+    ),
     Method("famo", "FAMO", weighting="famo"),
     Method("gls", "GLS", weighting="gls"),
     Method("imtl_l", "IMTL-L", weighting="imtl_l"),

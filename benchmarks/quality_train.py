@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from multitask_optim import MultiTaskOptimizer
 from multitask_optim.diagnostics import StatsHistory, plot_history
 
+from .common import default_device
 from .quality_data import (
     TOY_STARTS,
     distance_to_set,
@@ -73,6 +74,9 @@ class Config:
     settings: MethodSettings = field(default_factory=MethodSettings)
     workers: int = 2
     threads: int = 1
+    #: where the supervised suites train (models, data, optimizers); they are evaluated on
+    #: the CPU, and the toy's 2-D points always run there (a device would only add launches)
+    device: str = field(default_factory=default_device)
     #: folder of the diagnostics plot of one run (PCGrad on MultiDigits, first seed); None: no plot
     plot_dir: Optional[str] = None
 
@@ -196,18 +200,21 @@ def train_run(suite_name: str, method_name: str, seed: int, cfg: Config) -> Dict
     suite = cfg.suite(suite_name)
     data = suite.data(seed)
     torch.manual_seed(seed)
-    model = suite.model()
+    model = suite.model().to(cfg.device)  # initialised on the CPU: the same weights on any device
+    # the inputs and targets the model reads go to the device; the batching metadata stays
+    placed = {**data, "x_train": data["x_train"].to(cfg.device), "y_train": data["y_train"].to(cfg.device)}
     total = math.ceil(data["x_train"].shape[0] / suite.batch) * suite.epochs
     gen = torch.Generator().manual_seed(10_007 * (seed + 1))
     stats: Dict[str, Any] = {}
     t0 = time.perf_counter()
     if method_name.startswith("single:"):
         task = int(method_name.split(":")[1])
-        _train_single(suite, model, data, task, gen)
+        _train_single(suite, model, placed, task, gen)
     else:
-        stats = _run_multitask(suite, model, data, method_name, seed, total, gen, cfg)
+        stats = _run_multitask(suite, model, placed, method_name, seed, total, gen, cfg)
+    _synchronize(cfg.device)
     elapsed = time.perf_counter() - t0
-    model.eval()
+    model.cpu().eval()
     metrics = suite.evaluate(model, data)
     if method_name.startswith("single:"):
         name = suite.tasks[int(method_name.split(":")[1])]
@@ -316,6 +323,12 @@ def _toy_result(method_name: str, start: int, final: List[float], toy: ToyConfig
         "stationarity": toy_stationarity(final),
         "reached_pareto": gap <= toy.tolerance,
     }
+
+
+def _synchronize(device: str) -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously), so a run's time is its own."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 _THREADS_SET: Optional[int] = None

@@ -18,6 +18,14 @@ to the ``floor`` (inner optimizer on ``sum(losses)``) of the same run.
     python -m benchmarks.speed --distributed         # 2 gloo ranks: DDP and FSDP2, bytes sent per step
     python -m benchmarks.speed --schedule --k 8      # PCGrad every k = 1, 2, 4, 8 steps: mean step cost
     python -m benchmarks.speed --one ours-pcgrad --k 8 --steps 20   # e.g. under cProfile
+    python -m benchmarks.speed --gpu-table           # the GPU's speed and memory table (MLP, CNN; K=4,16,40)
+
+Every mode takes ``--device`` (default: CUDA when available): models, data and every
+optimizer live there, each timed step is bracketed by ``torch.cuda.synchronize`` on
+CUDA, and every JSON records the device, its name and the torch, CUDA and cuDNN versions
+(:func:`benchmarks.common.device_info`). ``--timer cpu`` times this process's CPU time
+instead of the wall clock (CPU only: steadier on a shared machine; it counts work, not
+latency). ``--head-outputs`` gives every head several outputs.
 
 Results go to ``benchmarks/out/`` (git-ignored) unless ``--out`` says otherwise (the
 README's figures: ``--out benchmarks/results``). Anchors that are not importable
@@ -30,50 +38,39 @@ import argparse
 import json
 import os
 import random
-import statistics
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
-from torch import Tensor
 
-from .common import DEFAULT_OUT, git_info, machine_info
-from .speed_impls import IMPLS, SCALING_IMPLS, SCHEDULE_IMPLS, TINY_IMPLS, adam, availability, gradient_mode
-from .speed_report import aggregation_table, markdown_table, memory_table, plot, plot_scaling, ratio_table
-from .speed_timing import MEMORY_REPEATS, k_cells, memory_child, run_memory, time_aggregation, time_steps
-from .workloads import (
-    CNN32,
-    TINY,
-    WorkloadConfig,
-    build_model,
-    conflict_stats,
-    expected_conflict_fraction,
-    make_data,
+from .common import (
+    DEFAULT_OUT,
+    add_device_argument,
+    git_info,
+    load_json,
+    machine_info,
+    write_json,
+    write_text,
 )
-
-
-def sgd_tiny(params: Iterable[Tensor]) -> torch.optim.Optimizer:
-    """The inner optimizer of TorchJD's example: ``SGD(lr=0.1)``."""
-    return torch.optim.SGD(params, lr=0.1)
-
-
-def _write_json(path: Path, doc: Dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(doc, indent=1))
-
-
-def _write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text + "\n")
-
-
-def _load(path: Path) -> Dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-
+from .speed_gpu import run_gpu_table
+from .speed_impls import IMPLS, adam, availability, gradient_mode
+from .speed_report import aggregation_table, markdown_table, memory_table, plot
+from .speed_scaling import run_scaling
+from .speed_schedule import run_schedule
+from .speed_timing import (
+    TIMERS,
+    k_cells,
+    memory_child,
+    memory_measure,
+    memory_repeats,
+    probe_conflict,
+    run_memory,
+    step_timer,
+    time_steps,
+)
+from .speed_tiny import run_tiny
+from .workloads import WorkloadConfig, build_model, make_data
 
 # ---------------------------------------------------------------------- --one, --list
 
@@ -90,10 +87,12 @@ def run_one(args: argparse.Namespace, cfg: WorkloadConfig) -> Dict[str, Any]:
     step = IMPLS[args.one].setup(build_model(cfg, args.k), adam)
     data = make_data(cfg, args.k)
     step(data[0])
-    start = time.perf_counter()
-    for n in range(args.steps):
-        step(data[n % len(data)])
-    ms = (time.perf_counter() - start) * 1e3 / max(args.steps, 1)
+
+    def steps() -> None:
+        for n in range(args.steps):
+            step(data[n % len(data)])
+
+    ms = step_timer(torch.device(cfg.device), args.timer)(steps) / max(args.steps, 1)
     print(f"{args.one} K={args.k}: {ms:.1f} ms/step over {args.steps} steps (mode {gradient_mode(step)})")
     return {"impl": args.one, "k": args.k, "mean_ms": ms}
 
@@ -105,11 +104,6 @@ def run_list(names: Sequence[str], available: Dict[str, Optional[str]]) -> Dict[
 
 
 # ---------------------------------------------------------------------- --memory
-def memory_repeats(args: argparse.Namespace) -> int:
-    """Fresh processes per memory cell (their median is reported)."""
-    return args.memory_repeats or (1 if args.quick else MEMORY_REPEATS)
-
-
 def run_memory_mode(
     args: argparse.Namespace, cfg: WorkloadConfig, names: Sequence[str], ks: Sequence[int], json_path: Path
 ) -> Dict[str, Any]:
@@ -118,21 +112,22 @@ def run_memory_mode(
     skipped = {n: why for n, why in available.items() if why is not None}
     print(f"memory ({cfg.kind}), fresh subprocess per implementation and K", flush=True)
     runnable = [n for n in names if available[n] is None]
-    memory = run_memory(runnable, ks, cfg, args.memory_timeout, args.threads, memory_repeats(args))
+    memory = run_memory(
+        runnable, ks, cfg, args.memory_timeout, args.threads, memory_repeats(args.memory_repeats, args.quick)
+    )
     for n, why in skipped.items():
         memory[n] = {str(k): {"impl": n, "k": k, "skipped": why} for k in ks}
-    doc = _load(json_path)
-    doc.setdefault("machine", machine_info(threads=args.threads))
+    doc = load_json(json_path)
+    doc.setdefault("machine", machine_info(cfg.device, threads=args.threads))
     doc["memory"] = {
         "config": cfg.to_dict(),
         "ks": list(ks),
         "steps": 3,
         "git": git_info(),
-        "measure": "ru_maxrss after 3 steps minus ru_maxrss after imports + model/data + one "
-        "forward (no backward), fresh subprocess per implementation and K",
+        "measure": memory_measure(cfg.device),
         "delta_mb": memory,
     }
-    _write_json(json_path, doc)
+    write_json(json_path, doc)
     print("\npeak extra RSS (MB) over a forward-only baseline, 3 steps, median of fresh processes\n")
     print(memory_table({n: memory[n] for n in names if n in memory}, ks))
     return doc
@@ -165,18 +160,6 @@ def _rounds_for(args: argparse.Namespace, ks: Sequence[int], started: float) -> 
     return rounds_for
 
 
-def _probe_conflict(cfg: WorkloadConfig, k: int, agg_calls: int) -> Tuple[Dict[str, Any], Dict[str, float]]:
-    """Task-gradient conflict at init, and the aggregation-only timings on its Gram."""
-    stats = conflict_stats(build_model(cfg, k), make_data(cfg, k)[0])
-    print(
-        f"K={k}: {stats.conflicting}/{stats.pairs} task pairs conflict on the trunk at init "
-        f"({stats.fraction:.0%}; cosine mean {stats.mean_cos:+.3f}, min {stats.min_cos:+.3f})",
-        flush=True,
-    )
-    conflict = {**stats.to_dict(), "expected_fraction": expected_conflict_fraction(k)}
-    return conflict, time_aggregation(stats.gram, agg_calls)
-
-
 def run_sweep(
     args: argparse.Namespace,
     cfg: WorkloadConfig,
@@ -190,7 +173,7 @@ def run_sweep(
     for n, why in skipped.items():
         print(f"skip {n}: {why}", flush=True)
     runnable = [n for n in names if available[n] is None]
-    machine = machine_info(threads=args.threads)
+    machine = machine_info(cfg.device, threads=args.threads, timer=args.timer)
     print(
         f"torch {machine['torch']}, {args.threads} threads, {machine['cpu_model']}, "
         f"load {machine['loadavg_start'][0]:.2f}; workload {cfg.kind}, batch {cfg.batch}",
@@ -205,13 +188,13 @@ def run_sweep(
     for index, k in enumerate(ks):
         _sweep_one_k(args, cfg, k, runnable, names, skipped, rounds_for(k, index), rng, sweep)
     doc = _sweep_doc(args, cfg, ks, machine, sweep, skipped, started)
-    previous = _load(paths["json"])
+    previous = load_json(paths["json"])
     if previous.get("memory", {}).get("config") == cfg.to_dict():
         doc["memory"] = previous["memory"]
-    _write_json(paths["json"], doc)
+    write_json(paths["json"], doc)
     rendered = _sweep_text(cfg, names, ks, machine, sweep, skipped, args.threads)
     print("\n" + rendered)
-    _write_text(paths["markdown"], rendered)
+    write_text(paths["markdown"], rendered)
     if not args.no_plot:
         title = f"full step time / floor ({cfg.kind} trunk, batch {cfg.batch})"
         plot(sweep["results"], names, ks, paths["plot"], title)
@@ -231,12 +214,14 @@ def _sweep_one_k(
     rng: random.Random,
     sweep: Dict[str, Any],
 ) -> None:
-    sweep["conflict"][str(k)], agg = _probe_conflict(cfg, k, args.agg_calls)
+    agg: Dict[str, float] = {}
+    if args.agg_calls > 0:  # 0: no conflict probe (K backward passes) and no aggregation timing
+        sweep["conflict"][str(k)], agg = probe_conflict(cfg, k, args.agg_calls)
     for label, us in agg.items():
         sweep["aggregation"][label][str(k)] = us
     t0 = time.perf_counter()
     load_before = os.getloadavg()[0]
-    res = time_steps(runnable, cfg, k, reps, args.warmup, rng)
+    res = time_steps(runnable, cfg, k, reps, args.warmup, rng, timer=args.timer)
     sweep["rounds"][str(k)] = res.rounds
     sweep["loads"][str(k)] = {"before": load_before, "after": os.getloadavg()[0]}
     for n, cell in k_cells(res, names, skipped).items():
@@ -250,8 +235,8 @@ def _sweep_one_k(
                 sweep["paths"].setdefault(n, {})[str(k)] = res.paths[n]
     print(
         f"  K={k}: {res.rounds} rounds in {time.perf_counter() - t0:.0f}s (load "
-        f"{load_before:.1f} -> {sweep['loads'][str(k)]['after']:.1f}); agg-only "
-        f"pcgrad {agg['pcgrad']:.0f} us, gradvac {agg['gradvac']:.0f} us",
+        f"{load_before:.1f} -> {sweep['loads'][str(k)]['after']:.1f})"
+        + "".join(f"; agg-only {label} {us:.0f} us" for label, us in agg.items()),
         flush=True,
     )
     for n in names:
@@ -320,305 +305,6 @@ def _sweep_text(
     return "\n".join(text)
 
 
-# ---------------------------------------------------------------------- --tiny
-
-
-def paired_ratio(times: Dict[str, List[float]], a: str, b: str) -> Dict[str, Optional[float]]:
-    """``a / b``: of the medians, of the bests, and the median of the per-round ratios."""
-    if not times.get(a) or not times.get(b):
-        return {"median": None, "best": None, "paired": None}
-    ta, tb = times[a], times[b]
-    return {
-        "median": statistics.median(ta) / statistics.median(tb),
-        "best": min(ta) / min(tb),
-        "paired": statistics.median(x / y for x, y in zip(ta, tb)),
-    }
-
-
-TINY_RATIOS = (
-    ("ours-pcgrad", "torchjd-pcgrad"),
-    ("ours-sum", "floor"),
-    ("ours-pcgrad", "floor"),
-    ("torchjd-pcgrad", "floor"),
-    ("torchjd-upgrad", "floor"),
-)
-
-
-def run_tiny(args: argparse.Namespace, out: Path) -> Dict[str, Any]:
-    """TorchJD's example network: our PCGrad step vs TorchJD's, ours without surgery vs the floor."""
-    cfg = WorkloadConfig.from_dict({**TINY.to_dict(), "seed": args.seed})
-    available = availability(TINY_IMPLS)
-    runnable = [n for n in TINY_IMPLS if available[n] is None]
-    rounds = args.reps or (200 if args.quick else 3000)
-    warmup = max(args.warmup, 20)
-    started = time.perf_counter()
-    res = time_steps(runnable, cfg, 2, rounds, warmup, random.Random(args.seed), inner=sgd_tiny, gc_every=100)
-    ratios = {f"{a} / {b}": paired_ratio(res.times_ms, a, b) for a, b in TINY_RATIOS}
-    skipped = {n: why for n, why in available.items() if why is not None}
-    doc = {
-        "machine": machine_info(threads=args.threads),
-        "config": {
-            "workload": cfg.to_dict(),
-            "k": 2,
-            "rounds": res.rounds,
-            "warmup": warmup,
-            "inner": "torch.optim.SGD(lr=0.1) (TorchJD's example)",
-            "wall_seconds": time.perf_counter() - started,
-        },
-        "results": {n: c for n, c in k_cells(res, TINY_IMPLS, skipped).items()},
-        "ratios": ratios,
-        "gradient_modes": {n: m for n, m in res.modes.items() if m},
-    }
-    text = "\n".join(
-        [
-            f"TorchJD's example network (10->5->3 shared MLP, two Linear(3,1) heads, batch 16, MSE, "
-            f"inner SGD(lr=0.1)), {res.rounds} interleaved rounds, {args.threads} thread(s)",
-            "",
-            markdown_table({n: {"2": c} for n, c in doc["results"].items()}, TINY_IMPLS, [2]),
-            "",
-            ratio_table(ratios),
-        ]
-    )
-    print("\n" + text)
-    _write_json(out / "speed_tiny.json", doc)
-    _write_text(out / "speed_tiny.md", text)
-    print(f"\nwrote {out / 'speed_tiny.json'}, {out / 'speed_tiny.md'}")
-    return doc
-
-
-# ---------------------------------------------------------------------- --schedule
-
-
-def run_schedule(args: argparse.Namespace, cfg: WorkloadConfig, out: Path) -> Dict[str, Any]:
-    """Average step cost of PCGrad run every k = 1, 2, 4, 8 steps (``surgery_every``) at one K.
-
-    Interleaved rounds as in the sweep; the rounds are a multiple of 8 so every
-    implementation's timed steps cover whole schedule periods, and the *mean* (not the
-    median, which would pick the plain steps) is the average step cost.
-    """
-    k = args.k
-    available = availability(SCHEDULE_IMPLS)
-    runnable = [n for n in SCHEDULE_IMPLS if available[n] is None]
-    rounds = args.reps or (16 if args.quick else 64)
-    rounds = 8 * max(1, round(rounds / 8))
-    warmup = 8 * max(1, args.warmup)  # whole periods, so the timed steps start at a period boundary
-    started = time.perf_counter()
-    res = time_steps(runnable, cfg, k, rounds, warmup, random.Random(args.seed))
-    mean = {n: statistics.fmean(t) for n, t in res.times_ms.items()}
-    median = {n: statistics.median(t) for n, t in res.times_ms.items()}
-    doc = {
-        "machine": machine_info(threads=args.threads),
-        "config": {
-            "workload": cfg.to_dict(),
-            "k": k,
-            "rounds": res.rounds,
-            "warmup": warmup,
-            "wall_seconds": time.perf_counter() - started,
-        },
-        "mean_ms": mean,
-        "median_ms": median,
-        "mean_over_floor": {n: mean[n] / mean["floor"] for n in mean if "floor" in mean},
-        "mean_over_every1": {n: mean[n] / mean["ours-pcgrad"] for n in mean if "ours-pcgrad" in mean},
-        "failed": res.failed,
-    }
-    lines = [
-        f"PCGrad on a schedule (surgery_every = k), K = {k}, {cfg.kind} trunk, {res.rounds} interleaved "
-        f"rounds, {args.threads} thread(s); mean = average step cost over whole schedule periods",
-        "",
-        "| implementation | mean ms/step | median ms/step | mean / floor | mean / every step |",
-        "| --- | ---: | ---: | ---: | ---: |",
-    ]
-    for n in runnable:
-        if n in mean:
-            lines.append(
-                f"| {n} | {mean[n]:.2f} | {median[n]:.2f} | {doc['mean_over_floor'].get(n, float('nan')):.2f} | "
-                f"{doc['mean_over_every1'].get(n, float('nan')):.2f} |"
-            )
-    text = "\n".join(lines)
-    print("\n" + text)
-    _write_json(out / "speed_schedule.json", doc)
-    _write_text(out / "speed_schedule.md", text)
-    print(f"\nwrote {out / 'speed_schedule.json'}, {out / 'speed_schedule.md'}")
-    return doc
-
-
-# ---------------------------------------------------------------------- --scaling
-
-
-def scaling_workloads(args: argparse.Namespace) -> Dict[str, Tuple[WorkloadConfig, List[int]]]:
-    """The trunks and Ks of the scaling sweep (``--quick``: tiny sizes that run in seconds)."""
-    if args.quick:
-        cnn = WorkloadConfig(kind="cnn", in_channels=3, image=8, channels=(4, 8), cnn_hidden=16, batch=8)
-        mlp = WorkloadConfig(in_dim=16, width=32, depth=2, batch=8)
-        return {"cnn": (cnn, args.cnn_ks or [2, 3]), "mlp": (mlp, args.mlp_ks or [3])}
-    return {"cnn": (CNN32, args.cnn_ks or [8, 16, 40]), "mlp": (WorkloadConfig(), args.mlp_ks or [40])}
-
-
-def _scaling_trunk(
-    args: argparse.Namespace,
-    cfg: WorkloadConfig,
-    ks: Sequence[int],
-    names: Sequence[str],
-    rng: random.Random,
-    save: Callable[[Dict[str, Any]], None],
-) -> Dict[str, Any]:
-    """Time (and memory, and aggregation-only time) at every K; ``save(section)`` after each K."""
-    available = availability(names)
-    skipped = {n: why for n, why in available.items() if why is not None}
-    runnable = [n for n in names if available[n] is None]
-    rounds = args.reps or (2 if args.quick else 5)
-    # gradient_mode="auto" measures over its first TRIALS steps: warm-up covers them
-    warmup = max(args.warmup, 2)
-    section: Dict[str, Any] = {"config": cfg.to_dict(), "ks": [], "results": {n: {} for n in names}}
-    section["title"] = f"{cfg.kind}, batch {cfg.batch}"
-    section["modes"], section["rounds"], section["aggregation_us"] = {}, {}, {"pcgrad": {}, "gradvac": {}}
-    mem_names = [n for n in (args.memory_impls or runnable) if n in runnable]
-    for k in ks:
-        t0 = time.perf_counter()
-        _, agg = _probe_conflict(cfg, k, args.agg_calls)
-        for label, us in agg.items():
-            section["aggregation_us"][label][str(k)] = us
-        res = time_steps(runnable, cfg, k, rounds, warmup, rng)
-        section["rounds"][str(k)] = res.rounds
-        for n, cell in k_cells(res, names, skipped).items():
-            section["results"][n][str(k)] = cell
-        for n, mode in res.modes.items():
-            if mode:
-                detail = f" ({res.paths[n]})" if res.paths.get(n) else ""
-                section["modes"].setdefault(n, {})[str(k)] = mode + detail
-        section["ks"].append(k)
-        print(f"  {cfg.kind} K={k}: {res.rounds} rounds in {time.perf_counter() - t0:.0f}s", flush=True)
-        for n in names:
-            cell = section["results"][n].get(str(k), {})
-            if "median_ms" in cell:
-                shown = f"median {cell['median_ms']:.0f} ms, best {cell['min_ms']:.0f} ms"
-                print(f"    {n:30s} {shown} {section['modes'].get(n, {}).get(str(k), '')}", flush=True)
-        if not args.no_memory:
-            memory = run_memory(mem_names, [k], cfg, args.memory_timeout, args.threads, memory_repeats(args))
-            for n, row in memory.items():
-                section.setdefault("memory_mb", {}).setdefault(n, {}).update(row)
-        save(section)  # partial runs keep every finished K
-    return section
-
-
-def ratio_rows(section: Dict[str, Any], names: Sequence[str], against: str) -> str:
-    """``impl / against`` per K: median and best-of-rounds ratios (same run, same rounds)."""
-    ks = section["ks"]
-    head = "| impl / " + against + " | " + " | ".join(f"K={k} median / best" for k in ks) + " |"
-    lines = [head, "|" + " --- |" * (len(ks) + 1)]
-    base = section["results"].get(against, {})
-    for name in names:
-        row = section["results"].get(name, {})
-        cells = []
-        for k in ks:
-            a, b = row.get(str(k), {}), base.get(str(k), {})
-            if "median_ms" in a and "median_ms" in b:
-                cells.append(f"{a['median_ms'] / b['median_ms']:.2f}x / {a['min_ms'] / b['min_ms']:.2f}x")
-            else:
-                cells.append("–")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def default_vs_fastest(section: Dict[str, Any], default: str = "ours-pcgrad") -> str:
-    """The default (auto) against the fastest explicit gradient_mode at each K (median and best)."""
-    explicit = [n for n in section["results"] if n.startswith(default + "-") and "representation" not in n]
-    cells = []
-    for k in section["ks"]:
-        own = section["results"].get(default, {}).get(str(k), {})
-        rivals = [
-            section["results"][n][str(k)]
-            for n in explicit
-            if "median_ms" in section["results"][n].get(str(k), {})
-        ]
-        if "median_ms" not in own or not rivals:
-            cells.append("–")
-            continue
-        med = own["median_ms"] / min(c["median_ms"] for c in rivals)
-        best = own["min_ms"] / min(c["min_ms"] for c in rivals)
-        cells.append(f"{med:.2f}x / {best:.2f}x")
-    return f"| {default} / fastest explicit mode | " + " | ".join(cells) + " |"
-
-
-def _scaling_text(doc: Dict[str, Any], names: Sequence[str]) -> str:
-    text = [
-        f"{doc['machine']['cpu_model']}, torch {doc['machine']['torch']}, {doc['machine']['threads']} threads"
-    ]
-    if doc.get("kept_from_previous_run"):
-        text.append(
-            f"(sections kept from the previous run of this file: {', '.join(doc['kept_from_previous_run'])})"
-        )
-    for trunk, section in doc["trunks"].items():
-        ks = section["ks"]
-        if not ks:
-            continue
-        text += [
-            "",
-            f"### {trunk}: {section['title']}, rounds per K {section['rounds']}",
-            "",
-            "Median ms per full step (ratio to floor's median)",
-            "",
-            markdown_table(section["results"], names, ks),
-            "",
-            "Best of rounds (ratio to floor's best)",
-            "",
-            markdown_table(section["results"], names, ks, "min_ms", "ratio_min"),
-            "",
-            "Ratios to TorchJD's PCGrad step (mtl_backward), median / best of rounds",
-            "",
-            ratio_rows(section, [n for n in names if n != "torchjd-pcgrad"], "torchjd-pcgrad"),
-            default_vs_fastest(section),
-        ]
-        if "memory_mb" in section:
-            text += [
-                "",
-                "Peak extra RSS (MB), 3 steps: median of 3 fresh processes (range)",
-                "",
-                memory_table(section["memory_mb"], ks),
-            ]
-        text += ["", aggregation_table(section["aggregation_us"], ks)]
-        text += ["", "Gradient paths: " + "; ".join(f"{n} {m}" for n, m in section["modes"].items())]
-    return "\n".join(text)
-
-
-def run_scaling(args: argparse.Namespace, out: Path) -> Dict[str, Any]:
-    """Step time and peak memory against K on the 3x32x32 CNN and the MLP; JSON, Markdown and a plot.
-
-    The JSON and Markdown are rewritten after every K (an interrupted sweep keeps what it measured).
-    """
-    names = [n.strip() for n in args.impls.split(",")] if args.impls else list(SCALING_IMPLS)
-    if "floor" not in names:
-        names = ["floor", *names]
-    rng = random.Random(args.seed)
-    started = time.perf_counter()
-    doc: Dict[str, Any] = {"machine": machine_info(threads=args.threads), "trunks": {}}
-    doc["inner"] = "torch.optim.Adam(lr=1e-3)"
-    wanted = [t.strip() for t in args.trunks.split(",") if t.strip()]
-    previous = out / "speed_scaling.json"
-    if previous.exists() and not args.quick:  # --trunks narrows a rerun: keep the other trunks' sections
-        kept = json.loads(previous.read_text()).get("trunks", {})
-        doc["trunks"] = {t: sec for t, sec in kept.items() if t not in wanted}
-        doc["kept_from_previous_run"] = sorted(doc["trunks"])
-
-    def save(trunk: str, section: Dict[str, Any]) -> None:
-        doc["trunks"][trunk] = section
-        doc["wall_seconds"] = time.perf_counter() - started
-        _write_json(out / "speed_scaling.json", doc)
-        _write_text(out / "speed_scaling.md", _scaling_text(doc, names))
-
-    for trunk, (cfg, ks) in scaling_workloads(args).items():
-        if not ks or trunk not in wanted:
-            continue
-        print(f"scaling: {trunk} trunk, K in {ks}", flush=True)
-        _scaling_trunk(args, cfg, ks, names, rng, lambda sec, t=trunk: save(t, sec))  # type: ignore[misc]
-    text = _scaling_text(doc, names)
-    print("\n" + text)
-    if not args.no_plot:
-        plot_scaling(doc["trunks"], names, out / "speed_scaling.png", "full PCGrad step time against K")
-    print(f"\nwrote speed_scaling.json, .md{'' if args.no_plot else ', .png'} in {out}")
-    return doc
-
-
 # ---------------------------------------------------------------------- CLI
 
 
@@ -654,10 +340,20 @@ def _add_mode_flags(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="3x32x32 CNN at K=8,16,40 and the MLP at K=40: time, memory, plot",
     )
+    p.add_argument(
+        "--gpu-table",
+        action="store_true",
+        help="the device's speed and memory table: MLP and CNN at K=4,16,40 (--ks), ratios to TorchJD and "
+        "to the plain step, peak memory (CUDA: max_memory_allocated); speed_<device type>.json/.md",
+    )
     p.add_argument("--cnn-ks", type=parse_ks, default=None, help="--scaling: CNN Ks (default 8,16,40)")
     p.add_argument("--mlp-ks", type=parse_ks, default=None, help="--scaling: MLP Ks (default 40)")
-    p.add_argument("--trunks", default="cnn,mlp", help="--scaling: which trunks (default cnn,mlp)")
-    p.add_argument("--no-memory", action="store_true", help="--scaling: skip the memory subprocesses")
+    p.add_argument(
+        "--trunks", default="cnn,mlp", help="--scaling, --gpu-table: which trunks (default cnn,mlp)"
+    )
+    p.add_argument(
+        "--no-memory", action="store_true", help="--scaling, --gpu-table: skip the memory measurements"
+    )
     p.add_argument("--memory-impls", type=lambda t: [v for v in t.split(",") if v], default=None)
     p.add_argument("--memory", action="store_true", help="peak extra RSS per implementation and K")
     p.add_argument("--memory-timeout", type=float, default=900.0)
@@ -699,12 +395,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--impls", default=None, help="comma-separated implementation names (default: all)")
     _add_mode_flags(p)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    add_device_argument(p)
+    p.add_argument(
+        "--timer",
+        choices=TIMERS,
+        default="wall",
+        help="wall: elapsed time (CUDA synchronised); cpu: this process's CPU time, all threads (CPU "
+        "only; steadier under other jobs' load, counts work rather than latency)",
+    )
+    p.add_argument("--head-outputs", type=int, default=1, help="outputs of every head (default 1)")
     p.add_argument("--seed", type=int, default=0, help="model/data seed and the round-order RNG seed")
     p.add_argument("--width", type=int, default=1024, help="MLP hidden width")
     p.add_argument("--in-dim", type=int, default=512, help="MLP input width")
     p.add_argument("--depth", type=int, default=3, help="MLP trunk layers")
     p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--agg-calls", type=int, default=300, help="calls per aggregation-only timing")
+    p.add_argument(
+        "--agg-calls",
+        type=int,
+        default=300,
+        help="calls per aggregation-only timing (sweep: 0 skips it and the conflict probe)",
+    )
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default benchmarks/out/)")
     p.add_argument("--json", type=Path, default=None, help="default <out>/speed[_cnn].json")
     p.add_argument("--plot", type=Path, default=None, help="default <out>/speed[_cnn].png")
@@ -723,6 +433,8 @@ def config_from(args: argparse.Namespace) -> WorkloadConfig:
         depth=args.depth,
         batch=args.batch,
         seed=args.seed,
+        head_outputs=args.head_outputs,
+        device=str(args.device),
     )
 
 
@@ -747,7 +459,12 @@ def _sweep_setup(args: argparse.Namespace, cfg: WorkloadConfig) -> Tuple[List[in
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.timer == "cpu" and args.device.type != "cpu":
+        parser.error(f"--timer cpu counts this process's CPU time: it cannot time {args.device.type} kernels")
+    if args.head_outputs < 1:
+        parser.error(f"--head-outputs must be at least 1, got {args.head_outputs}")
     # --tiny: one thread (its ops are too small to split; a second thread only adds contention)
     args.threads = args.threads or (1 if args.tiny else os.cpu_count() or 1)
     torch.set_num_threads(args.threads)
@@ -757,13 +474,15 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     if args.tiny:
         return run_tiny(args, args.out)
     if args.distributed:
-        from ._distributed import main as run_distributed
+        from .distributed import main as run_distributed
 
         return run_distributed(args, cfg)
     if args.schedule:
         return run_schedule(args, cfg, args.out)
     if args.scaling:
         return run_scaling(args, args.out)
+    if args.gpu_table:
+        return run_gpu_table(args, args.out)
     ks, names = _sweep_setup(args, cfg)
     suffix = "_cnn" if cfg.kind == "cnn" else ""
     paths = {

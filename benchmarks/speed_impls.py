@@ -265,7 +265,7 @@ def _libmtl(name: str, **kwargs: Any) -> Callable[..., StepFn]:
         weighting = cls()
         # What LibMTL's trainer model (AbsWeighting mixed into the architecture) provides.
         weighting.task_num = model.num_tasks
-        weighting.device = torch.device("cpu")
+        weighting.device = next(model.parameters()).device
         weighting.rep_grad = False
         weighting.get_share_params = model.trunk.parameters
         # LibMTL calls encoder.zero_grad() and later writes param.grad.data; with
@@ -341,12 +341,21 @@ def gradient_mode(step: StepFn) -> Optional[str]:
 
 
 def path_detail(step: StepFn) -> Optional[str]:
-    """Which shared tensors took the factored linear rule and which Jacobian rows, and
-    what ``gradient_mode="auto"`` measured (best-of-trials ms per path) when it chose."""
+    """Which shared tensors took the factored linear rule and which Jacobian rows (in
+    representation mode: which head path), and what ``gradient_mode="auto"`` measured
+    (best-of-trials ms per path) when it chose."""
     opt = getattr(step, "optimizer", None)
-    if opt is None or "factored_params" not in opt.last_stats:
+    if opt is None:
         return None
     st = opt.last_stats
+    if "representation_path" in st:
+        text = f"{st['representation_path']} heads"
+        measured = opt.engine.heads.measurements
+        if measured:
+            text += "; auto measured " + ", ".join(f"{m} {ms:.1f} ms" for m, ms in measured.items())
+        return text
+    if "factored_params" not in st:
+        return None
     text = f"{st['factored_params']} tensors factored, {st['jacobian_params']} via Jacobian rows"
     measured = getattr(opt.engine, "measurements", None)
     if measured:

@@ -30,15 +30,16 @@ def markdown_table(
     return "\n".join(lines)
 
 
-def memory_table(memory: Dict[str, Dict[str, Any]], ks: Sequence[int]) -> str:
+def memory_table(memory: Dict[str, Dict[str, Any]], ks: Sequence[int], value: str = "delta_mb") -> str:
+    """Rows implementations, columns K, cells ``value`` (MB) with the range of the runs."""
     lines = ["| impl | " + " | ".join(f"K={k} (MB)" for k in ks) + " |", "|" + " --- |" * (len(ks) + 1)]
     for name, row in memory.items():
         cells = []
         for k in ks:
             cell = row.get(str(k), {})
-            runs = cell.get("delta_runs_mb")
+            runs = cell.get("delta_runs_mb") if value == "delta_mb" else None
             spread = f" ({min(runs):.0f}–{max(runs):.0f})" if runs and len(runs) > 1 else ""
-            cells.append(f"{cell['delta_mb']:.1f}{spread}" if "delta_mb" in cell else "–")
+            cells.append(f"{cell[value]:.1f}{spread}" if value in cell else "–")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -80,7 +81,8 @@ def aggregation_table(aggregation: Mapping[str, Mapping[str, float]], ks: Sequen
     lines = ["| aggregation only (us) | " + " | ".join(f"K={k}" for k in ks) + " |"]
     lines.append("|" + " --- |" * (len(ks) + 1))
     for label, row in aggregation.items():
-        lines.append(f"| ours {label} | " + " | ".join(f"{row[str(k)]:.0f}" for k in ks) + " |")
+        cells = (f"{row[str(k)]:.0f}" if str(k) in row else "–" for k in ks)
+        lines.append(f"| ours {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -1,5 +1,8 @@
 """Measurements of the speed benchmark: interleaved step timing, aggregation-only timing,
-peak memory in fresh processes."""
+peak memory (CPU: peak RSS in fresh processes; CUDA: ``torch.cuda.max_memory_allocated``).
+
+On CUDA every timed step is bracketed by ``torch.cuda.synchronize`` (kernels run
+asynchronously: without it a step's time would be its launch time)."""
 
 from __future__ import annotations
 
@@ -12,14 +15,39 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from .common import REPO
 from .speed_impls import IMPLS, InnerFactory, Skip, StepFn, adam, check_ours, gradient_mode, path_detail
-from .workloads import WorkloadConfig, build_model, make_data
+from .workloads import WorkloadConfig, build_model, conflict_stats, expected_conflict_fraction, make_data
+
+#: ``--timer``: ``wall`` (latency; CUDA synchronised) or ``cpu`` (this process's CPU time,
+#: every thread: the work done, insensitive to other jobs on a shared machine; CPU only)
+TIMERS = ("wall", "cpu")
+
+
+def step_timer(device: torch.device, kind: str = "wall") -> Callable[[Callable[[], object]], float]:
+    """``timed(run) -> ms`` of one call of ``run``, by the ``kind`` clock (:data:`TIMERS`)."""
+    if kind not in TIMERS:
+        raise ValueError(f"timer must be one of {TIMERS}, got {kind!r}")
+    if kind == "cpu" and device.type != "cpu":
+        raise ValueError(f"--timer cpu counts this process's CPU time: it cannot time {device.type} kernels")
+    clock = time.process_time if kind == "cpu" else time.perf_counter
+    cuda = device.type == "cuda"
+
+    def timed(run: Callable[[], object]) -> float:
+        if cuda:
+            torch.cuda.synchronize(device)
+        start = clock()
+        run()
+        if cuda:
+            torch.cuda.synchronize(device)
+        return (clock() - start) * 1e3
+
+    return timed
 
 
 @dataclass
@@ -40,13 +68,15 @@ def time_steps(
     rng: random.Random,
     inner: InnerFactory = adam,
     gc_every: int = 1,
+    timer: str = "wall",
 ) -> KResult:
-    """Interleaved timing of one full step per implementation per round.
+    """Interleaved timing of one full step per implementation per round, on ``cfg.device``.
 
     ``reps`` is the number of timed rounds, or a function of the duration (seconds) of
     the last warm-up round that returns it (to fit a time budget). The garbage collector
-    runs, untimed, before every ``gc_every``-th round.
+    runs, untimed, before every ``gc_every``-th round. ``timer``: see :data:`TIMERS`.
     """
+    timed = step_timer(torch.device(cfg.device), timer)
     data = make_data(cfg, k)
     result = KResult()
     steps: Dict[str, StepFn] = {}
@@ -60,9 +90,7 @@ def time_steps(
     def run(name: str) -> float:
         batch = data[counter[name] % len(data)]
         counter[name] += 1
-        start = time.perf_counter()
-        steps[name](batch)
-        return (time.perf_counter() - start) * 1e3
+        return timed(lambda: steps[name](batch))
 
     round_seconds = 0.0
     for _ in range(max(warmup, 1)):
@@ -94,7 +122,7 @@ def time_aggregation(gram: Tensor, calls: int = 300, warmup: int = 20) -> Dict[s
     from multitask_optim.aggregators import AggregationContext, GradVac, PCGrad
 
     k = gram.shape[-1]
-    gram = gram.reshape(1, k, k).to(torch.float64)
+    gram = gram.reshape(1, k, k).to("cpu", torch.float64)  # the K x K problems are solved on the host
     out: Dict[str, float] = {}
     for label, aggregator in (("pcgrad", PCGrad()), ("gradvac", GradVac())):
         ctx = AggregationContext(torch.Generator().manual_seed(0), torch.ones(k, dtype=torch.float64))
@@ -107,6 +135,18 @@ def time_aggregation(gram: Tensor, calls: int = 300, warmup: int = 20) -> Dict[s
                 samples.append((time.perf_counter_ns() - start) / 1e3)
         out[label] = statistics.median(samples)
     return out
+
+
+def probe_conflict(cfg: WorkloadConfig, k: int, agg_calls: int) -> Tuple[Dict[str, Any], Dict[str, float]]:
+    """Task-gradient conflict at init, and the aggregation-only timings on its Gram."""
+    stats = conflict_stats(build_model(cfg, k), make_data(cfg, k)[0])
+    print(
+        f"K={k}: {stats.conflicting}/{stats.pairs} task pairs conflict on the trunk at init "
+        f"({stats.fraction:.0%}; cosine mean {stats.mean_cos:+.3f}, min {stats.min_cos:+.3f})",
+        flush=True,
+    )
+    conflict = {**stats.to_dict(), "expected_fraction": expected_conflict_fraction(k)}
+    return conflict, time_aggregation(stats.gram, agg_calls)
 
 
 def maxrss_mb() -> float:
@@ -126,10 +166,58 @@ def maxrss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
 
+def memory_measure(device: str) -> str:
+    """What a memory cell measures on ``device``."""
+    if torch.device(device).type == "cuda":
+        return (
+            "torch.cuda.max_memory_allocated over 3 steps (reset_peak_memory_stats before each "
+            "implementation, in this process); delta: over what the model and data hold"
+        )
+    return (
+        "ru_maxrss after 3 steps minus ru_maxrss after imports + model/data + one forward "
+        "(no backward), fresh subprocess per implementation and K"
+    )
+
+
+def cuda_memory(
+    name: str, cfg: WorkloadConfig, k: int, steps: int = 3, inner: InnerFactory = adam
+) -> Dict[str, Any]:
+    """Peak ``torch.cuda.max_memory_allocated`` (MB) of ``steps`` steps of ``name`` on ``cfg.device``."""
+    impl = IMPLS[name]
+    try:
+        impl.check()
+    except Skip as why:
+        return {"impl": name, "k": k, "skipped": str(why)}
+    device = torch.device(cfg.device)
+    model = build_model(cfg, k)
+    data = make_data(cfg, k)
+    gc.collect()
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    step = impl.setup(model, inner)
+    for n in range(steps):
+        step(data[n % len(data)])
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    mb = 2.0**20
+    return {
+        "impl": name,
+        "k": k,
+        "baseline_mb": base / mb,
+        "peak_mb": peak / mb,
+        "delta_mb": (peak - base) / mb,
+    }
+
+
 def memory_child(
     name: str, cfg: WorkloadConfig, k: int, steps: int = 3, inner: InnerFactory = adam
 ) -> Dict[str, Any]:
-    """Peak extra RSS of ``steps`` steps of ``name``, over a forward-only baseline."""
+    """Peak extra RSS of ``steps`` steps of ``name``, over a forward-only baseline (on CUDA:
+    :func:`cuda_memory`)."""
+    if torch.device(cfg.device).type == "cuda":
+        return cuda_memory(name, cfg, k, steps, inner)
     impl = IMPLS[name]
     check_ours()  # every child imports the same modules before its baseline
     try:
@@ -172,6 +260,11 @@ def memory_in_subprocess(
 MEMORY_REPEATS = 3
 
 
+def memory_repeats(given: Optional[int], quick: bool) -> int:
+    """Fresh processes per memory cell (their median is reported): ``given``, else 3 (quick: 1)."""
+    return given or (1 if quick else MEMORY_REPEATS)
+
+
 def run_memory(
     names: Sequence[str],
     ks: Sequence[int],
@@ -180,11 +273,19 @@ def run_memory(
     threads: int,
     repeats: int = MEMORY_REPEATS,
 ) -> Dict[str, Dict[str, Any]]:
-    """Peak extra RSS per implementation and K: the median of ``repeats`` fresh processes."""
+    """Peak memory per implementation and K (:func:`memory_measure`).
+
+    CPU: peak extra RSS, the median of ``repeats`` fresh processes. CUDA: the allocator's
+    exact peak, one in-process run each (:func:`cuda_memory`).
+    """
     out: Dict[str, Dict[str, Any]] = {}
+    cuda = torch.device(cfg.device).type == "cuda"
     for name in names:
         for k in ks:
-            runs = [memory_in_subprocess(name, cfg, k, timeout, threads) for _ in range(repeats)]
+            if cuda:
+                runs = [cuda_memory(name, cfg, k)]
+            else:
+                runs = [memory_in_subprocess(name, cfg, k, timeout, threads) for _ in range(repeats)]
             measured = [r["delta_mb"] for r in runs if "delta_mb" in r]
             record = dict(runs[0]) if len(measured) < len(runs) else dict(runs[-1])
             if len(measured) == len(runs):
@@ -196,6 +297,8 @@ def run_memory(
                 if "delta_mb" in record
                 else record.get("skipped") or record.get("failed")
             )
+            if "peak_mb" in record and cuda:
+                shown += f", peak {record['peak_mb']:.1f} MB"
             print(f"  memory {cfg.kind} {name:30s} K={k:<3d} {shown}", flush=True)
     return out
 

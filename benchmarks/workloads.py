@@ -20,6 +20,7 @@ from typing import Any, Dict, List, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from .common import default_device
 from .trunks import cnn_trunk, mlp_trunk
 
 Batch = Tuple[Tensor, Tensor]
@@ -47,6 +48,11 @@ class WorkloadConfig:
         offset: constant added to the shared target before the sign flip.
         own: scale of each task's own (non-conflicting) target component.
         seed: seed of the model init and of the data.
+        head_outputs: outputs of every head (``Linear(feature_dim, head_outputs)``): each
+            output regresses its own target of the same form.
+        device: where the model and the data live (default: CUDA when available; built on
+            the CPU from the seed, then moved, so every device starts from the same
+            weights and batches).
     """
 
     kind: str = "mlp"
@@ -64,6 +70,8 @@ class WorkloadConfig:
     offset: float = 0.3
     own: float = 1.0
     seed: int = 0
+    head_outputs: int = 1
+    device: str = field(default_factory=default_device)
 
     def to_dict(self) -> Dict[str, object]:
         return asdict(self)
@@ -88,12 +96,12 @@ CNN32 = WorkloadConfig(kind="cnn", in_channels=3, image=32, channels=(32, 64, 64
 
 
 class MultiHeadModel(nn.Module):
-    """A shared trunk followed by K linear heads (``feature_dim -> 1``) and MSE losses."""
+    """A shared trunk followed by K linear heads (``feature_dim -> outputs``) and MSE losses."""
 
-    def __init__(self, trunk: nn.Module, feature_dim: int, k: int) -> None:
+    def __init__(self, trunk: nn.Module, feature_dim: int, k: int, outputs: int = 1) -> None:
         super().__init__()
         self.trunk = trunk
-        self.heads = nn.ModuleList(nn.Linear(feature_dim, 1) for _ in range(k))
+        self.heads = nn.ModuleList(nn.Linear(feature_dim, outputs) for _ in range(k))
         # Same start for every head: the sign of the target then decides the direction
         # of each task's trunk gradient (the conflict is built in, not left to chance).
         with torch.no_grad():
@@ -109,7 +117,10 @@ class MultiHeadModel(nn.Module):
         return self.trunk(x)
 
     def task_losses(self, z: Tensor, y: Tensor) -> List[Tensor]:
-        return [nn.functional.mse_loss(head(z).squeeze(-1), y[:, i]) for i, head in enumerate(self.heads)]
+        """``y``: ``(N, K)`` for one output per head, ``(N, K, outputs)`` otherwise."""
+        if y.dim() == 2:
+            return [nn.functional.mse_loss(head(z).squeeze(-1), y[:, i]) for i, head in enumerate(self.heads)]
+        return [nn.functional.mse_loss(head(z), y[:, i]) for i, head in enumerate(self.heads)]
 
     def losses(self, batch: Batch) -> List[Tensor]:
         x, y = batch
@@ -133,13 +144,13 @@ def build_trunk(cfg: WorkloadConfig) -> nn.Sequential:
 
 
 def build_model(cfg: WorkloadConfig, k: int) -> MultiHeadModel:
-    """A fresh model; identical (bitwise) for identical ``cfg`` and ``k``."""
+    """A fresh model on ``cfg.device``; identical (bitwise) for identical ``cfg`` and ``k``."""
     if cfg.kind not in ("mlp", "cnn"):
         raise ValueError(f"unknown workload kind {cfg.kind!r}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         trunk = build_trunk(cfg)
-        return MultiHeadModel(trunk, feature_dim(cfg), k)
+        return MultiHeadModel(trunk, feature_dim(cfg), k, cfg.head_outputs).to(cfg.device)
 
 
 def input_shape(cfg: WorkloadConfig) -> Tuple[int, ...]:
@@ -152,7 +163,8 @@ def signs(k: int) -> Tensor:
 
 
 def make_data(cfg: WorkloadConfig, k: int) -> List[Batch]:
-    """``cfg.n_batches`` batches ``(x, y)`` with ``y_i = s_i (f(x) + offset) + own * f_i(x) + noise``.
+    """``cfg.n_batches`` batches ``(x, y)`` with ``y_i = s_i (f(x) + offset) + own * f_i(x) + noise``,
+    on ``cfg.device``; ``y`` is ``(N, K)``, or ``(N, K, head_outputs)`` with one ``f_i`` per output.
 
     ``f`` and the task-specific ``f_i`` are fixed random two-layer tanh networks of the
     flattened input, standardised, so the targets are nonlinear in ``x``. The shared part
@@ -166,17 +178,20 @@ def make_data(cfg: WorkloadConfig, k: int) -> List[Batch]:
     n_in = 1
     for s in shape:
         n_in *= s
+    outputs = cfg.head_outputs
     w1 = torch.randn(n_in, 64, generator=gen) / n_in**0.5
-    w2 = torch.randn(64, 1 + k, generator=gen) / 8.0
-    s = signs(k).unsqueeze(0)
+    w2 = torch.randn(64, 1 + k * outputs, generator=gen) / 8.0
+    s = signs(k).repeat_interleave(outputs).unsqueeze(0)
     out: List[Batch] = []
     for _ in range(cfg.n_batches):
         x = torch.randn(cfg.batch, *shape, generator=gen)
         f = torch.tanh(2.0 * x.reshape(cfg.batch, -1) @ w1) @ w2
         f = (f - f.mean(0)) / (f.std(0) + 1e-12)
-        noise = cfg.noise * torch.randn(cfg.batch, k, generator=gen)
+        noise = cfg.noise * torch.randn(cfg.batch, k * outputs, generator=gen)
         y = (f[:, :1] + cfg.offset) * s + cfg.own * f[:, 1:] + noise
-        out.append((x, y))
+        if outputs > 1:
+            y = y.reshape(cfg.batch, k, outputs)
+        out.append((x.to(cfg.device), y.to(cfg.device)))
     return out
 
 
@@ -220,7 +235,7 @@ def conflict_stats(model: MultiHeadModel, batch: Batch) -> ConflictStats:
     norms = gram.diagonal().clamp_min(1e-300).sqrt()
     cos = gram / norms[:, None] / norms[None, :]
     k = gram.shape[0]
-    iu = torch.triu_indices(k, k, offset=1)
+    iu = torch.triu_indices(k, k, offset=1, device=cos.device)
     pair_cos = cos[iu[0], iu[1]]
     pairs = int(pair_cos.numel())
     conflicting = int((pair_cos < 0).sum())

@@ -1,29 +1,24 @@
 """Multi-task training with PyTorch Lightning and ``MultiTaskOptimizer``.
 
-Manual optimisation (``automatic_optimization = False``): the LightningModule computes
-one loss per task and hands them to the optimizer, which computes the per-task
-gradients itself (no ``self.manual_backward``, no ``loss.backward()``).
+The module derives from ``multitask_optim.integrations.lightning.MultiTaskModule``; its
+``training_step`` returns one loss per task and ``configure_optimizers`` a
+``MultiTaskOptimizer``. Two ways to train:
 
-How the step is called. ``self.optimizers()`` returns Lightning's ``LightningOptimizer``
-wrapper, whose ``step(closure=None, **kwargs)`` takes the closure positionally and
-passes keyword arguments on, adding a closure of its own; ``MultiTaskOptimizer`` runs
-that closure first (as torch optimizers do) and then the multi-task step, which
-Lightning counts (``global_step``, ``max_steps``, checkpoints)::
+- **automatic optimization** (the default): Lightning runs the backward and the step;
+  the losses go through ``opt.weighted_loss`` (weights-only mode), so the backward of
+  ``sum_i c_i w_i L_i`` puts the method's update on the shared trunk;
+- **manual optimization** (``--manual``): ``self.multitask_step(losses)`` runs the full
+  ``opt.step(losses)``, the optimizer computing the per-task gradients itself -- needed
+  for what a single backward cannot carry, such as per-task preconditioning
+  (``precondition="adam"`` here).
 
-    opt = self.optimizers()          # LightningOptimizer
-    opt.zero_grad()
-    opt.step(losses=losses)          # by keyword: a positional argument is the closure
+Per-task losses and the method's statistics are logged (``self.log_dict``) and kept in a
+``StatsHistory``. Checkpoints carry the optimizer's whole state (inner moments, the
+``"multitask"`` entry: generator, GradVac targets, accumulators, weighting);
+``trainer.fit(model, ckpt_path=...)`` continues exactly as an uninterrupted run.
 
-Use ``opt.optimizer`` (not the wrapper) for everything else too -- ``last_stats``,
-``accumulate``, ``epoch_end``, ``tasks``: the wrapper holds a copy of the optimizer's
-attributes taken when training started, which is not kept up to date.
-
-Checkpoints: Lightning saves ``optimizer.state_dict()`` (the inner optimizer's state
-plus the ``"multitask"`` entry: generator, GradVac targets, preconditioning
-accumulators, weighting state) and ``trainer.fit(model, ckpt_path=...)`` restores it
-with ``load_state_dict``; the resumed run continues exactly as an uninterrupted one.
-
-Run: ``python examples/lightning_multitask.py [--plot run.png]`` (needs ``pip install "multitask_optim[lightning]"``).
+Run: ``python examples/lightning_multitask.py [--manual] [--plot run.png]`` (a few
+seconds; needs Lightning: ``pip install -e ".[lightning]"`` from the checkout).
 """
 
 from __future__ import annotations
@@ -39,6 +34,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from multitask_optim import MultiTaskOptimizer
 from multitask_optim.diagnostics import StatsHistory, plot_history
+from multitask_optim.integrations.lightning import MultiTaskModule
 
 TASKS = ("depth", "normals", "label")
 
@@ -54,22 +50,22 @@ def make_data(n: int = 64, in_dim: int = 8, seed: int = 0) -> TensorDataset:
     return TensorDataset(x, depth, normals, label)
 
 
-class MultiTaskModule(L.LightningModule):
-    """A shared trunk, one head per task, trained with ``MultiTaskOptimizer``."""
+class Model(MultiTaskModule):
+    """A shared trunk, one head per task."""
 
     def __init__(
         self,
         in_dim: int = 8,
         hidden: int = 32,
         lr: float = 1e-2,
+        manual: bool = False,
         surgery: Optional[str] = "gradvac",
-        precondition: Optional[str] = "adam",
         weighting: Optional[str] = "uncertainty",
         seed: int = 0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.automatic_optimization = False
+        self.automatic_optimization = not manual
         self.trunk = nn.Sequential(nn.Linear(in_dim, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh())
         self.heads = nn.ModuleDict(
             {"depth": nn.Linear(hidden, 2), "normals": nn.Linear(hidden, 2), "label": nn.Linear(hidden, 3)}
@@ -85,14 +81,15 @@ class MultiTaskModule(L.LightningModule):
             "label": F.cross_entropy(self.heads["label"](h), label),
         }
 
-    def training_step(self, batch: Sequence[Tensor], batch_idx: int) -> None:
+    def training_step(self, batch: Sequence[Tensor], batch_idx: int) -> Optional[Dict[str, Tensor]]:
         losses = self.losses(batch)
-        opt = self.optimizers()  # LightningOptimizer
-        opt.zero_grad()
-        opt.step(losses=losses)  # by keyword: Lightning takes a positional argument as the closure
-        mt: MultiTaskOptimizer = opt.optimizer  # the MultiTaskOptimizer, for its statistics
-        self.history.record(mt, self.global_step)
-        self.log_dict({f"loss/{k}": v.detach() for k, v in losses.items()}, prog_bar=False)
+        if self.automatic_optimization:
+            return losses  # MultiTaskModule hands Lightning the weighted loss
+        self.multitask_step(losses)  # the full opt.step(losses)
+        return None
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.history.record(self.multitask_optimizer(), self.global_step)
 
     def configure_optimizers(self) -> MultiTaskOptimizer:
         hp = self.hparams
@@ -101,7 +98,7 @@ class MultiTaskModule(L.LightningModule):
             shared=self.trunk.parameters(),
             tasks={name: self.heads[name].parameters() for name in TASKS},
             surgery=hp.surgery,
-            precondition=hp.precondition,
+            precondition="adam" if hp.manual else None,  # per-task preconditioning needs the full step
             weighting=hp.weighting,
             seed=hp.seed,
         )
@@ -125,30 +122,33 @@ def loader(batch_size: int = 16) -> DataLoader:
     return DataLoader(make_data(), batch_size=batch_size, shuffle=False)
 
 
-def main(plot: Optional[str] = None) -> None:
+def main(plot: Optional[str] = None, manual: bool = False) -> None:
     with tempfile.TemporaryDirectory() as root:
         L.seed_everything(0, verbose=False)
-        model = MultiTaskModule()
+        model = Model(manual=manual)
         trainer = make_trainer(root, max_epochs=1)
         trainer.fit(model, loader())
         ckpt = trainer.checkpoint_callback.best_model_path  # written at the end of the epoch
-        print(f"trained {trainer.global_step} steps, checkpoint {ckpt.rsplit('/', 1)[-1]}")
+        mode = "manual" if manual else "automatic"
+        print(
+            f"{mode} optimization: trained {trainer.global_step} steps, checkpoint {ckpt.rsplit('/', 1)[-1]}"
+        )
         print("losses after the first epoch:", [round(v, 4) for v in model.history.losses[-1]])
 
         # Resume from an end-of-epoch checkpoint. (A checkpoint written because
         # max_steps was reached is resumed by Lightning as unfinished: its epoch is
         # re-entered with a fresh data iterator, so the batches no longer line up.)
-        resumed = MultiTaskModule()
+        resumed = Model(manual=manual)
         trainer = make_trainer(root, max_epochs=3)
         trainer.fit(resumed, loader(), ckpt_path=ckpt)
-        mt = trainer.optimizers[0]
+        mt = resumed.multitask_optimizer()
         print(
             f"resumed to step {trainer.global_step}; losses:", [round(v, 4) for v in mt.last_stats["losses"]]
         )
         print("task cosines on the trunk:", [[round(c, 3) for c in row] for row in mt.last_stats["cosine"]])
-        print("uncertainty log-variances:", [round(v, 4) for v in mt.weighting.parameters()[0].tolist()])
+        print("uncertainty log-variances:", [round(v, 4) for v in mt.weighting.log_var.tolist()])
         if plot:
-            plot_history(resumed.history, plot, title="resumed run (epochs 2-3)")
+            plot_history(resumed.history, plot, title=f"resumed run (epochs 2-3, {mode} optimization)")
             print(f"saved {plot}")
 
 
@@ -156,7 +156,9 @@ if __name__ == "__main__":
     import argparse
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--manual", action="store_true", help="manual optimization (the full step)")
     parser.add_argument(
         "--plot", metavar="PNG", help="save the cosine heat map and weights of the resumed run"
     )
-    main(parser.parse_args().plot)
+    args = parser.parse_args()
+    main(args.plot, args.manual)

@@ -25,6 +25,7 @@ from ._arguments import (
     task_names_from,
     task_rates,
 )
+from ._clipping import clip_
 from ._components import State
 from ._graph import LossGraph
 from ._losses import (
@@ -40,6 +41,7 @@ from ._pipeline import (
 )
 from ._sources import ParameterRows, RepresentationRows
 from .aggregators import AGGREGATORS, Aggregator, GramianCallable
+from .diagnostics import step_stats
 from .partition import Partition, TasksArg, check_against_graph, discover, explicit, warn_unused
 from .precondition import PRECONDITIONERS, Preconditioner
 from .weighting import WEIGHTINGS, Weighting, WeightingContext
@@ -49,6 +51,14 @@ Source = Union[ParameterRows, RepresentationRows]
 
 class Bookkeeping:
     """Committed state of a multi-task optimizer and the rules that change it."""
+
+    #: Why the last skipped step was skipped (None before any; :meth:`_skip` sets it).
+    last_skip_reason: Optional[str] = None
+    #: Whether the one-task warning was given (:meth:`_note_task_count`).
+    _warned_single: bool = False
+
+    #: True while weights-only mode runs: the engine that runs the backward owns the loss scaler
+    _engine_owns_scaler = False
 
     def _build_components(
         self,
@@ -146,6 +156,17 @@ class Bookkeeping:
             self.weighting.bind(names)
         return Structure(partition, blocks)
 
+    def _note_task_count(self, names: Sequence[str]) -> None:
+        """Warn once when the losses are one task's: nothing multi-task applies then."""
+        if len(names) == 1 and not self._warned_single:
+            self._warned_single = True
+            warnings.warn(
+                "MultiTaskOptimizer: step() got the loss of a single task, so nothing multi-task applies "
+                f"(surgery={self.aggregator.name!r} and the weighting see one task); pass one loss per task, "
+                "e.g. opt.step([loss_a, loss_b]), not their sum (warned once)",
+                stacklevel=5,  # the caller of opt.step (through torch's step wrapper)
+            )
+
     def _components(self) -> Dict[str, Any]:
         return {"surgery": self.aggregator, "weighting": self.weighting, "precondition": self.preconditioner}
 
@@ -177,8 +198,11 @@ class Bookkeeping:
         merged = merged_states(comps, current, {"weighting": new_state}, present, k, 1)
         return weights, merged, why
 
-    def _commit(self, structure: Structure, outcome: Outcome) -> None:
-        """Nothing before this changed any state; from here the step is taken."""
+    def _commit(self, structure: Structure, outcome: Outcome, own_grads: bool = True) -> None:
+        """Nothing before this changed any state; from here the step is taken.
+
+        ``own_grads``: the step owns ``.grad`` (False in weights-only mode, where the
+        caller's backward writes it and an absent task's gradients are left alone)."""
         partition = structure.partition
         if self._partition is None:
             self._adopt_partition(partition, warn=True, blocks=structure.blocks)
@@ -189,7 +213,8 @@ class Bookkeeping:
                 write_grad(p, g)
         for p, u in zip(partition.shared, outcome.shared_updates):
             write_grad(p, u)
-        self._drop_absent(partition.names)
+        if own_grads:
+            self._drop_absent(partition.names)
         self._states.update(outcome.states)
         self.engine.commit()
 
@@ -209,19 +234,89 @@ class Bookkeeping:
                     p.grad = None
 
     def _skip(self, why: str, values: Tensor, weights: Optional[Tensor] = None) -> None:
+        """Nothing written; the skip counted, with its reason (``skipped``, ``last_skip_reason``)."""
         self.engine.forget()
-        amp_update(self.grad_scaler, self, True, self._device())
+        if not self._engine_owns_scaler:  # weights-only mode: the caller steps and updates the scaler
+            amp_update(self.grad_scaler, self, True, self._device())
         self.skipped += 1
+        self.last_skip_reason = why
         if not self._warned_skip:
             warnings.warn(
-                f"MultiTaskOptimizer skipped a step: {why} (warned once; see last_stats['skipped'])",
+                f"MultiTaskOptimizer skipped a step: {why} (warned once; see opt.skipped and "
+                "opt.last_skip_reason)",
                 stacklevel=4,
             )
             self._warned_skip = True
-        self.last_stats = {"skipped": self.skipped, "losses": values.tolist(), "skipped_step": True}
+        self.last_stats = {
+            "skipped": self.skipped,
+            "skip_reason": why,
+            "losses": values.tolist(),
+            "skipped_step": True,
+        }
         if weights is not None:  # the weights were computed: say what they were
             self.last_stats["weights"] = weights.tolist()
         return None
+
+    def _take(
+        self,
+        names: Tuple[str, ...],
+        present: Tuple[int, ...],
+        values: Tensor,
+        outcome: Outcome,
+        source: Optional[Source],
+    ) -> None:
+        """The weighting's own gradients, clipping, the inner step, and the step's statistics."""
+        self._weighting_backward(names, present, values, outcome)
+        norm = None if self.max_grad_norm is None else clip_(self._params, self.max_grad_norm)
+        objective = self.weighting.objective(values, outcome.weights)
+        self._steps += 1
+        self.optimizer.step()
+        self.weighting.after_step()
+        amp_update(self.grad_scaler, self, False, self._device())
+        self._record(names, present, values, outcome, source, objective)
+        if norm is not None:
+            self.last_stats["grad_norm"] = norm
+
+    def _weighting_backward(
+        self, names: Tuple[str, ...], present: Tuple[int, ...], values: Tensor, outcome: Outcome
+    ) -> None:
+        """A learnable weighting's own gradients, into the ``.grad`` of its parameters (after
+        the commit: its state is the step's). A weighting that reads the Gram gets none on a
+        plain step."""
+        ran = outcome.coefficients is not None or outcome.gram is not None
+        if self.weighting.parameters() and (ran or not self.weighting.needs_gram):
+            comps = {"weighting": self.weighting}
+            state = sub_states(comps, self._states, present, len(names))["weighting"]
+            ctx = WeightingContext(self._generator, self._steps, names, present)
+            self.weighting.backward(values, outcome.weights, state, ctx, gram=outcome.weighting_gram)
+
+    def _record(
+        self,
+        names: Tuple[str, ...],
+        present: Tuple[int, ...],
+        values: Tensor,
+        outcome: Outcome,
+        source: Optional[Source],
+        objective: float,
+    ) -> None:
+        """``last_stats`` of a taken step."""
+        weights = outcome.weights
+        ran = outcome.coefficients is not None or outcome.gram is not None
+        coefs = outcome.coefficients
+        gram = outcome.gram
+        if gram is not None:
+            gram = gram[0] if gram.shape[0] == 1 else gram.sum(dim=0)
+        self.last_stats = step_stats(gram, None, weights.tolist(), values.tolist(), self.skipped)
+        if not ran:  # the plain path: every coefficient is 1
+            coefs = torch.ones(len(self._blocks or [[]]), len(present), dtype=torch.float64)
+        listed = None if coefs is None else coefs.tolist()  # (B, K) -> one transfer, then Python
+        self.last_stats["coefficients"] = None if listed is None else [sum(c) / len(c) for c in zip(*listed)]
+        self.last_stats["block_coefficients"] = listed
+        self.last_stats["objective"] = objective
+        self.last_stats["path"] = "full" if ran else "plain"
+        self.last_stats["gradient_mode"] = source.path() if ran and source is not None else "plain"
+        self.last_stats["tasks"] = [names[i] for i in present]
+        self.last_stats.update(outcome.stats)
 
     def _device(self) -> torch.device:
         return self._params[0].device if self._params else torch.device("cpu")

@@ -118,6 +118,7 @@ def _frontier(
     factor: str = "never",
     native: bool = False,
     defer: bool = False,
+    above: Optional[int] = None,
 ) -> TaskGradients:
     k = len(losses)
     out = _empty(shared, tasks)
@@ -131,7 +132,7 @@ def _frontier(
 
     linear = _linear_nodes(graph, shared_index, k, factor) if native and factor != "never" else []
     grams: Optional[Dict[int, Tensor]] = (
-        {} if native and defer and _gram_only(graph, useful, linear, k) else None
+        {} if native and defer and _gram_only(graph, useful, linear, k, above) else None
     )
     # seeds[(node, input_nr)] = per-task gradient arriving on that frontier edge; when the
     # walk keeps only Grams, copied into parts of tasks as they come (see _native.stash)
@@ -157,7 +158,8 @@ def _frontier(
     if native:
         held = trunk_backward(seeds, graph, shared, shared_index, useful, linear, out, k, grams)
         if grams is not None:
-            out.factors.append(GramFactor(grams, _solver(losses, shared, sorted(grams), keep)))
+            dtype = shared[min(grams)].dtype if grams else torch.float32
+            out.factors.append(GramFactor(grams, _solver(losses, shared, sorted(grams), keep), None, dtype))
     else:
         held = _trunk_backward(seeds, graph, shared, shared_index, out, keep, factor, k)
     for n, p in enumerate(shared):
@@ -235,16 +237,23 @@ def _solver(
     return solve
 
 
-def defers(graph: LossGraph, shared: Sequence[Tensor], k: int) -> bool:
+def defers(graph: LossGraph, shared: Sequence[Tensor], k: int, above: Optional[int] = None) -> bool:
     """Whether the ``native`` path, allowed to, keeps only its factored layers' Gram
-    (:func:`._native.defers`): it then holds far less than the paths that keep their deltas."""
+    (:func:`._native.defers`, ``above`` its threshold): it then holds far less than the
+    paths that keep their deltas."""
     shared_index = {id(p): n for n, p in enumerate(shared)}
     linear = _linear_nodes(graph, shared_index, k, "cheaper")
-    return _gram_only(graph, _useful_nodes(graph, shared_index), linear, k)
+    return _gram_only(graph, _useful_nodes(graph, shared_index), linear, k, above)
 
 
-def _gram_only(graph: LossGraph, useful: Dict[Node, bool], linear: Sequence[_native.Linear], k: int) -> bool:
-    return bool(linear) and native_defers(_walked(graph, useful), linear, k)
+def _gram_only(
+    graph: LossGraph,
+    useful: Dict[Node, bool],
+    linear: Sequence[_native.Linear],
+    k: int,
+    above: Optional[int] = None,
+) -> bool:
+    return bool(linear) and native_defers(_walked(graph, useful), linear, k, above)
 
 
 def _walked(graph: LossGraph, useful: Dict[Node, bool]) -> List[Node]:
@@ -442,16 +451,20 @@ def run_path(
     keep: bool,
     factored: bool = True,
     defer: bool = False,
+    above: Optional[int] = None,
 ) -> TaskGradients:
     """The per-task gradients by path ``mode`` (one of :data:`MODES`); ``keep`` retains the graph.
 
     ``lean`` factors every shared linear layer; ``frontier`` and ``native`` only where
     that is cheaper, and none when ``factored`` is False. ``defer``: the caller combines
     every shared parameter with one set of coefficients, once, so ``native`` may keep
-    only its factored layers' Gram (:class:`~._gradients.GramFactor`, :func:`defers`).
+    only its factored layers' Gram (:class:`~._gradients.GramFactor`, :func:`defers`,
+    ``above`` the threshold of that choice).
     """
     if mode in ("lean", "frontier", "native"):
         policy = "always" if mode == "lean" else ("cheaper" if factored else "never")
         native = mode == "native"
-        return _frontier(losses, graph, shared, tasks, keep, policy, native, defer and native and factored)
+        return _frontier(
+            losses, graph, shared, tasks, keep, policy, native, defer and native and factored, above
+        )
     return _PATHS[mode](losses, graph, shared, tasks, keep)

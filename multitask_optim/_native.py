@@ -42,8 +42,8 @@ from typing import Dict, List, Optional, Sequence, Set, Tuple
 import torch
 from torch import Tensor
 
-from ._gradients import LinearFactor, TaskGradients, factor_gram
-from ._gram import precise_gram
+from ._gradients import LinearFactor, TaskGradients
+from ._gram import factor_gram, precise_gram
 from ._graph import LossGraph, Node
 
 #: Per-task activation gradients alive at once (bytes); tasks are processed in chunks.
@@ -197,15 +197,18 @@ def stash(
     per_task[i] = row
 
 
-def defers(order: Sequence[Node], linear: Sequence[Linear], k: int) -> bool:
+def defers(order: Sequence[Node], linear: Sequence[Linear], k: int, above: Optional[int] = None) -> bool:
     """Whether the walk should keep only the factored layers' Gram (:func:`trunk_backward`'s
-    ``grams``): their K output gradients would hold more than :data:`DEFER_ABOVE`, and more
-    than the node-by-node walk holds (every task's gradient of the largest activation)."""
+    ``grams``): their K output gradients would hold more than ``above`` bytes (default
+    :data:`DEFER_ABOVE`; 0 when the update's backward is the caller's anyway, as in
+    weights-only mode), and more than the node-by-node walk holds (every task's gradient
+    of the largest activation)."""
     held = 0
     for node, _, _, _ in linear:
         meta = node._input_metadata[0]  # the layer's output gradient, (N, out)
         held += k * _bytes(meta)
-    return held > DEFER_ABOVE and k * _largest(order) < held
+    limit = DEFER_ABOVE if above is None else above
+    return held > limit and k * _largest(order) < held
 
 
 def _bytes(meta) -> int:  # type: ignore[no-untyped-def]

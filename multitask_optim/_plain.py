@@ -10,7 +10,8 @@ collective sums the gradients.
 
 from __future__ import annotations
 
-from typing import Any, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -25,12 +26,13 @@ from ._losses import (
     Samples,
     check_passes,
     check_tensor,
+    explained_errors,
     loss_values,
     named_features,
     parse_losses,
     task_samples,
 )
-from ._pipeline import Outcome, non_finite_losses, write_grad
+from ._pipeline import Outcome, Structure, non_finite_losses, write_grad
 from .fsdp import local
 
 
@@ -102,6 +104,20 @@ def gradients(
     return grads
 
 
+@dataclass
+class PlainPlan:
+    """What a plain step computed before its backward (see :meth:`PlainPath._plain_plan`)."""
+
+    parsed: Parsed
+    present: Tuple[int, ...]
+    values: Tensor
+    weights: Optional[Tensor]
+    states: Dict[str, Any]
+    structure: Optional[Structure]
+    factors: Optional[List[float]]
+    generator_state: Tensor
+
+
 class PlainPath:
     """The optimizer's plain step (a mixin of :class:`~multitask_optim.optimizer.MultiTaskOptimizer`)."""
 
@@ -145,16 +161,14 @@ class PlainPath:
             and not self._sharded
         )
 
-    def _plain_step(
+    def _plain_plan(
         self, losses: Losses, features: Any, representation: Optional[Tensor], samples: Samples
-    ) -> None:
-        """One backward of ``sum_i w_i L_i`` over the present tasks, and the inner step.
-
-        The plain configuration's step, and every step the schedule leaves out: bitwise
-        ``sum(losses).backward(); inner.step()`` when every weight is 1. Only the
-        weighting runs (its state committed only when the step is taken).
-        """
+    ) -> Optional[PlainPlan]:
+        """Check the losses, find the structure if the partition is still unknown, and compute
+        the weights and each loss's factor: everything a plain step needs before its backward
+        (no state change). None: the step was skipped (a non-finite loss or weight)."""
         parsed = parse_losses(losses, self._names)
+        self._note_task_count(parsed.names)
         named = [("representation", representation)] if representation is not None else []
         named += named_features(features)
         for name, tensor in named:
@@ -183,29 +197,53 @@ class PlainPath:
                 self._generator.set_state(generator_state)
                 return self._skip(why, values)
         factors = loss_factors(parsed.present, present, weights, shares)
+        return PlainPlan(parsed, present, values, weights, states, structure, factors, generator_state)
+
+    def _plain_commit(self, plan: PlainPlan) -> Outcome:
+        """Commit a plain step's structure and weighting state; its Outcome (no gradients)."""
+        if plan.structure is not None:
+            self._adopt_partition(plan.structure.partition, warn=True, blocks=plan.structure.blocks)
+        if not self._weighting_ready and (plan.weights is not None or plan.structure is not None):
+            self._adopt_weighting(plan.parsed.names)
+        self._states.update(plan.states)
+        if self._names is None:
+            self._names = plan.parsed.names
+        ones = torch.ones(len(plan.present), dtype=torch.float64)
+        return Outcome(ones if plan.weights is None else plan.weights, None, None, [], [], plan.states)
+
+    def _plain_step(
+        self, losses: Losses, features: Any, representation: Optional[Tensor], samples: Samples
+    ) -> None:
+        """One backward of ``sum_i w_i L_i`` over the present tasks, and the inner step.
+
+        The plain configuration's step, and every step the schedule leaves out: bitwise
+        ``sum(losses).backward(); inner.step()`` when every weight is 1. Only the
+        weighting runs (its state committed only when the step is taken).
+        """
+        plan = self._plain_plan(losses, features, representation, samples)
+        if plan is None:
+            return None
         params = [p for p in self._params if p.requires_grad]
-        if self._sharded:
-            grads = self._sharded_gradients(parsed.losses, factors, params)
-        else:
-            grads = gradients(parsed.losses, factors, params, current_scale(self.grad_scaler))
-            if world_size() > 1:
-                grads = summed(params, grads)
+        try:
+            with explained_errors():  # e.g. losses whose graph the caller's own backward() freed
+                if self._sharded:
+                    grads = self._sharded_gradients(plan.parsed.losses, plan.factors, params)
+                else:
+                    grads = gradients(
+                        plan.parsed.losses, plan.factors, params, current_scale(self.grad_scaler)
+                    )
+                    if world_size() > 1:
+                        grads = summed(params, grads)
+        except BaseException:
+            self._generator.set_state(plan.generator_state)  # the weights' draws, undone
+            raise
         finite = all_finite([local(g) for g in grads if g is not None])
         if not (self._rows.agree(finite) if self._sharded else finite):
-            self._generator.set_state(generator_state)
-            return self._skip("non-finite gradient", values)
-        if structure is not None:
-            self._adopt_partition(structure.partition, warn=True, blocks=structure.blocks)
-        if not self._weighting_ready and (weights is not None or structure is not None):
-            self._adopt_weighting(parsed.names)
+            self._generator.set_state(plan.generator_state)
+            return self._skip("non-finite gradient", plan.values)
+        outcome = self._plain_commit(plan)
         for p, g in zip(params, grads):
             write_grad(p, g)
-        self._drop_absent([parsed.names[i] for i in present])
-        self._states.update(states)
-        if self._names is None:
-            self._names = parsed.names
-        k = len(present)
-        ones = torch.ones(k, dtype=torch.float64)
-        outcome = Outcome(ones if weights is None else weights, None, None, [], [], states)
-        self._take(parsed.names, present, values, outcome, None)
+        self._drop_absent([plan.parsed.names[i] for i in plan.present])
+        self._take(plan.parsed.names, plan.present, plan.values, outcome, None)
         return None

@@ -2,17 +2,23 @@
 
 ``step(losses, representation=z)`` (an approximation of the parameter-level method, as
 MGDA-UB) needs, per task, the gradient of its loss w.r.t. ``z`` and w.r.t. its own
-parameters; only the heads are traversed, never the trunk.
+parameters; only the heads are traversed, never the trunk. Two paths give the same rows:
 
-- **Factored** (:class:`~._gradients.HeadFactor`), when every head reads ``z`` (2-D) only
-  through linear maps of its own (``nn.Linear``, ``F.linear``, ``z @ W``) and that is
-  cheaper: ONE backward of all losses gives each map's output gradient ``delta_a`` and
-  every task's own-parameter gradients (each map and each own parameter is reached by
-  one loss only, so the sum's gradient there is that loss's). Autograd never forms the
-  ``N x D`` gradient of ``z`` per task; the Gram and the combined feature gradient come
-  from the ``delta_a`` and the maps (see ``HeadFactor``).
-- **Dense** otherwise: one backward per task to ``z`` and its own parameters, giving the
-  ``(K, *z.shape)`` rows.
+- **Factored** (:func:`factored_rows`, :class:`~._gradients.HeadFactor`), when every
+  head reads ``z`` (2-D) only through linear maps of its own (``nn.Linear``,
+  ``F.linear``, ``z @ W``): ONE backward of all losses gives each map's output gradient
+  ``delta_a`` and every task's own-parameter gradients (each map and each own parameter
+  is reached by one loss only, so the sum's gradient there is that loss's). Autograd
+  never forms the ``N x D`` gradient of ``z`` per task; the Gram and the combined
+  feature gradient come from the ``delta_a`` and the maps (see ``HeadFactor``).
+- **Dense** (:func:`dense_rows`), always available: one backward per task to ``z`` and
+  its own parameters, giving the ``(K, *z.shape)`` rows.
+
+Which one is faster depends on the sizes *and* the hardware (the factored Gram costs
+``(N + D) O^2`` for ``O`` head outputs in all, the dense one ``K^2 N D`` plus K backward
+calls and a ``K x N x D`` buffer), so ``gradient_mode="auto"`` measures them
+(:class:`~._engine.HeadPaths`); :func:`factored_is_cheaper` is the rule used where
+nothing is measured.
 """
 
 from __future__ import annotations
@@ -23,17 +29,27 @@ import torch
 from torch import Tensor
 from torch.autograd.graph import GradientEdge
 
-from ._gradients import HeadFactor, TaskGradients
+from ._gradients import HEAD_BLOCK, HeadFactor, TaskGradients
 from ._graph import LossGraph, Node
+
+#: A linear map of a head: ``(task, its autograd node, M)`` with the map ``z @ M``.
+HeadMap = Tuple[int, Node, Tensor]
 
 
 def feature_rows(
     losses: Sequence[Tensor], features: Tensor, tasks: Sequence[Sequence[Tensor]], graph: LossGraph
 ) -> TaskGradients:
-    """Per-task rows w.r.t. ``features`` (factored where possible) and own-parameter gradients."""
-    maps = _linear_maps(losses, features, graph)
-    if maps is not None:
-        return _factored(losses, features, tasks, graph, maps)
+    """Per-task rows w.r.t. ``features``, by the rule: factored where possible and cheaper."""
+    maps = head_maps(losses, features, graph)
+    if maps is not None and factored_is_cheaper(len(losses), features, maps):
+        return factored_rows(losses, features, tasks, graph, maps)
+    return dense_rows(losses, features, tasks, graph)
+
+
+def dense_rows(
+    losses: Sequence[Tensor], features: Tensor, tasks: Sequence[Sequence[Tensor]], graph: LossGraph
+) -> TaskGradients:
+    """The dense path: the ``(K, *features.shape)`` rows, K head backwards."""
     rows, task_grads = feature_gradients(losses, features, tasks, graph)
     return TaskGradients([rows], task_grads)
 
@@ -62,14 +78,12 @@ def _reads(edge: Tuple[Optional[Node], int], features: Tensor) -> bool:
     return getattr(node, "variable", None) is features
 
 
-def _linear_maps(
-    losses: Sequence[Tensor], features: Tensor, graph: LossGraph
-) -> Optional[List[Tuple[int, Node, Tensor]]]:
+def head_maps(losses: Sequence[Tensor], features: Tensor, graph: LossGraph) -> Optional[List[HeadMap]]:
     """``(task, node, M)`` for every graph node that reads ``features``, when all are linear
-    maps ``features @ M`` private to one task and factoring is cheaper; else None."""
+    maps ``features @ M`` private to one task (the factored path applies); else None."""
     if features.dim() != 2:
         return None
-    found: List[Tuple[int, Node, Tensor]] = []
+    found: List[HeadMap] = []
     for node in graph.order:
         edges = graph.children[node]
         positions = [pos for pos, edge in enumerate(edges) if _reads(edge, features)]
@@ -78,41 +92,54 @@ def _linear_maps(
         mask = graph.mask[node]
         if mask == 0 or mask & (mask - 1):  # reached by several losses: a shared consumer of z
             return None
-        name = type(node).__name__
-        try:
-            if (
-                name == "AddmmBackward0"
-                and positions == [1]
-                and node._saved_alpha == 1
-                and node._saved_beta == 1
-            ):
-                m = node._saved_mat2
-            elif name == "MmBackward0" and positions == [0]:
-                m = node._saved_mat2
-            else:
-                return None
-        except (AttributeError, RuntimeError):
-            return None
+        m = _map_of(node, positions)
         if m is None or m.dim() != 2:
             return None
         found.append((mask.bit_length() - 1, node, m.detach()))
-    if not found:
-        return None
-    k = len(losses)
+    return found or None
+
+
+def _map_of(node: Node, positions: List[int]) -> Optional[Tensor]:
+    """``M`` of a node computing ``z @ M`` (+ a bias) from ``z`` at ``positions``; else None."""
+    name = type(node).__name__
+    try:
+        if name == "AddmmBackward0" and positions == [1] and node._saved_alpha == 1 and node._saved_beta == 1:
+            return node._saved_mat2
+        if name == "MmBackward0" and positions == [0]:
+            return node._saved_mat2
+    except (AttributeError, RuntimeError):
+        pass
+    return None
+
+
+def head_columns(maps: Sequence[HeadMap]) -> int:
+    """``O``: the heads' output columns in all (the factored Gram is ``O x O``)."""
+    return sum(int(m.shape[1]) for _, _, m in maps)
+
+
+def factored_is_cheaper(k: int, features: Tensor, maps: Sequence[HeadMap]) -> bool:
+    """The rule where nothing is measured: compare the work in which the two paths differ.
+
+    Both paths form one ``N x O x D`` product (the dense one in its K backwards, the
+    factored one in its update). The factored Gram then costs ``(N + D) O^2``, less with
+    its symmetric blocks (:func:`~._gradients.head_gram`); the dense one forms, reduces
+    and combines ``K`` rows of ``N x D``: ``K N D (K + 2)``.
+    """
     n, d = features.shape
-    columns = sum(int(m.shape[1]) for _, _, m in found)
-    factored = (n + d) * columns * columns + n * columns * d
-    dense = k * n * d * (k + 2)  # forming Z, its Gram, the update
-    return found if factored < dense else None
+    o = head_columns(maps)
+    blocks = max(1, o // HEAD_BLOCK)
+    factored = (n + d) * o * o * (blocks + 1) / (2 * blocks)
+    return factored <= k * n * d * (k + 2)
 
 
-def _factored(
+def factored_rows(
     losses: Sequence[Tensor],
     features: Tensor,
     tasks: Sequence[Sequence[Tensor]],
     graph: LossGraph,
-    maps: List[Tuple[int, Node, Tensor]],
+    maps: List[HeadMap],
 ) -> TaskGradients:
+    """The factored path (:class:`~._gradients.HeadFactor`): one backward of all losses."""
     k = len(losses)
     own = [[p for p in tasks[i] if graph.reached_by(p) & (1 << i)] for i in range(k)]
     inputs = [GradientEdge(node, 0) for _, node, _ in maps] + [p for params in own for p in params]
@@ -129,6 +156,8 @@ def _factored(
     for i in range(k):
         got = {id(p): next(rest) for p in own[i]}
         task_grads.append([got.get(id(p)) for p in tasks[i]])
-    owner = torch.cat([torch.full((int(m.shape[1]),), t, dtype=torch.long) for t, _, m in maps])
+    owner = torch.cat(
+        [torch.full((int(m.shape[1]),), t, dtype=torch.long, device=m.device) for t, _, m in maps]
+    )
     factor = HeadFactor(torch.cat(deltas, dim=1), torch.cat([m for _, _, m in maps], dim=1), owner, k)
     return TaskGradients([None], task_grads, [factor])

@@ -8,11 +8,17 @@ differs:
   ``J_b^T c_b``. Under ``torch.distributed`` the rows are averaged across ranks.
 - :class:`RepresentationRows` (``step(losses, representation=z)``, an approximation):
   rows are the gradients with respect to the shared representation ``z`` (head
-  backwards only, factored for linear heads: :mod:`._representation`; the batch
+  backwards only, factored for linear heads where measured faster: :mod:`._representation`,
+  :class:`~._engine.HeadPaths`; the batch
   flattened into the row as in the MGDA-UB paper's code); the
-  combined feature gradient ``Z^T c`` runs one backward through the trunk. Under
-  ``torch.distributed`` the global Gram is the sum of the ranks' Grams over the global
-  batch size squared, and the trunk updates are averaged.
+  combined feature gradient ``Z^T c`` runs one backward through the trunk. A shared
+  parameter outside the trunk (used by several heads after ``z``, not upstream of it)
+  gets the gradient of the same combination, ``grad(sum_i c_i w_i L_i)``: the update
+  every shared parameter gets in parameter mode for one block, and on a step the
+  schedule leaves out (``surgery_every``, ``c = 1``) the gradient of the weighted sum,
+  so it trains the same way on every step. Under ``torch.distributed`` the global Gram
+  is the sum of the ranks' Grams over the global batch size squared, and the trunk
+  updates are averaged.
 """
 
 from __future__ import annotations
@@ -24,11 +30,31 @@ import torch
 from torch import Tensor
 
 from ._distributed import all_average, world_size
-from ._engine import GradientEngine
+from ._engine import GradientEngine, HeadPaths
 from ._gradients import GramFactor, Rows, TaskGradients, all_finite, reduce_tasks
 from ._graph import LossGraph
-from ._representation import feature_rows
+from ._losses import check_tensor
 from .partition import Partition
+
+
+def check_representation(features: Tensor, preconditioner: Any, aggregator: Any, partial: bool) -> None:
+    """What representation mode cannot run, refused before anything changes.
+
+    Raises:
+        TypeError, ValueError: ``features`` is not a tensor that requires grad; a
+            preconditioner or a row method (they need the parameters' rows); absent tasks
+            under ``torch.distributed``.
+    """
+    check_tensor(features, "representation")
+    if preconditioner is not None:
+        raise ValueError("precondition is not supported in representation mode (representation=)")
+    if aggregator.needs_jacobian:
+        raise ValueError(
+            f"surgery {aggregator.name!r} reads the Jacobian's rows and does not run in "
+            "representation mode (representation=); use a Gram-based surgery or parameter mode"
+        )
+    if partial and world_size() > 1:
+        raise ValueError("representation mode (representation=) needs every task on every rank")
 
 
 class ParameterRows:
@@ -46,13 +72,19 @@ class ParameterRows:
         return graph
 
     def gather(
-        self, losses: Sequence[Tensor], graph: LossGraph, partition: Partition, once: bool = False
+        self,
+        losses: Sequence[Tensor],
+        graph: LossGraph,
+        partition: Partition,
+        once: bool = False,
+        keep: bool = False,
     ) -> TaskGradients:
         """``once``: these gradients are combined with one set of coefficients and nothing
         else (one step, one block, not accumulated): on one process the engine may then
-        keep only the Gram of large factored layers (:class:`~._gradients.GramFactor`)."""
+        keep only the Gram of large factored layers (:class:`~._gradients.GramFactor`).
+        ``keep``: the graph stays usable for a backward of the caller's (weights-only mode)."""
         defer = once and world_size() == 1
-        return self.engine.compute(losses, graph, partition.shared, partition.tasks, defer)
+        return self.engine.compute(losses, graph, partition.shared, partition.tasks, defer, keep)
 
     def blocks(self, blocks: List[List[int]]) -> List[List[int]]:
         return blocks
@@ -91,14 +123,30 @@ class RepresentationRows:
 
     mode = "representation"
 
-    def __init__(self, features: Tensor, graph: LossGraph) -> None:
+    def __init__(
+        self,
+        features: Tensor,
+        graph: LossGraph,
+        engine: Optional[GradientEngine] = None,
+        loss_scale: float = 1.0,
+    ) -> None:
         self.features = features
         self.graph = graph
+        #: the head path's chooser: the engine's (measured, committed with its steps), else the rule
+        self.heads = engine.heads if engine is not None else HeadPaths()
+        self.loss_scale = loss_scale  # the losses :meth:`gather` gets are scaled by it (AMP)
+        self.losses: Sequence[Tensor] = ()
 
     def gather(
-        self, losses: Sequence[Tensor], graph: LossGraph, partition: Partition, once: bool = False
+        self,
+        losses: Sequence[Tensor],
+        graph: LossGraph,
+        partition: Partition,
+        once: bool = False,
+        keep: bool = False,
     ) -> TaskGradients:
-        return feature_rows(losses, self.features, partition.tasks, graph)
+        self.losses = losses  # for the shared parameters outside the trunk (:meth:`updates`)
+        return self.heads.rows(losses, self.features, partition.tasks, graph)
 
     def blocks(self, blocks: List[List[int]]) -> List[List[int]]:
         return [[0]]
@@ -128,11 +176,12 @@ class RepresentationRows:
         feature_grad = combined[0]
         if not finite or feature_grad is None:
             return [None] * len(partition.shared), False
-        trunk = [p for p in partition.shared if self.graph.reached_by(p)]
-        got = {}
-        if trunk:
-            grads_ = torch.autograd.grad(self.features, trunk, feature_grad, allow_unused=True)
-            got = {id(p): g for p, g in zip(trunk, grads_)}
+        reached = [p for p in partition.shared if self.graph.reached_by(p)]
+        got: Dict[int, Optional[Tensor]] = {}
+        if reached:
+            grads_ = torch.autograd.grad(self.features, reached, feature_grad, allow_unused=True)
+            got = {id(p): g for p, g in zip(reached, grads_)}
+        got.update(self._outside(mix, [p for p in reached if got.get(id(p)) is None]))
         updates: Rows = [got.get(id(p)) for p in partition.shared]
         if world_size() > 1:
             present = [u for u in updates if u is not None]
@@ -141,8 +190,22 @@ class RepresentationRows:
         finite = all_finite([u for u in updates if u is not None])
         return updates, finite
 
+    def _outside(self, mix: Tensor, params: Sequence[Tensor]) -> Dict[int, Optional[Tensor]]:
+        """``grad(sum_i mix_i L_i)`` of the shared parameters the losses reach but not through
+        ``z`` (one backward through the heads, which never enters the trunk)."""
+        if not params:
+            return {}
+        factors = (mix.reshape(-1) / self.loss_scale).tolist()
+        total = sum(loss * f for loss, f in zip(self.losses, factors))
+        grads = torch.autograd.grad(total, list(params), allow_unused=True)  # type: ignore[arg-type]
+        return {id(p): g for p, g in zip(params, grads)}
+
     def path(self) -> Optional[str]:
         return "representation"
 
     def stats(self, grads: TaskGradients) -> Dict[str, Any]:
-        return {}
+        """Which head path computed the rows (and, on a measuring step, each path's ms)."""
+        out: Dict[str, Any] = {"representation_path": self.heads.path}
+        if self.heads.timings:
+            out["representation_timings_ms"] = dict(self.heads.timings)
+        return out

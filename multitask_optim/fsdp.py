@@ -322,7 +322,12 @@ class FSDPRows(ParameterRows):
             )
 
     def gather(
-        self, losses: Sequence[Tensor], graph: LossGraph, partition: Partition, once: bool = False
+        self,
+        losses: Sequence[Tensor],
+        graph: LossGraph,
+        partition: Partition,
+        once: bool = False,
+        keep: bool = False,
     ) -> TaskGradients:
         """Each task's gradient of the full (unsharded) parameters on this rank's batch."""
 
@@ -331,7 +336,7 @@ class FSDPRows(ParameterRows):
 
         shared = [leaf(p) for p in partition.shared]
         tasks = [[leaf(p) for p in params] for params in partition.tasks]
-        return self.engine.compute(losses, graph, shared, tasks).dense()
+        return self.engine.compute(losses, graph, shared, tasks, keep=keep).dense()
 
     def reduce_tasks(
         self,

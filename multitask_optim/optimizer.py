@@ -16,8 +16,8 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import _checkpoint, fsdp
+from . import _weights_only as weights_only
 from ._amp import current_scale
-from ._amp import update as amp_update
 from ._arguments import (
     Granularity,
     TaskLR,
@@ -25,7 +25,7 @@ from ._arguments import (
     check_task_lr,
 )
 from ._bookkeeping import Bookkeeping
-from ._clipping import check_max_grad_norm, clip_
+from ._clipping import check_max_grad_norm
 from ._components import State
 from ._distributed import all_average, world_size
 from ._engine import GradientEngine
@@ -35,7 +35,7 @@ from ._losses import (
     Losses,
     Samples,
     check_passes,
-    check_tensor,
+    explained_errors,
     loss_values,
     named_features,
     observed_values,
@@ -53,18 +53,18 @@ from ._pipeline import (
     precondition,
     reduced,
     scale_tasks,
+    sub_components,
     sub_states,
     weighted_gram,
     weighting_gram,
 )
 from ._plain import PlainPath
 from ._schedule import Schedule
-from ._sources import ParameterRows, RepresentationRows
+from ._sources import ParameterRows, RepresentationRows, check_representation
 from .aggregators import AggregationContext, Aggregator
-from .diagnostics import step_stats
 from .partition import Partition, TasksArg
 from .precondition import Preconditioner
-from .weighting import Weighting, WeightingContext
+from .weighting import Weighting
 
 Source = Union[ParameterRows, RepresentationRows]
 
@@ -139,6 +139,11 @@ class MultiTaskOptimizer(Bookkeeping, PlainPath, Optimizer):
             ``MultiTaskOptimizer``), or a component of the wrong type.
         ValueError: a bad argument, named in the message (an unknown method, a
             hyper-parameter out of range, a parameter in two param groups or two roles).
+
+    Attributes:
+        skipped: how many steps were skipped (nothing written on them; ``last_stats``).
+        last_skip_reason: why the last one was (None before any); both in :meth:`state_dict`.
+        last_stats: the last step's statistics, plain Python values (:mod:`.diagnostics`).
     """
 
     def __init__(
@@ -205,6 +210,7 @@ class MultiTaskOptimizer(Bookkeeping, PlainPath, Optimizer):
         self.skipped = 0
         self._warned_skip = False
         self._accumulated: Optional[Gathered] = None
+        self._pending: Optional[weights_only.Pending] = None  # weighted_loss() calls since the last step()
         # committed state: changed only by a taken step or a load
         self._partition: Optional[Partition] = None
         self._blocks: Optional[List[List[int]]] = None
@@ -319,7 +325,8 @@ class MultiTaskOptimizer(Bookkeeping, PlainPath, Optimizer):
         if losses is None and self._accumulated is None:
             if representation is not None or features is not None:
                 raise ValueError("representation= and features= need losses")
-            return self.optimizer.step(closure) if closure is not None else self.optimizer.step()
+            return weights_only.inner_step(self, closure)  # the inner step (finishing weighted_loss() calls)
+        weights_only.check_not_pending(self)
         if self._accumulated is not None and (representation is not None or features is not None):
             raise ValueError("representation= and features= cannot be combined with accumulated losses")
         if losses is not None and self._accumulated is not None:
@@ -340,8 +347,6 @@ class MultiTaskOptimizer(Bookkeeping, PlainPath, Optimizer):
         else:
             self._run(*self._gather(losses, None, features, representation, samples, once=True))
         return result
-
-    # ------------------------------------------------------------------ the plain path
 
     def accumulate(self, losses: Losses, samples: Samples = None) -> None:
         """Add one micro-batch's per-task gradients; the next ``step()`` aggregates them once.
@@ -365,7 +370,41 @@ class MultiTaskOptimizer(Bookkeeping, PlainPath, Optimizer):
             losses: the micro-batch's per-task losses, as for :meth:`step`.
             samples: under ``torch.distributed``, this rank's sample count per task.
         """
+        weights_only.check_not_pending(self)
         self._accumulated = self._gather(losses, self._accumulated, None, None, samples)[0]
+
+    def weighted_loss(
+        self,
+        losses: Losses,
+        *,
+        features: Optional[Union[Tensor, Sequence[Tensor]]] = None,
+        representation: Optional[Tensor] = None,
+        samples: Samples = None,
+    ) -> Tensor:
+        """Weights-only mode: the method as one scalar loss, for an engine that runs the backward.
+
+        Runs the step up to the coefficients (Gram of the shared parameters, weights
+        ``w``, coefficients ``c``), commits their state as a taken step does and returns
+        ``sum_i c_i w_i L_i`` with ``c`` and ``w`` detached: its backward puts the
+        method's update on the shared parameters, and ``step()`` (no losses) then clips,
+        skips a non-finite gradient and runs the inner optimizer. Task parameters receive
+        ``c_i w_i grad L_i``; see :mod:`multitask_optim._weights_only` for all differences.
+
+        Args:
+            losses: as for :meth:`step` (absent tasks left out or ``None``).
+            features: as for :meth:`step` (a hint, never changes the result).
+            representation: refused (representation mode needs :meth:`step`).
+            samples: as for :meth:`step`, under ``torch.distributed``.
+
+        Returns:
+            The scalar; on a skipped step (counted in ``last_stats["skipped"]``) the plain
+            sum of the present losses, and the next ``step()`` skips.
+
+        Raises:
+            ValueError: a row method, per-task preconditioning, representation mode,
+                several Gram blocks, FSDP2, pending ``accumulate()``, or bad losses.
+        """
+        return weights_only.weighted_loss(self, losses, features, representation, samples)
 
     def epoch_end(self) -> None:
         """Mark an epoch boundary for the weightings that count epochs (DWA, STCH)."""
@@ -408,28 +447,21 @@ class MultiTaskOptimizer(Bookkeeping, PlainPath, Optimizer):
         representation: Optional[Tensor],
         samples: Samples = None,
         once: bool = False,
+        keep: bool = False,
     ) -> Tuple[Gathered, Source]:
         """Check the losses and compute this micro-batch's per-task gradients (no state change).
 
         Returns the gathered gradients (added to ``into`` when accumulating) and their
-        source. ``once``: a whole step, not a micro-batch."""
+        source. ``once``: a whole step, not a micro-batch. ``keep``: the graph stays usable."""
         known = self._names if self._names is not None else (into.names if into is not None else None)
         parsed = parse_losses(losses, known)
+        self._note_task_count(parsed.names)
         names, loss_list, counts = parsed.names, parsed.losses, task_samples(samples, parsed)
         if self._sharded:  # FSDP2: before any backward, every rank must have the same tasks
             assert isinstance(self._rows, fsdp.FSDPRows)
             self._rows.agree_on_tasks(names, parsed.present, first=into is None)
         if representation is not None:
-            check_tensor(representation, "representation")
-            if self.preconditioner is not None:
-                raise ValueError("precondition is not supported in representation mode (representation=)")
-            if self.aggregator.needs_jacobian:
-                raise ValueError(
-                    f"surgery {self.aggregator.name!r} reads the Jacobian's rows and does not run in "
-                    "representation mode (representation=); use a Gram-based surgery or parameter mode"
-                )
-            if parsed.partial and world_size() > 1:
-                raise ValueError("representation mode (representation=) needs every task on every rank")
+            check_representation(representation, self.preconditioner, self.aggregator, parsed.partial)
         values = loss_values(loss_list)
         bad = None if world_size() > 1 else non_finite_losses(parsed.present_names, values)
         weights = None if counts is None else torch.tensor(counts, dtype=torch.float64)
@@ -441,20 +473,31 @@ class MultiTaskOptimizer(Bookkeeping, PlainPath, Optimizer):
             if tensor is not None:
                 check_passes(tensor, graph, name)
         structure = self._structure(parsed, graph, into.structure if into is not None else None)
-        source: Source = (
-            RepresentationRows(representation, graph) if representation is not None else self._rows
-        )
         scale = current_scale(self.grad_scaler)
+        source: Source = (
+            RepresentationRows(representation, graph, self.engine, scale)
+            if representation is not None
+            else self._rows
+        )
         scaled = [loss * scale for loss in loss_list] if scale != 1.0 else loss_list
-        grads = source.gather(scaled, graph, structure.partition, once and len(structure.blocks) == 1)
+        with explained_errors():  # e.g. losses whose graph the caller's own backward() freed
+            grads = source.gather(
+                scaled, graph, structure.partition, once and len(structure.blocks) == 1, keep
+            )
         if scale != 1.0:
             grads = grads.scaled([1.0 / scale] * len(loss_list))
         out = Gathered(names, values, structure, grads, present=parsed.present, samples=weights)
         return (out if into is None else into + out), source
 
     # ------------------------------------------------------------------ the stages
-    def _run(self, gathered: Gathered, source: Source) -> None:
-        """Reduce ... combine (no state change), then commit and take the step, or skip."""
+    def _run(
+        self, gathered: Gathered, source: Source, combine: bool = True
+    ) -> Optional[Tuple[Outcome, Tensor, Tuple[int, ...]]]:
+        """Reduce ... combine (no state change), then commit and take the step, or skip.
+
+        ``combine=False`` (weights-only mode): stop after the coefficients, commit the
+        states without writing any ``.grad`` and leave the rest to the caller. Returns
+        the outcome, the loss values and the present tasks of a taken step (None: skipped)."""
         if gathered.bad is not None or gathered.grads is None or gathered.structure is None:
             return self._skip(gathered.bad or "non-finite loss", gathered.values)
         generator_state = self._generator.get_state()
@@ -462,7 +505,7 @@ class MultiTaskOptimizer(Bookkeeping, PlainPath, Optimizer):
             if source.mode == "parameters" and (world_size() > 1 or self._sharded):
                 assert isinstance(source, ParameterRows)
                 gathered = reduced(gathered, source)  # each task averaged over the ranks that had it
-            outcome, why, values, weights = self._compute(gathered, source)
+            outcome, why, values, weights = self._compute(gathered, source, combine)
         except BaseException:
             self._generator.set_state(generator_state)
             self.engine.forget()
@@ -470,14 +513,17 @@ class MultiTaskOptimizer(Bookkeeping, PlainPath, Optimizer):
         if outcome is None:
             self._generator.set_state(generator_state)
             return self._skip(why or "non-finite values", values, weights)
-        self._commit(gathered.structure, outcome)
-        self._take(gathered.names, gathered.present, values, outcome, source)
-        return None
+        self._commit(gathered.structure, outcome, own_grads=combine)
+        if combine:
+            self._take(gathered.names, gathered.present, values, outcome, source)
+        return outcome, values, gathered.present
 
     def _compute(
-        self, gathered: Gathered, source: Source
+        self, gathered: Gathered, source: Source, combine: bool = True
     ) -> Tuple[Optional[Outcome], Optional[str], Tensor, Optional[Tensor]]:
-        """Reduce, weigh, precondition, Gram, aggregate, combine: an Outcome, or why to skip."""
+        """Reduce, weigh, precondition, Gram, aggregate, combine: an Outcome, or why to skip.
+
+        ``combine=False``: no update is formed (the Outcome has coefficients, no gradients)."""
         assert gathered.grads is not None and gathered.structure is not None
         names, structure, present = gathered.names, gathered.structure, gathered.present
         k = len(present)
@@ -490,6 +536,7 @@ class MultiTaskOptimizer(Bookkeeping, PlainPath, Optimizer):
             return None, "non-finite loss or gradient", values, None
         current = self._current_states(len(names), len(structure.blocks))
         old = sub_states(self._components(), current, present, len(names)) if full else {}
+        aggregator = sub_components(self._components(), present, len(names))["surgery"]
         weights, states, why = self._weigh(names, present, values, old, current)
         if why is not None:
             return None, why, values, weights
@@ -522,7 +569,7 @@ class MultiTaskOptimizer(Bookkeeping, PlainPath, Optimizer):
             wgram = weighting_gram(self.weighting, grads, structure, source, gram, weights)
         agg_ctx = AggregationContext(self._generator, values * weights, self._steps)
         combined = aggregate_and_combine(
-            self.aggregator,
+            aggregator,  # type: ignore[arg-type]
             old["surgery"],
             grads,
             gram,
@@ -531,11 +578,14 @@ class MultiTaskOptimizer(Bookkeeping, PlainPath, Optimizer):
             source,
             agg_ctx,
             weights if not carry else None,
+            combine,
         )
         coefs, updates, states["surgery"], why = combined
         if why is not None:
             return None, why, values, weights
-        task_grads = grads.tasks if carry else scale_tasks(grads.tasks, weights.tolist())
+        task_grads = (
+            [] if not combine else grads.tasks if carry else scale_tasks(grads.tasks, weights.tolist())
+        )
         overflow_possible = any(abs(w) > 1.0 for w in weights.tolist())  # |w| <= 1 keeps finite finite
         if overflow_possible and not all_finite([g for task in task_grads for g in task if g is not None]):
             return None, "a weighted task gradient overflows", values, weights  # e.g. w_i * g_i > float32 max
@@ -546,49 +596,6 @@ class MultiTaskOptimizer(Bookkeeping, PlainPath, Optimizer):
             "weighting": states["weighting"],
         }
         return Outcome(weights, coefs, gram, updates, task_grads, states, wgram, stats), None, values, weights
-
-    def _take(
-        self,
-        names: Tuple[str, ...],
-        present: Tuple[int, ...],
-        values: Tensor,
-        outcome: Outcome,
-        source: Optional[Source],
-    ) -> None:
-        """The weighting's own gradients, clipping, the inner step, and the step's statistics."""
-        weights = outcome.weights
-        ran = outcome.coefficients is not None or outcome.gram is not None
-        if self.weighting.parameters() and (ran or not self.weighting.needs_gram):
-            comps = {"weighting": self.weighting}
-            state = sub_states(comps, self._states, present, len(names))["weighting"]
-            ctx = WeightingContext(self._generator, self._steps, names, present)
-            self.weighting.backward(values, weights, state, ctx, gram=outcome.weighting_gram)
-        norm = None if self.max_grad_norm is None else clip_(self._params, self.max_grad_norm)
-        objective = self.weighting.objective(values, weights)
-        self._steps += 1
-        self.optimizer.step()
-        self.weighting.after_step()
-        amp_update(self.grad_scaler, self, False, self._device())
-        coefs = outcome.coefficients
-        gram = outcome.gram
-        if gram is not None:
-            gram = gram[0] if gram.shape[0] == 1 else gram.sum(dim=0)
-        self.last_stats = step_stats(gram, None, weights.tolist(), values.tolist(), self.skipped)
-        k = len(present)
-        if not ran:  # the plain path: every coefficient is 1
-            coefs = torch.ones(len(self._blocks or [[]]), k, dtype=torch.float64)
-        listed = None if coefs is None else coefs.tolist()  # (B, K) -> one transfer, then Python
-        self.last_stats["coefficients"] = None if listed is None else [sum(c) / len(c) for c in zip(*listed)]
-        self.last_stats["block_coefficients"] = listed
-        self.last_stats["objective"] = objective
-        self.last_stats["path"] = "full" if ran else "plain"
-        self.last_stats["gradient_mode"] = source.path() if ran and source is not None else "plain"
-        self.last_stats["tasks"] = [names[i] for i in present]
-        if norm is not None:
-            self.last_stats["grad_norm"] = norm
-        self.last_stats.update(outcome.stats)
-
-    # ------------------------------------------------------------------ committed structure
 
     # ------------------------------------------------------------------ state
 

@@ -23,6 +23,7 @@ import importlib.util
 import os
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Dict, List, Optional, Tuple
 
 import pytest
@@ -104,19 +105,22 @@ def test_trimmed_mean_equals_torchjd(trim_number: int) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("warmup", [0, 3])
+@pytest.mark.parametrize("warmup", [0, 1, 3])
 @pytest.mark.parametrize("step_size", [0.1, 1.0])
-def test_excess_mtl_equals_torchjd_over_several_steps(
+def test_excess_mtl_is_k_times_torchjd_over_several_steps(
     dtype: torch.dtype, warmup: int, step_size: float
 ) -> None:
+    """Our weights sum to K (the authors' code), TorchJD's to 1; TorchJD's warm-up 0 updates
+    with the raw excess risk on its first call, ours (the authors') only measures it, as
+    TorchJD's warm-up 1 does."""
     worst = 0.0
     for k in (2, 3, 5):
-        ours_method, theirs = ExcessMTL(step_size, warmup), ta.ExcessMTL(step_size, warmup)
+        ours_method, theirs = ExcessMTL(step_size, warmup), ta.ExcessMTL(step_size, max(warmup, 1))
         state = ours_method.init_state(k, 1)
         for step in range(8):
             jac = jacobian(100 * k + step, k, 40, dtype) * (0.3 + 0.1 * step)
             ours, state = run_ours(ours_method, jac, state)
-            worst = max(worst, rel(ours, theirs(jac)))
+            worst = max(worst, rel(ours, k * theirs(jac)))
     assert worst <= RTOL, worst
 
 
@@ -170,6 +174,8 @@ class _Driver:
                 self.task_num, self.device, self.rep_grad = k, torch.device("cpu"), False
                 self.x = shared.clone().requires_grad_(True)
                 self.result: Optional[Tensor] = None
+                # ExcessMTL backpropagates its weighted sum itself: the update is then x.grad.
+                self.encoder = SimpleNamespace(zero_grad=lambda: setattr(self.x, "grad", None))
 
             def _compute_grad_dim(self) -> None:
                 self.grad_index, self.grad_dim = [p], p
@@ -177,6 +183,9 @@ class _Driver:
             def _compute_grad(self, losses: Tensor, mode: str, rep_grad: bool = False) -> Tensor:
                 rows = [torch.autograd.grad(losses[i], self.x, retain_graph=True)[0] for i in range(k)]
                 return torch.stack(rows)
+
+            def _get_grads(self, losses: Tensor, mode: str) -> Tensor:
+                return self._compute_grad(losses, mode)
 
             def _reset_grad(self, new_grads: Tensor) -> None:
                 self.result = new_grads.detach().clone()
@@ -187,9 +196,11 @@ class _Driver:
     def step(self, jac: Tensor, values: Tensor, **kwargs: Any) -> Tensor:
         w = self.weighting
         losses = values.float() + jac.float() @ w.x  # L = c + J x at x = 0: gradient J, value c
+        w.result = None
         w.backward(losses, **kwargs)
-        assert w.result is not None
-        return w.result
+        result = w.x.grad if w.result is None else w.result
+        assert result is not None
+        return result.detach().clone()
 
 
 def _libmtl_agreement(
@@ -223,6 +234,15 @@ def test_moco_equals_libmtl_over_several_steps(tmp_path: Path) -> None:
         kwargs["MoCo_rho"] = rho
         worst = _libmtl_agreement("MoCo", MoCo(beta, 0.5, gamma, 0.5, rho), kwargs, tmp_path)
         assert worst <= RTOL, (beta, gamma, rho, worst)
+
+
+def test_excess_mtl_equals_libmtl_over_several_steps(tmp_path: Path) -> None:
+    """LibMTL's ExcessMTL is the authors' code: first step stores the baseline, weights sum to K."""
+    for step_size in (1e-2, 1.0):
+        worst = _libmtl_agreement(
+            "ExcessMTL", ExcessMTL(step_size), {"robust_step_size": step_size}, tmp_path, steps=10
+        )
+        assert worst <= RTOL, (step_size, worst)
 
 
 class _Rep:

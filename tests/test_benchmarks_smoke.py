@@ -6,6 +6,8 @@ shared update on the same inputs at K = 2 (where PCGrad's task order does not ma
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
 import json
 
 import pytest
@@ -139,3 +141,82 @@ def test_speed_writes_no_absolute_path(tmp_path):
     speed.main(argv)
     text = (tmp_path / "speed.json").read_text()
     assert str(tmp_path) not in text and '"/' not in text
+
+
+def test_gpu_table_command_runs_on_cpu_and_records_the_device(tmp_path):
+    """``--gpu-table``'s code path at tiny sizes on the CPU: timings, ratios, device fields."""
+    names = ["floor", "ours-pcgrad", "ours-pcgrad-representation"]
+    names += ["torchjd-pcgrad"] if importlib.util.find_spec("torchjd") else []
+    argv = ["--gpu-table", "--device", "cpu", "--quick", "--trunks", "mlp", "--ks", "2", "--reps", "1"]
+    argv += [
+        "--warmup",
+        "1",
+        "--agg-calls",
+        "5",
+        "--no-memory",
+        "--impls",
+        ",".join(names),
+        "--out",
+        str(tmp_path),
+    ]
+    speed.main(argv)
+    doc = json.loads((tmp_path / "speed_cpu.json").read_text())
+    machine = doc["machine"]
+    assert machine["device"] == "cpu" and machine["device_name"]
+    assert machine["torch"] == torch.__version__ and machine["cuda"] == torch.version.cuda
+    assert "cudnn" in machine and machine["timer"] == "wall"
+    section = doc["trunks"]["mlp"]
+    assert section["config"]["device"] == "cpu" and section["ks"] == [2]
+    for name in names:
+        assert section["results"][name]["2"]["median_ms"] > 0
+    assert section["modes"]["ours-pcgrad-representation"]["2"].startswith("representation (")
+    text = (tmp_path / "speed_cpu.md").read_text()
+    assert "/ plain step" in text and "/ TorchJD PCGrad" in text and "| ours-pcgrad | 2 |" in text
+
+
+def test_gpu_table_shows_the_peak_allocated_memory_and_both_ratios():
+    from benchmarks.speed_gpu import gpu_table_text
+
+    cells = {"floor": 10.0, "torchjd-pcgrad": 40.0, "ours-pcgrad": 20.0}
+    section = {
+        "title": "mlp, batch 256",
+        "rounds": {"4": 5},
+        "ks": [4],
+        "results": {n: {"4": {"median_ms": ms, "min_ms": ms}} for n, ms in cells.items()},
+        "memory_mb": {"ours-pcgrad": {"4": {"peak_mb": 123.4, "delta_mb": 23.4}}},
+    }
+    machine = {"device": "cuda:0", "device_name": "GPU", "torch": "2.x", "cuda": "12.x", "cudnn": 9}
+    doc = {"machine": {**machine, "threads": 1, "timer": "wall"}, "inner": "Adam", "memory_measure": "m"}
+    text = gpu_table_text({**doc, "trunks": {"mlp": section}}, list(cells))
+    assert "peak torch.cuda.max_memory_allocated (MB)" in text
+    assert "| ours-pcgrad | 4 | 20.00 | 20.00 | 2.00x | 0.50x | 123.4 |" in text
+    assert "cuda:0 (GPU), torch 2.x, CUDA 12.x, cuDNN 9" in text
+
+
+def test_device_options_refuse_what_cannot_run():
+    from benchmarks.common import parse_device
+    from benchmarks.speed_timing import step_timer
+
+    with pytest.raises(ValueError, match="cannot time cuda kernels"):
+        step_timer(torch.device("cuda"), "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(argparse.ArgumentTypeError, match="CUDA is not available"):
+            parse_device("cuda")
+    assert step_timer(torch.device("cpu"), "cpu")(lambda: None) >= 0
+
+
+def test_heads_with_several_outputs_regress_their_own_targets():
+    cfg = WorkloadConfig(in_dim=16, width=32, depth=2, batch=8, head_outputs=3)
+    model = build_model(cfg, 4)
+    x, y = make_data(cfg, 4)[0]
+    assert [h.weight.shape for h in model.heads] == [(3, 32)] * 4 and y.shape == (8, 4, 3)
+    losses = model.losses((x, y))
+    assert len(losses) == 4 and all(loss.dim() == 0 and torch.isfinite(loss) for loss in losses)
+    assert make_data(TINY, 4)[0][1].shape == (8, 4)  # one output per head: (N, K) as before
+
+
+def test_quality_trains_on_the_device_given():
+    from benchmarks import quality
+
+    cfg = quality.config_from(quality.build_parser().parse_args(["--device", "cpu"]))
+    assert cfg.device == "cpu" and cfg.to_dict()["device"] == "cpu"

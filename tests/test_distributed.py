@@ -16,7 +16,9 @@ under ``ddp.no_sync()`` (DDP's own reducer is never used); plus GradVac with per
 Adam preconditioning and uncertainty weighting, accumulation of two micro-batches per
 rank, a NaN loss on one rank only (both ranks skip that step, no deadlock), and PCGrad
 under DDP with an inner SGD without momentum (whose update is linear in the averaged
-gradients, so a mis-scaled average cannot hide behind Adam's normalisation).
+gradients, so a mis-scaled average cannot hide behind Adam's normalisation). Representation
+mode (MGDA-UB) runs with Adam, and with an inner SGD alone and under GradNorm (whose weight
+step reads the Gram's scale) for the same reason.
 
 Tasks missing from a batch (issue 14): each rank labels a different number of rows per
 task (none on some steps), so a task is present on some ranks only; its gradient is the
@@ -120,6 +122,18 @@ for _surgery in ("graddrop", "trimmed_mean", "excess_mtl", "db_mtl", "moco"):
 
 # representation mode over linear heads (factored rows: HeadFactor) and MGDA-UB
 CONFIGS["plain-mgda-k3-representation"] = {"wrap": "plain", "surgery": "mgda", "k": 3, "representation": True}
+# ... with an inner SGD without momentum: the trunk update, the heads' gradients and the
+# loss values averaged across the ranks show any uniform mis-scaling (Adam's normalisation
+# hides it); GradNorm's weight step reads the Gram's scale (MGDA-UB's coefficients do not).
+for _weighting in (None, "gradnorm"):
+    CONFIGS[f"plain-mgda-k3-representation-sgd-{_weighting}"] = {
+        "wrap": "plain",
+        "surgery": "mgda",
+        "k": 3,
+        "representation": True,
+        "inner": "sgd",
+        "weighting": _weighting,
+    }
 
 
 def forward(model: nn.Module, x: Tensor, cfg: Dict[str, Any]) -> Tuple[List[Tensor], Optional[Tensor]]:

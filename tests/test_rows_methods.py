@@ -137,7 +137,7 @@ def test_trimmed_mean_ignores_outlying_tasks() -> None:
 
 
 # ---------------------------------------------------------------------- ExcessMTL
-def test_excess_mtl_weights_stay_on_the_simplex_and_favour_the_task_far_from_convergence() -> None:
+def test_excess_mtl_weights_sum_to_k_and_favour_the_task_far_from_convergence() -> None:
     method = ExcessMTL(robust_step_size=0.5, n_warmup_steps=2)
     g = torch.Generator().manual_seed(0)
     state = None
@@ -147,9 +147,9 @@ def test_excess_mtl_weights_stay_on_the_simplex_and_favour_the_task_far_from_con
         (update,), coefs, state = call(method, [jac], state)
         assert coefs is not None
         torch.testing.assert_close(update, coefs[0] @ jac)
-        assert abs(float(coefs.sum()) - 1.0) < 1e-12 and bool((coefs > 0).all())
+        assert abs(float(coefs.sum()) - 3.0) < 1e-12 and bool((coefs > 0).all())
         if step < 2:
-            torch.testing.assert_close(coefs, torch.full((1, 3), 1.0 / 3, dtype=torch.float64))
+            torch.testing.assert_close(coefs, torch.ones(1, 3, dtype=torch.float64))
     assert int(coefs.argmax()) == 0
 
 
@@ -317,3 +317,21 @@ def test_representation_mode_is_refused_with_a_clear_error(name: str) -> None:
     with pytest.raises(ValueError, match=f"surgery '{name}' reads the Jacobian's rows.*representation"):
         opt.step(losses, representation=z)
     assert params_equal(before, list(model.parameters()))
+
+
+def test_excess_mtl_task_with_a_zero_first_gradient_takes_a_later_baseline() -> None:
+    """A zero gradient on the baseline step (a zero-initialised head) leaves that task's
+    baseline 0: its first non-zero excess risk becomes its baseline and the weights stay
+    finite and spread, instead of NaN (dividing by 0) or one-hot (dividing by a floor)."""
+    method = ExcessMTL(robust_step_size=0.5)
+    g = torch.Generator().manual_seed(1)
+    state = None
+    for step in range(5):
+        jac = torch.randn(2, 30, generator=g, dtype=torch.float64)
+        if step == 0:
+            jac[1] = 0.0
+        _, coefs, state = call(method, [jac], state)
+        assert coefs is not None and bool(torch.isfinite(coefs).all())
+        # Step 0 measures (task 1's baseline stays 0); step 1 sets it and pushes task 0 only.
+        assert (float(state["baseline"][0, 1]) > 0.0) == (step >= 1)
+        assert float(coefs.min()) > 0.3, (step, coefs)

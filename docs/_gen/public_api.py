@@ -10,9 +10,11 @@ them with links to that one place (:func:`names_table`).
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
 import pkgutil
 import re
+from pathlib import Path
 from typing import Any, List
 
 from sphinx_roles import plain_roles
@@ -53,6 +55,17 @@ def module_public(module_name: str) -> List[str]:
     ]
 
 
+def _source(module_name: str) -> str:
+    """A module's source text, read without importing the module itself.
+
+    The integrations import their framework at import time; the site must build with
+    only the docs extra installed (griffe reads them statically too).
+    """
+    spec = importlib.util.find_spec(module_name)
+    assert spec is not None and spec.origin is not None, module_name
+    return Path(spec.origin).read_text(encoding="utf-8")
+
+
 def canonical(module_name: str, name: str) -> str:
     """The dotted path where the object ``module_name.name`` is defined.
 
@@ -73,7 +86,7 @@ def canonical(module_name: str, name: str) -> str:
     if (inspect.isclass(obj) or inspect.isfunction(obj)) and hasattr(obj, "__qualname__"):
         return f"{obj.__module__}.{obj.__qualname__}"
     for module in public_modules():
-        if re.search(rf"^{re.escape(name)}\s*[:=]", inspect.getsource(importlib.import_module(module)), re.M):
+        if re.search(rf"^{re.escape(name)}\s*[:=]", _source(module), re.M):
             return f"{module}.{name}"
     raise LookupError(f"{module_name}.{name}: no public module assigns it at top level")
 

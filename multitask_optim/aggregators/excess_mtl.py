@@ -2,12 +2,12 @@
 
 Reference: Y. He, S. Zhou, G. Zhang, H. Yun, Y. Xu, B. Zeng, T. Chilimbi, H. Zhao,
 "Robust Multi-Task Learning with Excess Risks", ICML 2024 (Equations 6, 7 and 9,
-Section 3.2 and Appendix C.1).
+Section 3.2 and Appendix C.1); the authors' code is ``LibMTL/weighting/ExcessMTL.py``
+in their repository (uiuctml/ExcessMTL), which LibMTL's ``ExcessMTL`` repeats.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -16,7 +16,7 @@ from torch import Tensor
 from ._rows import block_buffer, block_vector, calls, check_count, check_number, combine, counter
 from .base import AGGREGATORS, AggregationContext, RowAggregator, State
 
-#: Added to the accumulated squares under the root (Eq. 7) and to the baseline (Sec. 3.2).
+#: Added to the accumulated squares under the root (Eq. 7), as in the authors' code.
 EPS = 1e-7
 
 
@@ -27,22 +27,49 @@ class ExcessMTL(RowAggregator):
     Per block, with ``S_i = sum_{s <= t} g_i(s)^2`` the running sum of squared gradients
     (a diagonal AdaGrad estimate of the Hessian, Eq. 7) and ``h_i = sqrt(S_i + 1e-7)``,
     the excess risk of task ``i`` is estimated by the second-order Taylor expansion
-    (Eq. 6) ``E_i = sum_p g_i[p]^2 / h_i[p]``. Divided by a baseline ``E_i^0`` (scale
-    processing, Sec. 3.2), it drives an exponentiated-gradient step on weights that
-    start uniform on the simplex (Eq. 9)::
+    (Eq. 6) ``E_i = sum_p g_i[p]^2 / h_i[p]``. The first steps only measure: the weights
+    stay 1 and the mean of their ``E`` becomes the baseline ``E_i^0`` (scale processing,
+    Sec. 3.2). Every later step divides by it and takes an exponentiated-gradient step
+    on the weights (Eq. 9), kept summing to ``K``::
 
-        alpha_i <- alpha_i exp(eta E_i / (E_i^0 + 1e-7)) / sum_j alpha_j exp(eta E_j / (E_j^0 + 1e-7))
+        alpha_i <- K alpha_i exp(eta E_i / E_i^0) / sum_j alpha_j exp(eta E_j / E_j^0)
         d = sum_i alpha_i g_i = J^T alpha
 
-    For the first ``n_warmup_steps`` steps the weights stay ``1/K`` while ``E`` is
-    averaged into the baseline (Appendix C.1 recommends three epochs). With no warmup
-    (the default) the first step's ``E`` becomes the baseline and that step uses it
-    unnormalised. This is TorchJD 0.18's ``ExcessMTL``, which our update equals (same
-    scale: ``alpha`` on the simplex, as in the paper). LibMTL's port differs: its
-    weights start at 1 and sum to ``K``, its first step makes no weight update, and it
-    divides by the baseline with no floor (a task whose first gradient is 0 turns every
-    later weight into NaN). ``S`` is kept as its square root ``sqrt(S_i)`` (updated with
-    ``hypot``), so squares of large gradients never overflow the rows' dtype.
+    With the defaults this is the authors' code (which LibMTL repeats) step by step: the
+    weights start at 1 and sum to ``K`` (so before they move the update is the plain
+    sum), the first step stores its ``E`` as the baseline and leaves the weights at 1,
+    and ``eta = 1e-2`` (their configuration's ``robust_step_size``; their README's
+    Office-Home example passes 1). The update is done in log space (a softmax), so a
+    large ``E / E^0`` saturates a weight instead of overflowing; ``S`` is kept as its
+    square root ``sqrt(S_i)`` (updated with ``hypot``), so squares of large gradients
+    never overflow the rows' dtype.
+
+    Where it departs from the authors' code:
+
+    - **Task-specific parameters (heads) get their own loss's gradient** (times the
+      weighting's weight), as with every surgery here: the surgery acts on the shared
+      parameters only. The authors' code backpropagates ``sum_i alpha_i L_i``, so its
+      heads get ``alpha_i`` times their gradient. Under an Adam-like inner optimizer a
+      per-parameter constant factor makes no difference; under SGD the heads' step is
+      ``1 / alpha_i`` times theirs.
+    - **A task whose baseline is still 0** (its gradient was exactly 0 on every
+      baseline step, e.g. a zero-initialised head, or it was absent) takes its first
+      non-zero ``E`` as its baseline and its weight is not pushed on that step. The
+      authors' code divides by the zero baseline and turns every weight into NaN for
+      good; a small floor instead (TorchJD's ``+ 1e-7``) makes ``E / E^0`` huge and the
+      weights one-hot for the rest of the run.
+    - **``n_warmup_steps`` (Appendix C.1, which recommends three epochs) averages the
+      baseline over that many steps**; the authors' code has no warm-up and takes the
+      first step's ``E``: ``n_warmup_steps`` 0 (the default) and 1 both do exactly that.
+    - **The weights are kept per block** (``granularity=``); with the default single
+      block they are the authors' weights.
+
+    TorchJD 0.18's ``ExcessMTL`` keeps its weights on the simplex (ours are ``K`` times
+    them) and, with ``n_warmup_steps=0``, updates the weights on the first call with the
+    raw ``E`` (not divided by any baseline): on losses of different scales that makes
+    the weights one-hot at once (``exp`` of ``eta E`` underflows), and, kept as
+    log-weights, they stay one-hot. Ours equals ``K`` times TorchJD's with
+    ``n_warmup_steps >= 1``.
 
     State: ``steps``; per block ``b`` ``root.{b}`` (``(K, P_b)``, rows' dtype, created at
     first use); ``weights``, ``baseline`` and ``warmup`` (``(B, K)`` float64). The update
@@ -76,8 +103,10 @@ class ExcessMTL(RowAggregator):
         (MultiDigits 18.3 ± 10.3): tune ``robust_step_size`` and the warm-up first.
 
     Args:
-        robust_step_size: ``eta > 0``, the step size of the weight update (default 1).
-        n_warmup_steps: steps with uniform weights that set the baseline (default 0).
+        robust_step_size: ``eta > 0``, the step size of the weight update (default
+            ``1e-2``, the authors' and LibMTL's ``robust_step_size``).
+        n_warmup_steps: steps with weights 1 whose mean ``E`` is the baseline (default
+            0, which, like 1, takes the first step's ``E``: the authors' code).
 
     Raises:
         ValueError: naming the argument if ``robust_step_size <= 0`` or
@@ -85,17 +114,18 @@ class ExcessMTL(RowAggregator):
     """
 
     name = "excess_mtl"
-    #: Not positively homogeneous: its weights move by exp(step * excess risk), which scales with the gradients.
+    #: Not positively homogeneous: h = sqrt(S + 1e-7) has an absolute floor, so E / E^0 (and the
+    #: weights) change with the gradients' scale where the gradients are small.
     homogeneous = False
 
-    def __init__(self, robust_step_size: float = 1.0, n_warmup_steps: int = 0) -> None:
+    def __init__(self, robust_step_size: float = 1e-2, n_warmup_steps: int = 0) -> None:
         self.robust_step_size = check_number("robust_step_size", robust_step_size, 0.0, open_low=True)
         self.n_warmup_steps = check_count("n_warmup_steps", n_warmup_steps)
 
     def init_state(self, num_tasks: int, num_blocks: int) -> State:
         return {
             "steps": counter(0),
-            "weights": torch.full((num_blocks, num_tasks), 1.0 / max(num_tasks, 1), dtype=torch.float64),
+            "weights": torch.ones(num_blocks, num_tasks, dtype=torch.float64),
             "baseline": torch.zeros(num_blocks, num_tasks, dtype=torch.float64),
             "warmup": torch.zeros(num_blocks, num_tasks, dtype=torch.float64),
         }
@@ -105,44 +135,43 @@ class ExcessMTL(RowAggregator):
     ) -> Tuple[List[Tensor], Optional[Tensor], State]:
         num_blocks, k = gram.shape[0], gram.shape[1]
         step = calls(state)
-        weights = block_vector(state, "weights", num_blocks, k, 1.0 / k)
-        # On a step lacking some tasks the present tasks' slice of the simplex is put back
-        # on the simplex; a slice whose weights all underflowed restarts from uniform.
-        total = weights.sum(dim=1, keepdim=True)
-        off = (total - 1.0).abs() > 1e-9
-        weights = torch.where(
-            off, torch.where(total > 0, weights / total.clamp_min(1e-300), 1.0 / k), weights
-        )
+        weights = _present_weights(block_vector(state, "weights", num_blocks, k, 1.0))
         baseline = block_vector(state, "baseline", num_blocks, k, 0.0)
         warmup = block_vector(state, "warmup", num_blocks, k, 0.0)
-        new_state: State = {}
-        excess = torch.zeros(num_blocks, k, dtype=torch.float64)
-        floor = math.sqrt(EPS)
-        for b, r in enumerate(rows):
-            root = torch.hypot(block_buffer(state, f"root.{b}", r), r)  # sqrt(S_i), S_i including g_i
-            new_state[f"root.{b}"] = root
-            if r.shape[1]:
-                size = r.abs()
-                ratio = size / torch.hypot(root, root.new_tensor(floor))  # |g| / h <= 1
-                excess[b] = (size * ratio).sum(dim=1, dtype=torch.float64).cpu()
-        excess = ctx.shards.sum(excess)  # FSDP2: the ranks' shards add up to the whole rows' E
-        if step < self.n_warmup_steps:
+        roots, excess = self._excess_risks(rows, state, ctx)
+        measuring = max(self.n_warmup_steps, 1)  # the baseline needs at least one step's E
+        if step < measuring:
             warmup = warmup + excess
+            if step == measuring - 1:
+                baseline = warmup / measuring
         else:
-            if step == self.n_warmup_steps:
-                if self.n_warmup_steps > 0:
-                    baseline = warmup / self.n_warmup_steps
-                    excess = excess / (baseline + EPS)
-                else:
-                    baseline = excess
-            else:
-                excess = excess / (baseline + EPS)
-            weights = torch.softmax(weights.log() + self.robust_step_size * excess, dim=1)
+            # A task with no baseline yet takes this E as its baseline and is not pushed.
+            unset = baseline <= 0
+            ratio = torch.where(unset, 0.0, excess / baseline.where(~unset, 1.0))
+            baseline = torch.where(unset, excess, baseline)
+            weights = k * torch.softmax(weights.log() + self.robust_step_size * ratio, dim=1)
+        new_state: State = {f"root.{b}": root for b, root in enumerate(roots)}
         new_state.update(
             {"steps": counter(step + 1), "weights": weights, "baseline": baseline, "warmup": warmup}
         )
         updates = [combine(weights[b], r) for b, r in enumerate(rows)]
         return updates, weights, new_state
+
+    @staticmethod
+    def _excess_risks(
+        rows: List[Tensor], state: State, ctx: AggregationContext
+    ) -> Tuple[List[Tensor], Tensor]:
+        """The new ``sqrt(S)`` per block and the ``(B, K)`` float64 excess risks ``E`` (Eq. 6, 7)."""
+        excess = torch.zeros(len(rows), rows[0].shape[0] if rows else 0, dtype=torch.float64)
+        roots = []
+        for b, r in enumerate(rows):
+            root = torch.hypot(block_buffer(state, f"root.{b}", r), r)  # sqrt(S_i), S_i including g_i
+            roots.append(root)
+            if r.shape[1]:
+                size = r.abs()
+                ratio = size / torch.hypot(root, root.new_tensor(EPS**0.5))  # |g| / h <= 1
+                excess[b] = (size * ratio).sum(dim=1, dtype=torch.float64).cpu()
+        return roots, ctx.shards.sum(excess)  # FSDP2: the ranks' shards add up to the whole rows' E
 
     def task_axes(self) -> Dict[str, Tuple[int, ...]]:
         """Steps lacking some tasks: the present tasks' accumulators and weights move (weights renormalised over them); an absent task's are kept."""
@@ -150,3 +179,12 @@ class ExcessMTL(RowAggregator):
 
     def settings(self) -> Dict[str, Any]:
         return {"robust_step_size": self.robust_step_size, "n_warmup_steps": self.n_warmup_steps}
+
+
+def _present_weights(weights: Tensor) -> Tensor:
+    """The ``(B, k)`` weights put back to sum ``k`` (a step lacking some tasks hands the
+    present tasks' slice); a slice whose weights all underflowed restarts from 1."""
+    k = weights.shape[1]
+    total = weights.sum(dim=1, keepdim=True)
+    off = (total - k).abs() > 1e-9 * k
+    return torch.where(off, torch.where(total > 0, k * weights / total.clamp_min(1e-300), 1.0), weights)
