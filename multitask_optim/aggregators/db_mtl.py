@@ -82,10 +82,11 @@ class DBMTL(RowAggregator):
         the Gram methods.
 
     When to use:
-        Loss scales and gradient magnitudes that both differ, under an inner SGD. Its moving
-        average of the gradients sits in front of an Adam-like optimizer's own: with the
-        defaults and inner Adam it is among the worst rows (MultiDigits 24.5, scale 633);
-        set ``beta`` low (e.g. 0) under Adam.
+        Loss scales and gradient magnitudes that both differ. Under an Adam-like inner
+        optimizer set ``beta=0``: it then ranks with the best rows on both suites
+        (MultiDigits 0.46 ± 1.7, scale 71 ± 4, 3 seeds). With the defaults and inner Adam
+        its moving average stacks with Adam's and it is among the worst rows (MultiDigits
+        24.5, scale 633). Under plain SGD the defaults are the authors' setting.
 
     Args:
         beta: EMA rate of the gradients, in ``[0, 1)`` (default 0.9, LibMTL's ``DB_beta``;

@@ -88,8 +88,8 @@ class FAMO(Weighting):
     Departures:
         Equals LibMTL's ``FAMO`` (from the authors' code) to 1e-12 relative in the weights
         and the logits, in both the next-step and the same-batch variant
-        (``tests/test_anchor_weighting_wave2.py``). The official code's ``min_losses``
-        offset is not offered.
+        (``tests/test_anchor_weighting_wave2.py``), with the official code's ``1e-8`` added to
+        each loss inside the log. Its ``min_losses`` offset is not offered.
 
     Cost:
         No Gram matrix or per-task gradient of its own: K logits with Adam moments in the

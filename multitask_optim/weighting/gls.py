@@ -50,9 +50,10 @@ class GeometricLossStrategy(Weighting):
         Workshops (Equation 2).
 
     Departures:
-        Computed in log space. LibMTL's ``GLS`` applies the same weights (to 1e-12 relative,
-        ``tests/test_anchor_weighting_wave2.py``) but reports others and forms the product
-        of the losses, which overflows float32 with many tasks.
+        Computed in log space, each loss clamped at ``1e-8`` (the paper and LibMTL have no
+        guard: a loss of exactly 0 gives them NaN). LibMTL's ``GLS`` applies the same
+        weights (to 1e-12 relative, ``tests/test_anchor_weighting_wave2.py``) but reports
+        others and forms the product of the losses, which overflows float32 with many tasks.
 
     Cost:
         No Gram matrix or per-task gradient of its own: a few operations on the K loss

@@ -72,8 +72,11 @@ class GradNorm(Weighting):
         The gradient norms come from the Gram matrix of the weighted task gradients (no
         second backward). LibMTL's ``GradNorm`` parametrises ``w = K softmax(theta)``,
         trains with equal weights during the first epoch and takes ``L_i(0)`` from it; we
-        follow the paper. ``tests/test_gradnorm_synthetic.py`` checks that it equalises the
-        gradient norms of the chosen layer.
+        follow the paper. Its weights through the optimizer equal a plain-loop reference of
+        the paper's Algorithm 1 (autograd on a small model) to float32 rounding over six
+        steps (``tests/test_gradnorm_reference.py``), and ``tests/test_gradnorm_synthetic.py``
+        checks that it equalises the gradient norms of the chosen layer. A first loss of 0
+        gives no usable ``L_i(0)``: the first positive loss is taken instead.
 
     Cost:
         No Gram matrix or per-task gradient of its own: K learnable scalars (own param
@@ -191,8 +194,8 @@ class GradNorm(Weighting):
         is what :meth:`weights` stores.
 
         Raises:
-            ValueError: no ``gram=``, or losses that make the loss ratio meaningless (a first
-                loss ``<= 0`` or a negative loss), naming the task.
+            ValueError: no ``gram=``, or a negative loss (it makes the loss ratio
+                meaningless), naming the task.
             RuntimeError: the weighting is not bound to its tasks yet.
         """
         params = self._bound()

@@ -50,7 +50,9 @@ class IMTLL(Weighting):
 
     Departures:
         LibMTL only has the IMTL hybrid; its loss-scale part equals ours to 1e-12 relative
-        in the weights (``tests/test_anchor_weighting_wave2.py``).
+        in the weights (``tests/test_anchor_weighting_wave2.py``). Each loss enters the
+        objective clamped at ``1e-8`` (neither the paper nor LibMTL guards a loss of 0, for
+        which ``s_i`` would grow until it overflows).
 
     Cost:
         No Gram matrix or per-task gradient of its own: K learnable scalars in their own

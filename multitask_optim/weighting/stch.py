@@ -70,8 +70,8 @@ class SmoothTchebycheff(Weighting):
 
     Departures:
         Equals LibMTL's ``STCH`` (the official code) through and after the warm-up, nadir
-        point included (``tests/test_anchor_weighting_wave2.py``), except its ``1e-20``
-        inside the logs and its reported all-ones weights.
+        point included, ``1e-20`` offset inside the logs included
+        (``tests/test_anchor_weighting_wave2.py``), except its reported all-ones weights.
 
     Cost:
         No Gram matrix or per-task gradient of its own: epoch sums and the nadir point in
