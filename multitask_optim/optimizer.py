@@ -388,7 +388,7 @@ class MultiTaskOptimizer(Bookkeeping, PlainPath, Optimizer):
         ``sum_i c_i w_i L_i`` with ``c`` and ``w`` detached: its backward puts the
         method's update on the shared parameters, and ``step()`` (no losses) then clips,
         skips a non-finite gradient and runs the inner optimizer. Task parameters receive
-        ``c_i w_i grad L_i``; see :mod:`multitask_optim._weights_only` for all differences.
+        ``c_i w_i grad L_i``; the documentation's weights-only guide lists every difference.
 
         Args:
             losses: as for :meth:`step` (absent tasks left out or ``None``).
