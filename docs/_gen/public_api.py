@@ -28,7 +28,7 @@ def public_modules() -> List[str]:
     """Every public module of the package, the package itself first."""
     out = ["multitask_optim"]
     for info in pkgutil.walk_packages(multitask_optim.__path__, "multitask_optim."):
-        if not any(part.startswith("_") for part in info.name.split(".")):
+        if _is_public(info.name):
             out.append(info.name)
     return out
 
@@ -66,29 +66,64 @@ def _source(module_name: str) -> str:
     return Path(spec.origin).read_text(encoding="utf-8")
 
 
-def canonical(module_name: str, name: str) -> str:
-    """The dotted path where the object ``module_name.name`` is defined.
+def _is_public(module_name: str) -> bool:
+    return not any(part.startswith("_") for part in module_name.split("."))
 
-    Classes and functions know their module. Other objects (a registry instance) are
-    found in the public module that assigns the name at its top level.
+
+def _public_home(defining: str, name: str, exporter: str) -> str:
+    """Where a name defined in the private module ``defining`` is documented.
+
+    A package may keep its code in private modules and list what it offers in its
+    ``__all__`` (``multitask_optim.advisor``): the nearest public package above the
+    definition that exports the name documents it; failing that, the public module
+    ``exporter`` that re-exports it (``fsdp`` for ``_fsdp_state``'s names).
+    """
+    parts = defining.split(".")
+    for n in range(len(parts) - 1, 0, -1):
+        package = ".".join(parts[:n])
+        if _is_public(package) and name in getattr(importlib.import_module(package), "__all__", ()):
+            return package
+    if exporter != "multitask_optim" and _is_public(exporter):
+        return exporter
+    raise LookupError(f"{defining}.{name}: no public module other than the package's top level exports it")
+
+
+def canonical(module_name: str, name: str) -> str:
+    """The dotted path where the object ``module_name.name`` is documented.
+
+    That is where it is defined when the defining module is public. Classes and functions
+    know their module; other objects (a registry instance, a constant) are found in the
+    module that assigns the name at its top level. A name defined in a private module is
+    documented in the nearest public package above it that lists it in ``__all__``.
 
     Args:
         module_name: a module that exposes ``name``.
         name: the public name.
 
     Returns:
-        ``"package.module.name"`` of the definition.
+        ``"package.module.name"`` of the documentation.
 
     Raises:
-        LookupError: when no public module assigns ``name`` (a private module defines it).
+        LookupError: when no module assigns ``name``, or a private one does and no public
+            package above it exports it.
     """
     obj = getattr(importlib.import_module(module_name), name)
     if (inspect.isclass(obj) or inspect.isfunction(obj)) and hasattr(obj, "__qualname__"):
-        return f"{obj.__module__}.{obj.__qualname__}"
-    for module in public_modules():
+        if _is_public(obj.__module__):
+            return f"{obj.__module__}.{obj.__qualname__}"
+        return f"{_public_home(obj.__module__, name, module_name)}.{name}"
+    modules = [
+        "multitask_optim",
+        *(i.name for i in pkgutil.walk_packages(multitask_optim.__path__, "multitask_optim.")),
+    ]
+    for module in sorted(modules, key=lambda m: not _is_public(m)):
         if re.search(rf"^{re.escape(name)}\s*[:=]", _source(module), re.M):
-            return f"{module}.{name}"
-    raise LookupError(f"{module_name}.{name}: no public module assigns it at top level")
+            return (
+                f"{module}.{name}"
+                if _is_public(module)
+                else f"{_public_home(module, name, module_name)}.{name}"
+            )
+    raise LookupError(f"{module_name}.{name}: no module of the package assigns it at top level")
 
 
 def _summary(obj: Any) -> str:
