@@ -42,8 +42,9 @@ from typing import Dict, List, Optional, Sequence, Set, Tuple
 import torch
 from torch import Tensor
 
-from ._gradients import LinearFactor, TaskGradients
-from ._gram import factor_gram, precise_gram
+from ._factors import LinearFactor
+from ._gradients import TaskGradients
+from ._gram import scaled_factor_gram
 from ._graph import LossGraph, Node
 
 #: Per-task activation gradients alive at once (bytes); tasks are processed in chunks.
@@ -158,7 +159,7 @@ def _factors_out(factored, deltas, grams, shared, out: TaskGradients, k: int) ->
         if grams is not None:
             for pos in (w, b):
                 if pos is not None and pos not in grams:
-                    grams[pos] = torch.zeros((k, k), dtype=torch.float64)
+                    grams[pos] = torch.zeros((k, k), dtype=torch.float64, device=x.device)
             continue
         delta = deltas.get(node)
         if delta is None:
@@ -420,10 +421,10 @@ def _linear_gram(node: Node, held, slots, shared, grams, buffers, useful, size: 
         del part
     del like
     dtype = torch.promote_types(x.dtype, torch.float32)
-    grams[w] = precise_gram(lambda d: factor_gram(x, parts, d), dtype).cpu()
+    grams[w] = scaled_factor_gram(x, parts, dtype)  # on the device: no host read during the walk
     if b is not None:
         sums = torch.cat([p.sum(dim=1) for p in parts]).to(torch.float64)
-        grams[b] = (sums @ sums.T).cpu()
+        grams[b] = sums @ sums.T
     child, nr = _input_edge(node)
     if child is None or not useful.get(child, False):
         return

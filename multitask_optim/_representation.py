@@ -29,7 +29,8 @@ import torch
 from torch import Tensor
 from torch.autograd.graph import GradientEdge
 
-from ._gradients import HEAD_BLOCK, HeadFactor, TaskGradients
+from ._factors import HEAD_BLOCK, HeadFactor
+from ._gradients import TaskGradients
 from ._graph import LossGraph, Node
 
 #: A linear map of a head: ``(task, its autograd node, M)`` with the map ``z @ M``.
@@ -159,5 +160,8 @@ def factored_rows(
     owner = torch.cat(
         [torch.full((int(m.shape[1]),), t, dtype=torch.long, device=m.device) for t, _, m in maps]
     )
-    factor = HeadFactor(torch.cat(deltas, dim=1), torch.cat([m for _, _, m in maps], dim=1), owner, k)
+    columns = [t for t, _, m in maps for _ in range(int(m.shape[1]))]
+    factor = HeadFactor(
+        torch.cat(deltas, dim=1), torch.cat([m for _, _, m in maps], dim=1), owner, k, columns
+    )
     return TaskGradients([None], task_grads, [factor])

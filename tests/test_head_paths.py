@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 import multitask_optim._engine as engine
 from multitask_optim import MultiTaskOptimizer
-from multitask_optim._gradients import head_gram
+from multitask_optim._factors import head_gram
 from multitask_optim._graph import analyse
 from multitask_optim._representation import dense_rows, factored_is_cheaper, factored_rows, head_maps
 
