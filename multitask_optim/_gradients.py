@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import ClassVar, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -44,6 +44,9 @@ class TaskGradients:
     shared: Rows
     tasks: List[List[Optional[Tensor]]]
     factors: List[Union[LinearFactor, HeadFactor, GramFactor]] = field(default_factory=list)
+
+    #: Whether these are one rank's shards (FSDP2): a local check then needs every rank's vote.
+    sharded: ClassVar[bool] = False
 
     @classmethod
     def empty(cls, num_shared: int, task_sizes: Sequence[int]) -> TaskGradients:

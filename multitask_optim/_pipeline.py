@@ -175,7 +175,10 @@ def precondition(
     rows, new_state = preconditioner.apply(grads.shared, keys, state)
     touched = [new_state[f"{key}.v"].detach() for key, r in zip(keys, grads.shared) if r is not None]
     peaks = None
-    if touched:
+    if touched and grads.sharded:  # each rank holds shards of the accumulators: every rank votes
+        ok = grads.agree(all_finite(touched))
+        peaks = torch.tensor([0.0 if ok else math.inf], dtype=torch.float64)
+    elif touched:
         by_device: Dict[Any, List[Tensor]] = {}
         for t in touched:
             by_device.setdefault(t.device, []).append(t)
@@ -308,7 +311,10 @@ def aggregate_rows(
     flat, coefs, new_state = aggregator.aggregate_rows(rows, gram, state, ctx)
     updates = grads.split_updates(blocks, flat, shared)
     present = [u.detach() for u in updates if u is not None and u.numel()]
-    if present:
+    if grads.sharded:  # each rank checked its shards: every rank votes (a read and an all-reduce)
+        finite = grads.agree(all_finite(present))
+        peaks = torch.tensor([0.0 if finite else math.inf], dtype=torch.float64)
+    elif present:
         norms = torch._foreach_norm(present, math.inf)
         peaks = torch.stack([x.to(device=device, dtype=torch.float64) for x in norms])
     else:
