@@ -24,6 +24,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import pytest
 import torch
+from conftest import DEVICES
 from torch import nn
 
 import multitask_optim._host as host
@@ -41,7 +42,6 @@ TENSOR_METHODS = (
     "nonzero",
 )
 TORCH_FUNCTIONS = ("equal", "allclose", "is_nonzero")
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 #: Weightings whose construction needs an argument.
 WEIGHTING_KWARGS: Dict[str, Dict[str, Any]] = {
