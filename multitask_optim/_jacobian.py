@@ -462,7 +462,7 @@ def run_path(
     ``lean`` factors every shared linear layer; ``frontier`` and ``native`` only where
     that is cheaper, and none when ``factored`` is False. ``defer``: the caller combines
     every shared parameter with one set of coefficients, once, so ``native`` may keep
-    only its factored layers' Gram (:class:`~._gradients.GramFactor`, :func:`defers`,
+    only its factored layers' Gram (:class:`~._factors.GramFactor`, :func:`defers`,
     ``above`` the threshold of that choice).
     """
     if mode in ("lean", "frontier", "native"):

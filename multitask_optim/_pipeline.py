@@ -492,12 +492,14 @@ def fetch_step(
     transfer: Transfer,
     values: Tensor,
     parts: Sequence[GramPart],
-    own: Optional[Sequence[GramPart]],
+    weighting: Tuple[Optional[Sequence[GramPart]], int],
     grads: TaskGradients,
     num_blocks: int,
 ) -> Fetched:
-    """The step's one device-to-host read: the loss values, every Gram part, the probes of
-    what the Grams do not cover (:meth:`~._gradients.TaskGradients.probes`)."""
+    """The step's one device-to-host read: the loss values, every Gram part, the parts of
+    the Gram the weighting reads (``(parts or None, their number of blocks)``), the probes
+    of what the Grams do not cover (:meth:`~._gradients.TaskGradients.probes`)."""
+    own, own_blocks = weighting
     transfer.add("values", values)
     for n, part in enumerate(parts):
         transfer.add(f"gram{n}", part.value)
@@ -508,7 +510,7 @@ def fetch_step(
     host = transfer.fetch()
     k = len(grads.tasks)
     gram = assemble(parts, [host[f"gram{n}"] for n in range(len(parts))], num_blocks, k)
-    own_gram = None if own is None else assemble(own, [host[f"own{n}"] for n in range(len(own))], 1, k)
+    own_gram = None if own is None else assemble(own, [host[f"own{n}"] for n in range(len(own))], own_blocks, k)
     probes = {n: t for n, t in host.items() if not n.startswith(("gram", "own")) and n != "values"}
     return Fetched(host["values"], gram, own_gram, probes, grads, num_blocks)
 

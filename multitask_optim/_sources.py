@@ -85,7 +85,7 @@ class ParameterRows:
     ) -> TaskGradients:
         """``once``: these gradients are combined with one set of coefficients and nothing
         else (one step, one block, not accumulated): on one process the engine may then
-        keep only the Gram of large factored layers (:class:`~._gradients.GramFactor`).
+        keep only the Gram of large factored layers (:class:`~._factors.GramFactor`).
         ``keep``: the graph stays usable for a backward of the caller's (weights-only mode)."""
         defer = once and world_size() == 1
         return self.engine.compute(losses, graph, partition.shared, partition.tasks, defer, keep)

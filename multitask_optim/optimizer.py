@@ -527,10 +527,11 @@ class MultiTaskOptimizer(Bookkeeping, PlainPath, Optimizer):
         first = self._weigh_first(names, present, values, old, current, rowwise) if carry else None
         if first is not None and first.why is not None:
             return None, first.why, first.values, first.weights
-        wparts = weighting_parts(self.weighting, grads, structure, source)
+        wparts, wblocks = weighting_parts(self.weighting, grads, structure, source), 1
         if first is not None:
             grads = grads if all(f == 1.0 for f in first.factors) else grads.scaled(first.factors)
-            wparts = wparts or (source.gram_parts(grads, blocks) if self.weighting.needs_gram else None)
+            if not wparts and self.weighting.needs_gram:  # every block's Gram, before preconditioning
+                wparts, wblocks = source.gram_parts(grads, blocks), len(blocks)
             if self.preconditioner is not None:
                 keys = [str(self._index_of[id(p)]) for p in structure.partition.shared]
                 grads, first.states["precondition"], peaks = precondition(
@@ -546,7 +547,7 @@ class MultiTaskOptimizer(Bookkeeping, PlainPath, Optimizer):
             ctx = AggregationContext(self._generator, first.values * first.weights, self._steps)
             rows = aggregate_rows(aggregator, old["surgery"], grads, parts, blocks, structure.partition, ctx)
             transfer.add("updates", rows.peaks)
-        host = fetch_step(transfer, values, parts, wparts, grads, len(blocks))  # the step's one host read
+        host = fetch_step(transfer, values, parts, (wparts, wblocks), grads, len(blocks))  # one host read
         with host_stage():
             values = host.values
             why = host.problem(names, present, self.preconditioner is not None)
