@@ -15,7 +15,8 @@ read:
   ``1e38`` in float32);
 - coefficients so small that a block's largest is below ``2^-60`` are divided by a
   power of two first and the update multiplied back once, in float64; a coefficient
-  below the dtype's smallest normal number makes the combination float64 (as before).
+  below the dtype's smallest normal number, or beyond a quarter of its largest (a
+  ``1e40`` that meets rows of ``1e-20``), makes the combination float64 (as before).
 """
 
 from __future__ import annotations
@@ -88,7 +89,9 @@ def plan(mix: Tensor, bounds: Sequence[Sequence[float]], dtype: Optional[torch.d
     limit = torch.finfo(dtype).max / 4
     reach = [sum(abs(c) * b for c, b in zip(row, bound)) for row, bound in zip(rows, bounds)]
     unbounded = any(not r <= limit for r in reach)  # NaN counts as unbounded
-    wide = below_normal([c for row in rows for c in row], dtype) or unbounded
+    flat = [c for row in rows for c in row]
+    beyond = any(abs(c) > limit for c in flat)  # a coefficient the dtype cannot hold (1e40 in float32)
+    wide = below_normal(flat, dtype) or unbounded or beyond
     after = reach if scale is None else [r * s for r, s in zip(reach, scale)]
     checked = all(r <= limit for r in after)
     return CombinePlan(mix, scale, wide, checked, raw)
