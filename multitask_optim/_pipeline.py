@@ -510,7 +510,9 @@ def fetch_step(
     host = transfer.fetch()
     k = len(grads.tasks)
     gram = assemble(parts, [host[f"gram{n}"] for n in range(len(parts))], num_blocks, k)
-    own_gram = None if own is None else assemble(own, [host[f"own{n}"] for n in range(len(own))], own_blocks, k)
+    own_gram = (
+        None if own is None else assemble(own, [host[f"own{n}"] for n in range(len(own))], own_blocks, k)
+    )
     probes = {n: t for n, t in host.items() if not n.startswith(("gram", "own")) and n != "values"}
     return Fetched(host["values"], gram, own_gram, probes, grads, num_blocks)
 
