@@ -35,10 +35,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from multitask_optim import MultiTaskOptimizer
+from multitask_optim.advisor import describe
 
 from . import quality_real as R
 from .common import DEFAULT_OUT, machine_info
-from .quality_grid import GridContext, describe, grid, same_config
+from .quality_grid import GridContext, grid, same_config
 from .quality_report import delta_m, dumps, mean_std
 
 
@@ -130,7 +131,12 @@ def grid_run(dataset: str, name: str, seed: int, budget: Budget) -> Dict[str, An
     t0 = time.perf_counter()
     if name.startswith("single:"):
         t = int(name.split(":")[1])
-        return {"dataset": dataset, "name": name, "seed": seed, "value": _single(table, train, test, t, budget, seed)}
+        return {
+            "dataset": dataset,
+            "name": name,
+            "seed": seed,
+            "value": _single(table, train, test, t, budget, seed),
+        }
     builder = dict(grid(len(table.tasks)))[name]
     config = builder(context(table, train, _model(table, budget, seed), budget))
     out: Dict[str, Any] = {"dataset": dataset, "name": name, "seed": seed, "config": _jsonable(config)}
@@ -160,7 +166,11 @@ def run_pool(jobs: Sequence[Tuple[Any, ...]], fn: Any, workers: int) -> List[Dic
     if workers <= 1:
         for n, job in enumerate(jobs):
             results.append(fn(*job))
-            print(f"[{n + 1}/{len(jobs)}] {job[:3]} {time.perf_counter() - t0:.0f}s", file=sys.stderr, flush=True)
+            print(
+                f"[{n + 1}/{len(jobs)}] {job[:3]} {time.perf_counter() - t0:.0f}s",
+                file=sys.stderr,
+                flush=True,
+            )
         return results
     import multiprocessing
 
@@ -168,7 +178,11 @@ def run_pool(jobs: Sequence[Tuple[Any, ...]], fn: Any, workers: int) -> List[Dic
         futures = {pool.submit(fn, *job): job for job in jobs}
         for n, fut in enumerate(as_completed(futures)):
             results.append(fut.result())
-            print(f"[{n + 1}/{len(jobs)}] {futures[fut][:3]} {time.perf_counter() - t0:.0f}s", file=sys.stderr, flush=True)
+            print(
+                f"[{n + 1}/{len(jobs)}] {futures[fut][:3]} {time.perf_counter() - t0:.0f}s",
+                file=sys.stderr,
+                flush=True,
+            )
     return results
 
 
@@ -181,9 +195,12 @@ def summarise_grid(dataset: str, runs: Sequence[Dict[str, Any]], seeds: Sequence
     names = [t.name for t in table.tasks]
     higher = dict(R.metric_direction(table.tasks))
     single = {
-        n: statistics.fmean(r["value"] for r in runs if r["name"] == f"single:{t}") for t, n in enumerate(names)
+        n: statistics.fmean(r["value"] for r in runs if r["name"] == f"single:{t}")
+        for t, n in enumerate(names)
     }
-    trivial = {n: statistics.fmean(R.trivial(*R.split(table, s), table.tasks)[n] for s in seeds) for n in names}
+    trivial = {
+        n: statistics.fmean(R.trivial(*R.split(table, s), table.tasks)[n] for s in seeds) for n in names
+    }
     configs: Dict[str, Any] = {}
     for r in runs:
         if r["name"].startswith("single:"):
@@ -243,7 +260,10 @@ def grid_table(section: Dict[str, Any]) -> str:
     """Markdown: one row per configuration, best first."""
     tasks = section["tasks"]
     head = " | ".join(f"{t} {section['metrics'][t]}" for t in tasks)
-    lines = [f"| rank | configuration | {head} | Δm% ↓ | note |", "|---:|---|" + "---:|" * len(tasks) + "---:|---|"]
+    lines = [
+        f"| rank | configuration | {head} | Δm% ↓ | note |",
+        "|---:|---|" + "---:|" * len(tasks) + "---:|---|",
+    ]
     ref = " | ".join(f"{section['single_task'][t]:.4g}" for t in tasks)
     triv = " | ".join(f"{section['trivial'][t]:.4g}" for t in tasks)
     lines.append(f"| | single-task baselines | {ref} | 0 | |")
@@ -268,7 +288,9 @@ def _load(path: Path) -> Dict[str, Any]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.advisor_check", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.advisor_check", description=__doc__.split("\n\n")[0]
+    )
     p.add_argument("--datasets", default="penguins,wine,diabetes")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--phase", choices=("grid", "advisor", "all"), default="all")
@@ -286,29 +308,157 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         if args.phase in ("grid", "all"):
             t0 = time.perf_counter()
             runs = run_pool(grid_jobs(dataset, seeds, budget), grid_run, args.workers)
+            (args.out / f"advisor_grid_runs_{dataset}.json").write_text(json.dumps(runs) + "\n")
             section["grid"] = summarise_grid(dataset, runs, seeds)
             section["grid"]["wall_seconds"] = time.perf_counter() - t0
         if args.phase in ("advisor", "all"):
             t0 = time.perf_counter()
-            section["advisor"] = advisor_section(dataset, seeds, budget, section["grid"])
+            section["advisor"] = advisor_section(dataset, seeds, budget, section["grid"], args.workers)
             section["advisor"]["wall_seconds"] = time.perf_counter() - t0
         path.write_text(dumps(doc) + "\n")
         (args.out / "advisor_check.md").write_text(markdown(doc) + "\n")
         print(f"{dataset}: written to {path}", file=sys.stderr)
 
 
-if __name__ == "__main__":
-    main()
+def _partition(model: R.TabularNet, table: R.Table) -> Dict[str, Any]:
+    return {
+        "shared": list(model.trunk.parameters()),
+        "tasks": {t.name: list(h.parameters()) for t, h in zip(table.tasks, model.heads)},
+    }
 
 
-def advisor_section(dataset: str, seeds: Sequence[int], budget: Budget, grid_section: Dict[str, Any]) -> Dict[str, Any]:
-    raise NotImplementedError  # filled in below once the advisor exists
+def advisor_seed(dataset: str, seed: int, budget: Budget) -> Dict[str, Any]:
+    """diagnose and compare on the training split of ``seed`` (compare scores on a validation part)."""
+    from multitask_optim.advisor import compare, diagnose
+
+    torch.set_num_threads(1)
+    table = R.TABLES[dataset]()
+    train, _ = R.split(table, seed)
+    gen = torch.Generator().manual_seed(7_000_001 * (seed + 1))
+    perm = torch.randperm(len(train), generator=gen)
+    cut = int(round((1.0 - budget.validation) * len(train)))
+    fit, val = train.take(perm[:cut]), train.take(perm[cut:])
+    model = _model(table, budget, seed)
+    fn = R.loss_fn(table.tasks)
+
+    def inner(params: Any) -> torch.optim.Optimizer:
+        return torch.optim.Adam(params, lr=budget.lr)
+
+    def evaluate(m: Any) -> Dict[str, float]:
+        values = R.evaluate(m, val, table.tasks)
+        return {t.name: R.signed(t, values[t.name]) for t in table.tasks}
+
+    part = _partition(model, table)
+    t0 = time.perf_counter()
+    report = diagnose(
+        model,
+        fn,
+        R.batches(train, budget.batch, seed),
+        steps=budget.diagnose_steps,
+        optimizer=inner,
+        horizon=budget.steps,
+        partition=part,
+        seed=seed,
+        progress=False,
+    )
+    t1 = time.perf_counter()
+    result = compare(
+        model,
+        fn,
+        R.batches(fit, budget.batch, seed),
+        evaluate,
+        configs=report.recommended,
+        steps=budget.compare_steps,
+        seeds=range(budget.compare_seeds),
+        optimizer=inner,
+        partition=part,
+        progress=False,
+    )
+    t2 = time.perf_counter()
+    return {
+        "dataset": dataset,
+        "seed": seed,
+        "report": str(report),
+        "summary": report.summary,
+        "recommended": [dict(r) for r in report.recommended],
+        "reasons": [r.reason for r in report.recommended],
+        "warnings": report.warnings,
+        "first_pick": dict(report.recommended[0]),
+        "compare_table": result.table(),
+        "compare_best": dict(result.best),
+        "diagnose_seconds": t1 - t0,
+        "compare_seconds": t2 - t1,
+    }
+
+
+def advisor_section(
+    dataset: str, seeds: Sequence[int], budget: Budget, grid_section: Dict[str, Any], workers: int = 1
+) -> Dict[str, Any]:
+    """Both picks per seed and their ranks in the grid; every recommended config checked."""
+    runs = sorted(
+        run_pool([(dataset, s, budget) for s in seeds], advisor_seed, workers), key=lambda r: r["seed"]
+    )
+    n = len(grid_section["configs"])
+    for r in runs:
+        r["first_pick_rank"] = rank_of(grid_section, r["first_pick"])
+        r["compare_best_rank"] = rank_of(grid_section, r["compare_best"])
+        r["recommended_ranks"] = [rank_of(grid_section, c) for c in r["recommended"]]
+    problems = []
+    for r in runs:
+        for c, rank in zip(r["recommended"], r["recommended_ranks"]):
+            entry = _entry_at(grid_section, rank)
+            if entry is None:
+                problems.append(f"seed {r['seed']}: {describe(c)} is not in the grid")
+            elif entry["crashed"] or entry["worse_than_trivial"]:
+                problems.append(
+                    f"seed {r['seed']}: {describe(c)} crashed or worse than trivial on {entry['worse_than_trivial']}"
+                )
+    quartile = math.ceil(n / 4)
+    return {
+        "configs_ranked": n,
+        "top_quartile": quartile,
+        "runs": runs,
+        "problems": problems,
+    }
+
+
+def _entry_at(section: Dict[str, Any], rank: Optional[int]) -> Optional[Dict[str, Any]]:
+    for entry in section["configs"].values():
+        if entry["rank"] == rank:
+            return entry
+    return None
+
+
+def validation_table(doc: Dict[str, Any]) -> str:
+    """Markdown: per dataset, the rank of diagnose's first pick and compare's best per seed."""
+    lines = [
+        "| dataset | N | top quartile | diagnose's first pick (rank per seed) | compare's best (rank per seed) | recommended: crashed / worse than trivial |",
+        "|---|---:|---:|---|---|---|",
+    ]
+    for dataset, section in doc["datasets"].items():
+        adv = section.get("advisor")
+        if adv is None:
+            continue
+        firsts = "; ".join(f"{describe(r['first_pick'])} #{r['first_pick_rank']}" for r in adv["runs"])
+        bests = "; ".join(f"{describe(r['compare_best'])} #{r['compare_best_rank']}" for r in adv["runs"])
+        lines.append(
+            f"| {dataset} | {adv['configs_ranked']} | ≤ {adv['top_quartile']} | {firsts} | {bests} | "
+            f"{'; '.join(adv['problems']) or 'none'} |"
+        )
+    return "\n".join(lines)
 
 
 def markdown(doc: Dict[str, Any]) -> str:
-    parts = []
-    for dataset, section in doc["datasets"].items():
+    parts = ["## The advisor's picks among every configuration (test split)\n\n" + validation_table(doc)]
+    for section in doc["datasets"].values():
         if "grid" in section:
             g = section["grid"]
-            parts.append(f"### {g['title']}\n\nseeds {g['seeds']}; test split; wall {g.get('wall_seconds', 0):.0f} s\n\n" + grid_table(g))
+            parts.append(
+                f"### {g['title']}\n\nseeds {g['seeds']}; test split; wall {g.get('wall_seconds', 0):.0f} s\n\n"
+                + grid_table(g)
+            )
     return "\n\n".join(parts)
+
+
+if __name__ == "__main__":
+    main()

@@ -17,7 +17,6 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 from torch import Tensor
 
 from multitask_optim import AGGREGATORS, PRECONDITIONERS, WEIGHTINGS
-from multitask_optim.advisor import describe
 
 
 @dataclass(frozen=True)
@@ -36,7 +35,9 @@ Builder = Callable[[GridContext], Dict[str, Any]]
 
 #: arguments of the weightings that need some (the quality benchmark's settings)
 _WEIGHTING_ARGS: Dict[str, Builder] = {
-    "static": lambda c: {"weights": [len(c.tasks) * (1 / v) / sum(1 / v for v in c.first_losses) for v in c.first_losses]},
+    "static": lambda c: {
+        "weights": [len(c.tasks) * (1 / v) / sum(1 / v for v in c.first_losses) for v in c.first_losses]
+    },
     "staged": lambda c: {"start_steps": [0] + [c.total_steps // 10] * (len(c.tasks) - 1)},
     "uncertainty": lambda c: {"kind": dict(zip(c.tasks, c.kinds)), "lr": 2e-2},
     "dwa": lambda c: {"temperature": 2.0, "steps_per_epoch": c.steps_per_epoch},

@@ -209,7 +209,9 @@ def _entries(configs: Any) -> List[Entry]:
     entries = [Entry(dict(PLAIN_SUM), "sum (reference)")]
     for label, config in items:
         if not isinstance(config, Mapping):
-            raise ValueError(f"configs entry {label or config!r} is not a mapping of MultiTaskOptimizer arguments")
+            raise ValueError(
+                f"configs entry {label or config!r} is not a mapping of MultiTaskOptimizer arguments"
+            )
         if _is_plain_sum(config):
             continue
         entries.append(Entry(dict(config), str(label) if label is not None else describe(config)))
@@ -273,7 +275,9 @@ def _score(entries: List[Entry], seeds: Sequence[int]) -> None:
                 continue
             values, base = entry.values[seed], ref.values[seed]
             if set(values) != set(base):
-                entry.errors[seed] = f"evaluate returned tasks {sorted(values)}, the plain sum's were {sorted(base)}"
+                entry.errors[seed] = (
+                    f"evaluate returned tasks {sorted(values)}, the plain sum's were {sorted(base)}"
+                )
                 continue
             changes = {t: (values[t] - base[t]) / max(abs(base[t]), 1e-12) for t in base}
             entry.scores[seed] = statistics.fmean(changes.values())

@@ -76,7 +76,9 @@ class Diagnosis:
             )
         if m.probe is not None:
             probe = ", ".join(f"{t} {m.probe.loss_scale(t):.3g}" for t in m.tasks)
-            lines.append(f"(scales far apart: {m.probe.steps} more steps with {PROBE} to see each task's own trend; last losses: {probe})")
+            lines.append(
+                f"(scales far apart: {m.probe.steps} more steps with {PROBE} to see each task's own trend; last losses: {probe})"
+            )
         lines += [
             "",
             f"loss ratio {s['loss_ratio']:.4g}   gradient-norm ratio {s['grad_ratio']:.4g}   "
@@ -214,16 +216,30 @@ class _Runner:
     """The plain-sum training of the copy, one batch at a time."""
 
     def __init__(
-        self, model: nn.Module, loss_fn: LossFn, inner: Any, partition: Dict[str, Any], seed: int, surgery: Optional[str]
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        inner: Any,
+        partition: Dict[str, Any],
+        seed: int,
+        surgery: Optional[str],
     ) -> None:
-        self.model, self.loss_fn, self.inner, self.partition, self.seed = model, loss_fn, inner, partition, seed
+        self.model, self.loss_fn, self.inner, self.partition, self.seed = (
+            model,
+            loss_fn,
+            inner,
+            partition,
+            seed,
+        )
         self.surgery = surgery
         self.opt: Optional[MultiTaskOptimizer] = None
         self.measured: Optional[Measurements] = None
 
     def _build(self, names: List[str], mode: str) -> MultiTaskOptimizer:
         extra = dict(self.partition) if self.partition else {"task_names": names}
-        return MultiTaskOptimizer(self.inner, surgery=self.surgery, gradient_mode=mode, seed=self.seed, **extra)
+        return MultiTaskOptimizer(
+            self.inner, surgery=self.surgery, gradient_mode=mode, seed=self.seed, **extra
+        )
 
     def step(self, batch: Any, steps: int, horizon: int) -> None:
         losses = task_losses(self.loss_fn(self.model, batch))

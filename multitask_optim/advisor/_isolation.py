@@ -146,11 +146,15 @@ def task_losses(raw: Any) -> Dict[str, Optional[Tensor]]:
         return {str(k): v for k, v in raw.items()}
     if isinstance(raw, Tensor):
         if raw.dim() != 1:
-            raise TypeError(f"loss_fn returned a tensor of shape {tuple(raw.shape)}; expected a 1-D tensor of losses")
+            raise TypeError(
+                f"loss_fn returned a tensor of shape {tuple(raw.shape)}; expected a 1-D tensor of losses"
+            )
         return {str(i): v for i, v in enumerate(raw.unbind())}
     if isinstance(raw, Sequence) and not isinstance(raw, (str, bytes)):
         return {str(i): v for i, v in enumerate(raw)}
-    raise TypeError(f"loss_fn must return a mapping or a sequence of per-task losses, got {type(raw).__name__}")
+    raise TypeError(
+        f"loss_fn must return a mapping or a sequence of per-task losses, got {type(raw).__name__}"
+    )
 
 
 class Progress:

@@ -67,7 +67,7 @@ class Measurements:
     #: the same steps from the same start with a scale-free surgery (IMTL-G), run when the
     #: scales are far apart: under the plain sum a small task is starved and cannot show
     #: that its loss would fall to 0 once it is trained (see ``approaches_zero``)
-    probe: Optional["Measurements"] = None
+    probe: Optional[Measurements] = None
 
     def record(self, stats: Mapping[str, Any]) -> None:
         """Append one step of ``MultiTaskOptimizer.last_stats``."""

@@ -148,7 +148,9 @@ def ruled_out(m: Measurements) -> Dict[str, str]:
     return out
 
 
-def _why(n: Needs, m: Measurements, s: Dict[str, Any], k: int, zero: List[str], absent: List[str], big: bool) -> str:
+def _why(
+    n: Needs, m: Measurements, s: Dict[str, Any], k: int, zero: List[str], absent: List[str], big: bool
+) -> str:
     if k < n.min_tasks:
         return f"needs at least {n.min_tasks} tasks, there are {k}"
     if n.needs_all_tasks and absent:
@@ -185,19 +187,28 @@ def recommend(m: Measurements) -> Tuple[List[Tuple[Dict[str, Any], str]], Dict[s
     big = max(s["loss_ratio"], s["grad_ratio"]) >= IMBALANCE
     conflicts = s["conflict_fraction"] >= CONFLICTS
     if big:
-        order, reason = MAGNITUDE_ORDER, (
-            f"losses {s['loss_ratio']:.3g}x and shared gradients {s['grad_ratio']:.3g}x apart: "
-            "a method blind to the scales (R1)"
+        order, reason = (
+            MAGNITUDE_ORDER,
+            (
+                f"losses {s['loss_ratio']:.3g}x and shared gradients {s['grad_ratio']:.3g}x apart: "
+                "a method blind to the scales (R1)"
+            ),
         )
     elif conflicts:
-        order, reason = CONFLICT_ORDER, (
-            f"similar scales, gradients conflict on {100 * s['conflict_fraction']:.0f}% of steps x pairs: "
-            "conflict-aware (R7)"
+        order, reason = (
+            CONFLICT_ORDER,
+            (
+                f"similar scales, gradients conflict on {100 * s['conflict_fraction']:.0f}% of steps x pairs: "
+                "conflict-aware (R7)"
+            ),
         )
     else:
-        order, reason = SIMILAR_ORDER, (
-            f"similar scales (ratio {max(s['loss_ratio'], s['grad_ratio']):.3g}) and conflicts on only "
-            f"{100 * s['conflict_fraction']:.0f}%: the plain sum is hard to beat (R7)"
+        order, reason = (
+            SIMILAR_ORDER,
+            (
+                f"similar scales (ratio {max(s['loss_ratio'], s['grad_ratio']):.3g}) and conflicts on only "
+                f"{100 * s['conflict_fraction']:.0f}%: the plain sum is hard to beat (R7)"
+            ),
         )
     order = _precondition_first(order, m.adaptive, big)
     picks: List[Tuple[Dict[str, Any], str]] = []
