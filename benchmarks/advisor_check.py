@@ -302,7 +302,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     path = args.out / "advisor_check.json"
     doc = _load(path) or {"benchmark": "advisor_check", "datasets": {}}
     doc["budget"] = asdict(budget)
-    doc["machine"] = machine_info(workers=args.workers, threads_per_worker=1)
+    doc.pop("machine", None)  # per phase: the grid and the advisor may be measured at different commits
     for dataset in [d for d in args.datasets.split(",") if d]:
         section = doc["datasets"].setdefault(dataset, {})
         if args.phase in ("grid", "all"):
@@ -311,10 +311,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             (args.out / f"advisor_grid_runs_{dataset}.json").write_text(json.dumps(runs) + "\n")
             section["grid"] = summarise_grid(dataset, runs, seeds)
             section["grid"]["wall_seconds"] = time.perf_counter() - t0
+            section["grid"]["machine"] = machine_info(workers=args.workers, threads_per_worker=1)
         if args.phase in ("advisor", "all"):
             t0 = time.perf_counter()
             section["advisor"] = advisor_section(dataset, seeds, budget, section["grid"], args.workers)
             section["advisor"]["wall_seconds"] = time.perf_counter() - t0
+            section["advisor"]["machine"] = machine_info(workers=args.workers, threads_per_worker=1)
         path.write_text(dumps(doc) + "\n")
         (args.out / "advisor_check.md").write_text(markdown(doc) + "\n")
         print(f"{dataset}: written to {path}", file=sys.stderr)
