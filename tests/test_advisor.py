@@ -103,6 +103,76 @@ def test_loss_driven_to_zero_is_the_inverse_loss_hazard() -> None:
     assert all(r.get("weighting") not in ("gls", "famo", "stch", "imtl_l") for r in report.recommended)
 
 
+def _recorded(curves, steps: int = 100, horizon: int = 1000, noise: float = 0.2) -> Measurements:  # type: ignore[no-untyped-def]
+    """Measurements of losses ``curve(t)`` times seeded log-normal noise (per-batch scatter)."""
+    rng = random.Random(0)
+    m = Measurements(tasks=tuple(curves), steps=steps, horizon=horizon, inner="Adam", adaptive=True)
+    for t in range(steps):
+        m.record(
+            {
+                "tasks": list(curves),
+                "losses": [f(t) * math.exp(rng.gauss(0.0, noise)) for f in curves.values()],
+            }
+        )
+    return m
+
+
+def test_falling_to_a_floor_is_not_the_hazard_but_falling_to_zero_is() -> None:
+    """A regression falling a hundredfold onto its noise floor is not flagged; a loss falling
+    geometrically or as a power of the step with no floor is, at the same noise."""
+    m = _recorded(
+        {
+            "to floor": lambda t: 1.0 + 100.0 * 0.9**t,
+            "still falling to a floor": lambda t: 1.0 + 40.0 * 0.93**t,
+            "geometric": lambda t: 1.1 * 0.95**t,
+            "power law": lambda t: (1.0 + 0.2 * t) ** -2,
+            "flat": lambda t: 1.0,
+        }
+    )
+    flags = {t: m.approaches_zero(t) for t in m.tasks}
+    assert flags == {
+        "to floor": False,
+        "still falling to a floor": False,
+        "geometric": True,
+        "power law": True,
+        "flat": False,
+    }
+    floor = m.trend("to floor")
+    assert floor is not None and floor.stays_above and floor.floor == pytest.approx(1.0, rel=0.3)
+    assert m.trend("to floor").lowest < 0.05 * m.trend("to floor").first  # it did fall far
+
+
+def test_a_short_horizon_keeps_a_slow_fall_away_from_zero() -> None:
+    """The same geometric fall, projected to the run's own end, does not go tenfold lower."""
+    m = _recorded({"slow": lambda t: 1.1 * 0.97**t}, horizon=110, noise=0.05)
+    assert m.approaches_zero("slow") is False
+    assert _recorded({"slow": lambda t: 1.1 * 0.97**t}, horizon=1000, noise=0.05).approaches_zero("slow")
+
+
+def test_diagnose_noisy_regression_onto_its_floor_noise_free_one_towards_zero() -> None:
+    """Through diagnose: a regression with unit noise falls from about 30 onto its floor of
+    about 1 (thirtyfold): not flagged; one without noise that the model can represent
+    exactly heads to 0: flagged."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 4, generator=gen)
+    value = 6.0 + 2.0 * x[:, 1] + torch.randn(512, generator=gen)
+    batches = [(x[i : i + 32], value[i : i + 32]) for i in range(0, 512, 32)]
+
+    def loss_fn(model, batch):  # type: ignore[no-untyped-def]
+        xb, vb = batch
+        out = model(xb)
+        return {"value": (out[0] - vb).pow(2).mean(), "other": (out[1] - xb[:, 0]).pow(2).mean()}
+
+    adam = lambda p: torch.optim.Adam(p, lr=0.05)  # noqa: E731
+    report = diagnose(_model(1), loss_fn, batches, steps=100, optimizer=adam, progress=False)
+    trend = report.measurements.trend("value")
+    assert trend is not None and trend.lowest < 0.1 * trend.first  # it fell more than tenfold
+    assert report.summary["tasks"]["value"]["approaches_zero"] is False
+    assert trend.floor == pytest.approx(1.0, rel=0.5)
+    assert report.summary["tasks"]["other"]["approaches_zero"] is True
+    assert "other approaches 0" in report.warnings["GLS"]
+
+
 def test_missing_labels_are_measured_and_rule_out_methods_that_refuse_them() -> None:
     def loss_fn(model, batch):  # type: ignore[no-untyped-def]
         x, y = batch

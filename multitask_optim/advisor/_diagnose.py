@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, List, Mapping, Optional
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sized
 
 from torch import nn
 
@@ -141,6 +141,7 @@ def diagnose(
     optimizer: Optional[OptimizerFactory] = None,
     horizon: Optional[int] = None,
     partition: Optional[Mapping[str, Any]] = None,
+    steps_per_epoch: Optional[int] = None,
     seed: int = 0,
     progress: bool = True,
 ) -> Diagnosis:
@@ -158,6 +159,9 @@ def diagnose(
             projected (default ``10 * steps``).
         partition: ``{"shared": params, "tasks": {name: params}}`` of ``model`` (translated
             to the copy), needed when the first batch lacks a task.
+        steps_per_epoch: batches per epoch of the real run, given to a recommended method
+            whose schedule counts epochs (STCH's warm-up); default ``len(batches)`` when
+            ``batches`` has a length.
         seed: seeds torch, ``random`` and NumPy inside the run (their states are restored).
         progress: show a progress bar.
 
@@ -166,7 +170,8 @@ def diagnose(
         ``warnings``, ``print(report)`` and ``report.plot()``.
 
     Raises:
-        ValueError: for ``steps < 1``, ``horizon < steps``, empty batches or no task.
+        ValueError: for ``steps < 1``, ``horizon < steps``, ``steps_per_epoch < 1``, empty
+            batches or no task.
         TypeError: when ``loss_fn`` returns something other than per-task losses.
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
@@ -174,12 +179,17 @@ def diagnose(
     horizon = 10 * steps if horizon is None else horizon
     if isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < steps:
         raise ValueError(f"horizon must be an integer >= steps ({steps}), got {horizon!r}")
+    if steps_per_epoch is None:
+        steps_per_epoch = len(batches) if isinstance(batches, Sized) and len(batches) > 0 else None
+    elif isinstance(steps_per_epoch, bool) or not isinstance(steps_per_epoch, int) or steps_per_epoch < 1:
+        raise ValueError(f"steps_per_epoch must be a positive integer or None, got {steps_per_epoch!r}")
     bar = Progress(2 * steps, "diagnose", progress)
     try:
         measured = _measure(model, loss_fn, batches, steps, horizon, optimizer, partition, seed, None, bar)
         if max(measured.loss_ratio(), measured.grad_ratio()) >= IMBALANCE:
             probe = _measure(model, loss_fn, batches, steps, horizon, optimizer, partition, seed, PROBE, bar)
             measured.probe = probe
+        measured.steps_per_epoch = steps_per_epoch
     finally:
         bar.close()
     return Diagnosis(measured)

@@ -13,9 +13,12 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
-#: a loss "approaches 0" when it has fallen below this share of its first value ...
+from ._trend import Trend, fit
+
+#: a loss "approaches 0" only after its lowest window fell below this share of its first ...
 ZERO_FALLEN = 0.1
-#: ... and its log-linear trend would take it below this share of its last value by the horizon
+#: ... and unless its fitted floor model (:mod:`._trend`) shows it staying above this share
+#: of its lowest window by the horizon
 ZERO_TREND = 0.1
 #: a loss at or below this is 0 already (float32 underflow of a separable cross-entropy)
 ZERO_ABSOLUTE = 1e-30
@@ -52,6 +55,8 @@ class Measurements:
         cosines: per task pair ``"a|b"``, the cosine of their shared gradients per step.
         skipped: steps the optimizer skipped (a non-finite loss or gradient).
         gradient_mode: the optimizer's path for the per-task gradients.
+        steps_per_epoch: batches per pass over the data (None when unknown), given to the
+            recommended methods whose schedule counts epochs.
     """
 
     tasks: Tuple[str, ...]
@@ -64,6 +69,7 @@ class Measurements:
     cosines: Dict[str, List[float]] = field(default_factory=dict)
     skipped: int = 0
     gradient_mode: str = ""
+    steps_per_epoch: Optional[int] = None
     #: the same steps from the same start with a scale-free surgery (IMTL-G), run when the
     #: scales are far apart: under the plain sum a small task is starved and cannot show
     #: that its loss would fall to 0 once it is trained (see ``approaches_zero``)
@@ -115,25 +121,27 @@ class Measurements:
         start = len(vals) - max(len(vals) // 4, 3)
         return _slope([(s, v) for s, v in enumerate(vals) if s >= start and math.isfinite(v)])
 
-    def projected(self, task: str) -> float:
-        """The loss at ``horizon`` if its recent log-linear trend went on (never above the last)."""
-        last = self.loss_scale(task)
-        rate = min(self.slope(task), 0.0)
-        return last * math.exp(max(rate * max(self.horizon - self.steps, 0), -700.0))
+    def trend(self, task: str) -> Optional[Trend]:
+        """The floor model fitted to the task's losses, projected to ``horizon`` (see :mod:`._trend`)."""
+        vals = self.losses.get(task, [])
+        finite = [v for v in vals if math.isfinite(v)]
+        share = len(finite) / len(vals) if vals else 1.0
+        return fit(finite, self.horizon * share, ZERO_TREND)
 
     def approaches_zero(self, task: str) -> bool:
-        """The 1/L hazard: the loss reached 0, or fell tenfold and is still falling geometrically
-        (tenfold again before ``horizon``), as a separable cross-entropy does; under the plain
-        sum or in the balanced ``probe``."""
+        """The 1/L hazard, under the plain sum or in the balanced ``probe``: the loss reached 0,
+        or its lowest window fell tenfold below its first, the fall into it exceeds the windows' noise, and the
+        floor model fitted to it does not show the loss staying above a tenth of that window
+        by ``horizon``. A loss approaching a positive floor, however far it fell, is not flagged."""
         if self.probe is not None and self.probe.approaches_zero(task):
             return True
         vals = [v for v in self.losses.get(task, []) if math.isfinite(v)]
         if any(v <= ZERO_ABSOLUTE for v in vals):
             return True
-        first, last = self.initial_loss(task), self.loss_scale(task)
-        if not (first > 0 and last > 0):
+        t = self.trend(task)
+        if t is None or not t.falling or not t.lowest < ZERO_FALLEN * t.first:
             return False
-        return last < ZERO_FALLEN * first and self.projected(task) < ZERO_TREND * last
+        return not t.stays_above
 
     # ------------------------------------------------------------------ derived, across tasks
 

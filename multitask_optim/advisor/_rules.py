@@ -34,8 +34,9 @@ order below is backed by a run (see ``docs/guides/choosing.md`` for the tables):
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from ._measure import Measurements
 
@@ -61,6 +62,9 @@ class Needs:
         needs_all_tasks: refuses a step on which a task is absent.
         min_tasks: the fewest tasks it is defined for.
         conflict_aware: changes the update only where gradients conflict.
+        counts_epochs: a schedule in epochs (STCH's warm-up): the recommendation gets
+            ``steps_per_epoch`` (else the caller must call ``opt.epoch_end()``; without
+            either the warm-up never ends).
     """
 
     config: Dict[str, Any]
@@ -73,6 +77,7 @@ class Needs:
     needs_all_tasks: bool = False
     min_tasks: int = 2
     conflict_aware: bool = False
+    counts_epochs: bool = False
 
 
 def _s(name: str, **kwargs: Any) -> Dict[str, Any]:
@@ -94,7 +99,14 @@ NEEDS: Tuple[Needs, ...] = (
     Needs(_s("db_mtl", beta=0.0), "DB-MTL (beta=0)", scale_free=True),
     Needs(_s("db_mtl"), "DB-MTL", scale_free=True, averages_gradients=True),
     Needs(_s("moco"), "MoCo", averages_gradients=True),
-    Needs(_w("stch"), "STCH", scale_free=True, inverse_loss=True, needs_all_tasks=True),
+    Needs(
+        _w("stch", warmup_epochs=1),
+        "STCH",
+        scale_free=True,
+        inverse_loss=True,
+        needs_all_tasks=True,
+        counts_epochs=True,
+    ),
     Needs(_w("famo"), "FAMO", scale_free=True, inverse_loss=True, needs_all_tasks=True),
     Needs(_w("gls"), "GLS", scale_free=True, inverse_loss=True),
     Needs(_w("imtl_l"), "IMTL-L", inverse_loss=True, needs_all_tasks=True),
@@ -215,10 +227,23 @@ def recommend(m: Measurements) -> Tuple[List[Tuple[Dict[str, Any], str]], Dict[s
     for label in order:
         if label in warnings or len(picks) >= SHORTLIST:
             continue
-        picks.append((dict(_BY_LABEL[label].config), f"{_BY_LABEL[label].label}: {reason}"))
+        picks.append(_configured(_BY_LABEL[label], reason, m.steps_per_epoch))
     if not picks:
         picks.append(({"surgery": None}, "plain sum: every other candidate is ruled out"))
     return picks, warnings
+
+
+def _configured(n: Needs, reason: str, steps_per_epoch: Optional[int]) -> Tuple[Dict[str, Any], str]:
+    """``n``'s config and reason, with the epoch length where its schedule counts epochs."""
+    config = copy.deepcopy(n.config)
+    why = f"{n.label}: {reason}"
+    if n.counts_epochs:
+        key = "weighting_kwargs" if config.get("weighting") is not None else "surgery_kwargs"
+        if steps_per_epoch is not None:
+            config[key] = {**config.get(key, {}), "steps_per_epoch": steps_per_epoch}
+        else:
+            why += "; its schedule counts epochs: call opt.epoch_end() at the end of each epoch"
+    return config, why
 
 
 def _precondition_first(order: Tuple[str, ...], adaptive: bool, big: bool) -> Tuple[str, ...]:
