@@ -74,6 +74,11 @@ class Measurements:
     #: scales are far apart: under the plain sum a small task is starved and cannot show
     #: that its loss would fall to 0 once it is trained (see ``approaches_zero``)
     probe: Optional[Measurements] = None
+    #: fitted trends by (task, losses recorded, horizon): the fit is the costly part of a
+    #: summary, and the report, the rules and the probe each ask for it
+    _trends: Dict[Tuple[str, int, int], Optional[Trend]] = field(
+        default_factory=dict, repr=False, compare=False
+    )
 
     def record(self, stats: Mapping[str, Any]) -> None:
         """Append one step of ``MultiTaskOptimizer.last_stats``."""
@@ -124,9 +129,12 @@ class Measurements:
     def trend(self, task: str) -> Optional[Trend]:
         """The floor model fitted to the task's losses, projected to ``horizon`` (see :mod:`._trend`)."""
         vals = self.losses.get(task, [])
-        finite = [v for v in vals if math.isfinite(v)]
-        share = len(finite) / len(vals) if vals else 1.0
-        return fit(finite, self.horizon * share, ZERO_TREND)
+        key = (task, len(vals), self.horizon)
+        if key not in self._trends:
+            finite = [v for v in vals if math.isfinite(v)]
+            share = len(finite) / len(vals) if vals else 1.0
+            self._trends[key] = fit(finite, self.horizon * share, ZERO_TREND)
+        return self._trends[key]
 
     def approaches_zero(self, task: str) -> bool:
         """The 1/L hazard, under the plain sum or in the balanced ``probe``: the loss reached 0,
