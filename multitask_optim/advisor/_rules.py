@@ -8,8 +8,9 @@ order below is backed by a run (see ``docs/guides/choosing.md`` for the tables):
   methods that do not see the loss scales first. Scale suite (losses 1 to 10^6 apart,
   ``benchmarks/results/quality_wave2.md``): IMTL-G, ConFIG, Nash-MTL, FairGrad,
   Aligned-MTL, STCH, FAMO, GLS and per-task preconditioning 79-95 Delta_m%; the plain sum,
-  PCGrad, UPGrad, MGDA, uncertainty about 400. Penguins (``benchmarks/results/advisor_check.md``)
-  agrees on the order of the families.
+  PCGrad, UPGrad, MGDA, uncertainty about 400. Penguins and wine
+  (``benchmarks/results/advisor_check.md``) agree on the families; the order inside the
+  scale-blind family is their mean rank over the three (:data:`MAGNITUDE_ORDER`).
 - **R2, the 1/L hazard** (a loss approaches 0): rule out the weightings that divide by
   a loss (GLS, FAMO, STCH, IMTL-L): when a separable classification loss falls towards
   0, its weight grows without bound and a raw-scale regression task starves (issue 22's
@@ -125,17 +126,25 @@ NEEDS: Tuple[Needs, ...] = (
 )
 
 #: shortlist orders, best first, by regime (labels of :data:`NEEDS`)
+#: R1's order: the scale-blind methods by their mean rank / N over the three magnitude-
+#: imbalanced sets measured with the zero-loss fixes (scale suite of ``quality_wave2`` and
+#: ``quality_rows``, N = 25; penguins and wine of ``advisor_check``, N = 35 each):
+#: Nash-MTL 0.12 (5, 2, 4), ConFIG 0.17 (3, 4, 10), FairGrad 0.18 (6, 3, 7), DB-MTL beta=0
+#: 0.19 (1, 7, 12), Aligned-MTL 0.22 (5, 5, 8), per-task Adam 0.25 (11, 8, 3), IMTL-G 0.30
+#: (10, 6, 11); the 1/L weightings last (STCH 0.41, FAMO 0.70, GLS 0.74: first rows of the
+#: scale suite, bottom rows wherever a loss approached 0, which R2 may miss). Diabetes was
+#: held out of this order.
 MAGNITUDE_ORDER = (
-    "IMTL-G",
-    "ConFIG",
     "Nash-MTL",
+    "ConFIG",
     "FairGrad",
     "DB-MTL (beta=0)",
     "Aligned-MTL",
+    "per-task Adam preconditioning",
+    "IMTL-G",
     "STCH",
     "FAMO",
     "GLS",
-    "per-task Adam preconditioning",
 )
 SIMILAR_ORDER = ("plain sum", "ConFIG", "IMTL-G", "UPGrad", "PCGrad", "CAGrad")
 CONFLICT_ORDER = ("ConFIG", "UPGrad", "CAGrad", "IMTL-G", "PCGrad", "plain sum")
