@@ -15,6 +15,8 @@ from torch import nn
 
 from multitask_optim import MultiTaskOptimizer
 from multitask_optim.advisor import IMBALANCE, Measurements, compare, diagnose
+from multitask_optim.advisor._compare import Comparison, Entry
+from multitask_optim.advisor._compare import _entries as compare_entries
 from multitask_optim.advisor._rules import recommend
 
 
@@ -295,6 +297,33 @@ def test_compare_score_is_the_mean_relative_change() -> None:
     )
     assert len(result.ranking) == 1 and len(calls) == 1  # the plain sum given again is not run twice
     assert result.best == {"surgery": None}
+
+
+def _entry(label: str, position: int, scores: list) -> Entry:  # type: ignore[type-arg]
+    return Entry({"surgery": label}, label, position=position, scores=dict(enumerate(scores)))
+
+
+def test_best_is_the_first_given_within_one_standard_error_of_the_top() -> None:
+    """Scores 0.30 +- sem 0.10 (top), 0.25 (within one standard error, given first): the
+    earlier is best; 0.15 (outside) never is; one seed: the top score."""
+    top = _entry("top", 2, [0.2, 0.4])  # mean 0.3, std 0.1414, sem 0.1
+    close = _entry("close", 1, [0.24, 0.26])
+    far = _entry("far", 0, [0.14, 0.16])
+    result = Comparison([_entry("sum", 3, [0.0, 0.0]), top, close, far], steps=5, seeds=[0, 1])
+    assert [e.label for e in result.ranking] == ["top", "close", "far", "sum"]
+    assert top.sem == pytest.approx(0.1)
+    assert result.best == {"surgery": "close"} and result.best_entry is close
+    assert "* best: close" in result.table()
+    tight = _entry("top", 2, [0.29, 0.31])  # sem 0.01: close is 0.05 below, outside
+    assert Comparison([tight, _entry("close", 1, [0.24, 0.26])], 5, [0, 1]).best == {"surgery": "top"}
+    single = Comparison([_entry("top", 2, [0.3]), _entry("close", 0, [0.29])], 5, [0])
+    assert single.best == {"surgery": "top"}
+
+
+def test_given_plain_sum_takes_its_place_in_the_order() -> None:
+    entries = compare_entries([{"surgery": "pcgrad"}, {"surgery": None}, {"surgery": "mgda"}])
+    assert [(e.label, e.position) for e in entries] == [("sum (reference)", 1), ("pcgrad", 0), ("mgda", 2)]
+    assert compare_entries([{"surgery": "pcgrad"}])[0].position == 1  # not given: after every config
 
 
 @settings(max_examples=8, deadline=None)
