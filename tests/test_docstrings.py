@@ -41,6 +41,7 @@ def _params(fn: Callable[..., Any], skip_first: bool) -> List[str]:
         for p in sig.parameters.values()
         if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or p.name not in ("args", "kwargs")
     ]
+    names = [n for n in names if not n.startswith("_")]  # private (a dataclass's cache field)
     return names[1:] if skip_first and names else names
 
 
