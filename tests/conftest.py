@@ -10,6 +10,8 @@ import pytest
 import torch
 from hypothesis import settings
 
+import multitask_optim._engine as engine
+
 # ``tests/reference.py`` (the vector-loop references) is importable as ``reference``
 # whichever way pytest is told to import the test modules.
 _TESTS_DIR = str(Path(__file__).resolve().parent)
@@ -32,3 +34,29 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+class EngineClock:
+    """A deterministic stand-in for the wall clock ``gradient_mode="auto"`` times its paths
+    with: every reading advances it by 1 ms, so every measured path costs the same 1 ms
+    (ties go to the earlier path in ``MODES``) unless a test charges a path more with
+    :meth:`charge`. No test depends on the machine's speed or load."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        self.now += 1e-3
+        return self.now
+
+    def charge(self, ms: float) -> None:
+        """Let ``ms`` more milliseconds pass (a path's fixed cost)."""
+        self.now += ms / 1e3
+
+
+@pytest.fixture(autouse=True)
+def engine_clock(monkeypatch: pytest.MonkeyPatch) -> EngineClock:
+    """Every test times ``auto``'s paths on :class:`EngineClock`, never on the wall clock."""
+    clock = EngineClock()
+    monkeypatch.setattr(engine, "clock", clock)
+    return clock
