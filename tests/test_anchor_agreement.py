@@ -190,7 +190,7 @@ def test_torchjd_gradvac_first_steps_k2(k2):
     model, batch, jac = k2
     x2, y2 = conflicting_batch(2, seed=7)
     jac2 = jacobian(model.losses(x2, y2), list(model.trunk.parameters()))
-    ours = ours_update(model, [batch, (x2, y2)], "gradvac", beta=0.5)
+    ours = ours_update(model, [batch, (x2, y2)], "gradvac", surgery_kwargs={"beta": 0.5})
     exact = agg.GradVac(beta=0.5, eps=0.0)
     assert_close(ours[0], exact(jac))
     assert_close(ours[1], exact(jac2))  # second step: targets no longer 0, still equal
@@ -207,7 +207,7 @@ def test_torchjd_gradvac_k3_fixed_order(monkeypatch):
     batches = [conflicting_batch(3), conflicting_batch(3, seed=11)]
     jacs = [jacobian(model.losses(x, y), list(model.trunk.parameters())) for x, y in batches]
     steps = our_orders(3, seed=3, steps=2)
-    ours = ours_update(model, batches, "gradvac", seed=3, beta=0.5)
+    ours = ours_update(model, batches, "gradvac", seed=3, surgery_kwargs={"beta": 0.5})
     exact = agg.GradVac(beta=0.5, eps=0.0)
     for orders, jac, mine in zip(steps, jacs, ours):
         # TorchJD's GradVac: for i in 0..K-1, j = others[randperm(K-1)], others = [j != i]

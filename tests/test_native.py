@@ -257,7 +257,11 @@ def path_costs(monkeypatch: pytest.MonkeyPatch, engine_clock) -> Dict[str, float
 @pytest.mark.parametrize(
     "costs,second,chosen",
     [
-        ({"lean": 9, "frontier": 4, "native": 3, "batched": 7, "looped": 20}, {"frontier", "native"}, "native"),
+        (
+            {"lean": 9, "frontier": 4, "native": 3, "batched": 7, "looped": 20},
+            {"frontier", "native"},
+            "native",
+        ),
         ({"lean": 1, "frontier": 2, "native": 5, "batched": 7, "looped": 20}, {"lean", "frontier"}, "lean"),
         # a single path within PRUNE x the best: kept without timing it again
         ({"lean": 0.5, "frontier": 4, "native": 3, "batched": 7, "looped": 20}, set(), "lean"),

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import pytest
 import torch
@@ -392,19 +392,63 @@ BAD_CONSTRUCTORS: Dict[str, tuple] = {
         ValueError,
         r"granularity",
     ),
-    "eps_zero": (lambda n: {"precondition": "adam", "eps": 0.0}, ValueError, r"eps"),
-    "eps_negative": (lambda n: {"precondition": "adagrad", "eps": -1e-8}, ValueError, r"eps"),
-    "eps_nan": (lambda n: {"precondition": "rmsprop", "eps": float("nan")}, ValueError, r"eps"),
-    "beta2_one": (lambda n: {"precondition": "adam", "beta2": 1.0}, ValueError, r"beta2"),
-    "beta2_negative": (lambda n: {"precondition": "rmsprop", "beta2": -0.1}, ValueError, r"beta2"),
-    "beta2_nan": (lambda n: {"precondition": "adam", "beta2": float("nan")}, ValueError, r"beta2"),
-    "beta_above_one": (lambda n: {"surgery": "gradvac", "beta": 1.5}, ValueError, r"beta"),
-    "beta_negative": (lambda n: {"surgery": "gradvac", "beta": -0.1}, ValueError, r"beta"),
-    "beta_nan": (lambda n: {"surgery": "gradvac", "beta": float("nan")}, ValueError, r"beta"),
-    "beta_for_pcgrad": (lambda n: {"surgery": "pcgrad", "beta": 0.5}, TypeError, r"beta"),
-    "reduction_pcgrad": (lambda n: {"surgery": "pcgrad", "reduction": "max"}, ValueError, r"reduction"),
-    "reduction_gradvac": (lambda n: {"surgery": "gradvac", "reduction": "avg"}, ValueError, r"reduction"),
-    "reduction_sum": (lambda n: {"surgery": None, "reduction": "Mean"}, ValueError, r"reduction"),
+    "eps_zero": (lambda n: {"precondition": "adam", "precondition_kwargs": {"eps": 0.0}}, ValueError, r"eps"),
+    "eps_negative": (
+        lambda n: {"precondition": "adagrad", "precondition_kwargs": {"eps": -1e-8}},
+        ValueError,
+        r"eps",
+    ),
+    "eps_nan": (
+        lambda n: {"precondition": "rmsprop", "precondition_kwargs": {"eps": float("nan")}},
+        ValueError,
+        r"eps",
+    ),
+    "beta2_one": (
+        lambda n: {"precondition": "adam", "precondition_kwargs": {"beta2": 1.0}},
+        ValueError,
+        r"beta2",
+    ),
+    "beta2_negative": (
+        lambda n: {"precondition": "rmsprop", "precondition_kwargs": {"beta2": -0.1}},
+        ValueError,
+        r"beta2",
+    ),
+    "beta2_nan": (
+        lambda n: {"precondition": "adam", "precondition_kwargs": {"beta2": float("nan")}},
+        ValueError,
+        r"beta2",
+    ),
+    "beta_above_one": (
+        lambda n: {"surgery": "gradvac", "surgery_kwargs": {"beta": 1.5}},
+        ValueError,
+        r"beta",
+    ),
+    "beta_negative": (
+        lambda n: {"surgery": "gradvac", "surgery_kwargs": {"beta": -0.1}},
+        ValueError,
+        r"beta",
+    ),
+    "beta_nan": (
+        lambda n: {"surgery": "gradvac", "surgery_kwargs": {"beta": float("nan")}},
+        ValueError,
+        r"beta",
+    ),
+    "beta_for_pcgrad": (lambda n: {"surgery": "pcgrad", "surgery_kwargs": {"beta": 0.5}}, TypeError, r"beta"),
+    "reduction_pcgrad": (
+        lambda n: {"surgery": "pcgrad", "surgery_kwargs": {"reduction": "max"}},
+        ValueError,
+        r"reduction",
+    ),
+    "reduction_gradvac": (
+        lambda n: {"surgery": "gradvac", "surgery_kwargs": {"reduction": "avg"}},
+        ValueError,
+        r"reduction",
+    ),
+    "reduction_sum": (
+        lambda n: {"surgery": None, "surgery_kwargs": {"reduction": "Mean"}},
+        ValueError,
+        r"reduction",
+    ),
     "task_lr_unknown_task_explicit": (
         lambda n: {**_explicit(n), "task_lr": {"a": 0.1, "c": 0.2}},
         ValueError,
@@ -518,7 +562,9 @@ def test_non_finite_steps_are_skipped_without_a_trace() -> None:
     def build():
         net = make_net()
         inner = torch.optim.Adam(net.managed(), lr=1e-2)
-        return net, MultiTaskOptimizer(inner, surgery="gradvac", precondition="adam", beta=0.3, seed=21)
+        return net, MultiTaskOptimizer(
+            inner, surgery="gradvac", precondition="adam", surgery_kwargs={"beta": 0.3}, seed=21
+        )
 
     plan: List[Any] = [
         "inf_loss",  # the very first step: the partition is not discovered yet
@@ -579,7 +625,9 @@ def _trajectory(inner: str, all_shared: bool, precondition: Optional[str], scale
         base: torch.optim.Optimizer = torch.optim.Adam(params, lr=1e-2)
     else:
         base = torch.optim.SGD(params, lr=1e-2)
-    opt = MultiTaskOptimizer(base, precondition=precondition, eps=eps, seed=8)
+    opt = MultiTaskOptimizer(
+        base, precondition=precondition, precondition_kwargs={"eps": eps} if precondition else None, seed=8
+    )
     start = flat(params)
     first_update = None
     for t in range(20):
@@ -641,7 +689,11 @@ def test_adagrad_first_step_is_sum_of_normalised_task_gradients(eps: float) -> N
     lr = 0.1
     net = make_net(seed=2, dtype=torch.float64)
     opt = MultiTaskOptimizer(
-        torch.optim.SGD(net.managed(), lr=lr), surgery=None, precondition="adagrad", eps=eps, seed=0
+        torch.optim.SGD(net.managed(), lr=lr),
+        surgery=None,
+        precondition="adagrad",
+        precondition_kwargs={"eps": eps},
+        seed=0,
     )
     x, y = batch(3, dtype=torch.float64)
     shared, heads = net.shared(), net.task_params()
@@ -684,8 +736,10 @@ def _cos(u: Tensor, v: Tensor) -> float:
 @pytest.mark.parametrize("beta", [None, 0.25, 1.0])
 def test_gradvac_beta_reaches_the_aggregator(beta: Optional[float]) -> None:
     net = make_net(seed=1)
-    kwargs = {} if beta is None else {"beta": beta}
-    opt = MultiTaskOptimizer(torch.optim.SGD(net.managed(), lr=0.0), surgery="gradvac", seed=0, **kwargs)
+    kwargs = None if beta is None else {"beta": beta}
+    opt = MultiTaskOptimizer(
+        torch.optim.SGD(net.managed(), lr=0.0), surgery="gradvac", surgery_kwargs=kwargs, seed=0
+    )
     want = 0.5 if beta is None else beta
     assert opt.aggregator.beta == want
     losses = net.losses(*batch(0))
@@ -839,3 +893,49 @@ def test_mixed_extreme_scales_match_float64_pcgrad() -> None:
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
     assert _cos(got, want) > 0.9999
+
+
+# ---------------------------------------------------------------------- deprecated spellings
+@pytest.mark.parametrize(
+    "old,new",
+    [
+        (
+            {"surgery": "pcgrad", "reduction": "mean"},
+            {"surgery": "pcgrad", "surgery_kwargs": {"reduction": "mean"}},
+        ),
+        ({"surgery": "gradvac", "beta": 0.3}, {"surgery": "gradvac", "surgery_kwargs": {"beta": 0.3}}),
+        (
+            {"precondition": "adam", "eps": 1e-3, "beta2": 0.9},
+            {"precondition": "adam", "precondition_kwargs": {"eps": 1e-3, "beta2": 0.9}},
+        ),
+        ({"precondition": None, "eps": 1e-3}, {"precondition": None}),  # ignored, as before the split
+    ],
+)
+def test_deprecated_spellings_warn_and_equal_the_current_ones(
+    old: Dict[str, Any], new: Dict[str, Any]
+) -> None:
+    def run(kwargs: Dict[str, Any]) -> Tuple[Tensor, Dict[str, Any]]:
+        net = make_net(seed=3)
+        opt = MultiTaskOptimizer(torch.optim.SGD(net.managed(), lr=0.1), seed=0, **kwargs)
+        for step in range(2):
+            opt.zero_grad()
+            opt.step(net.losses(*batch(step)))
+        return flat(net.managed()), opt.state_dict()["multitask"]["config"]
+
+    with pytest.warns(DeprecationWarning, match=r"is deprecated: pass (surgery|precondition)_kwargs="):
+        got, got_settings = run(old)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        want, want_settings = run(new)
+    assert torch.equal(got, want) and got_settings == want_settings
+
+
+def test_a_deprecated_spelling_that_disagrees_with_the_current_one_is_an_error() -> None:
+    net = make_net()
+    with (
+        pytest.warns(DeprecationWarning),
+        pytest.raises(ValueError, match=r"beta= and surgery_kwargs\['beta'\]"),
+    ):
+        MultiTaskOptimizer(
+            torch.optim.SGD(net.managed(), lr=0.1), surgery="gradvac", beta=0.3, surgery_kwargs={"beta": 0.5}
+        )
