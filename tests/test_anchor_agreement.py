@@ -31,14 +31,12 @@ in the sources of the versions pinned in the ``anchors`` extra):
 
 from __future__ import annotations
 
-import importlib.util
 import random
-from pathlib import Path
 from typing import List, Sequence
 
 import pytest
 import torch
-from libmtl import load_weighting_module
+from libmtl import load_weighting
 from torch import Tensor, nn
 
 from multitask_optim import MultiTaskOptimizer
@@ -289,23 +287,9 @@ def test_pytorch_optimizer_projects_heads_too(k2):
 
 
 def _load_libmtl(name: str):
-    """LibMTL's weighting class ``name``, without running ``LibMTL/__init__.py``.
-
-    The package's ``__init__`` imports its trainer and torchvision; the weighting modules
-    only need ``LibMTL.weighting.abstract_weighting``. Stub packages stand in for
-    ``LibMTL`` and ``LibMTL.weighting`` while the two files are loaded, then
-    ``sys.modules`` is restored.
-    """
-    spec = importlib.util.find_spec("LibMTL")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("LibMTL not installed")
-    root = Path(list(spec.submodule_search_locations)[0]) / "weighting"
-    if not (root / f"{name}.py").exists():
-        pytest.skip(f"LibMTL has no weighting/{name}.py")
-    try:
-        module = load_weighting_module(root, name)
-    except ImportError as err:  # pragma: no cover - depends on the LibMTL version
-        pytest.skip(f"LibMTL weighting {name} cannot be loaded alone: {err}")
+    """LibMTL's weighting module and class ``name``, without running ``LibMTL/__init__.py``
+    (which imports its trainer and torchvision)."""
+    module = load_weighting(name)
     return module, getattr(module, name)
 
 
