@@ -36,6 +36,16 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(autouse=True)
+def _still_one_thread(_one_thread: None):
+    """A test that runs code choosing its own thread count (a benchmark's ``main``, an
+    example) must not leave it to the tests after it: with two threads on tiny ops
+    every later test ran several times slower, far more on a loaded machine."""
+    yield
+    if torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
+
+
 class EngineClock:
     """A deterministic stand-in for the wall clock ``gradient_mode="auto"`` times its paths
     with: every reading advances it by 1 ms, so every measured path costs the same 1 ms
