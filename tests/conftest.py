@@ -19,9 +19,11 @@ if _TESTS_DIR not in sys.path:
     sys.path.insert(0, _TESTS_DIR)
 
 # Derandomised so that the suite is deterministic: the same examples on every run.
+# Tests that set their own number of examples scale it with ``profiles.examples``.
 settings.register_profile("ci", derandomize=True, deadline=None, max_examples=60)
 
-# Many more examples, for an occasional deeper local run: HYPOTHESIS_PROFILE=thorough.
+# Many more random examples, for an occasional deeper run (README "Fresh machine"):
+# HYPOTHESIS_PROFILE=thorough python -m pytest -m "slow or not slow"
 settings.register_profile("thorough", derandomize=False, deadline=None, max_examples=1000)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 

@@ -28,6 +28,7 @@ import pytest
 import torch
 from hypothesis import assume, given, note, settings
 from hypothesis import strategies as st
+from profiles import examples
 from reference import (
     RELATIVE_ZERO,
     PairVisit,
@@ -243,7 +244,7 @@ def relabel(problem: Problem, perm: Tensor) -> Problem:
 
 
 @pytest.mark.parametrize("which", BACKENDS)
-@settings(max_examples=100)
+@settings(max_examples=examples(100))
 @given(problem=problems(), reduction=st.sampled_from(REDUCTIONS))
 def test_pcgrad_matches_vector_reference(problem: Problem, which: str, reduction: str) -> None:
     with backend(which):
@@ -258,7 +259,7 @@ def test_pcgrad_matches_vector_reference(problem: Problem, which: str, reduction
 
 
 @pytest.mark.parametrize("which", BACKENDS)
-@settings(max_examples=100)
+@settings(max_examples=examples(100))
 @given(
     problem=problems(zero_targets=False) | problems(zero_targets=True), reduction=st.sampled_from(REDUCTIONS)
 )
@@ -286,7 +287,7 @@ def test_gradvac_matches_vector_reference(problem: Problem, which: str, reductio
 
 
 @pytest.mark.parametrize("which", BACKENDS)
-@settings(max_examples=4)
+@settings(max_examples=examples(4))
 @given(problem=problems(max_blocks=1, min_p=1500, max_p=3000), method=st.sampled_from(["pcgrad", "gradvac"]))
 def test_large_p_matches_vector_reference(problem: Problem, method: str, which: str) -> None:
     """A few examples with thousands of parameters."""

@@ -119,6 +119,7 @@ def test_tiny_workload_is_torchjds_example_and_reports_ratios(tmp_path):
     assert json.loads((tmp_path / "speed_tiny.json").read_text())["config"]["workload"]["hidden"] == [5, 3]
 
 
+@pytest.mark.slow  # fresh processes per memory cell: the heaviest smoke run of the benchmarks
 def test_scaling_quick_times_both_trunks_and_measures_memory(tmp_path):
     argv = ["--scaling", "--quick", "--out", str(tmp_path), "--cnn-ks", "2", "--mlp-ks", "2"]
     argv += ["--impls", "floor,ours-pcgrad,ours-pcgrad-looped,ours-pcgrad-representation"]

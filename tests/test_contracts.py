@@ -38,6 +38,7 @@ from faultkit import clone_state, params_equal, round_trip, state_diff
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from models import TrunkHeads, build, snapshot, twin
+from profiles import examples
 from torch import Tensor
 
 from multitask_optim import AGGREGATORS, WEIGHTINGS, AggregationContext, MultiTaskOptimizer, WeightingContext
@@ -46,7 +47,7 @@ from multitask_optim.aggregators.base import SCALAR_LIMIT
 
 AGGREGATOR_NAMES = sorted(AGGREGATORS)
 WEIGHTING_NAMES = sorted(WEIGHTINGS)
-FEW = settings(max_examples=15)
+FEW = settings(max_examples=examples(15))
 
 
 # ---------------------------------------------------------------------- helpers

@@ -28,6 +28,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from profiles import examples
 from torch import Tensor
 
 from multitask_optim.aggregators import (
@@ -47,7 +48,7 @@ FEAS_TOL = 1e-12
 #: their size, with a floor for objectives near 0: the solver's KKT accuracy (~1e-13,
 #: ~1e-9 on nearly parallel rows) and the rounding of ``a^T G a`` leave ~1e-12 of it.
 OBJ_RTOL, OBJ_ATOL = 1e-9, 1e-12
-PROPS = settings(derandomize=True, deadline=None, max_examples=60)
+PROPS = settings(max_examples=examples(60))
 DTYPE = torch.float64
 
 
