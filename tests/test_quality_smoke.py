@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("sklearn", reason="the MultiDigits suite needs scikit-learn (pip install -e .[bench])")
+pytest.importorskip("sklearn", reason='the MultiDigits suite needs scikit-learn (pip install -e ".[test]")')
 
 from benchmarks.quality_data import TOY_STARTS, toy_losses, toy_pareto_set, toy_stationarity  # noqa: E402
 from benchmarks.quality_methods import ALL_METHODS, METHODS, MethodContext, MethodSettings  # noqa: E402
