@@ -12,21 +12,24 @@ from __future__ import annotations
 import runpy
 import sys
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import pytest
-import torch
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
-#: example -> the command-line arguments of a run that takes seconds
-BUDGETS: Dict[str, List[str]] = {
-    "quickstart.py": ["--steps", "3"],
-}
-#: example -> what its output must show
-SHOWS: Dict[str, List[str]] = {
-    "quickstart.py": ["adam (sum of losses)", "pcgrad", "gradvac", "per-task adam", "per-task adam + pcgrad"],
-}
+#: (example, command-line arguments of a run that takes seconds, what its output must show)
+RUNS: List[Tuple[str, List[str], List[str]]] = [
+    (
+        "quickstart.py",
+        ["--steps", "3"],
+        ["adam (sum of losses)", "pcgrad", "gradvac", "per-task adam", "per-task adam + pcgrad"],
+    ),
+    ("accelerate_multitask.py", ["--steps", "2"], ["step 0:", "step 1:"]),
+    ("accelerate_multitask.py", ["--steps", "2", "--mode", "weights_only"], ["step 0:", "step 1:"]),
+]
+#: example -> the optional package it needs (in the ``test`` extra)
+NEEDS: Dict[str, str] = {"accelerate_multitask.py": "accelerate"}
 #: example -> the test that runs it to its end
 RUN_ELSEWHERE: Dict[str, str] = {
     "lightning_multitask.py": "tests/test_lightning.py::test_the_example_runs_to_its_end",
@@ -35,22 +38,26 @@ RUN_ELSEWHERE: Dict[str, str] = {
 
 def test_every_example_is_run() -> None:
     scripts = {p.name for p in EXAMPLES.glob("*.py")}
-    assert scripts == set(BUDGETS) | set(RUN_ELSEWHERE), "give the new example a budget here"
+    assert scripts == {script for script, _, _ in RUNS} | set(RUN_ELSEWHERE), (
+        "give the new example a budget here"
+    )
     for where in RUN_ELSEWHERE.values():
         path, name = where.split("::")
         assert f"def {name}(" in (EXAMPLES.parent / path).read_text(), where
 
 
-@pytest.mark.parametrize("script", sorted(BUDGETS))
+@pytest.mark.parametrize(("script", "argv", "shows"), RUNS, ids=[" ".join([s, *a]) for s, a, _ in RUNS])
 def test_example_runs_to_its_end(
-    script: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    script: str,
+    argv: List[str],
+    shows: List[str],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    monkeypatch.setattr(sys, "argv", [script, *BUDGETS[script]])
-    threads = torch.get_num_threads()
-    try:
-        runpy.run_path(str(EXAMPLES / script), run_name="__main__")
-    finally:
-        torch.set_num_threads(threads)  # an example may choose its own thread count
+    if script in NEEDS:
+        pytest.importorskip(NEEDS[script], reason=f'{script} needs {NEEDS[script]}: pip install -e ".[test]"')
+    monkeypatch.setattr(sys, "argv", [script, *argv])
+    runpy.run_path(str(EXAMPLES / script), run_name="__main__")  # conftest restores the thread count
     printed = capsys.readouterr().out
-    for text in SHOWS[script]:
+    for text in shows:
         assert text in printed, f"{script} did not print {text!r}"
