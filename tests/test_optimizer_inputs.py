@@ -346,6 +346,14 @@ def _heads(net: Net, name: str) -> List[Tensor]:
     return list(net.heads[name].parameters())
 
 
+def _pre(name: str, **kwargs: Any) -> Dict[str, Any]:
+    return {"precondition": name, "precondition_kwargs": kwargs}
+
+
+def _surgery(name: Optional[str], **kwargs: Any) -> Dict[str, Any]:
+    return {"surgery": name, "surgery_kwargs": kwargs}
+
+
 BAD_CONSTRUCTORS: Dict[str, tuple] = {
     "param_in_two_tasks": (
         lambda n: _explicit(
@@ -392,63 +400,19 @@ BAD_CONSTRUCTORS: Dict[str, tuple] = {
         ValueError,
         r"granularity",
     ),
-    "eps_zero": (lambda n: {"precondition": "adam", "precondition_kwargs": {"eps": 0.0}}, ValueError, r"eps"),
-    "eps_negative": (
-        lambda n: {"precondition": "adagrad", "precondition_kwargs": {"eps": -1e-8}},
-        ValueError,
-        r"eps",
-    ),
-    "eps_nan": (
-        lambda n: {"precondition": "rmsprop", "precondition_kwargs": {"eps": float("nan")}},
-        ValueError,
-        r"eps",
-    ),
-    "beta2_one": (
-        lambda n: {"precondition": "adam", "precondition_kwargs": {"beta2": 1.0}},
-        ValueError,
-        r"beta2",
-    ),
-    "beta2_negative": (
-        lambda n: {"precondition": "rmsprop", "precondition_kwargs": {"beta2": -0.1}},
-        ValueError,
-        r"beta2",
-    ),
-    "beta2_nan": (
-        lambda n: {"precondition": "adam", "precondition_kwargs": {"beta2": float("nan")}},
-        ValueError,
-        r"beta2",
-    ),
-    "beta_above_one": (
-        lambda n: {"surgery": "gradvac", "surgery_kwargs": {"beta": 1.5}},
-        ValueError,
-        r"beta",
-    ),
-    "beta_negative": (
-        lambda n: {"surgery": "gradvac", "surgery_kwargs": {"beta": -0.1}},
-        ValueError,
-        r"beta",
-    ),
-    "beta_nan": (
-        lambda n: {"surgery": "gradvac", "surgery_kwargs": {"beta": float("nan")}},
-        ValueError,
-        r"beta",
-    ),
-    "beta_for_pcgrad": (lambda n: {"surgery": "pcgrad", "surgery_kwargs": {"beta": 0.5}}, TypeError, r"beta"),
-    "reduction_pcgrad": (
-        lambda n: {"surgery": "pcgrad", "surgery_kwargs": {"reduction": "max"}},
-        ValueError,
-        r"reduction",
-    ),
-    "reduction_gradvac": (
-        lambda n: {"surgery": "gradvac", "surgery_kwargs": {"reduction": "avg"}},
-        ValueError,
-        r"reduction",
-    ),
-    "reduction_sum": (
-        lambda n: {"surgery": None, "surgery_kwargs": {"reduction": "Mean"}},
-        ValueError,
-        r"reduction",
-    ),
+    "eps_zero": (lambda n: _pre("adam", eps=0.0), ValueError, r"eps"),
+    "eps_negative": (lambda n: _pre("adagrad", eps=-1e-8), ValueError, r"eps"),
+    "eps_nan": (lambda n: _pre("rmsprop", eps=float("nan")), ValueError, r"eps"),
+    "beta2_one": (lambda n: _pre("adam", beta2=1.0), ValueError, r"beta2"),
+    "beta2_negative": (lambda n: _pre("rmsprop", beta2=-0.1), ValueError, r"beta2"),
+    "beta2_nan": (lambda n: _pre("adam", beta2=float("nan")), ValueError, r"beta2"),
+    "beta_above_one": (lambda n: _surgery("gradvac", beta=1.5), ValueError, r"beta"),
+    "beta_negative": (lambda n: _surgery("gradvac", beta=-0.1), ValueError, r"beta"),
+    "beta_nan": (lambda n: _surgery("gradvac", beta=float("nan")), ValueError, r"beta"),
+    "beta_for_pcgrad": (lambda n: _surgery("pcgrad", beta=0.5), TypeError, r"beta"),
+    "reduction_pcgrad": (lambda n: _surgery("pcgrad", reduction="max"), ValueError, r"reduction"),
+    "reduction_gradvac": (lambda n: _surgery("gradvac", reduction="avg"), ValueError, r"reduction"),
+    "reduction_sum": (lambda n: _surgery(None, reduction="Mean"), ValueError, r"reduction"),
     "task_lr_unknown_task_explicit": (
         lambda n: {**_explicit(n), "task_lr": {"a": 0.1, "c": 0.2}},
         ValueError,
