@@ -44,7 +44,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from models import MultiHead
-from ranks import tasks_on_one_rank
+from ranks import HANG_TIMEOUT_S, tasks_on_one_rank
 from torch import Tensor, nn
 
 from multitask_optim import MultiTaskOptimizer
@@ -54,7 +54,7 @@ STEPS = 10
 BATCH = 16
 IN_DIM = 6
 HIDDEN = 12
-TIMEOUT_S = 120.0
+TIMEOUT_S = HANG_TIMEOUT_S
 
 # name -> settings. "wrap": "plain" or "ddp"; "micro": micro-batches per rank (accumulate);
 # "nan_step": the step at which rank 1's first loss is NaN (both ranks must skip it).

@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from ranks import tasks_on_one_rank
+from ranks import HANG_TIMEOUT_S, tasks_on_one_rank
 from torch import Tensor, nn
 
 from multitask_optim import MultiTaskOptimizer
@@ -43,7 +43,7 @@ STEPS = 6
 BATCH = 16
 IN_DIM = 6
 HIDDEN = 11
-TIMEOUT_S = 180.0
+TIMEOUT_S = HANG_TIMEOUT_S
 
 CONFIGS: Dict[str, Dict[str, Any]] = {
     "pcgrad-k2": {"surgery": "pcgrad", "k": 2},
