@@ -31,9 +31,10 @@ from typing import Callable, Dict
 import pytest
 import test_aggregators as ta
 import torch
-from hypothesis import assume, given
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from models import TrunkHeads, build
+from profiles import examples
 from torch import Tensor
 
 from multitask_optim import MultiTaskOptimizer
@@ -66,6 +67,9 @@ FACTORIES: Dict[str, Callable[[], Aggregator]] = {
     "krum": Krum,
 }
 METHODS = sorted(FACTORIES)
+#: The invariance properties over every method here are also the contract suite's
+#: (tests/test_contracts.py, every registered aggregator): fewer examples than the profile's.
+INVARIANCES = settings(max_examples=examples(20))
 #: the registered methods (by their registry names), for the registry and end-to-end tests
 SURGERIES = [
     "upgrad",
@@ -160,6 +164,7 @@ def test_every_method_is_registered() -> None:
 
 
 @pytest.mark.parametrize("method", METHODS)
+@INVARIANCES
 @given(jac=ta.jacobians())
 def test_finite_on_every_draw(method: str, jac: Tensor) -> None:
     assume(usable(method, jac))
@@ -168,6 +173,7 @@ def test_finite_on_every_draw(method: str, jac: Tensor) -> None:
 
 
 @pytest.mark.parametrize("method", METHODS)
+@INVARIANCES
 @given(jac=ta.jacobians(min_exp=-8, max_exp=8), exponent=st.integers(-30, 30))
 def test_homogeneity(method: str, jac: Tensor, exponent: int) -> None:
     assume(usable(method, jac))
@@ -181,6 +187,7 @@ def test_homogeneity(method: str, jac: Tensor, exponent: int) -> None:
 
 
 @pytest.mark.parametrize("method", METHODS)
+@INVARIANCES
 @given(data=st.data(), seed=st.integers(0, 2**31 - 1))
 def test_rotation_equivariance(method: str, data: st.DataObject, seed: int) -> None:
     strategy = (
@@ -200,6 +207,7 @@ def test_rotation_equivariance(method: str, data: st.DataObject, seed: int) -> N
 
 
 @pytest.mark.parametrize("method", METHODS)
+@INVARIANCES
 @given(data=st.data(), seed=st.integers(0, 2**31 - 1))
 def test_relabelling_tasks(method: str, data: st.DataObject, seed: int) -> None:
     strategy = independent_jacobians() if method in DISCONTINUOUS else ta.jacobians(min_exp=-8, max_exp=8)
