@@ -52,6 +52,11 @@ Source = Union[ParameterRows, RepresentationRows]
 class Bookkeeping:
     """Committed state of a multi-task optimizer and the rules that change it."""
 
+    #: Why the last skipped step was skipped (None before any; :meth:`_skip` sets it).
+    last_skip_reason: Optional[str] = None
+    #: Whether the one-task warning was given (:meth:`_note_task_count`).
+    _warned_single: bool = False
+
     #: True while weights-only mode runs: the engine that runs the backward owns the loss scaler
     _engine_owns_scaler = False
 
@@ -151,6 +156,17 @@ class Bookkeeping:
             self.weighting.bind(names)
         return Structure(partition, blocks)
 
+    def _note_task_count(self, names: Sequence[str]) -> None:
+        """Warn once when the losses are one task's: nothing multi-task applies then."""
+        if len(names) == 1 and not self._warned_single:
+            self._warned_single = True
+            warnings.warn(
+                "MultiTaskOptimizer: step() got the loss of a single task, so nothing multi-task applies "
+                f"(surgery={self.aggregator.name!r} and the weighting see one task); pass one loss per task, "
+                "e.g. opt.step([loss_a, loss_b]), not their sum (warned once)",
+                stacklevel=5,  # the caller of opt.step (through torch's step wrapper)
+            )
+
     def _components(self) -> Dict[str, Any]:
         return {"surgery": self.aggregator, "weighting": self.weighting, "precondition": self.preconditioner}
 
@@ -218,17 +234,25 @@ class Bookkeeping:
                     p.grad = None
 
     def _skip(self, why: str, values: Tensor, weights: Optional[Tensor] = None) -> None:
+        """Nothing written; the skip counted, with its reason (``skipped``, ``last_skip_reason``)."""
         self.engine.forget()
         if not self._engine_owns_scaler:  # weights-only mode: the caller steps and updates the scaler
             amp_update(self.grad_scaler, self, True, self._device())
         self.skipped += 1
+        self.last_skip_reason = why
         if not self._warned_skip:
             warnings.warn(
-                f"MultiTaskOptimizer skipped a step: {why} (warned once; see last_stats['skipped'])",
+                f"MultiTaskOptimizer skipped a step: {why} (warned once; see opt.skipped and "
+                "opt.last_skip_reason)",
                 stacklevel=4,
             )
             self._warned_skip = True
-        self.last_stats = {"skipped": self.skipped, "losses": values.tolist(), "skipped_step": True}
+        self.last_stats = {
+            "skipped": self.skipped,
+            "skip_reason": why,
+            "losses": values.tolist(),
+            "skipped_step": True,
+        }
         if weights is not None:  # the weights were computed: say what they were
             self.last_stats["weights"] = weights.tolist()
         return None

@@ -17,7 +17,11 @@ of its state tensors index tasks (:meth:`Component.task_axes`); the optimizer se
 the present tasks' slices before the stage (:func:`select_tasks`) and writes the new
 slices back after it (:func:`merge_tasks`), so an absent task's state stays bitwise as
 it was. A component that keeps state but declares nothing is refused a partial step
-(:func:`check_partial`) rather than sliced wrongly.
+(:func:`check_partial`) rather than sliced wrongly. Per-task *settings* (a preference
+vector, per-task lower bounds or leaks: one entry per task) follow the present tasks the
+same way: a component declares them in :attr:`Component.per_task`, and
+:meth:`Component.for_tasks` gives the component a partial step runs (the present tasks'
+entries, rescaled where the setting is a distribution).
 
 Components are found by name in a :class:`Registry`; a new method is one file whose
 class registers itself with the registry's decorator.
@@ -25,6 +29,8 @@ class registers itself with the registry's decorator.
 
 from __future__ import annotations
 
+import copy
+from difflib import get_close_matches
 from fnmatch import fnmatchcase
 from typing import Any, ClassVar, Dict, Generic, Mapping, Optional, Sequence, Tuple, Type, TypeVar, Union
 
@@ -49,6 +55,35 @@ class Component:
     def settings(self) -> Dict[str, Any]:
         """Hyper-parameters, as plain values (shown by ``repr``, checked on load)."""
         return {}
+
+    #: Settings that hold one entry per task, by attribute name: ``"slice"`` (a partial
+    #: step uses the present tasks' entries) or ``"rescale"`` (their entries rescaled to
+    #: the sum of all ``K``, for a distribution over the tasks such as a preference
+    #: vector: ``1/K`` each becomes ``1/K'`` each). A scalar or ``None`` applies to every
+    #: task and is left as it is.
+    per_task: ClassVar[Mapping[str, str]] = {}
+
+    def for_tasks(self, present: Sequence[int], num_tasks: int) -> Component:
+        """The component a step with only the ``present`` of ``num_tasks`` tasks runs.
+
+        Itself when every task is present or it declares no :attr:`per_task` setting;
+        otherwise a shallow copy whose per-task settings are the present tasks' entries
+        (see :attr:`per_task`). The copy is used for that step only: ``settings()`` and
+        checkpoints keep the full ones.
+        """
+        if len(present) == num_tasks or not self.per_task:
+            return self
+        changes = {}
+        for attr, how in self.per_task.items():
+            value = getattr(self, attr)
+            if isinstance(value, (tuple, list)) and len(value) == num_tasks:
+                changes[attr] = present_entries(value, present, how)
+        if not changes:
+            return self
+        out = copy.copy(self)
+        for attr, value in changes.items():
+            setattr(out, attr, value)
+        return out
 
     def task_axes(self) -> Optional[TaskAxes]:
         """Which axes of each state tensor index tasks, for steps that lack some tasks.
@@ -108,7 +143,7 @@ class Registry(Generic[C]):
         elif isinstance(spec, str):
             found = self.classes.get(spec.lower())
             if found is None:
-                raise ValueError(f"unknown {self.kind} {spec!r}; known: {', '.join(sorted(self.classes))}")
+                raise ValueError(self.unknown(spec))
             cls = found
         else:
             raise TypeError(
@@ -118,6 +153,13 @@ class Registry(Generic[C]):
             return cls(**options)
         except TypeError as error:
             raise TypeError(f"{self.kind} {cls.name!r}: {error}") from None
+
+    def unknown(self, spec: str) -> str:
+        """The message for an unknown name: the closest registered names, then all of them."""
+        close = [repr(c) for c in get_close_matches(spec.lower(), list(self.classes), n=3, cutoff=0.6)]
+        listed = " or ".join([", ".join(close[:-1]), close[-1]] if len(close) > 1 else close)
+        hint = f"did you mean {listed}? " if close else ""
+        return f"unknown {self.kind} {spec!r}; {hint}known: {', '.join(sorted(self.classes))}"
 
     def __contains__(self, name: object) -> bool:
         return name in self.classes
@@ -145,6 +187,21 @@ class Registry(Generic[C]):
 
 
 # ---------------------------------------------------------------------- partial task sets
+def present_entries(values: Sequence[float], present: Sequence[int], how: str) -> Tuple[float, ...]:
+    """A per-task setting's entries for the ``present`` tasks (see :attr:`Component.per_task`).
+
+    ``"rescale"`` multiplies them by ``sum(values) / sum(present entries)`` (when both
+    are non-zero), so they sum to what all ``K`` entries sum to.
+    """
+    if how not in ("slice", "rescale"):
+        raise ValueError(f"per_task: unknown rule {how!r} (expected 'slice' or 'rescale')")
+    kept = tuple(float(values[i]) for i in present)
+    total, part = float(sum(values)), sum(kept)
+    if how == "rescale" and total != 0.0 and part != 0.0:
+        kept = tuple(v * (total / part) for v in kept)
+    return kept
+
+
 def axes_of(key: str, axes: TaskAxes) -> Tuple[int, ...]:
     """The task axes of state ``key`` (exact key first, then the first matching pattern)."""
     if key in axes:

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ._distributed import all_average, all_sum
-from ._gram import dense_grams, precise_gram
+from ._gram import dense_grams, factor_gram, gram_rounding, precise_gram
 from .aggregators.base import Shards
 
 Rows = List[Optional[Tensor]]
@@ -49,6 +49,10 @@ class LinearFactor:
 
     def positions(self) -> List[int]:
         return [self.weight] if self.bias is None else [self.weight, self.bias]
+
+    def gram_dtype(self) -> torch.dtype:
+        """The dtype of the rows this factor stands for (their precision)."""
+        return self.deltas.dtype
 
     def tensors(self) -> List[Tensor]:
         return [self.deltas]
@@ -112,6 +116,9 @@ class HeadFactor:
 
     def positions(self) -> List[int]:
         return [0]
+
+    def gram_dtype(self) -> torch.dtype:
+        return self.deltas.dtype  # the rows' precision (the Gram itself is formed in float64)
 
     def tensors(self) -> List[Tensor]:
         return [self.deltas]
@@ -196,15 +203,20 @@ class GramFactor:
         solve: coefficients ``(K,)`` float64 -> the update of every position in ``grams``
             (callable once: its backward frees the graph).
         factors: per-task factors applied by :meth:`scaled` (float64 ``(K,)``; None: ones).
+        dtype: the dtype of the rows (the parameters'), their precision.
     """
 
     grams: Dict[int, Tensor]
     solve: Callable[[Tensor], Dict[int, Tensor]]
     factors: Optional[Tensor] = None
+    dtype: torch.dtype = torch.float32
     _done: Optional[Tuple[Tensor, Dict[int, Tensor]]] = field(default=None, repr=False)
 
     def positions(self) -> List[int]:
         return sorted(self.grams)
+
+    def gram_dtype(self) -> torch.dtype:
+        return self.dtype  # the rows' precision (their Grams are float64)
 
     def tensors(self) -> List[Tensor]:
         return list(self.grams.values())  # NaN and inf in the gradients reach the Gram
@@ -212,7 +224,7 @@ class GramFactor:
     def scaled(self, factors: Tensor) -> GramFactor:
         f = factors.to(torch.float64).cpu()
         grams = {p: g * (f.view(-1, 1) * f.view(1, -1)) for p, g in self.grams.items()}
-        return GramFactor(grams, self.solve, f if self.factors is None else self.factors * f)
+        return GramFactor(grams, self.solve, f if self.factors is None else self.factors * f, self.dtype)
 
     def rows(self) -> Dict[int, Tensor]:
         raise RuntimeError("the rows of these layers were reduced to their Gram during the step and are gone")
@@ -244,31 +256,6 @@ class GramFactor:
             p: u.mul_(peak) if peak >= torch.finfo(u.dtype).tiny else _rescaled(u, peak)
             for p, u in out.items()
         }
-
-
-#: The factored Gram forms ``(X X^T) delta_j`` for this many bytes of tasks at a time.
-_GRAM_CHUNK_BYTES = 16 * 2**20
-
-
-def factor_gram(inputs: Tensor, deltas: Union[Tensor, Sequence[Tensor]], dtype: torch.dtype) -> Tensor:
-    """``G_ij = <delta_i, (X X^T) delta_j>``, the product ``(X X^T) delta_j`` formed for
-    :data:`_GRAM_CHUNK_BYTES` of tasks at a time (bounded memory: a ``K x N x out``
-    temporary would match the deltas' own size).
-
-    ``deltas`` is one ``(K, N, out)`` tensor, or its parts (``(K_p, N, out)`` each, tasks
-    end to end: no copy of the whole is made).
-    """
-    x = inputs.to(dtype)
-    a = x @ x.T
-    parts = [deltas] if isinstance(deltas, Tensor) else list(deltas)
-    rows = [p.reshape(p.shape[0], -1).to(dtype) for p in parts]
-    step = max(1, _GRAM_CHUNK_BYTES // max(1, rows[0][0].numel() * rows[0].element_size()))
-    cols = []
-    for part in parts:
-        for chunk in part.split(step):
-            mixed = (a @ chunk.to(dtype)).reshape(chunk.shape[0], -1)
-            cols.append(torch.cat([r @ mixed.T for r in rows]))
-    return torch.cat(cols, dim=1)
 
 
 @dataclass
@@ -353,6 +340,11 @@ class TaskGradients:
                 if pos in block_of:
                     out[block_of[pos]] += f.gram(pos).cpu()
         return out
+
+    def gram_rounding(self, blocks: Sequence[Sequence[int]]) -> Tensor:
+        """``(B,)``: the precision of each block's rows (see :func:`._gram.gram_rounding`)."""
+        dtypes = {pos: f.gram_dtype() for f in self.factors for pos in f.positions()}
+        return gram_rounding(self.shared, blocks, dtypes)
 
     def combine(self, blocks: Sequence[Sequence[int]], coefs: Tensor) -> Tuple[Rows, bool]:
         """Shared updates ``J_b^T c_b`` per parameter, and whether they are all finite.

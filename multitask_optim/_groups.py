@@ -43,11 +43,18 @@ def check_can_add_weighting(optimizer: Optimizer, weighting: Weighting) -> None:
 
 def split_groups(optimizer: Optimizer, partition: Partition, rates: Mapping[str, float]) -> None:
     """Split every group into ``shared`` + one group per task (+ ``unused``), in place."""
+    optimizer.param_groups[:] = split_layout(optimizer.param_groups, partition, rates)
+
+
+def split_layout(
+    groups: Sequence[Mapping[str, Any]], partition: Partition, rates: Mapping[str, float]
+) -> List[Dict[str, Any]]:
+    """The groups :func:`split_groups` makes of ``groups`` (new dicts; ``groups`` unchanged)."""
     roles = partition.role_of()
     new_groups: List[Dict[str, Any]] = []
-    for group in optimizer.param_groups:
+    for group in groups:
         if group.get("task") == "weighting":
-            new_groups.append(group)
+            new_groups.append(group)  # type: ignore[arg-type]
             continue
         buckets: Dict[str, List[Tensor]] = {}
         for p in group["params"]:
@@ -61,7 +68,7 @@ def split_groups(optimizer: Optimizer, partition: Partition, rates: Mapping[str,
             if role in rates:
                 new["lr"] = float(rates[role])
             new_groups.append(new)
-    optimizer.param_groups[:] = new_groups
+    return new_groups
 
 
 def add_weighting_group(optimizer: Optimizer, weighting: Weighting) -> None:

@@ -158,7 +158,8 @@ def _frontier(
     if native:
         held = trunk_backward(seeds, graph, shared, shared_index, useful, linear, out, k, grams)
         if grams is not None:
-            out.factors.append(GramFactor(grams, _solver(losses, shared, sorted(grams), keep)))
+            dtype = shared[min(grams)].dtype if grams else torch.float32
+            out.factors.append(GramFactor(grams, _solver(losses, shared, sorted(grams), keep), None, dtype))
     else:
         held = _trunk_backward(seeds, graph, shared, shared_index, out, keep, factor, k)
     for n, p in enumerate(shared):

@@ -3,8 +3,9 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -260,3 +261,38 @@ def observed_values(losses: Any, known: Tuple[str, ...]) -> Tensor:
             raise TypeError(f"loss of task {name!r} must be a real scalar, got {type(item).__name__}")
         values.append(value)
     return torch.tensor(values, dtype=torch.float64)
+
+
+#: What torch says when a backward reaches a graph whose saved tensors were freed.
+_FREED = ("backward through the graph a second time", "saved tensors after they have already been freed")
+
+
+def freed_graph_error(error: BaseException) -> Optional[RuntimeError]:
+    """A clear error when ``error`` (or an error it was raised from) is autograd's "the graph
+    was already freed", which here nearly always means the caller ran ``backward()`` on the
+    losses before handing them to ``step``; None for any other error."""
+    seen: List[BaseException] = []
+    current: Optional[BaseException] = error
+    while current is not None and current not in seen:
+        if isinstance(current, RuntimeError) and any(text in str(current) for text in _FREED):
+            return RuntimeError(
+                "the losses' autograd graph was already freed, most likely by a backward() of your own "
+                "before opt.step(losses) / opt.accumulate(losses): the optimizer runs the backward itself, "
+                "so remove your loss.backward() call (or give it retain_graph=True if you need both); "
+                "nothing was changed"
+            )
+        seen.append(current)
+        current = current.__cause__ or current.__context__
+    return None
+
+
+@contextmanager
+def explained_errors() -> Iterator[None]:
+    """Re-raise autograd's "graph already freed" error as :func:`freed_graph_error` explains it."""
+    try:
+        yield
+    except RuntimeError as error:
+        clear = freed_graph_error(error)
+        if clear is None:
+            raise
+        raise clear from error

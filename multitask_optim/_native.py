@@ -42,8 +42,8 @@ from typing import Dict, List, Optional, Sequence, Set, Tuple
 import torch
 from torch import Tensor
 
-from ._gradients import LinearFactor, TaskGradients, factor_gram
-from ._gram import precise_gram
+from ._gradients import LinearFactor, TaskGradients
+from ._gram import factor_gram, precise_gram
 from ._graph import LossGraph, Node
 
 #: Per-task activation gradients alive at once (bytes); tasks are processed in chunks.

@@ -18,7 +18,8 @@ reason to skip, and the conductor drops every new state computed so far.
 
 A step may lack some tasks: the stages then run on the ``K'`` present tasks (their
 rows, their Gram, their coefficients), each component on the present tasks' slices of
-its state (:func:`sub_states`), written back after the step (:func:`merged_states`).
+its state (:func:`sub_states`), written back after the step (:func:`merged_states`),
+and with its per-task settings restricted to them (:func:`sub_components`).
 """
 
 from __future__ import annotations
@@ -242,9 +243,11 @@ def aggregate_and_combine(
     ``weights`` multiply the coefficients when the rows do not carry them (Gram-space
     weighting); ``None`` when they do. ``combine=False``: the coefficients only (no
     updates; weights-only mode, where the caller's backward of ``sum_i c_i w_i L_i``
-    forms them).
+    forms them). The aggregator is told the precision of each block's rows
+    (``ctx.rounding``, :meth:`~._gradients.TaskGradients.gram_rounding`).
     """
     shared = partition.shared
+    ctx = replace(ctx, rounding=grads.gram_rounding(blocks))
     if isinstance(aggregator, RowAggregator):
         rows = grads.block_rows(blocks, shared)  # FSDP2: this rank's shards, ctx.shards says which
         ctx = replace(ctx, shards=grads.shards(blocks, shared))
@@ -279,6 +282,17 @@ def sub_states(
         check_partial(component, kind, state, always=kind == "weighting")
         out[kind] = state if component is None else select_tasks(state, component.task_axes() or {}, present)
     return out
+
+
+def sub_components(
+    components: Dict[str, Optional[Component]], present: Sequence[int], num_tasks: int
+) -> Dict[str, Optional[Component]]:
+    """Every component as a step with only the ``present`` tasks runs it: its per-task
+    settings restricted to those tasks (:meth:`~._components.Component.for_tasks`)."""
+    return {
+        kind: None if component is None else component.for_tasks(present, num_tasks)
+        for kind, component in components.items()
+    }
 
 
 def merged_states(

@@ -26,6 +26,7 @@ from ._losses import (
     Samples,
     check_passes,
     check_tensor,
+    explained_errors,
     loss_values,
     named_features,
     parse_losses,
@@ -167,6 +168,7 @@ class PlainPath:
         the weights and each loss's factor: everything a plain step needs before its backward
         (no state change). None: the step was skipped (a non-finite loss or weight)."""
         parsed = parse_losses(losses, self._names)
+        self._note_task_count(parsed.names)
         named = [("representation", representation)] if representation is not None else []
         named += named_features(features)
         for name, tensor in named:
@@ -222,12 +224,19 @@ class PlainPath:
         if plan is None:
             return None
         params = [p for p in self._params if p.requires_grad]
-        if self._sharded:
-            grads = self._sharded_gradients(plan.parsed.losses, plan.factors, params)
-        else:
-            grads = gradients(plan.parsed.losses, plan.factors, params, current_scale(self.grad_scaler))
-            if world_size() > 1:
-                grads = summed(params, grads)
+        try:
+            with explained_errors():  # e.g. losses whose graph the caller's own backward() freed
+                if self._sharded:
+                    grads = self._sharded_gradients(plan.parsed.losses, plan.factors, params)
+                else:
+                    grads = gradients(
+                        plan.parsed.losses, plan.factors, params, current_scale(self.grad_scaler)
+                    )
+                    if world_size() > 1:
+                        grads = summed(params, grads)
+        except BaseException:
+            self._generator.set_state(plan.generator_state)  # the weights' draws, undone
+            raise
         finite = all_finite([local(g) for g in grads if g is not None])
         if not (self._rows.agree(finite) if self._sharded else finite):
             self._generator.set_state(plan.generator_state)

@@ -11,9 +11,14 @@ differs:
   backwards only, factored for linear heads where measured faster: :mod:`._representation`,
   :class:`~._engine.HeadPaths`; the batch
   flattened into the row as in the MGDA-UB paper's code); the
-  combined feature gradient ``Z^T c`` runs one backward through the trunk. Under
-  ``torch.distributed`` the global Gram is the sum of the ranks' Grams over the global
-  batch size squared, and the trunk updates are averaged.
+  combined feature gradient ``Z^T c`` runs one backward through the trunk. A shared
+  parameter outside the trunk (used by several heads after ``z``, not upstream of it)
+  gets the gradient of the same combination, ``grad(sum_i c_i w_i L_i)``: the update
+  every shared parameter gets in parameter mode for one block, and on a step the
+  schedule leaves out (``surgery_every``, ``c = 1``) the gradient of the weighted sum,
+  so it trains the same way on every step. Under ``torch.distributed`` the global Gram
+  is the sum of the ranks' Grams over the global batch size squared, and the trunk
+  updates are averaged.
 """
 
 from __future__ import annotations
@@ -28,7 +33,28 @@ from ._distributed import all_average, world_size
 from ._engine import GradientEngine, HeadPaths
 from ._gradients import GramFactor, Rows, TaskGradients, all_finite, reduce_tasks
 from ._graph import LossGraph
+from ._losses import check_tensor
 from .partition import Partition
+
+
+def check_representation(features: Tensor, preconditioner: Any, aggregator: Any, partial: bool) -> None:
+    """What representation mode cannot run, refused before anything changes.
+
+    Raises:
+        TypeError, ValueError: ``features`` is not a tensor that requires grad; a
+            preconditioner or a row method (they need the parameters' rows); absent tasks
+            under ``torch.distributed``.
+    """
+    check_tensor(features, "representation")
+    if preconditioner is not None:
+        raise ValueError("precondition is not supported in representation mode (representation=)")
+    if aggregator.needs_jacobian:
+        raise ValueError(
+            f"surgery {aggregator.name!r} reads the Jacobian's rows and does not run in "
+            "representation mode (representation=); use a Gram-based surgery or parameter mode"
+        )
+    if partial and world_size() > 1:
+        raise ValueError("representation mode (representation=) needs every task on every rank")
 
 
 class ParameterRows:
@@ -97,11 +123,19 @@ class RepresentationRows:
 
     mode = "representation"
 
-    def __init__(self, features: Tensor, graph: LossGraph, engine: Optional[GradientEngine] = None) -> None:
+    def __init__(
+        self,
+        features: Tensor,
+        graph: LossGraph,
+        engine: Optional[GradientEngine] = None,
+        loss_scale: float = 1.0,
+    ) -> None:
         self.features = features
         self.graph = graph
         #: the head path's chooser: the engine's (measured, committed with its steps), else the rule
         self.heads = engine.heads if engine is not None else HeadPaths()
+        self.loss_scale = loss_scale  # the losses :meth:`gather` gets are scaled by it (AMP)
+        self.losses: Sequence[Tensor] = ()
 
     def gather(
         self,
@@ -111,6 +145,7 @@ class RepresentationRows:
         once: bool = False,
         keep: bool = False,
     ) -> TaskGradients:
+        self.losses = losses  # for the shared parameters outside the trunk (:meth:`updates`)
         return self.heads.rows(losses, self.features, partition.tasks, graph)
 
     def blocks(self, blocks: List[List[int]]) -> List[List[int]]:
@@ -141,11 +176,12 @@ class RepresentationRows:
         feature_grad = combined[0]
         if not finite or feature_grad is None:
             return [None] * len(partition.shared), False
-        trunk = [p for p in partition.shared if self.graph.reached_by(p)]
-        got = {}
-        if trunk:
-            grads_ = torch.autograd.grad(self.features, trunk, feature_grad, allow_unused=True)
-            got = {id(p): g for p, g in zip(trunk, grads_)}
+        reached = [p for p in partition.shared if self.graph.reached_by(p)]
+        got: Dict[int, Optional[Tensor]] = {}
+        if reached:
+            grads_ = torch.autograd.grad(self.features, reached, feature_grad, allow_unused=True)
+            got = {id(p): g for p, g in zip(reached, grads_)}
+        got.update(self._outside(mix, [p for p in reached if got.get(id(p)) is None]))
         updates: Rows = [got.get(id(p)) for p in partition.shared]
         if world_size() > 1:
             present = [u for u in updates if u is not None]
@@ -153,6 +189,16 @@ class RepresentationRows:
             updates = [None if u is None else next(averaged) for u in updates]
         finite = all_finite([u for u in updates if u is not None])
         return updates, finite
+
+    def _outside(self, mix: Tensor, params: Sequence[Tensor]) -> Dict[int, Optional[Tensor]]:
+        """``grad(sum_i mix_i L_i)`` of the shared parameters the losses reach but not through
+        ``z`` (one backward through the heads, which never enters the trunk)."""
+        if not params:
+            return {}
+        factors = (mix.reshape(-1) / self.loss_scale).tolist()
+        total = sum(loss * f for loss, f in zip(self.losses, factors))
+        grads = torch.autograd.grad(total, list(params), allow_unused=True)  # type: ignore[arg-type]
+        return {id(p): g for p, g in zip(params, grads)}
 
     def path(self) -> Optional[str]:
         return "representation"

@@ -35,7 +35,7 @@ from ._losses import (
     Losses,
     Samples,
     check_passes,
-    check_tensor,
+    explained_errors,
     loss_values,
     named_features,
     observed_values,
@@ -53,13 +53,14 @@ from ._pipeline import (
     precondition,
     reduced,
     scale_tasks,
+    sub_components,
     sub_states,
     weighted_gram,
     weighting_gram,
 )
 from ._plain import PlainPath
 from ._schedule import Schedule
-from ._sources import ParameterRows, RepresentationRows
+from ._sources import ParameterRows, RepresentationRows, check_representation
 from .aggregators import AggregationContext, Aggregator
 from .partition import Partition, TasksArg
 from .precondition import Preconditioner
@@ -130,6 +131,11 @@ class MultiTaskOptimizer(Bookkeeping, PlainPath, Optimizer):
             ``last_stats["grad_norm"]`` (see :mod:`._clipping`). Default None (no clipping).
         reduction, beta, eps, beta2: deprecated spellings of ``surgery_kwargs`` /
             ``precondition_kwargs`` entries (a ``DeprecationWarning``).
+
+    Attributes:
+        skipped: how many steps were skipped (nothing written on them; ``last_stats``).
+        last_skip_reason: why the last one was (None before any); both in :meth:`state_dict`.
+        last_stats: the last step's statistics, plain Python values (:mod:`.diagnostics`).
     """
 
     def __init__(
@@ -430,21 +436,13 @@ class MultiTaskOptimizer(Bookkeeping, PlainPath, Optimizer):
         source. ``once``: a whole step, not a micro-batch. ``keep``: the graph stays usable."""
         known = self._names if self._names is not None else (into.names if into is not None else None)
         parsed = parse_losses(losses, known)
+        self._note_task_count(parsed.names)
         names, loss_list, counts = parsed.names, parsed.losses, task_samples(samples, parsed)
         if self._sharded:  # FSDP2: before any backward, every rank must have the same tasks
             assert isinstance(self._rows, fsdp.FSDPRows)
             self._rows.agree_on_tasks(names, parsed.present, first=into is None)
         if representation is not None:
-            check_tensor(representation, "representation")
-            if self.preconditioner is not None:
-                raise ValueError("precondition is not supported in representation mode (representation=)")
-            if self.aggregator.needs_jacobian:
-                raise ValueError(
-                    f"surgery {self.aggregator.name!r} reads the Jacobian's rows and does not run in "
-                    "representation mode (representation=); use a Gram-based surgery or parameter mode"
-                )
-            if parsed.partial and world_size() > 1:
-                raise ValueError("representation mode (representation=) needs every task on every rank")
+            check_representation(representation, self.preconditioner, self.aggregator, parsed.partial)
         values = loss_values(loss_list)
         bad = None if world_size() > 1 else non_finite_losses(parsed.present_names, values)
         weights = None if counts is None else torch.tensor(counts, dtype=torch.float64)
@@ -456,14 +454,17 @@ class MultiTaskOptimizer(Bookkeeping, PlainPath, Optimizer):
             if tensor is not None:
                 check_passes(tensor, graph, name)
         structure = self._structure(parsed, graph, into.structure if into is not None else None)
+        scale = current_scale(self.grad_scaler)
         source: Source = (
-            RepresentationRows(representation, graph, self.engine)
+            RepresentationRows(representation, graph, self.engine, scale)
             if representation is not None
             else self._rows
         )
-        scale = current_scale(self.grad_scaler)
         scaled = [loss * scale for loss in loss_list] if scale != 1.0 else loss_list
-        grads = source.gather(scaled, graph, structure.partition, once and len(structure.blocks) == 1, keep)
+        with explained_errors():  # e.g. losses whose graph the caller's own backward() freed
+            grads = source.gather(
+                scaled, graph, structure.partition, once and len(structure.blocks) == 1, keep
+            )
         if scale != 1.0:
             grads = grads.scaled([1.0 / scale] * len(loss_list))
         out = Gathered(names, values, structure, grads, present=parsed.present, samples=weights)
@@ -516,6 +517,7 @@ class MultiTaskOptimizer(Bookkeeping, PlainPath, Optimizer):
             return None, "non-finite loss or gradient", values, None
         current = self._current_states(len(names), len(structure.blocks))
         old = sub_states(self._components(), current, present, len(names)) if full else {}
+        aggregator = sub_components(self._components(), present, len(names))["surgery"]
         weights, states, why = self._weigh(names, present, values, old, current)
         if why is not None:
             return None, why, values, weights
@@ -548,7 +550,7 @@ class MultiTaskOptimizer(Bookkeeping, PlainPath, Optimizer):
             wgram = weighting_gram(self.weighting, grads, structure, source, gram, weights)
         agg_ctx = AggregationContext(self._generator, values * weights, self._steps)
         combined = aggregate_and_combine(
-            self.aggregator,
+            aggregator,  # type: ignore[arg-type]
             old["surgery"],
             grads,
             gram,

@@ -15,6 +15,13 @@ TasksArg = Union[Mapping[str, ParamsArg], Sequence[ParamsArg]]
 RESERVED = ("shared", "unused", "weighting")
 
 
+#: What an empty ``shared=`` or ``tasks=`` entry usually is, and what to do.
+_EMPTY = (
+    " (a generator such as model.parameters() yields its parameters once: if it was consumed "
+    "before, e.g. by the inner optimizer, pass list(...) of a fresh call)"
+)
+
+
 def describe(index: int, param: Tensor) -> str:
     return f"parameter #{index} (shape {tuple(param.shape)})"
 
@@ -75,7 +82,9 @@ def explicit(params: Sequence[Tensor], shared: Optional[ParamsArg], tasks: Tasks
     """Build a partition from the user's ``shared=`` and ``tasks=`` arguments.
 
     Raises:
-        ValueError: a parameter given two roles, or unknown to the inner optimizer.
+        ValueError: a parameter given two roles, or unknown to the inner optimizer; an
+            empty ``shared=`` or task entry (e.g. a generator such as
+            ``model.parameters()`` that was already consumed).
         TypeError: ``tasks`` is neither a mapping nor a sequence of parameter iterables.
     """
     index_of = {id(p): n for n, p in enumerate(params)}
@@ -92,6 +101,14 @@ def explicit(params: Sequence[Tensor], shared: Optional[ParamsArg], tasks: Tasks
     if not names:
         raise ValueError("tasks must name at least one task")
     shared_list = list(shared) if shared is not None else []
+    if shared is not None and not shared_list:
+        raise ValueError(f"shared= is empty{_EMPTY}")
+    for name, group in zip(names, groups):
+        if not group:
+            raise ValueError(
+                f"tasks= gives task {name!r} no parameters{_EMPTY}; a task without parameters of its own "
+                "needs the automatic partition (leave shared= and tasks= out)"
+            )
     owner: Dict[int, str] = {}
 
     def claim(param: Any, role: str) -> None:

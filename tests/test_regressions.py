@@ -64,7 +64,7 @@ def test_preconditioner_state_kept_on_a_step_skipped_for_a_non_finite_aggregatio
         after["multitask"]["states"]["precondition"], before["multitask"]["states"]["precondition"]
     )
     assert found is None, f"precondition state changed on a skipped step: {found}"
-    assert state_diff(after, before) is None
+    assert state_diff(after, before, ignore=("/multitask/skipped",)) is None  # but the skip count
     assert all(torch.equal(p, q) for p, q in zip(snapshot(model), params))
 
 

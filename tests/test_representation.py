@@ -225,3 +225,53 @@ def test_factored_representation_step_equals_the_dense_step(monkeypatch: pytest.
     assert len(calls) == 4
     for a, b in zip(factored, dense):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+# ---------------------------------------------------------------------- shared parameters outside the trunk
+class OutsideTrunk(nn.Module):
+    """``z = trunk(x)``; every head adds the shared ``offset`` after ``z``: a shared parameter
+    the representation ``z`` does not depend on."""
+
+    def __init__(self, k: int = 3) -> None:
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            self.trunk = nn.Linear(6, 5)
+            self.heads = nn.ModuleList([nn.Linear(5, 2) for _ in range(k)])
+            self.offset = nn.Parameter(torch.randn(2))
+
+    def losses(self, step: int):
+        g = torch.Generator().manual_seed(step)
+        x = torch.randn(8, 6, generator=g)
+        z = torch.tanh(self.trunk(x))
+        targets = [torch.randn(8, 2, generator=g) * (1.0 + i) for i in range(len(self.heads))]
+        return z, [((h(z) + self.offset - t) ** 2).mean() for h, t in zip(self.heads, targets)]
+
+
+@pytest.mark.parametrize("surgery", ["mgda", "pcgrad", "upgrad"])
+def test_a_shared_parameter_outside_the_trunk_gets_the_same_combination_on_every_step(surgery: str) -> None:
+    """Issue 19 (7d): such a parameter got no gradient on full steps and the weighted sum's
+    on the plain (off-schedule) ones. It now gets ``grad(sum_i c_i w_i L_i)`` on every step,
+    with the step's own coefficients (``c = 1`` on a plain step): as every shared parameter
+    of one block does in parameter mode."""
+    model = OutsideTrunk()
+    opt = MultiTaskOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.05),
+        surgery=surgery,
+        weighting="static",
+        weighting_kwargs={"weights": [0.5, 1.0, 2.0]},
+        surgery_every=2,
+        seed=0,
+    )
+    for step in range(4):
+        z, losses = model.losses(step)
+        per_task = [torch.autograd.grad(loss, model.offset, retain_graph=True)[0] for loss in losses]
+        opt.zero_grad()
+        opt.step(losses, representation=z)
+        stats = opt.last_stats
+        assert stats["path"] == ("full" if step % 2 == 0 else "plain")
+        coefs = stats["coefficients"]
+        assert model.offset.grad is not None, f"step {step} ({stats['path']}): no gradient"
+        expected = sum(c * w * g for c, w, g in zip(coefs, stats["weights"], per_task))
+        torch.testing.assert_close(model.offset.grad, expected, rtol=1e-5, atol=1e-7)
+    assert opt.partition is not None and any(p is model.offset for p in opt.partition.shared)

@@ -155,7 +155,7 @@ def test_a_non_finite_plain_step_is_skipped_with_nothing_written() -> None:
     with pytest.warns(UserWarning, match="skipped"):
         opt.step(losses)
     assert opt.last_stats.get("skipped_step") and opt.skipped == 1
-    assert state_diff(opt.state_dict(), before) is None
+    assert state_diff(opt.state_dict(), before, ignore=("/multitask/skipped",)) is None
     assert all(torch.equal(a, b) for a, b in zip(params, model.parameters()))
     opt.zero_grad()
     opt.step(losses_of(model, 2))  # the schedule counts taken steps: step 1 again, plain

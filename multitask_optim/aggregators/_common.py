@@ -14,6 +14,68 @@ from .base import AggregationContext, Aggregator, State
 
 PrefVector = Union[None, Sequence[float], Tensor]
 
+#: Entries of a ``K x K`` cosine matrix each off by ``r`` move its eigenvalues by at most
+#: ``K r`` (Gershgorin); this factor leaves room above that.
+NOISE_FACTOR = 4.0
+
+
+def noise_floor(ctx: AggregationContext, num_tasks: int, num_blocks: int) -> Tensor:
+    """``(B,)`` float64: per block, the eigenvalue of the ``K x K`` cosine matrix below
+    which the rows' precision cannot resolve it, ``4 K ctx.rounding`` (about ``5e-7 K``
+    for float32 rows, ``1e-15 K`` for float64 ones).
+
+    Raises:
+        ValueError: ``ctx.rounding`` has neither one entry nor one per block.
+    """
+    rounding = torch.as_tensor(ctx.rounding, dtype=torch.float64).reshape(-1)
+    if rounding.numel() == 1:
+        rounding = rounding.expand(num_blocks)
+    elif rounding.numel() != num_blocks:
+        raise ValueError(f"ctx.rounding has {rounding.numel()} entries for {num_blocks} blocks")
+    return NOISE_FACTOR * num_tasks * rounding
+
+
+def clean_gram(gram: Tensor, noise: Tensor) -> Tensor:
+    """The Gram matrices with what the rows' precision cannot resolve set to exactly zero.
+
+    Each entry of a Gram of float32 rows is off by about ``eps ||g_i|| ||g_j||``, so in
+    the cosine matrix ``C = D^-1 G D^-1`` (``D = diag ||g_i||``) every entry is off by
+    about ``eps``. A rank-deficient Gram (a 3-element bias with 4 tasks, duplicated or
+    dependent rows) then has eigenvalues of about ``+-1e-8`` where the exact ones are 0,
+    and a solver that inverts, factors or projects turns them into coefficients of
+    ``1e18`` and more. Here the eigenvalues of ``C`` below ``noise``
+    (:func:`noise_floor`) are set to 0 and ``G`` is rebuilt as ``D C D``: positive
+    semi-definite with an exact null space, so the solvers' own float64 tolerances
+    apply. Scaling each row by its norm first keeps rows of any scale resolved (a row
+    ``1e-4`` times another keeps its direction). A block whose smallest eigenvalue is
+    above ``noise`` is returned as it is (bitwise).
+
+    Args:
+        gram: ``(B, K, K)`` symmetric float64 Gram matrices (finite).
+        noise: ``(B,)``, the eigenvalue floor of each block's cosine matrix.
+
+    Returns:
+        ``(B, K, K)`` float64.
+    """
+    if gram.shape[-1] < 2 or not bool((noise > 0).any()):
+        return gram
+    norms = gram.diagonal(dim1=-2, dim2=-1).clamp_min(0.0).sqrt()
+    nonzero = norms > 0
+    safe = torch.where(nonzero, norms, 1.0)
+    pair = nonzero.unsqueeze(-1) & nonzero.unsqueeze(-2)
+    eye = torch.eye(gram.shape[-1], dtype=torch.bool)
+    # a zero row stays exactly zero: it sits in the cosine matrix as a unit vector of its own
+    cos = torch.where(pair, gram / safe.unsqueeze(-1) / safe.unsqueeze(-2), torch.where(eye, 1.0, 0.0))
+    lam, vec = torch.linalg.eigh(cos)
+    noisy = lam[..., 0] < noise
+    if not bool(noisy.any()):
+        return gram
+    kept = torch.where(lam >= noise.unsqueeze(-1), lam, 0.0)
+    rebuilt = (vec * kept.unsqueeze(-2)) @ vec.transpose(-1, -2)
+    rebuilt = 0.5 * (rebuilt + rebuilt.transpose(-1, -2)) * safe.unsqueeze(-1) * safe.unsqueeze(-2)
+    rebuilt = torch.where(pair, rebuilt, 0.0)
+    return torch.where(noisy.view(-1, 1, 1), rebuilt, gram)
+
 
 def check_pref_vector(pref_vector: PrefVector) -> Optional[Tuple[float, ...]]:
     """``None`` or a non-empty 1-D sequence of finite floats, returned as a tuple.
@@ -63,9 +125,10 @@ class GramSolver(Aggregator):
     """A Gram method whose coefficients come from a clean float64 Gram matrix.
 
     :meth:`aggregate` returns NaN coefficients for a non-finite Gram (the step is then
-    skipped), symmetrises it in float64 and, with ``unit_scale``, divides each block by
-    its largest diagonal entry (for methods whose coefficients do not change when ``G``
-    is scaled), then calls :meth:`solve`.
+    skipped), symmetrises it in float64, sets what its rounding cannot resolve to zero
+    (:func:`clean_gram`, at the precision of the rows, ``ctx.rounding``) and, with
+    ``unit_scale``, divides each block by its largest diagonal entry (for methods whose
+    coefficients do not change when ``G`` is scaled), then calls :meth:`solve`.
     """
 
     #: Divide each block by its largest squared gradient norm before :meth:`solve`.
@@ -76,7 +139,7 @@ class GramSolver(Aggregator):
         if bad is not None:
             return bad, state
         g = gram.to(torch.float64)
-        g = 0.5 * (g + g.transpose(-1, -2))
+        g = clean_gram(0.5 * (g + g.transpose(-1, -2)), noise_floor(ctx, g.shape[-1], g.shape[0]))
         if self.unit_scale:
             s = g.diagonal(dim1=-2, dim2=-1).amax(-1).view(-1, 1, 1)
             g = g / torch.where(s > 0, s, 1.0)

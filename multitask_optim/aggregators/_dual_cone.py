@@ -24,18 +24,22 @@ number, so the problem is solved on the cosine matrix ``C = D^-1 G D^-1``
 ``1e-20`` to ``1e20`` cost nothing. Zero rows impose no constraint and keep ``v_j = u_j``.
 A ridge of ``RIDGE`` (relative to the unit diagonal) keeps ``C_FF`` invertible when rows
 are duplicated or linearly dependent; it moves ``<g_j, d>`` by at most
-``RIDGE * ||g_j|| * |v'_j|``, far below the rounding of the Gram matrix itself.
+``RIDGE * ||g_j|| * |v'_j|``, far below the rounding of a float64 Gram. Rows of float32
+are only float32-accurate (a rank-deficient Gram of them has eigenvalues of about
+``-1e-8`` where the exact ones are 0, and its entries' rounding, divided by a tiny ridge,
+gave coefficients of ``1e3`` to ``1e17``): what their precision cannot resolve is set to
+zero first (:func:`~._common.clean_gram`) and the ridge is raised to that level.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Dict
+from typing import Any, Dict, Optional, Union
 
 import torch
 from torch import Tensor
 
-from ._common import PrefVector, check_pref_vector
+from ._common import PrefVector, check_pref_vector, clean_gram
 from .base import Aggregator
 
 #: Ridge added to the unit diagonal of the cosine matrix.
@@ -46,7 +50,7 @@ TOL = 1e-12
 _PATIENCE = 3
 
 
-def _solve_lcp(c: Tensor, u: Tensor, ridge: float) -> Tensor:
+def _solve_lcp(c: Tensor, u: Tensor, ridge: Union[float, Tensor]) -> Tensor:
     """``argmin v^T C v s.t. v >= u`` for ``c (B, 1, K, K)`` and ``u (B, N, K)``: ``v (B, N, K)``."""
     b, n, k = u.shape
     eye = torch.eye(k, dtype=c.dtype)
@@ -79,7 +83,9 @@ def _solve_lcp(c: Tensor, u: Tensor, ridge: float) -> Tensor:
     return u + w.clamp_min(0.0)
 
 
-def project_weights(gram: Tensor, u: Tensor, reg_eps: float = 0.0, norm_eps: float = 0.0) -> Tensor:
+def project_weights(
+    gram: Tensor, u: Tensor, reg_eps: float = 0.0, norm_eps: float = 0.0, noise: Optional[Tensor] = None
+) -> Tensor:
     """Weights ``v`` of the projections of ``J^T u_n`` onto the dual cone of the rows of ``J``.
 
     Args:
@@ -89,12 +95,18 @@ def project_weights(gram: Tensor, u: Tensor, reg_eps: float = 0.0, norm_eps: flo
             value reproduces TorchJD's ``QuadprogProjector``: the problem is solved on
             ``G / tr(G) + reg_eps I`` (``reg_eps I`` alone when ``tr(G) < norm_eps``).
         norm_eps: see ``reg_eps``; only used when ``reg_eps > 0``.
+        noise: ``(B,)``, the rows' rounding level (:func:`~._common.noise_floor`):
+            eigenvalues of the cosine matrix below it are set to 0
+            (:func:`~._common.clean_gram`) and the ridge is at least this large (a
+            smaller one divides the rounding of the Gram's entries by it). None: the
+            Gram is used as it is, with the ridge ``RIDGE`` (or ``reg_eps``).
 
     Returns:
         ``(B, N, K)`` float64 weights ``v`` with ``pi(J^T u_n) = J^T v_n``.
     """
     g = gram.to(torch.float64)
     g = 0.5 * (g + g.transpose(-1, -2))
+    g = g if noise is None else clean_gram(g, noise)
     u = u.to(torch.float64)
     if reg_eps > 0.0:
         tr = g.diagonal(dim1=-2, dim2=-1).sum(-1)
@@ -102,7 +114,8 @@ def project_weights(gram: Tensor, u: Tensor, reg_eps: float = 0.0, norm_eps: flo
         c = torch.where(small, 0.0, g / torch.where(small, 1.0, tr.view(-1, 1, 1)))
         scale = u.abs().amax(-1, keepdim=True)
         scale = torch.where(scale > 0, scale, 1.0)
-        return _solve_lcp(c.unsqueeze(1), u / scale, reg_eps) * scale
+        ridge = reg_eps if noise is None else noise.clamp_min(reg_eps).view(-1, 1, 1, 1)
+        return _solve_lcp(c.unsqueeze(1), u / scale, ridge) * scale
     diag = g.diagonal(dim1=-2, dim2=-1).clamp_min(0.0)
     norms = diag.sqrt()
     nonzero = norms > 0
@@ -116,7 +129,8 @@ def project_weights(gram: Tensor, u: Tensor, reg_eps: float = 0.0, norm_eps: flo
     up = u * torch.where(nonzero, norms, 0.0).unsqueeze(1)
     scale = up.abs().amax(-1, keepdim=True)
     scale = torch.where(scale > 0, scale, 1.0)
-    vp = _solve_lcp(c.unsqueeze(1), up / scale, RIDGE) * scale
+    ridge = RIDGE if noise is None else noise.clamp_min(RIDGE).view(-1, 1, 1, 1)
+    vp = _solve_lcp(c.unsqueeze(1), up / scale, ridge) * scale
     return torch.where(nonzero.unsqueeze(1), vp / safe.unsqueeze(1), u)
 
 
@@ -132,7 +146,8 @@ class ConeProjection(Aggregator):
     """The hyper-parameters UPGrad and DualProj share (TorchJD's names).
 
     Args:
-        pref_vector: ``K`` weights; ``None`` means ``1/K`` each.
+        pref_vector: ``K`` weights; ``None`` means ``1/K`` each. A step lacking some
+            tasks uses the present tasks' weights, rescaled to the same total.
         norm_eps: TorchJD's threshold on ``tr(G)`` (used only with ``reg_eps > 0``).
         reg_eps: ridge added to ``G / tr(G)``; 0 (default) solves the exact problem.
 
@@ -140,6 +155,10 @@ class ConeProjection(Aggregator):
         ValueError: naming the argument if ``pref_vector`` is not a 1-D finite vector
             (or, at a call, does not have ``K`` entries) or an eps is negative.
     """
+
+    #: A step lacking some tasks uses the present tasks' preferences, rescaled to the
+    #: same total (the default ``1/K`` each becomes ``1/K'`` each).
+    per_task = {"pref_vector": "rescale"}
 
     def __init__(self, pref_vector: PrefVector = None, norm_eps: float = 0.0, reg_eps: float = 0.0) -> None:
         self.pref_vector = check_pref_vector(pref_vector)

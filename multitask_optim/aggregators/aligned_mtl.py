@@ -37,6 +37,8 @@ class AlignedMTL(GramSolver):
 
     Args:
         pref_vector: ``K`` weights combining the aligned rows; ``None`` means ``1/K`` each.
+            A step lacking some tasks uses the present tasks' weights, rescaled to the
+            same total.
         scale_mode: ``"min"`` (default), ``"median"`` or ``"rmse"``.
 
     Raises:
@@ -46,6 +48,10 @@ class AlignedMTL(GramSolver):
 
     name = "aligned_mtl"
     unit_scale = True  # the coefficients do not change when G is scaled
+
+    #: A step lacking some tasks uses the present tasks' preferences, rescaled to the
+    #: same total (the default ``1/K`` each becomes ``1/K'`` each).
+    per_task = {"pref_vector": "rescale"}
 
     def __init__(self, pref_vector: PrefVector = None, scale_mode: str = "min") -> None:
         if scale_mode not in SCALE_MODES:

@@ -1,7 +1,8 @@
 """Aggregator contract: per-block Gram matrices in, task coefficients out.
 
 An aggregator never sees the K x P Jacobian. It receives the Gram matrices
-``G[b] = J_b J_b^T`` of every block ``b`` (shape ``(B, K, K)``, float64, on the CPU)
+``G[b] = J_b J_b^T`` of every block ``b`` (shape ``(B, K, K)``, float64, on the CPU;
+their entries are as accurate as the rows' precision allows, ``ctx.rounding``)
 and returns coefficients ``c[b]`` so that the shared update of block ``b`` is
 ``d_b = J_b^T c[b]``. Methods whose state must survive a checkpoint keep it in a
 plain ``dict[str, Tensor]`` that the optimizer stores and restores; the aggregator
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from dataclasses import dataclass, field
-from typing import ClassVar, List, Optional, Tuple
+from typing import ClassVar, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -84,12 +85,22 @@ class AggregationContext:
         step: index of the optimizer step being computed (0 for the first).
         shards: where a row method's rows sit in the whole rows (:class:`Shards`; the
             identity unless the model is sharded with FSDP2).
+        rounding: the precision of the rows, relative to ``||g_i|| ||g_j||``, one float
+            or a ``(B,)`` tensor (per block): the unit roundoff of the rows' dtype
+            (float32's ``1.2e-7`` for float32, float16 or bfloat16 rows; float64's
+            ``2.2e-16``, the default, for float64 rows). The Gram's entries are that
+            accurate (small blocks are even formed in float64), and a solver treats
+            what lies below that level as zero (:func:`~._common.clean_gram`):
+            rank-deficient or rounding-noisy Grams (fewer elements than tasks,
+            duplicated or nearly dependent rows) then give bounded, correct
+            coefficients.
     """
 
     generator: torch.Generator
     losses: Tensor
     step: int = 0
     shards: Shards = field(default_factory=Shards)
+    rounding: Union[float, Tensor] = field(default=torch.finfo(torch.float64).eps)
 
 
 class Aggregator(Component):

@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import Tensor
 
-from ._common import GramSolver
+from ._common import GramSolver, noise_floor
 from ._qp import _solve_small, solve_simplex_qp
 from .base import AGGREGATORS, AggregationContext, State
 
@@ -74,8 +74,12 @@ def _support_root(
     return min(inside) if inside else None
 
 
-def cagrad_weights(gram: List[List[float]], c: float) -> List[float]:
-    """CAGrad coefficients for one ``K x K`` Gram matrix (plain floats)."""
+def cagrad_weights(gram: List[List[float]], c: float, noise: float = 0.0) -> List[float]:
+    """CAGrad coefficients for one ``K x K`` Gram matrix (plain floats).
+
+    ``noise``: the Gram's rounding noise (:func:`~._common.noise_floor`); a norm
+    ``||g_w||`` below ``sqrt(noise)`` (relative to ``max_i ||g_i||``) is not resolved.
+    """
     k = len(gram)
     u = 1.0 / k
     scale = max(gram[i][i] for i in range(k))
@@ -92,8 +96,9 @@ def cagrad_weights(gram: List[List[float]], c: float) -> List[float]:
         w = solve_simplex_qp(_shifted_gram(g, b, s0, beta))
         return w, _norm_w(g, w)
 
+    zero = max(ZERO_TOL, math.sqrt(noise))
     w, nw = solve(0.0)
-    if nw <= ZERO_TOL:  # Pareto stationary: the min-norm point of the hull is 0
+    if nw <= zero:  # Pareto stationary: the min-norm point of the hull is 0
         return [0.0] * k
     lo, f_lo = 0.0, nw
     hi, f_hi = 1.0 / rho, -math.inf  # every ||g_w|| <= max_i ||g_i|| = 1 after scaling
@@ -122,7 +127,7 @@ def cagrad_weights(gram: List[List[float]], c: float) -> List[float]:
                 f_lo *= 0.5
             side = -1
     w, nw, _ = best
-    if nw <= ZERO_TOL:
+    if nw <= zero:
         return [0.0] * k
     lam = rho / nw
     return [u + lam * wi for wi in w]
@@ -155,7 +160,10 @@ class CAGrad(GramSolver):
     Scaling: ``c = 1/K + w rho / ||g_w||`` is invariant to the scale of ``J``, so the
     method is positively homogeneous. ``c = 0`` is the average gradient. When the
     minimum-norm point of the gradients' hull is 0 (a Pareto-stationary point) the
-    coefficients are 0, as in TorchJD.
+    coefficients are 0, as in TorchJD; "0" is below ``1e-7 max_i ||g_i||``, or below what
+    the Gram resolves when that is more (float32 rows: about ``7e-4 sqrt(K)``, see
+    :func:`~._common.noise_floor`; a float32 Gram of rank-deficient rows puts rounding
+    noise there, and dividing by it gave coefficients of ``1e300``).
 
     Same formula and scale as TorchJD 0.18 (which solves the dual with cvxpy/Clarabel)
     and the paper; the official code additionally divides the update by ``1 + c^2``
@@ -178,7 +186,8 @@ class CAGrad(GramSolver):
         self.c = c
 
     def solve(self, g: Tensor, state: State, ctx: AggregationContext) -> tuple[Tensor, State]:
-        out = [cagrad_weights(g_b, self.c) for g_b in g.tolist()]
+        noise = noise_floor(ctx, g.shape[-1], g.shape[0]).tolist()
+        out = [cagrad_weights(g_b, self.c, n) for g_b, n in zip(g.tolist(), noise)]
         return torch.tensor(out, dtype=torch.float64).reshape(g.shape[0], g.shape[1]), state
 
     def settings(self) -> Dict[str, Any]:

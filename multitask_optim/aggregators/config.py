@@ -11,7 +11,7 @@ from typing import Any, Dict
 import torch
 from torch import Tensor
 
-from ._common import GramSolver, PrefVector, check_pref_vector, pref_weights
+from ._common import GramSolver, PrefVector, check_pref_vector, noise_floor, pref_weights
 from .base import AGGREGATORS, AggregationContext, State
 
 #: Eigenvalues of the cosine matrix below this (relative to the largest) are dropped.
@@ -41,10 +41,13 @@ class ConFIG(GramSolver):
     pseudo-inverse of the ``K x P`` matrix ``U`` and cuts its singular values below
     ``max(K, P) eps`` times the largest; from the Gram matrix we cut the eigenvalues of
     ``C`` (squared singular values) below ``1e-13`` times the largest, i.e. singular
-    values below about ``3e-7``. The two differ only for nearly dependent gradients.
+    values below about ``3e-7``, or below the Gram's rounding noise when that is larger
+    (float32 rows: about ``5e-7 K``; see :func:`~._common.noise_floor`). The two differ
+    only for nearly dependent gradients.
 
     Args:
-        pref_vector: ``K`` target cosines (up to scale); ``None`` means all ones.
+        pref_vector: ``K`` target cosines (up to scale); ``None`` means all ones. A step
+            lacking some tasks uses the present tasks' entries.
 
     Raises:
         ValueError: naming ``pref_vector`` if it is not a finite 1-D vector (or, at a
@@ -53,6 +56,10 @@ class ConFIG(GramSolver):
 
     name = "config"
     unit_scale = True  # the coefficients do not change when G is scaled
+
+    #: A step lacking some tasks uses the present tasks' target cosines (rescaled to the
+    #: same total; ConFIG does not depend on their scale).
+    per_task = {"pref_vector": "rescale"}
 
     def __init__(self, pref_vector: PrefVector = None) -> None:
         self.pref_vector = check_pref_vector(pref_vector)
@@ -65,7 +72,8 @@ class ConFIG(GramSolver):
         inv = torch.where(nonzero, 1.0 / torch.where(nonzero, n, 1.0), 0.0)
         c = g * inv.unsqueeze(-1) * inv.unsqueeze(-2)
         lam, vec = torch.linalg.eigh(c)
-        cut = lam.amax(-1, keepdim=True) * RCOND
+        noise = noise_floor(ctx, k, g.shape[0]).clamp_min(RCOND).view(-1, 1)
+        cut = lam.amax(-1, keepdim=True) * noise
         keep = lam > cut
         lam_inv = torch.where(keep, 1.0 / torch.where(keep, lam, 1.0), 0.0)
         wv = vec.transpose(-1, -2) @ w
@@ -76,7 +84,7 @@ class ConFIG(GramSolver):
         # (e.g. opposite unit rows that cancel); decide that on the projection of w, so
         # rounding noise is not normalised into a full-size update.
         projected = (torch.where(keep, wv, 0.0) ** 2).sum(-1, keepdim=True).sqrt()
-        ok = (sq > 0) & (projected > _CANCEL * w.norm())
+        ok = (sq > 0) & (projected > noise.clamp_min(_CANCEL) * w.norm())
         coefs = torch.where(ok, a * ga.sum(-1, keepdim=True) / torch.where(ok, sq, 1.0), 0.0)
         return coefs, state
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from ._common import nan_coefficients, pref_weights
+from ._common import nan_coefficients, noise_floor, pref_weights
 from ._dual_cone import ConeProjection, project_weights
 from .base import AGGREGATORS, AggregationContext, State
 
@@ -42,4 +42,5 @@ class DualProj(ConeProjection):
             return bad, state
         b, k, _ = gram.shape
         u = pref_weights(self.pref_vector, k, 1.0 / k).expand(b, 1, k)
-        return project_weights(gram, u, self.reg_eps, self.norm_eps)[:, 0], state
+        noise = noise_floor(ctx, k, b)
+        return project_weights(gram, u, self.reg_eps, self.norm_eps, noise)[:, 0], state

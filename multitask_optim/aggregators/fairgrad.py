@@ -37,7 +37,11 @@ class FairGrad(GramSolver):
     scale are resolved), and rescaled by ``s^(-alpha / (1 + alpha))``. Zero gradients get weight 0 (their condition has
     no solution and they do not move the update). When no solution exists because a
     non-negative combination of the gradients vanishes (a Pareto-stationary point, e.g.
-    two opposite gradients), a ridge ``1e-10`` on the cosine matrix keeps the weights finite.
+    two opposite gradients), a ridge ``1e-10`` on the cosine matrix keeps the weights
+    finite. What the rows' precision cannot resolve is set to zero first
+    (:func:`~._common.clean_gram`): a float32 Gram of rank-deficient rows has
+    eigenvalues of about ``-1e-8`` where the exact ones are 0, which the ridge would
+    leave negative (weights of ``1e18`` and more).
 
     Scaling: ``f(cJ) = c^((1 - alpha) / (1 + alpha)) f(J)``; positively homogeneous
     only in the limit ``alpha -> 0``.

@@ -47,7 +47,8 @@ class GradDrop(RowAggregator):
 
     Args:
         leak: ``l_i`` in ``[0, 1]``, how much of task ``i``'s gradient passes unmasked:
-            one value for every task, or one per task (TorchJD's ``leak``; default 0).
+            one value for every task, or one per task (TorchJD's ``leak``; default 0). A
+            step lacking some tasks uses the present tasks' leaks.
 
     Raises:
         ValueError: naming ``leak`` when a value is outside ``[0, 1]``, or at a call when
@@ -55,6 +56,9 @@ class GradDrop(RowAggregator):
     """
 
     name = "graddrop"
+
+    #: A step lacking some tasks uses the present tasks' leaks.
+    per_task = {"leak": "slice"}
 
     def __init__(self, leak: Leak = 0.0) -> None:
         values = (leak,) if isinstance(leak, (int, float)) else leak

@@ -13,7 +13,7 @@ from typing import Any, Dict
 import torch
 from torch import Tensor
 
-from ._common import GramSolver
+from ._common import GramSolver, noise_floor
 from .base import AGGREGATORS, AggregationContext, State
 
 #: ``|sum(v)| * max_i ||g_i||`` below this counts as zero (no balanced combination).
@@ -35,7 +35,10 @@ class IMTLG(GramSolver):
     independent, where this is the paper's closed form). The pseudo-inverse is the
     generalisation of Quinton & Rey (and TorchJD) to linearly dependent gradients. When
     ``sum(v)`` vanishes (``|sum(v)| max_i n_i < 1e-12``: e.g. two opposite gradients, no
-    balanced combination exists) the coefficients are 0.
+    balanced combination exists) the coefficients are 0; "vanishes" also when
+    ``|sum(v)|`` is below the rows' precision relative to ``sum_i |v_i|`` (float32 rows
+    whose hull contains 0 up to their rounding: dividing by that rounding gave updates
+    of ``1e7``; see :func:`~._common.noise_floor`).
 
     Relation to TorchJD 0.18: the same formula, except that TorchJD compares
     ``|sum(v)|`` with ``1e-12`` in absolute terms, which returns 0 for every Jacobian
@@ -50,7 +53,10 @@ class IMTLG(GramSolver):
         n = g.diagonal(dim1=-2, dim2=-1).clamp_min(0.0).sqrt()
         v = (torch.linalg.pinv(g) @ n.unsqueeze(-1)).squeeze(-1)
         total = v.sum(-1, keepdim=True)
-        zero = total.abs() * n.amax(-1, keepdim=True) < SUM_TOL
+        noise = noise_floor(ctx, g.shape[-1], g.shape[0]).view(-1, 1)
+        zero = (total.abs() * n.amax(-1, keepdim=True) < SUM_TOL) | (
+            total.abs() <= noise * v.abs().sum(-1, keepdim=True)
+        )
         coefs = torch.where(zero, 0.0, v / torch.where(zero, 1.0, total))
         return coefs, state
 

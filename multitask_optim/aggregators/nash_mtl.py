@@ -33,7 +33,10 @@ class NashMTL(GramSolver):
     gradients get ``alpha_i = 0``. When no solution exists (a non-negative combination
     of the gradients vanishes: a Pareto-stationary point, e.g. two opposite gradients,
     outside the paper's assumption of independent gradients) a ridge ``1e-10`` on the
-    cosine matrix keeps ``alpha`` finite.
+    cosine matrix keeps ``alpha`` finite. What the rows' precision cannot resolve is set
+    to zero first (:func:`~._common.clean_gram`): a float32 Gram of rank-deficient rows
+    has eigenvalues of about ``-1e-8`` where the exact ones are 0, which the ridge would
+    leave negative (weights of ``1e18`` and more).
 
     As in the paper's code: the weights are recomputed every ``update_weights_every``
     calls and reused in between (the cached ``alpha``, and a step counter, are this

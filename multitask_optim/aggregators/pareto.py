@@ -49,7 +49,8 @@ class ParetoWeights(Aggregator):
     Args:
         lower_bounds: ``c``; one float for every task or one per task. Each must be in
             ``[0, 1)`` and they must sum to at most 1 (a single float ``c`` needs
-            ``K c <= 1``, checked when ``K`` is known, at the first call).
+            ``K c <= 1``, checked when ``K`` is known, at the first call). A step lacking
+            some tasks keeps the present tasks' bounds as they are.
 
     Raises:
         ValueError: naming ``lower_bounds`` if a bound is outside ``[0, 1)``, the
@@ -57,6 +58,10 @@ class ParetoWeights(Aggregator):
     """
 
     name = "pareto"
+
+    #: A step lacking some tasks keeps the present tasks' bounds as they are (they still
+    #: sum to at most 1; a single float applies to every task).
+    per_task = {"lower_bounds": "slice"}
 
     def __init__(self, lower_bounds: LowerBounds = 0.0) -> None:
         if isinstance(lower_bounds, Tensor):

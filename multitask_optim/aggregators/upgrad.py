@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._common import nan_coefficients, pref_weights
+from ._common import nan_coefficients, noise_floor, pref_weights
 from ._dual_cone import ConeProjection, project_weights
 from .base import AGGREGATORS, AggregationContext, State
 
@@ -52,5 +52,5 @@ class UPGrad(ConeProjection):
         b, k, _ = gram.shape
         p = pref_weights(self.pref_vector, k, 1.0 / k)
         u = torch.diag(p).expand(b, k, k)
-        v = project_weights(gram, u, self.reg_eps, self.norm_eps)
+        v = project_weights(gram, u, self.reg_eps, self.norm_eps, noise_floor(ctx, k, b))
         return v.sum(1), state

@@ -155,16 +155,8 @@ def task_label(index: int, task_names: Optional[Sequence[str]]) -> str:
     return str(index)
 
 
-def check_loss_ratio_inputs(
-    losses: Tensor, initial: Tensor, task_names: Optional[Sequence[str]], who: str
-) -> None:
-    """Loss-ratio methods need ``L_i(0) > 0`` and ``L_i(t) >= 0``; name offending tasks."""
-    bad0 = [task_label(i, task_names) for i in range(initial.shape[0]) if not initial[i] > 0]
-    if bad0:
-        raise ValueError(
-            f"{who} divides by the first observed loss L_i(0), which must be > 0; "
-            f"it is not for task(s) {', '.join(bad0)}"
-        )
+def check_loss_ratio_inputs(losses: Tensor, task_names: Optional[Sequence[str]], who: str) -> None:
+    """Loss-ratio methods need ``L_i(t) >= 0`` (a 0 is fine: see :class:`LossRatio`); name offending tasks."""
     bad = [task_label(i, task_names) for i in range(losses.shape[0]) if not losses[i] >= 0]
     if bad:
         raise ValueError(f"{who} needs non-negative losses; task(s) {', '.join(bad)} have negative losses")
@@ -234,7 +226,12 @@ class LossRatio:
     @staticmethod
     def initial(losses: Tensor, state: State) -> Tuple[Tensor, State]:
         """``(L(0), state)``: the stored first losses, with ``losses`` recorded for the tasks
-        seen for the first time (in a new state)."""
+        whose first positive loss this is (in a new state).
+
+        A loss of exactly 0 is not a usable ``L(0)`` (the ratio would divide by 0): until a
+        task has a positive loss its ``L(0)`` stays unrecorded (0 in the returned vector)
+        and :meth:`ratio` treats its ratio as 1, as on the step that records it.
+        """
         k = losses.shape[0]
         if not state or "initialized" not in state:
             seen, first = torch.zeros(k, dtype=torch.bool), torch.zeros(k, dtype=torch.float64)
@@ -242,24 +239,39 @@ class LossRatio:
             seen, first = state["initialized"], state["initial_losses"]
             if seen.dim() == 0:  # a checkpoint from before per-task flags
                 seen = seen.expand(k)
-        if bool(seen.all()):
+        new = ~seen & (losses.to(torch.float64) > 0)
+        if not bool(new.any()):
             return first, state
-        first = torch.where(seen, first, losses.to(torch.float64))
-        return first, {"initial_losses": first, "initialized": torch.ones(k, dtype=torch.bool)}
+        first = torch.where(new, losses.to(torch.float64), first)
+        return first, {"initial_losses": first, "initialized": seen | new}
+
+    @staticmethod
+    def ratio(losses: Tensor, initial: Tensor) -> Tensor:
+        """``L_i(t) / L_i(0)``; 1 for a task without a recorded (positive) ``L_i(0)``."""
+        known = initial > 0
+        return torch.where(known, losses.to(torch.float64) / torch.where(known, initial, 1.0), 1.0)
 
 
-def check_positive_losses(losses: Tensor, task_names: Optional[Sequence[str]], who: str, why: str) -> None:
-    """Raise a ValueError naming every task whose loss is not ``> 0`` (NaN included).
+def check_nonnegative_losses(losses: Tensor, task_names: Optional[Sequence[str]], who: str, why: str) -> None:
+    """Raise a ValueError naming every task whose loss is negative (or NaN).
+
+    A loss of exactly 0 is accepted: the log-based weightings floor it at their epsilon
+    (a separable classification loss reaches 0.0 in float32 in a legitimate run).
 
     Args:
         losses: the loss values ``(K,)``.
-        task_names: the task names, for the message.
+        task_names: the names of the tasks of ``losses``, in order, for the message.
         who: the method's name, for the message.
-        why: what needs the positive losses (e.g. "takes log L_i").
+        why: what needs the non-negative losses (e.g. "takes log L_i").
     """
-    bad = [f"{task_label(i, task_names)} ({float(v)!r})" for i, v in enumerate(losses) if not v > 0]
+    bad = [f"{task_label(i, task_names)} ({float(v)!r})" for i, v in enumerate(losses) if not v >= 0]
     if bad:
-        raise ValueError(f"{who} {why}, so every loss must be > 0; it is not for task(s) {', '.join(bad)}")
+        raise ValueError(f"{who} {why}, so no loss may be negative; task(s) {', '.join(bad)} are")
+
+
+def present_names(ctx: Any) -> List[str]:
+    """The names of the tasks a :class:`~.base.WeightingContext` step has, in order."""
+    return [ctx.task_names[i] for i in ctx.indices]
 
 
 def check_positive_float(value: Any, where: str) -> float:

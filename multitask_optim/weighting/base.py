@@ -68,8 +68,10 @@ class Weighting(Component):
     :meth:`weights`.
 
     Steps with absent tasks: the weighting is bound to all ``K`` tasks and asked for the
-    weights of the present ones (``ctx.present``); per-task arguments and parameters are
-    read at ``ctx.indices``. A weighting declares its state's task axes
+    weights of the present ones (``ctx.present``); per-task arguments (static weights,
+    start steps, kinds; resolved for all ``K`` tasks by :meth:`build`) and parameters
+    are read at ``ctx.indices``, so a weighting declares no
+    :attr:`~multitask_optim._components.Component.per_task` settings. A weighting declares its state's task axes
     (:meth:`~multitask_optim._components.Component.task_axes`, ``{}`` when it has no
     per-task state or reads ``ctx.present`` itself); without a declaration it is refused
     such steps. A learnable weighting keeps one scalar parameter per task, so an absent

@@ -10,9 +10,10 @@ from torch import Tensor
 
 from ._per_task import (
     check_nonnegative_float,
+    check_nonnegative_losses,
     check_num_losses,
     check_positive_float,
-    check_positive_losses,
+    present_names,
     scalar,
     state_for,
 )
@@ -75,9 +76,13 @@ class FAMO(Weighting):
     LibMTL's ``FAMO``); the official code's ``min_losses`` offset is 0 there and is not
     offered.
 
-    Losses that are not positive: FAMO takes ``log L_i``, so :meth:`weights` and
-    :meth:`observe` raise a ``ValueError`` naming the task(s) for ``L_i <= 0``, before any
-    state changes.
+    Losses of 0: FAMO takes ``log D_i`` with ``D_i = L_i + 1e-8``, as the official code
+    (which clamps nothing else), so a loss that reaches exactly 0 in a legitimate run (a
+    separable classification loss underflows in float32) keeps the run going: ``D_i =
+    1e-8`` and that task gets most of the weight (``w_i = z_i / (c D_i)``, as in the
+    official code). A *negative* loss makes ``D_i`` zero or negative, so :meth:`weights`
+    and :meth:`observe` raise a ``ValueError`` naming the task(s) for ``L_i < 0``, before
+    any state changes.
 
     Args:
         lr: Adam learning rate of the logits (default 0.025, the paper's).
@@ -128,7 +133,7 @@ class FAMO(Weighting):
 
     def _check(self, losses: Tensor) -> None:
         check_num_losses(losses, None if self.task_names is None else len(self.task_names), "FAMO")
-        check_positive_losses(losses, self.task_names, "FAMO", "takes log L_i")
+        check_nonnegative_losses(losses, self.task_names, "FAMO", "takes log(L_i + 1e-8)")
 
     def mixture(self, state: State) -> Tensor:
         """``z = softmax(logits)``, the task mixture the weights are built from."""
@@ -158,7 +163,7 @@ class FAMO(Weighting):
 
     def weights(self, losses: Tensor, state: State, ctx: WeightingContext) -> tuple[Tensor, State]:
         losses = losses.to(torch.float64)
-        check_positive_losses(losses, ctx.task_names, "FAMO", "takes log L_i")
+        check_nonnegative_losses(losses, present_names(ctx), "FAMO", "takes log(L_i + 1e-8)")
         state = self._state(state, losses.shape[0])
         if bool(state["has_pending"]):
             state = self.update_logits(state, state["pending"], losses)
@@ -182,7 +187,7 @@ class FAMO(Weighting):
             state: the weighting's state.
 
         Raises:
-            ValueError: a wrong number of losses or a loss ``<= 0`` (named), before
+            ValueError: a wrong number of losses or a negative loss (named), before
                 anything changes.
         """
         losses = losses.to(torch.float64)

@@ -7,8 +7,11 @@ from typing import Any, Dict, Tuple
 import torch
 from torch import Tensor
 
-from ._per_task import check_positive_losses
+from ._per_task import check_nonnegative_losses, present_names
 from .base import WEIGHTINGS, State, Weighting, WeightingContext
+
+#: Each loss enters the weights clamped at this floor (FAMO's offset; see "Losses of 0").
+LOSS_FLOOR = 1e-8
 
 
 @WEIGHTINGS.register
@@ -34,9 +37,14 @@ class GeometricLossStrategy(Weighting):
     product's float32 range) but reports the weights ``L_i / (K prod_j L_j)``, which are
     not the weights its gradient uses; we report the weights we apply.
 
-    Losses that are not positive: ``log L_i`` is undefined for ``L_i <= 0``, so
-    :meth:`weights` raises a ``ValueError`` naming the task(s), before any state changes
-    (the optimizer then changes nothing).
+    Losses of 0: ``log L_i`` is undefined at 0, and a loss does reach exactly 0 in a
+    legitimate run (a separable classification loss underflows in float32). Neither the
+    paper nor LibMTL guards it (LibMTL's product gives NaN there); here every loss enters
+    the formula clamped at ``1e-8`` (the offset of FAMO's official code),
+    ``L~_i = max(L_i, 1e-8)``: exactly the method for losses of at least ``1e-8``, and a
+    loss of 0 keeps the run going (its task gets weight ``G~ / (K 1e-8)``, the largest).
+    A *negative* loss still raises a ``ValueError`` naming the task(s), before any state
+    changes (the optimizer then changes nothing).
 
     GLS has no hyper-parameters and no state.
     """
@@ -44,13 +52,13 @@ class GeometricLossStrategy(Weighting):
     name = "gls"
 
     def weights(self, losses: Tensor, state: State, ctx: WeightingContext) -> tuple[Tensor, State]:
-        check_positive_losses(losses, ctx.task_names, "GLS", "takes log L_i")
-        log = torch.log(losses.to(torch.float64))
+        check_nonnegative_losses(losses, present_names(ctx), "GLS", "takes log L_i")
+        log = torch.log(losses.to(torch.float64).clamp_min(LOSS_FLOOR))
         return torch.exp(log.mean() - log) / losses.shape[0], state
 
     def objective(self, losses: Tensor, weights: Tensor) -> float:
-        """The geometric mean ``G`` of the losses."""
-        return float(torch.exp(torch.log(losses.to(torch.float64)).mean()))
+        """The geometric mean ``G`` of the (floored) losses."""
+        return float(torch.exp(torch.log(losses.to(torch.float64).clamp_min(LOSS_FLOOR)).mean()))
 
     def task_axes(self) -> Dict[str, Tuple[int, ...]]:
         """Steps lacking some tasks: stateless: the geometric mean of the present tasks' losses."""

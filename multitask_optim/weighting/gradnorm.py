@@ -8,7 +8,14 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._per_task import LossRatio, accumulate_grad, check_loss_ratio_inputs, check_lr, detached_f64
+from ._per_task import (
+    LossRatio,
+    accumulate_grad,
+    check_loss_ratio_inputs,
+    check_lr,
+    detached_f64,
+    present_names,
+)
 from .base import WEIGHTINGS, Gram, State, Weighting, WeightingContext
 
 
@@ -44,7 +51,14 @@ class GradNorm(Weighting):
     weights get a gradient, and the renormalisation rescales the present weights so
     that all ``K`` still sum to ``K`` (an absent task's weight keeps its value; if the
     absent weights alone reach ``K``, the present ones are only clamped). ``L_i(0)`` is
-    a task's loss in the first step that had it. On a step where the surgery does not
+    a task's loss in the first step that had it.
+
+    Losses of 0: a first loss of exactly 0 (a task that starts solved, or a float32
+    classification loss that underflowed) gives no usable ``L_i(0)``; the task's
+    ``L_i(0)`` is then its first *positive* loss, and until one is seen its ratio
+    ``Lt_i`` is 1 (as on the step that records it), so the run goes on. LibMTL divides
+    by its first-epoch mean without a guard. A negative loss raises a ``ValueError``
+    naming the task. On a step where the surgery does not
     run (``surgery_every``), there is no Gram, and the weights are not updated.
 
     We follow the paper: ``w`` is used directly and renormalised after every step, and
@@ -61,7 +75,7 @@ class GradNorm(Weighting):
 
     Raises:
         ValueError: a negative or non-finite ``alpha``, a bad ``lr``, or (at run time) a
-            first loss ``<= 0`` or a negative loss, which make the loss ratio meaningless.
+            negative loss, which makes the loss ratio meaningless.
     """
 
     name = "gradnorm"
@@ -120,7 +134,7 @@ class GradNorm(Weighting):
     def weights(self, losses: Tensor, state: State, ctx: WeightingContext) -> tuple[Tensor, State]:
         w = self._values(ctx)
         initial, new_state = LossRatio.initial(losses, state)
-        check_loss_ratio_inputs(losses, initial, ctx.task_names, "GradNorm")
+        check_loss_ratio_inputs(losses, present_names(ctx), "GradNorm")
         return w, new_state
 
     def weight_gradient(self, losses: Tensor, weights: Tensor, gram: Tensor, initial: Tensor) -> Tensor:
@@ -137,7 +151,7 @@ class GradNorm(Weighting):
         g = g.detach().to(device="cpu", dtype=torch.float64)
         w = weights.detach().to(device="cpu", dtype=torch.float64)
         norms = torch.diagonal(g).clamp_min(0.0).sqrt()  # G_i = ||grad_W (w_i L_i)||
-        ratio = losses.to(torch.float64) / initial
+        ratio = LossRatio.ratio(losses, initial)
         mean_ratio = ratio.mean()
         rel = ratio / mean_ratio if mean_ratio > 0 else torch.ones_like(ratio)
         target = norms.mean() * rel.pow(self.alpha)
@@ -157,7 +171,7 @@ class GradNorm(Weighting):
         if gram is None:
             raise ValueError("GradNorm.backward needs gram= (the Gram of the weighted task gradients)")
         initial, _ = LossRatio.initial(losses, state)
-        check_loss_ratio_inputs(losses, initial, [ctx.task_names[i] for i in ctx.indices], "GradNorm")
+        check_loss_ratio_inputs(losses, present_names(ctx), "GradNorm")
         grad = self.weight_gradient(losses, weights, gram, initial)
         for n, i in enumerate(ctx.indices):
             accumulate_grad(params[i], grad[n])

@@ -48,6 +48,11 @@ class HTW(Weighting):
     A step that lacks some tasks weighs the present ones as above; an auxiliary task's
     ``L_i(0)`` is its loss in the first step that had it.
 
+    Losses of 0: a first loss of exactly 0 gives no usable ``L_i(0)``; the task's
+    ``L_i(0)`` is then its first *positive* loss, and until one is seen its weight is 1
+    (ratio 1, as on the step that records it), so the run goes on. A negative loss
+    raises a ``ValueError`` naming the task.
+
     Args:
         main_task: index or name of the main task (default 0).
         total_steps: total number of training steps ``T`` (>= 1), keyword-only.
@@ -57,8 +62,7 @@ class HTW(Weighting):
 
     Raises:
         ValueError: a bad argument (named), a ``main_task`` that is not a task, or
-            (in :meth:`weights`) a first loss ``<= 0`` or a negative loss, which make
-            the loss ratio meaningless.
+            (in :meth:`weights`) a negative loss, which makes the loss ratio meaningless.
     """
 
     name = "htw"
@@ -120,8 +124,8 @@ class HTW(Weighting):
         initial, new_state = LossRatio.initial(losses, state)
         aux = [n for n, i in enumerate(tasks) if i != self._main]
         if aux:
-            check_loss_ratio_inputs(losses[aux], initial[aux], [ctx.task_names[tasks[n]] for n in aux], "HTW")
-        w = (losses / torch.where(initial > 0, initial, 1.0)).pow(self.alpha)
+            check_loss_ratio_inputs(losses[aux], [ctx.task_names[tasks[n]] for n in aux], "HTW")
+        w = LossRatio.ratio(losses, initial).pow(self.alpha)
         if self._main in tasks:
             w[tasks.index(self._main)] = self.main_weight(int(ctx.step))
         return w, new_state

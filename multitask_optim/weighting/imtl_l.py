@@ -7,8 +7,11 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._per_task import accumulate_grad, check_lr, check_positive_losses, detached_f64
+from ._per_task import accumulate_grad, check_lr, check_nonnegative_losses, detached_f64, present_names
 from .base import WEIGHTINGS, Gram, State, Weighting, WeightingContext
+
+#: Each loss enters the objective clamped at this floor (see "Losses of 0").
+LOSS_FLOOR = 1e-8
 
 
 @WEIGHTINGS.register
@@ -35,9 +38,14 @@ class IMTLL(Weighting):
     LibMTL's ``IMTL`` class implements only that hybrid. Here IMTL-L is the weighting and
     IMTL-G the surgery: ``weighting="imtl_l", surgery="imtl_g"`` is the hybrid.
 
-    Losses that are not positive: for ``L_i <= 0`` the term ``e^{s_i} L_i - s_i`` has no
-    minimum in ``s_i`` (``s_i`` would grow without bound), so :meth:`weights` raises a
-    ``ValueError`` naming the task(s), before any state changes.
+    Losses of 0: for ``L_i = 0`` the term ``e^{s_i} L_i - s_i`` has no minimum in
+    ``s_i`` (its gradient is -1 for ever, so ``s_i`` grows until ``e^{s_i}`` overflows),
+    and a loss does reach exactly 0 in a legitimate run (a separable classification loss
+    underflows in float32). The paper has no code and LibMTL's ``IMTL`` no guard; here
+    every loss enters the objective clamped at ``1e-8``, ``L~_i = max(L_i, 1e-8)``
+    (exactly the method for losses of at least ``1e-8``), so ``s_i`` settles at
+    ``log(1e8)`` at most. A *negative* loss still raises a ``ValueError`` naming the
+    task(s), before any state changes.
 
     Args:
         lr: learning rate of the weighting's param group (``None``: the first group's).
@@ -65,14 +73,14 @@ class IMTLL(Weighting):
         return self.scale
 
     def weights(self, losses: Tensor, state: State, ctx: WeightingContext) -> tuple[Tensor, State]:
-        check_positive_losses(losses, ctx.task_names, "IMTL-L", "minimises e^{s_i} L_i - s_i over s_i")
+        check_nonnegative_losses(losses, present_names(ctx), "IMTL-L", "minimises e^{s_i} L_i - s_i over s_i")
         return torch.exp(detached_f64(self._bound())), state
 
     def backward(
         self, losses: Tensor, weights: Tensor, state: State, ctx: WeightingContext, gram: Gram = None
     ) -> None:
         p = self._bound()
-        grad = torch.exp(detached_f64(p)) * losses.to(torch.float64) - 1.0
+        grad = torch.exp(detached_f64(p)) * _floored(losses) - 1.0
         # a float64 gradient beyond the parameter's range would become inf there and
         # poison s for good; the largest finite value moves it as far
         limit = torch.finfo(p.dtype).max
@@ -81,7 +89,7 @@ class IMTLL(Weighting):
     def objective(self, losses: Tensor, weights: Tensor) -> float:
         """``sum_i (e^{s_i} L_i - s_i)``, with ``s`` read before the inner step moves it."""
         s = detached_f64(self._bound())
-        return float((torch.exp(s) * losses.to(torch.float64) - s).sum())
+        return float((torch.exp(s) * _floored(losses) - s).sum())
 
     def task_axes(self) -> None:
         """Not defined for steps lacking some tasks (IMTL-L's scales are one parameter vector): such a step is refused."""
@@ -89,3 +97,8 @@ class IMTLL(Weighting):
 
     def settings(self) -> Dict[str, Any]:
         return {"lr": self.lr}
+
+
+def _floored(losses: Tensor) -> Tensor:
+    """The losses as IMTL-L's objective reads them: float64, clamped at :data:`LOSS_FLOOR`."""
+    return losses.to(torch.float64).clamp_min(LOSS_FLOOR)

@@ -8,15 +8,18 @@ import torch
 from torch import Tensor
 
 from ._per_task import (
+    check_nonnegative_losses,
     check_positive_float,
     check_positive_int,
-    check_positive_losses,
     check_steps_per_epoch,
     epoch_totals,
     scalar,
     state_for,
 )
 from .base import WEIGHTINGS, State, Weighting, WeightingContext
+
+#: The offset the official code adds inside its logs (see "Losses of 0").
+LOG_EPS = 1e-20
 
 
 @WEIGHTINGS.register
@@ -30,30 +33,36 @@ class SmoothTchebycheff(Weighting):
     What is implemented (the paper's multi-task set-up as in its official code, which
     LibMTL's ``STCH`` copies): equal preferences ``lambda_i = 1``, objectives
     ``f_i = log L_i``, reference point ``z_i = log n_i`` with ``n`` a nadir point, the
-    smoothed maximum scaled by ``K``. After the warm-up the objective and the weights are::
+    smoothed maximum scaled by ``K``. After the warm-up the objective and the weights
+    are (``e = 1e-20``, the official code's offset inside its logs)::
 
-        u_i = (log L_i - log n_i) / mu
+        u_i = log(L_i / n_i + e) / mu
         objective = K mu log sum_i exp(u_i)
-        w_i = d objective / d L_i = K softmax(u)_i / L_i
+        w_i = d objective / d L_i = K softmax(u)_i / (L_i + e n_i)
 
-    (``sum_i w_i L_i = K``). The smaller ``mu``, the closer this is to the plain
+    (``sum_i w_i L_i = K`` up to ``e``). The smaller ``mu``, the closer this is to the plain
     Tchebycheff ``K max_i log(L_i / n_i)``: nearly all the weight goes to the task
     furthest above its nadir loss.
 
-    Warm-up: for the first ``warmup_epochs`` epochs the objective is ``sum_i log L_i``
-    (weights ``w_i = 1 / L_i``), and the nadir point ``n`` is the mean of the raw loss
+    Warm-up: for the first ``warmup_epochs`` epochs the objective is
+    ``sum_i log(L_i + e)`` (weights ``w_i = 1 / (L_i + e)``), and the nadir point ``n`` is the mean of the raw loss
     values over the *last* warm-up epoch (the official code's schedule:
     ``warmup_epochs = W + 1`` reproduces its ``STCH_warmup_epoch = W``; the default 5
     its default 4). Epochs end with ``opt.epoch_end()`` (:meth:`epoch_end`) or, with
     ``steps_per_epoch`` set, by themselves after that many steps; an epoch with no step
     in it is not counted. Without either the warm-up never ends.
 
-    Departures from the official code: it adds ``1e-20`` inside its logs; we require
-    ``L_i > 0`` instead (below). It reports all-ones weights; we report the weights the
-    gradient uses.
+    Departure from the official code: it reports all-ones weights; we report the
+    weights the gradient uses.
 
-    Losses that are not positive: ``log L_i`` is undefined for ``L_i <= 0``, so
-    :meth:`weights` raises a ``ValueError`` naming the task(s), before any state changes.
+    Losses of 0: as the official code, the logs read ``L_i + 1e-20`` (``L_i / n_i +
+    1e-20`` after the warm-up), so a loss that reaches exactly 0 in a legitimate run (a
+    separable classification loss underflows in float32) keeps the run going; its task
+    then gets weight ``1e20`` times its softmax share, as in the official code (the
+    gradient of such a loss is tiny or 0; an Adam-like inner optimizer or
+    ``max_grad_norm`` bounds the step either way). A nadir entry of 0 (a task at 0
+    throughout the last warm-up epoch) is read as ``1e-20``. A *negative* loss raises a
+    ``ValueError`` naming the task(s), before any state changes.
 
     State (tensors): ``epoch_sum (K,)`` and ``epoch_count`` (0-d) of the current warm-up
     epoch, ``epochs_done`` (0-d), ``nadir (K,)`` (zeros until the warm-up ends).
@@ -93,11 +102,12 @@ class SmoothTchebycheff(Weighting):
 
     def weights(self, losses: Tensor, state: State, ctx: WeightingContext) -> tuple[Tensor, State]:
         losses = losses.to(torch.float64)
-        check_positive_losses(losses, ctx.task_names, "STCH", "takes log L_i")
+        check_nonnegative_losses(losses, ctx.task_names, "STCH", "takes log(L_i + 1e-20)")
         state = self._state(state, losses.shape[0])
         if not self.warming_up(state):
-            u = (torch.log(losses) - torch.log(state["nadir"])) / self.mu
-            return losses.shape[0] * torch.softmax(u, dim=0) / losses, state
+            nadir = state["nadir"].clamp_min(LOG_EPS)
+            u = torch.log(losses / nadir + LOG_EPS) / self.mu
+            return losses.shape[0] * torch.softmax(u, dim=0) / (losses + LOG_EPS * nadir), state
         new_state = {
             "epoch_sum": state["epoch_sum"] + losses,
             "epoch_count": state["epoch_count"] + 1,
@@ -106,7 +116,7 @@ class SmoothTchebycheff(Weighting):
         }
         if self.steps_per_epoch is not None and int(new_state["epoch_count"]) >= self.steps_per_epoch:
             new_state = self.epoch_end(new_state)
-        return 1.0 / losses, new_state
+        return 1.0 / (losses + LOG_EPS), new_state
 
     def epoch_end(self, state: State) -> State:
         """Close a warm-up epoch; closing the last sets the nadir point (no-op after the warm-up)."""
