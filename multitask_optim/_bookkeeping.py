@@ -28,13 +28,16 @@ from ._arguments import (
 from ._clipping import clip_
 from ._components import State
 from ._graph import LossGraph
+from ._host import LazyStats, host_stage, to_host
 from ._losses import (
     Parsed,
 )
 from ._pipeline import (
+    First,
     Outcome,
     Structure,
     merged_states,
+    non_finite_losses,
     sub_states,
     weigh,
     write_grad,
@@ -198,6 +201,30 @@ class Bookkeeping:
         merged = merged_states(comps, current, {"weighting": new_state}, present, k, 1)
         return weights, merged, why
 
+    def _weigh_first(
+        self,
+        names: Tuple[str, ...],
+        present: Tuple[int, ...],
+        values: Tensor,
+        old: Dict[str, State],
+        current: Dict[str, State],
+        need_losses: bool = False,
+    ) -> First:
+        """The weights before the rows are formed into anything (preconditioning and row
+        methods need rows that carry them). Weights that depend on this step's losses
+        (anything but the constant 1), or a row method (``need_losses``: it reads the
+        losses on the host), cost one host read of the losses of their own."""
+        k = len(present)
+        if self.weighting.is_constant_one() and not need_losses:
+            return First(values, torch.ones(k, dtype=torch.float64), [1.0] * k, {}, None, later=True)
+        host = to_host(values.detach().to(torch.float64))  # a read of its own (see above)
+        with host_stage():
+            bad = non_finite_losses([names[i] for i in present], host)
+            if bad is not None:
+                return First(host, None, [], {}, bad)
+            weights, states, why = self._weigh(names, present, host, old, current)
+            return First(host, weights, weights.tolist(), states, why)
+
     def _commit(self, structure: Structure, outcome: Outcome, own_grads: bool = True) -> None:
         """Nothing before this changed any state; from here the step is taken.
 
@@ -247,14 +274,11 @@ class Bookkeeping:
                 stacklevel=4,
             )
             self._warned_skip = True
-        self.last_stats = {
-            "skipped": self.skipped,
-            "skip_reason": why,
-            "losses": values.tolist(),
-            "skipped_step": True,
-        }
+        stats = LazyStats(skipped=self.skipped, skip_reason=why, skipped_step=True)
+        stats.defer(lambda: {"losses": values.tolist()})
         if weights is not None:  # the weights were computed: say what they were
-            self.last_stats["weights"] = weights.tolist()
+            stats.defer(lambda: {"weights": weights.tolist()})
+        self.last_stats = stats
         return None
 
     def _take(
@@ -266,16 +290,18 @@ class Bookkeeping:
         source: Optional[Source],
     ) -> None:
         """The weighting's own gradients, clipping, the inner step, and the step's statistics."""
-        self._weighting_backward(names, present, values, outcome)
+        with host_stage():  # a learnable weighting's parameters live on the host
+            self._weighting_backward(names, present, values, outcome)
         norm = None if self.max_grad_norm is None else clip_(self._params, self.max_grad_norm)
-        objective = self.weighting.objective(values, outcome.weights)
+        weighting, weights = self.weighting, outcome.weights
         self._steps += 1
         self.optimizer.step()
         self.weighting.after_step()
         amp_update(self.grad_scaler, self, False, self._device())
-        self._record(names, present, values, outcome, source, objective)
+        self._record(names, present, values, outcome, source)
+        self.last_stats.defer(lambda: {"objective": weighting.objective(values, weights)})
         if norm is not None:
-            self.last_stats["grad_norm"] = norm
+            self.last_stats.defer(lambda: {"grad_norm": float(norm)})
 
     def _weighting_backward(
         self, names: Tuple[str, ...], present: Tuple[int, ...], values: Tensor, outcome: Outcome
@@ -297,26 +323,19 @@ class Bookkeeping:
         values: Tensor,
         outcome: Outcome,
         source: Optional[Source],
-        objective: float,
     ) -> None:
-        """``last_stats`` of a taken step."""
-        weights = outcome.weights
+        """``last_stats`` of a taken step: built from the step's tensors when first read."""
         ran = outcome.coefficients is not None or outcome.gram is not None
-        coefs = outcome.coefficients
-        gram = outcome.gram
-        if gram is not None:
-            gram = gram[0] if gram.shape[0] == 1 else gram.sum(dim=0)
-        self.last_stats = step_stats(gram, None, weights.tolist(), values.tolist(), self.skipped)
-        if not ran:  # the plain path: every coefficient is 1
-            coefs = torch.ones(len(self._blocks or [[]]), len(present), dtype=torch.float64)
-        listed = None if coefs is None else coefs.tolist()  # (B, K) -> one transfer, then Python
-        self.last_stats["coefficients"] = None if listed is None else [sum(c) / len(c) for c in zip(*listed)]
-        self.last_stats["block_coefficients"] = listed
-        self.last_stats["objective"] = objective
-        self.last_stats["path"] = "full" if ran else "plain"
-        self.last_stats["gradient_mode"] = source.path() if ran and source is not None else "plain"
-        self.last_stats["tasks"] = [names[i] for i in present]
-        self.last_stats.update(outcome.stats)
+        stats = LazyStats(
+            path="full" if ran else "plain",
+            gradient_mode=source.path() if ran and source is not None else "plain",
+            tasks=[names[i] for i in present],
+            **outcome.stats,
+        )
+        blocks, skipped, k = len(self._blocks or [[]]), self.skipped, len(present)
+        gram, weights, coefs = outcome.gram, outcome.weights, outcome.coefficients  # not the gradients
+        stats.defer(lambda: _step_statistics(gram, weights, coefs, values, skipped, ran, blocks, k))
+        self.last_stats = stats
 
     def _device(self) -> torch.device:
         return self._params[0].device if self._params else torch.device("cpu")
@@ -363,3 +382,25 @@ class Bookkeeping:
             "precondition": _checkpoint.record(self.preconditioner),
             "granularity": granularity,
         }
+
+
+def _step_statistics(
+    gram: Optional[Tensor],
+    weights: Tensor,
+    coefs: Optional[Tensor],
+    values: Tensor,
+    skipped: int,
+    ran: bool,
+    blocks: int,
+    k: int,
+) -> Dict[str, Any]:
+    """The statistics of a taken step that come from its tensors (read when asked for)."""
+    if gram is not None:
+        gram = gram[0] if gram.shape[0] == 1 else gram.sum(dim=0)
+    out = step_stats(gram, None, weights.tolist(), values.tolist(), skipped)
+    if not ran:  # the plain path: every coefficient is 1
+        coefs = torch.ones(blocks, k, dtype=torch.float64)
+    listed = None if coefs is None else coefs.tolist()  # (B, K) -> one transfer, then Python
+    out["coefficients"] = None if listed is None else [sum(c) / len(c) for c in zip(*listed)]
+    out["block_coefficients"] = listed
+    return out

@@ -19,7 +19,7 @@ over its mesh by DTensor, so ``total`` is again the whole model's.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -42,24 +42,38 @@ def _norm(grad: Tensor) -> Tensor:
     return full() if callable(full) else norm
 
 
-def total_norm(params: Sequence[Tensor]) -> float:
-    """The 2-norm of every ``.grad`` of ``params`` together (float64)."""
-    norms = [_norm(p.grad).cpu() for p in params if p.grad is not None]
+def total_norm(params: Sequence[Tensor]) -> Tensor:
+    """The 2-norm of every ``.grad`` of ``params`` together: a float64 0-d tensor on their
+    device (no host read)."""
+    norms = [_norm(p.grad) for p in params if p.grad is not None]
     if not norms:
-        return 0.0
-    return float(torch.linalg.vector_norm(torch.stack(norms)))
+        return torch.zeros((), dtype=torch.float64)
+    device = norms[0].device
+    return torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]))
 
 
-def clip_(params: Sequence[Tensor], max_norm: float) -> float:
+def clip_(params: Sequence[Tensor], max_norm: float) -> Tensor:
     """Scale the ``.grad`` of ``params`` in place so their total norm is at most ``max_norm``.
 
+    Done on the device, as ``torch.nn.utils.clip_grad_norm_`` does: the factor
+    ``min(1, max_norm / (total + 1e-6))`` multiplies every gradient (1 leaves them
+    bitwise unchanged), with no host read.
+
     Returns:
-        The total norm before clipping.
+        The total norm before clipping (a float64 0-d tensor).
     """
     norm = total_norm(params)
-    coef = max_norm / (norm + 1e-6)
-    if coef < 1.0:
-        for p in params:
-            if p.grad is not None:
-                p.grad.mul_(coef)
+    grads = [p.grad for p in params if p.grad is not None]
+    if any(hasattr(g, "device_mesh") for g in grads):  # DTensor shards (FSDP2): scaled one by one
+        factor = max_norm / (float(norm) + 1e-6)
+        if factor < 1.0:
+            for g in grads:
+                g.mul_(factor)
+        return norm
+    coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    by_device: Dict[Tuple[torch.device, torch.dtype], List[Tensor]] = {}
+    for g in grads:
+        by_device.setdefault((g.device, g.dtype), []).append(g)
+    for (device, dtype), group in by_device.items():
+        torch._foreach_mul_(group, coef.to(device=device, dtype=dtype))
     return norm

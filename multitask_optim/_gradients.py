@@ -12,250 +12,22 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import ClassVar, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
+from ._combine import CombinePlan
 from ._distributed import all_average, all_sum
-from ._gram import dense_grams, factor_gram, gram_rounding, precise_gram
+from ._factors import GramFactor, HeadFactor, LinearFactor, _rescaled
+from ._gram import GramPart, dense_grams, dense_parts, gram_rounding
+from ._host import host_stage, to_host
 from .aggregators.base import Shards
 
 Rows = List[Optional[Tensor]]
 
 #: Coefficients below this are rescaled before combining (see :meth:`TaskGradients.combine`).
 _TINY_COEF = 2.0**-60
-
-
-@dataclass
-class LinearFactor:
-    """The Jacobian of a shared linear map ``Y = X W^T (+ b)``, kept factored.
-
-    Row ``i`` of the weight's Jacobian is ``deltas[i]^T inputs`` and of the bias'
-    ``deltas[i].sum(0)``; its Gram contribution is ``<delta_i, (X X^T) delta_j>`` and its
-    update for coefficients ``c`` is ``(sum_i c_i delta_i)^T X``: no ``K x P`` buffer.
-
-    Attributes:
-        weight: position of ``W`` in the shared parameter list.
-        bias: position of ``b`` (None without a bias).
-        inputs: ``X``, shape ``(N, in)``.
-        deltas: per-task output gradients, shape ``(K, N, out)``.
-    """
-
-    weight: int
-    bias: Optional[int]
-    inputs: Tensor
-    deltas: Tensor
-
-    def positions(self) -> List[int]:
-        return [self.weight] if self.bias is None else [self.weight, self.bias]
-
-    def gram_dtype(self) -> torch.dtype:
-        """The dtype of the rows this factor stands for (their precision)."""
-        return self.deltas.dtype
-
-    def tensors(self) -> List[Tensor]:
-        return [self.deltas]
-
-    def scaled(self, factors: Tensor) -> LinearFactor:
-        k = factors.shape[0]
-        scale = factors.to(dtype=self.deltas.dtype, device=self.deltas.device).view(k, 1, 1)
-        return LinearFactor(self.weight, self.bias, self.inputs, self.deltas * scale)
-
-    def rows(self) -> Dict[int, Tensor]:
-        """The explicit Jacobian rows, by shared position."""
-        x = self.inputs.to(self.deltas.dtype)
-        out = {self.weight: torch.einsum("kno,ni->koi", self.deltas, x)}
-        if self.bias is not None:
-            out[self.bias] = self.deltas.sum(dim=1)
-        return out
-
-    def gram(self, position: int) -> Tensor:
-        """Float64 ``(K, K)`` Gram contribution of the weight or the bias."""
-        if position == self.bias:
-            sums = self.deltas.sum(dim=1).to(torch.float64)
-            return sums @ sums.T
-        dtype = torch.promote_types(self.inputs.dtype, torch.float32)
-        return precise_gram(lambda d: factor_gram(self.inputs, self.deltas, d), dtype)
-
-    def update(self, position: int, coefs: Tensor, dtype: Optional[torch.dtype]) -> Tensor:
-        """``J^T c`` for the weight or the bias, computed in ``dtype`` (None: the deltas')."""
-        d = self.deltas if dtype is None else self.deltas.to(dtype)
-        c = coefs.to(device=d.device, dtype=d.dtype)
-        mixed = torch.tensordot(c, d, dims=1)  # (N, out)
-        out = mixed.sum(dim=0) if position == self.bias else mixed.T @ self.inputs.to(d.dtype)
-        return out.to(self.deltas.dtype)
-
-
-@dataclass
-class HeadFactor:
-    """Representation rows kept factored: heads that start with a linear map of ``z``.
-
-    When every head reads the representation ``z`` (``N x D``) only through linear
-    maps ``z M_a`` (``nn.Linear``, ``F.linear``, ``z @ W``), task ``i``'s row is
-    ``Z_i = sum_a delta_a M_a^T`` over its maps ``a``, with ``delta_a`` (``N x o_a``) the
-    gradient at the map's output. Concatenating the maps' columns (``O = sum_a o_a``)::
-
-        <Z_i, Z_j> = sum over columns a of i, b of j of (Delta^T Delta)_ab (M^T M)_ab
-        sum_i c_i Z_i = (Delta diag(c[owner])) M^T
-
-    so no ``K x N x D`` buffer is formed: the Gram costs ``(N + D) O^2`` and the update
-    one ``N x O x D`` product.
-
-    Attributes:
-        deltas: ``Delta``, ``(N, O)``.
-        maps: ``M``, ``(D, O)``.
-        owner: ``(O,)`` long, the task of every column.
-        num_tasks: ``K``.
-    """
-
-    deltas: Tensor
-    maps: Tensor
-    owner: Tensor
-    num_tasks: int
-
-    def positions(self) -> List[int]:
-        return [0]
-
-    def gram_dtype(self) -> torch.dtype:
-        return self.deltas.dtype  # the rows' precision (the Gram itself is formed in float64)
-
-    def tensors(self) -> List[Tensor]:
-        return [self.deltas]
-
-    def scaled(self, factors: Tensor) -> HeadFactor:
-        scale = factors.to(dtype=self.deltas.dtype, device=self.deltas.device)[
-            self.owner.to(self.deltas.device)
-        ]
-        return replace(self, deltas=self.deltas * scale)
-
-    def _onehot(self, dtype: torch.dtype, device: torch.device) -> Tensor:
-        owner = self.owner.to(device)
-        return torch.nn.functional.one_hot(owner, self.num_tasks).to(dtype)  # (O, K)
-
-    def rows(self) -> Dict[int, Tensor]:
-        """The explicit rows ``Z`` (``K x N x D``)."""
-        s = self._onehot(self.deltas.dtype, self.deltas.device)
-        return {0: torch.einsum("no,ok,do->knd", self.deltas, s, self.maps.to(self.deltas.dtype))}
-
-    def gram(self, position: int) -> Tensor:
-        """Float64 ``(K, K)`` Gram of the rows, on the CPU.
-
-        The two ``O x O`` products are formed in the rows' dtype (float32 at least), as
-        the dense rows' Gram is, and recomputed in float64 when that overflows or loses
-        a small row (:func:`~._gram.precise_gram`): in float64 they would cost twice the
-        time of the dense path's Gram on most hardware.
-        """
-        dtype = torch.promote_types(self.deltas.dtype, torch.float32)
-        return precise_gram(self._gram, dtype).cpu()
-
-    def _gram(self, dtype: torch.dtype) -> Tensor:
-        d, m = self.deltas.to(dtype), self.maps.to(device=self.deltas.device, dtype=dtype)
-        return head_gram(d, m, self._onehot(dtype, d.device))
-
-    def update(self, position: int, coefs: Tensor, dtype: Optional[torch.dtype]) -> Tensor:
-        """``sum_i c_i Z_i`` (``N x D``) computed in ``dtype`` (None: the deltas')."""
-        d = self.deltas if dtype is None else self.deltas.to(dtype)
-        c = coefs.to(device=d.device, dtype=d.dtype)[self.owner.to(d.device)]
-        return ((d * c) @ self.maps.to(d.dtype).T).to(self.deltas.dtype)
-
-
-#: Columns per block of :func:`head_gram`'s ``O x O`` products.
-HEAD_BLOCK = 128
-
-
-def head_gram(deltas: Tensor, maps: Tensor, onehot: Tensor) -> Tensor:
-    """``S^T ((Delta^T Delta) * (M^T M)) S`` (see :class:`HeadFactor`), in the inputs' dtype.
-
-    Both ``O x O`` products are symmetric: with ``c`` blocks of about :data:`HEAD_BLOCK`
-    columns only the blocks on and above the diagonal are formed, ``(c + 1) / 2c`` of
-    the work (the products of the mirrored blocks are each other's transposes).
-    """
-    o = deltas.shape[1]
-    count = max(1, o // HEAD_BLOCK)
-    bounds = [o * b // count for b in range(count + 1)]
-    cols = [slice(bounds[b], bounds[b + 1]) for b in range(count)]
-    gram: Optional[Tensor] = None
-    for a, ca in enumerate(cols):
-        for b in range(a, count):
-            cb = cols[b]
-            inner = (deltas[:, ca].T @ deltas[:, cb]) * (maps[:, ca].T @ maps[:, cb])
-            part = onehot[ca].T @ inner @ onehot[cb]
-            part = part if b == a else part + part.T
-            gram = part if gram is None else gram + part
-    assert gram is not None
-    return gram
-
-
-@dataclass
-class GramFactor:
-    """Shared parameters whose rows were reduced to their Gram as the gradient walk passed them.
-
-    With many tasks the per-task output gradients of every linear layer (``K x N x out``
-    each, :class:`LinearFactor`) would be held until the update: here each layer's
-    Gram contribution is formed as soon as its K output gradients are complete and they
-    are dropped (:func:`._native.trunk_backward`). The update ``J^T c`` is then one
-    backward of ``sum_i c_i L_i`` (``solve``): exact, one backward pass more, bounded memory.
-    The update is computed in the parameters' dtype (no float64 recomputation).
-
-    Attributes:
-        grams: per shared position, its float64 ``(K, K)`` Gram contribution (CPU).
-        solve: coefficients ``(K,)`` float64 -> the update of every position in ``grams``
-            (callable once: its backward frees the graph).
-        factors: per-task factors applied by :meth:`scaled` (float64 ``(K,)``; None: ones).
-        dtype: the dtype of the rows (the parameters'), their precision.
-    """
-
-    grams: Dict[int, Tensor]
-    solve: Callable[[Tensor], Dict[int, Tensor]]
-    factors: Optional[Tensor] = None
-    dtype: torch.dtype = torch.float32
-    _done: Optional[Tuple[Tensor, Dict[int, Tensor]]] = field(default=None, repr=False)
-
-    def positions(self) -> List[int]:
-        return sorted(self.grams)
-
-    def gram_dtype(self) -> torch.dtype:
-        return self.dtype  # the rows' precision (their Grams are float64)
-
-    def tensors(self) -> List[Tensor]:
-        return list(self.grams.values())  # NaN and inf in the gradients reach the Gram
-
-    def scaled(self, factors: Tensor) -> GramFactor:
-        f = factors.to(torch.float64).cpu()
-        grams = {p: g * (f.view(-1, 1) * f.view(1, -1)) for p, g in self.grams.items()}
-        return GramFactor(grams, self.solve, f if self.factors is None else self.factors * f, self.dtype)
-
-    def rows(self) -> Dict[int, Tensor]:
-        raise RuntimeError("the rows of these layers were reduced to their Gram during the step and are gone")
-
-    def gram(self, position: int) -> Tensor:
-        return self.grams[position]
-
-    def update(self, position: int, coefs: Tensor, dtype: Optional[torch.dtype]) -> Tensor:
-        """``J^T c`` of ``position``; the backward runs once, for the first coefficients given.
-
-        The backward runs with the coefficients divided by the sum of their magnitudes:
-        every gradient it forms is then a convex combination of the tasks' own (at the
-        losses' magnitude, a loss scale in effect: no overflow where no task overflows,
-        tiny coefficients stay normal); the results are multiplied back once.
-        """
-        c = coefs.detach().to(torch.float64).cpu()
-        if self._done is None:
-            self._done = (c, self._solve(c if self.factors is None else c * self.factors))
-        elif not torch.equal(self._done[0], c):
-            raise RuntimeError("a GramFactor's update is computed once, for one set of coefficients")
-        return self._done[1][position]
-
-    def _solve(self, coefs: Tensor) -> Dict[int, Tensor]:
-        peak = float(coefs.abs().sum())
-        if peak == 0.0 or not math.isfinite(peak):
-            return self.solve(coefs)
-        out = self.solve(coefs / peak)
-        return {
-            p: u.mul_(peak) if peak >= torch.finfo(u.dtype).tiny else _rescaled(u, peak)
-            for p, u in out.items()
-        }
 
 
 @dataclass
@@ -272,6 +44,9 @@ class TaskGradients:
     shared: Rows
     tasks: List[List[Optional[Tensor]]]
     factors: List[Union[LinearFactor, HeadFactor, GramFactor]] = field(default_factory=list)
+
+    #: Whether these are one rank's shards (FSDP2): a local check then needs every rank's vote.
+    sharded: ClassVar[bool] = False
 
     @classmethod
     def empty(cls, num_shared: int, task_sizes: Sequence[int]) -> TaskGradients:
@@ -340,6 +115,91 @@ class TaskGradients:
                 if pos in block_of:
                     out[block_of[pos]] += f.gram(pos).cpu()
         return out
+
+    def gram_parts(self, blocks: Sequence[Sequence[int]]) -> List[GramPart]:
+        """Every block's Gram contributions, formed on the rows' device (no host read)."""
+        parts = dense_parts(self.shared, blocks)
+        block_of = {p: b for b, block in enumerate(blocks) for p in block}
+        for f in self.factors:
+            for pos in f.positions():
+                if pos in block_of:
+                    parts.append(f.gram_part(pos, block_of[pos]))
+        return parts
+
+    def probes(self) -> List[Tuple[str, Tensor]]:
+        """Device tensors the host reads to check what the Grams do not cover (no host read).
+
+        ``task_peaks``: the largest magnitude of every own-parameter gradient (NaN or inf
+        there means a non-finite gradient; the weights' overflow is bounded from them);
+        ``factor<n>``: each factored layer's :meth:`peaks`. The shared rows' finiteness
+        is their Gram's (a non-finite entry makes its diagonal non-finite).
+        """
+        out: List[Tuple[str, Tensor]] = []
+        grads = [g for task in self.tasks for g in task if g is not None and g.numel()]
+        by_device: Dict[torch.device, List[Tensor]] = {}
+        for g in grads:
+            by_device.setdefault(g.device, []).append(g.detach())
+        for n, group in enumerate(by_device.values()):
+            norms = torch._foreach_norm(group, math.inf)
+            out.append((f"task_peaks{n}", torch.stack([x.to(torch.float64) for x in norms])))
+        for n, f in enumerate(self.factors):
+            peaks = f.peaks()
+            if peaks is not None:
+                out.append((f"factor{n}", peaks))
+        return out
+
+    def task_peaks(self, fetched: Dict[str, Tensor]) -> List[float]:
+        """Per task, the largest own-parameter gradient entry (host values from :meth:`probes`)."""
+        owners: Dict[torch.device, List[int]] = {}
+        for i, task in enumerate(self.tasks):
+            for g in task:
+                if g is not None and g.numel():
+                    owners.setdefault(g.device, []).append(i)
+        out = [0.0] * len(self.tasks)
+        with host_stage():
+            for n, tasks in enumerate(owners.values()):
+                for i, v in zip(tasks, fetched[f"task_peaks{n}"].tolist()):
+                    out[i] = v if not math.isfinite(v) else max(out[i], v)
+        return out
+
+    def bounds(
+        self, gram: Tensor, blocks: Sequence[Sequence[int]], fetched: Dict[str, Tensor]
+    ) -> List[List[float]]:
+        """Per block and task, a bound on any value combining that task's rows forms (host).
+
+        ``gram`` is the host Gram of these rows (``sqrt(G_ii)`` bounds every entry of row
+        ``i``); a factored layer adds the bound of its own intermediates."""
+        with host_stage():
+            out = [[math.sqrt(max(v, 0.0)) for v in g.diagonal().tolist()] for g in gram]
+            block_of = {p: b for b, block in enumerate(blocks) for p in block}
+            for n, f in enumerate(self.factors):
+                if f"factor{n}" not in fetched:
+                    continue
+                own = f.bounds(fetched[f"factor{n}"].tolist())
+                for b in {block_of[p] for p in f.positions() if p in block_of}:
+                    out[b] = [max(x, y) for x, y in zip(out[b], own)]
+        return out
+
+    def combine_planned(self, blocks: Sequence[Sequence[int]], plan: CombinePlan) -> Tuple[Rows, bool]:
+        """Shared updates ``J_b^T c_b`` as the host planned them (:mod:`._combine`), and
+        whether they are finite: known without a host read unless ``plan.checked`` is False."""
+        dtype = torch.float64 if plan.wide else None
+        out = self._combine(blocks, plan.mix, dtype)
+        if plan.scale is not None:
+            block_of = {p: b for b, block in enumerate(blocks) for p in block}
+            out = [None if u is None else _rescaled(u, plan.scale[block_of[i]]) for i, u in enumerate(out)]
+        if plan.checked:
+            return out, True
+        return out, all_finite([u for u in out if u is not None])  # one more host read (rare)
+
+    def like(self) -> Optional[torch.dtype]:
+        """The dtype of the rows (None: no rows at all)."""
+        like = next((j for j in self.shared if j is not None), None)
+        if like is None:
+            like = next((f.deltas for f in self.factors if isinstance(f, (LinearFactor, HeadFactor))), None)
+        if like is None:
+            return next((f.dtype for f in self.factors if isinstance(f, GramFactor)), None)
+        return like.dtype
 
     def gram_rounding(self, blocks: Sequence[Sequence[int]]) -> Tensor:
         """``(B,)``: the precision of each block's rows (see :func:`._gram.gram_rounding`)."""
@@ -494,11 +354,6 @@ def _has_tiny(coefs: Tensor) -> bool:
     return bool(((peak > 0) & (peak < _TINY_COEF)).any())
 
 
-def _rescaled(update: Tensor, factor: float) -> Tensor:
-    """``update * factor`` with the factor in float64 (a float32 scalar would flush it to 0)."""
-    return (update.to(torch.float64) * factor).to(update.dtype)
-
-
 def scaled_grad(grad: Tensor, factor: float) -> Tensor:
     """``grad * factor``; a factor ``dtype`` cannot represent (1e-42 in float32) is
     applied in float64 and the product rounded once."""
@@ -605,9 +460,11 @@ def all_finite(tensors: Sequence[Tensor]) -> bool:
         sums = [t.sum() for t in group if t.numel() >= _FUSED_BELOW]
         if small:
             sums.extend(torch._foreach_norm(small, 1))
-        if all(math.isfinite(v) for v in torch.stack(sums).tolist()):  # stack promotes: exact
-            continue
+        with host_stage():  # a declared read (to_host), then host values
+            if all(math.isfinite(v) for v in to_host(torch.stack(sums)).tolist()):  # stack promotes: exact
+                continue
         extremes = [e.double() for t in group for e in torch.aminmax(t)]
-        if not all(math.isfinite(v) for v in torch.stack(extremes).tolist()):
-            return False
+        with host_stage():
+            if not all(math.isfinite(v) for v in to_host(torch.stack(extremes)).tolist()):
+                return False
     return True

@@ -26,10 +26,13 @@ row has a squared norm so small that the dtype's precision is lost (underflow, b
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
+
+from ._host import host_stage, to_host
 
 #: The rounding of a Gram formed in float64 (relative to ``||g_i|| ||g_j||``).
 EXACT = torch.finfo(torch.float64).eps
@@ -74,6 +77,85 @@ def dense_grams(
         if rows and _has_tiny_row(rows, out[b]):
             out[b] = _gram(rows, torch.float64).cpu()
     return out
+
+
+@dataclass
+class GramPart:
+    """One contribution to a block's Gram, formed on the rows' device (no host read).
+
+    The host checks the fetched value (:func:`settle`): a value formed in float32 whose
+    entries overflowed, or whose diagonal lost a row that is not zero, is recomputed in
+    float64 by ``exact``, at the cost of one more host read (rare: a squared row norm
+    beyond float32's range).
+
+    Attributes:
+        block: the block the contribution belongs to.
+        value: ``(K, K)`` float64 on the rows' device.
+        dtype: the dtype its products were formed in (float64: exact, never checked).
+        exact: the float64 recomputation (None: ``value`` is final).
+        peaks: ``(K,)`` largest magnitude of each task's rows (device), read only to
+            tell a zero row from a lost tiny one.
+    """
+
+    block: int
+    value: Tensor
+    dtype: torch.dtype = torch.float64
+    exact: Optional[Callable[[], Tensor]] = None
+    peaks: Optional[Callable[[], Tensor]] = None
+
+
+def dense_parts(jacobians: Sequence[Optional[Tensor]], blocks: Sequence[Sequence[int]]) -> List[GramPart]:
+    """Every block's Gram contribution from its dense rows (on their device, no host read)."""
+    parts: List[GramPart] = []
+    for b, block in enumerate(blocks):
+        rows = [jacobians[p] for p in block if jacobians[p] is not None]
+        rows = [r for r in rows if r.numel()]  # an empty shard (FSDP2) has no entries
+        if not rows:
+            continue
+        value = _gram(rows)
+        if _small(rows) or rows[0].dtype == torch.float64:
+            parts.append(GramPart(b, value))
+            continue
+        parts.append(
+            GramPart(
+                b,
+                value,
+                torch.promote_types(rows[0].dtype, torch.float32),
+                exact=lambda rows=rows: _gram(rows, torch.float64),
+                peaks=lambda rows=rows: _row_peaks(rows),
+            )
+        )
+    return parts
+
+
+def _row_peaks(rows: Sequence[Tensor]) -> Tensor:
+    return torch.stack([r.reshape(r.shape[0], -1).abs().amax(dim=1) for r in rows]).amax(dim=0)
+
+
+def suspect(value: Tensor, dtype: torch.dtype) -> bool:
+    """Whether a fetched float32-formed Gram contribution may be imprecise (host values only)."""
+    if dtype == torch.float64:
+        return False
+    listed = value.tolist()
+    info = torch.finfo(torch.promote_types(dtype, torch.float32))
+    if not all(math.isfinite(v) for row in listed for v in row):
+        return True
+    return any(listed[i][i] < info.tiny / info.eps for i in range(len(listed)))
+
+
+def settle(part: GramPart, value: Tensor) -> Tensor:
+    """The final float64 value of a suspect part: **one more host read** (and a float64
+    recomputation when the float32 one overflowed or lost a tiny non-zero row)."""
+    assert part.exact is not None and part.peaks is not None
+    info = torch.finfo(torch.promote_types(part.dtype, torch.float32))
+    with host_stage():
+        finite = bool(torch.isfinite(value).all())
+    if finite:
+        peaks = to_host(part.peaks())
+        with host_stage():
+            if not bool(((peaks > 0) & (value.diagonal() < info.tiny / info.eps)).any()):
+                return value
+    return to_host(part.exact().to(torch.float64))
 
 
 def precise_gram(compute: Callable[[torch.dtype], Tensor], dtype: torch.dtype) -> Tensor:
@@ -202,3 +284,41 @@ def factor_gram(inputs: Tensor, deltas: Union[Tensor, Sequence[Tensor]], dtype: 
             mixed = (a @ chunk.to(dtype)).reshape(chunk.shape[0], -1)
             cols.append(torch.cat([r @ mixed.T for r in rows]))
     return torch.cat(cols, dim=1)
+
+
+def _pow2(peak: Tensor) -> Tensor:
+    """``2^-e`` with ``e = floor(log2(peak))`` (within float32's exponent range; 1 where
+    ``peak`` is 0 or not finite): ``peak * scale`` lies in ``[1, 2)``, and multiplying by
+    it is exact."""
+    peak = peak.to(torch.float64)
+    safe = torch.where(torch.isfinite(peak) & (peak > 0), peak, torch.ones_like(peak))
+    return torch.exp2(-torch.floor(torch.log2(safe)).clamp(-126.0, 126.0))
+
+
+def scaled_factor_gram(inputs: Tensor, parts: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
+    """:func:`factor_gram` in ``dtype`` that neither overflows nor underflows (on the device).
+
+    The inputs and every task's output gradients are first multiplied by a power of two
+    that brings their largest entry into ``[1, 2)``, and the float64 result is divided by
+    the same powers: in the normal range of ``dtype`` that is bitwise the unscaled
+    product (scaling by a power of two is exact), and a task's rows of ``1e-30`` or
+    ``1e25`` stay accurate where an unscaled float32 product loses or overflows them --
+    with no host read to find out (the walk drops the gradients right after).
+    """
+    if dtype == torch.float64:
+        return factor_gram(inputs, list(parts), dtype)
+    x_scale = _pow2(inputs.abs().amax()).to(dtype)
+    scales = [_pow2(p.abs().amax(dim=tuple(range(1, p.dim())))).to(dtype) for p in parts]
+    x = inputs.to(dtype) * x_scale
+    a = x @ x.T
+    rows = [p.reshape(p.shape[0], -1).to(dtype) for p in parts]
+    step = max(1, _GRAM_CHUNK_BYTES // max(1, rows[0][0].numel() * rows[0].element_size()))
+    cols = []
+    for part, part_scales in zip(parts, scales):
+        for chunk, chunk_scales in zip(part.split(step), part_scales.split(step)):
+            right = chunk.to(dtype) * chunk_scales.view(-1, *([1] * (chunk.dim() - 1)))
+            mixed = (a @ right).reshape(chunk.shape[0], -1)
+            cols.append(torch.cat([(r * s.view(-1, 1)) @ mixed.T for r, s in zip(rows, scales)]))
+    gram = torch.cat(cols, dim=1).to(torch.float64)
+    s = torch.cat(scales).to(torch.float64)
+    return gram / (s.view(-1, 1) * s.view(1, -1) * x_scale.to(torch.float64).square())

@@ -37,8 +37,10 @@ from torch import Tensor
 from torch.autograd.graph import GradientEdge
 
 from . import _native
-from ._gradients import GramFactor, LinearFactor, TaskGradients
+from ._factors import GramFactor, LinearFactor
+from ._gradients import TaskGradients
 from ._graph import LossGraph, Node, popcount
+from ._host import host_stage
 from ._native import chunks, part_size, stash, trunk_backward
 from ._native import defers as native_defers
 
@@ -226,8 +228,10 @@ def _solver(
 
     def solve(coefs: Tensor) -> Dict[int, Tensor]:
         params = [shared[p] for p in positions]
+        with host_stage():  # the coefficients come from the host stage
+            listed = coefs.tolist()
         with torch.enable_grad():
-            terms = [loss * c for loss, c in zip(losses, coefs.tolist()) if c != 0.0 and loss.requires_grad]
+            terms = [loss * c for loss, c in zip(losses, listed) if c != 0.0 and loss.requires_grad]
             grads = (
                 torch.autograd.grad(sum(terms), params, retain_graph=keep, allow_unused=True) if terms else ()
             )
@@ -458,7 +462,7 @@ def run_path(
     ``lean`` factors every shared linear layer; ``frontier`` and ``native`` only where
     that is cheaper, and none when ``factored`` is False. ``defer``: the caller combines
     every shared parameter with one set of coefficients, once, so ``native`` may keep
-    only its factored layers' Gram (:class:`~._gradients.GramFactor`, :func:`defers`,
+    only its factored layers' Gram (:class:`~._factors.GramFactor`, :func:`defers`,
     ``above`` the threshold of that choice).
     """
     if mode in ("lean", "frontier", "native"):

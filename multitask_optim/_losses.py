@@ -192,10 +192,11 @@ def scalar(loss: Tensor) -> Tensor:
 
 
 def loss_values(losses: Sequence[Tensor]) -> Tensor:
-    """The losses' values as a detached float64 CPU vector (one transfer when they share a device)."""
-    if len({loss.device for loss in losses}) == 1:
-        return torch.stack([loss.detach().reshape(()) for loss in losses]).to(torch.float64).cpu()
-    return torch.stack([loss.detach().reshape(()).to(torch.float64).cpu() for loss in losses])
+    """The losses' values as a detached float64 vector on their device (no host read: the
+    host reads them with the rest of the step, see :mod:`._host`); losses on several
+    devices are gathered on the first one's."""
+    device = losses[0].device
+    return torch.stack([loss.detach().reshape(()).to(device=device, dtype=torch.float64) for loss in losses])
 
 
 def check_tensor(tensor: Any, name: str) -> None:

@@ -12,7 +12,7 @@ transposed) produces each task's exact weight gradient and, only where a shared
 parameter lies below it, its input gradient, with the same kernels a plain backward
 uses. What batches is batched:
 
-- a shared linear layer ``x W^T (+ b)`` kept factored (:class:`~._gradients.LinearFactor`)
+- a shared linear layer ``x W^T (+ b)`` kept factored (:class:`~._factors.LinearFactor`)
   takes the K output gradients at once: the input gradient is one ``(K, N, out) @ W``
   product and the weight is never differentiated per task;
 - ``ReLU`` followed by max-pooling (``MaxPool2d(ReLU(h))``, the usual conv block) is
@@ -27,7 +27,7 @@ output gradients (K x N x out each) are then held until the update; when they wo
 hold more than :data:`DEFER_ABOVE` (and more than one activation gradient of every
 task), and the caller allows it, the walk goes node by node with every task at once
 instead, forms each factored layer's Gram contribution as soon as its K output
-gradients are complete and drops them (:class:`~._gradients.GramFactor`: the update is
+gradients are complete and drops them (:class:`~._factors.GramFactor`: the update is
 then one backward of the combined loss). Nothing here differentiates twice or frees
 the graph (the graph stays usable for another path).
 Tensor hooks registered on intermediate tensors are not run (the engine runs them);
@@ -42,8 +42,9 @@ from typing import Dict, List, Optional, Sequence, Set, Tuple
 import torch
 from torch import Tensor
 
-from ._gradients import LinearFactor, TaskGradients
-from ._gram import factor_gram, precise_gram
+from ._factors import LinearFactor
+from ._gradients import TaskGradients
+from ._gram import scaled_factor_gram
 from ._graph import LossGraph, Node
 
 #: Per-task activation gradients alive at once (bytes); tasks are processed in chunks.
@@ -153,12 +154,12 @@ def trunk_backward(
 
 def _factors_out(factored, deltas, grams, shared, out: TaskGradients, k: int) -> None:  # type: ignore[no-untyped-def]
     """Every factored layer's result: a zero Gram for a layer no task reached (Gram-only
-    walk), or its :class:`~._gradients.LinearFactor` (zero deltas where none arrived)."""
+    walk), or its :class:`~._factors.LinearFactor` (zero deltas where none arrived)."""
     for node, (w, b, x) in factored.items():
         if grams is not None:
             for pos in (w, b):
                 if pos is not None and pos not in grams:
-                    grams[pos] = torch.zeros((k, k), dtype=torch.float64)
+                    grams[pos] = torch.zeros((k, k), dtype=torch.float64, device=x.device)
             continue
         delta = deltas.get(node)
         if delta is None:
@@ -420,10 +421,10 @@ def _linear_gram(node: Node, held, slots, shared, grams, buffers, useful, size: 
         del part
     del like
     dtype = torch.promote_types(x.dtype, torch.float32)
-    grams[w] = precise_gram(lambda d: factor_gram(x, parts, d), dtype).cpu()
+    grams[w] = scaled_factor_gram(x, parts, dtype)  # on the device: no host read during the walk
     if b is not None:
         sums = torch.cat([p.sum(dim=1) for p in parts]).to(torch.float64)
-        grams[b] = (sums @ sums.T).cpu()
+        grams[b] = sums @ sums.T
     child, nr = _input_edge(node)
     if child is None or not useful.get(child, False):
         return

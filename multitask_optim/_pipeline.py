@@ -31,8 +31,12 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
+from ._combine import CombinePlan
+from ._combine import plan as combine_plan
 from ._components import Component, State, check_partial, merge_tasks, select_tasks
 from ._gradients import Rows, TaskGradients, all_finite, scaled_grad
+from ._gram import GramPart, settle, suspect
+from ._host import Transfer, host_stage
 from ._sources import ParameterRows, RepresentationRows
 from .aggregators import AggregationContext, Aggregator, RowAggregator
 from .fsdp import as_param_grad
@@ -120,12 +124,14 @@ class Gathered:
 
 
 def _spread(values: Optional[Tensor], src: Sequence[int], dst: Sequence[int]) -> Tensor:
-    """A ``(len(src),)`` vector laid out over ``dst`` (zeros elsewhere; None: ones)."""
-    out = torch.zeros(len(dst), dtype=torch.float64)
+    """A ``(len(src),)`` vector laid out over ``dst`` (zeros elsewhere; None: ones), on the
+    values' device (no host read)."""
+    device = values.device if values is not None else torch.device("cpu")
+    dtype = values.dtype if values is not None else torch.float64
     position = {t: n for n, t in enumerate(dst)}
-    for n, t in enumerate(src):
-        out[position[t]] = 1.0 if values is None else float(values[n])
-    return out if values is None or values.dtype == torch.float64 else out.to(values.dtype)
+    index = torch.tensor([position[t] for t in src], dtype=torch.long, device=device)
+    source = torch.ones(len(src), dtype=dtype, device=device) if values is None else values
+    return torch.zeros(len(dst), dtype=dtype, device=device).index_copy(0, index, source)
 
 
 @dataclass
@@ -163,13 +169,25 @@ def weigh(
 
 def precondition(
     preconditioner: Preconditioner, grads: TaskGradients, keys: Sequence[str], state: State
-) -> Tuple[TaskGradients, State, Optional[str]]:
-    """Rows rescaled by each task's accumulator; a step that would overflow one is refused."""
+) -> Tuple[TaskGradients, State, Optional[Tensor]]:
+    """Rows rescaled by each task's accumulator, the new state, and the accumulators'
+    largest entries (device; the host refuses a step that would overflow one)."""
     rows, new_state = preconditioner.apply(grads.shared, keys, state)
-    touched = [new_state[f"{key}.v"] for key, r in zip(keys, grads.shared) if r is not None]
-    if not grads.agree(all_finite(touched)):
-        return grads, state, "a per-task accumulator would overflow"
-    return grads.with_shared(rows), new_state, None
+    touched = [new_state[f"{key}.v"].detach() for key, r in zip(keys, grads.shared) if r is not None]
+    peaks = None
+    if touched and grads.sharded:  # each rank holds shards of the accumulators: every rank votes
+        ok = grads.agree(all_finite(touched))
+        peaks = torch.tensor([0.0 if ok else math.inf], dtype=torch.float64)
+    elif touched:
+        by_device: Dict[Any, List[Tensor]] = {}
+        for t in touched:
+            by_device.setdefault(t.device, []).append(t)
+        group = next(iter(by_device.values()))  # accumulators live with the rows: one device
+        if len(by_device) == 1:
+            peaks = torch.stack([x.to(torch.float64) for x in torch._foreach_norm(group, math.inf)])
+        else:
+            peaks = torch.tensor([0.0 if all_finite(touched) else math.inf], dtype=torch.float64)
+    return grads.with_shared(rows), new_state, peaks
 
 
 def finite_values(values: Tensor) -> bool:
@@ -236,9 +254,11 @@ def aggregate_and_combine(
     source: Any,
     ctx: AggregationContext,
     weights: Optional[Tensor],
-    combine: bool = True,
+    combine: bool,
+    host: Fetched,
 ) -> Tuple[Optional[Tensor], Rows, State, Optional[str]]:
-    """Aggregate, then combine the rows: ``(coefficients, shared updates, new state, why not)``.
+    """Aggregate on the host, then combine the rows: ``(coefficients, shared updates, new
+    state, why not)``.
 
     ``weights`` multiply the coefficients when the rows do not carry them (Gram-space
     weighting); ``None`` when they do. ``combine=False``: the coefficients only (no
@@ -246,21 +266,60 @@ def aggregate_and_combine(
     forms them). The aggregator is told the precision of each block's rows
     (``ctx.rounding``, :meth:`~._gradients.TaskGradients.gram_rounding`).
     """
-    shared = partition.shared
-    ctx = replace(ctx, rounding=grads.gram_rounding(blocks))
-    if isinstance(aggregator, RowAggregator):
-        rows = grads.block_rows(blocks, shared)  # FSDP2: this rank's shards, ctx.shards says which
-        ctx = replace(ctx, shards=grads.shards(blocks, shared))
-        flat, coefs, new_state = aggregator.aggregate_rows(rows, gram, state, ctx)
-        updates = grads.split_updates(blocks, flat, shared)
-        finite = grads.agree(all_finite([u for u in updates if u is not None]))  # sharded: every rank's
-        return coefs, updates, new_state, None if finite else "non-finite aggregation"
-    coefs, new_state, why = aggregate(aggregator, gram, state, ctx)
-    if why is not None or not combine:
-        return coefs, [], (state if why is not None else new_state), why
-    mix = coefs if weights is None or all_ones(weights) else coefs * weights.view(1, -1)
-    updates, finite = source.updates(grads, blocks, mix, partition)
+    with host_stage():
+        ctx = replace(ctx, rounding=grads.gram_rounding(blocks))
+        coefs, new_state, why = aggregate(aggregator, gram, state, ctx)
+        if why is not None or not combine:
+            return coefs, [], (state if why is not None else new_state), why
+        mix = coefs if weights is None or all_ones(weights) else coefs * weights.view(1, -1)
+        planned = host.plan(grads, blocks, mix)
+    updates, finite = source.planned_updates(grads, blocks, planned, partition)
     return coefs, updates, new_state, None if finite else "non-finite aggregation"
+
+
+@dataclass
+class RowResult:
+    """A row method's result, computed on the device before the step's host read."""
+
+    coefficients: Optional[Tensor]
+    updates: Rows
+    state: State
+    peaks: Tensor
+
+
+def aggregate_rows(
+    aggregator: RowAggregator,
+    state: State,
+    grads: TaskGradients,
+    parts: Sequence[GramPart],
+    blocks: List[List[int]],
+    partition: Partition,
+    ctx: AggregationContext,
+) -> RowResult:
+    """A row method (not linear in the rows) on the device, before the step's host read:
+    its updates' largest entries go with that read (a non-finite one skips the step).
+
+    It receives the blocks' Gram on the rows' device (the parts summed there)."""
+    shared = partition.shared
+    rows = grads.block_rows(blocks, shared)  # FSDP2: this rank's shards, ctx.shards says which
+    device = rows[0].device if rows else torch.device("cpu")
+    k = len(grads.tasks)
+    gram = torch.zeros(len(blocks), k, k, dtype=torch.float64, device=device)
+    for part in parts:
+        gram[part.block] += part.value.to(device)
+    ctx = replace(ctx, rounding=grads.gram_rounding(blocks), shards=grads.shards(blocks, shared))
+    flat, coefs, new_state = aggregator.aggregate_rows(rows, gram, state, ctx)
+    updates = grads.split_updates(blocks, flat, shared)
+    present = [u.detach() for u in updates if u is not None and u.numel()]
+    if grads.sharded:  # each rank checked its shards: every rank votes (a read and an all-reduce)
+        finite = grads.agree(all_finite(present))
+        peaks = torch.tensor([0.0 if finite else math.inf], dtype=torch.float64)
+    elif present:
+        norms = torch._foreach_norm(present, math.inf)
+        peaks = torch.stack([x.to(device=device, dtype=torch.float64) for x in norms])
+    else:
+        peaks = torch.zeros(1, dtype=torch.float64, device=device)
+    return RowResult(coefs, updates, new_state, peaks)
 
 
 def sub_states(
@@ -317,6 +376,145 @@ def merged_states(
             old.get(kind, {}), state, component.task_axes() or {}, present, num_tasks, fresh
         )
     return out
+
+
+def weighting_parts(
+    weighting: Weighting, grads: TaskGradients, structure: Structure, source: Any
+) -> Optional[List[GramPart]]:
+    """The Gram parts a weighting that reads its own block's Gram needs (``needs_gram`` with
+    :meth:`~multitask_optim.weighting.Weighting.gram_params`), formed on the device; None
+    when the weighting reads no Gram or the step's own (parameter blocks, representation)."""
+    if not weighting.needs_gram:
+        return None
+    params = weighting.gram_params()
+    if params is None or source.mode == "representation":
+        return None
+    position = {id(p): i for i, p in enumerate(structure.partition.shared)}
+    missing = [p for p in params if id(p) not in position]
+    if missing:
+        raise ValueError(
+            f"weighting {weighting.name!r}: {len(missing)} of its gram parameters are not shared "
+            f"parameters (shapes {[tuple(p.shape) for p in missing[:3]]})"
+        )
+    return grads.gram_parts([[position[id(p)] for p in params]])
+
+
+def assemble(parts: Sequence[GramPart], values: Sequence[Tensor], num_blocks: int, k: int) -> Tensor:
+    """The ``(B, K, K)`` host Gram from fetched parts; a suspect part (a float32 product that
+    overflowed or lost a tiny row) is settled first, at the cost of one more host read."""
+    with host_stage():
+        out = torch.zeros(num_blocks, k, k, dtype=torch.float64)
+        bad = [suspect(v, part.dtype) for part, v in zip(parts, values)]
+    for part, value, redo in zip(parts, values, bad):
+        if redo:
+            value = settle(part, value)  # rare: outside the host stage, it reads the device
+        with host_stage():
+            out[part.block] += value
+    return out
+
+
+@dataclass
+class First:
+    """The weights of a step whose rows must carry them (preconditioning, row methods).
+
+    ``later``: the weights are the constant 1, known without the losses: the weighting
+    runs after the step's read as usual (``states`` then holds only what the stages
+    before the read computed, e.g. the preconditioner's)."""
+
+    values: Tensor
+    weights: Optional[Tensor]
+    factors: List[float]
+    states: Dict[str, State]
+    why: Optional[str]
+    later: bool = False
+
+
+@dataclass
+class Fetched:
+    """What the step's one host read brought back (:func:`fetch_step`), and the host-side
+    questions asked of it. Every method reads host values only."""
+
+    values: Tensor
+    gram: Tensor
+    own_gram: Optional[Tensor]
+    probes: Dict[str, Tensor]
+    grads: TaskGradients
+    blocks: int
+
+    def problem(self, names: Sequence[str], present: Sequence[int], preconditioned: bool) -> Optional[str]:
+        """Why the step must be skipped (None: it can go on): a non-finite loss, gradient or
+        accumulator."""
+        bad = non_finite_losses([names[i] for i in present], self.values)
+        if bad is not None:
+            return bad
+        checked = [t for name, t in self.probes.items() if name not in ("precondition", "updates")]
+        peaks = [v for t in checked for v in t.reshape(-1).tolist()]
+        if not (all(math.isfinite(v) for v in peaks) and finite_values(self.gram)):
+            return "non-finite loss or gradient"
+        if self.own_gram is not None and not finite_values(self.own_gram):
+            return "non-finite loss or gradient"
+        accumulators = self.probes.get("precondition")
+        if preconditioned and accumulators is not None and not finite_values(accumulators):
+            return "a per-task accumulator would overflow"
+        if "updates" in self.probes and not finite_values(self.probes["updates"]):
+            return "non-finite aggregation"
+        return None
+
+    def weighting_gram(
+        self, weighting: Weighting, weights: Tensor, carry: bool, gram: Tensor
+    ) -> Optional[Tensor]:
+        """The Gram a weighting declared it needs (``needs_gram``): the step's own (weighted),
+        or its block's; in weights applied in Gram space unless the rows carry them."""
+        if not weighting.needs_gram:
+            return None
+        if self.own_gram is None:
+            return gram
+        return self.own_gram if carry else weighted_gram(self.own_gram, weights)
+
+    def plan(self, grads: TaskGradients, blocks: Sequence[Sequence[int]], mix: Tensor) -> CombinePlan:
+        """How to combine ``grads`` with the ``(B, K)`` host coefficients ``mix``."""
+        bounds = grads.bounds(self.gram, blocks, self.probes)
+        return combine_plan(mix, bounds, grads.like())
+
+    def weights_fit(self, grads: TaskGradients, weights: Sequence[float]) -> bool:
+        """Whether every weighted own-parameter gradient ``w_i g_i`` stays finite (|w| <= 1
+        keeps finite finite; above, the gradients' largest entries bound it)."""
+        if all(abs(w) <= 1.0 for w in weights):
+            return True
+        dtype = grads.like() or next((g.dtype for t in grads.tasks for g in t if g is not None), None)
+        if dtype is None:
+            return True
+        limit = torch.finfo(dtype).max / 2
+        return all(abs(w) * p <= limit for w, p in zip(weights, grads.task_peaks(self.probes)))
+
+
+def fetch_step(
+    transfer: Transfer,
+    values: Tensor,
+    parts: Sequence[GramPart],
+    weighting: Tuple[Optional[Sequence[GramPart]], int],
+    grads: TaskGradients,
+    num_blocks: int,
+) -> Fetched:
+    """The step's one device-to-host read: the loss values, every Gram part, the parts of
+    the Gram the weighting reads (``(parts or None, their number of blocks)``), the probes
+    of what the Grams do not cover (:meth:`~._gradients.TaskGradients.probes`)."""
+    own, own_blocks = weighting
+    transfer.add("values", values)
+    for n, part in enumerate(parts):
+        transfer.add(f"gram{n}", part.value)
+    for n, part in enumerate(own or []):
+        transfer.add(f"own{n}", part.value)
+    for name, t in grads.probes():
+        transfer.add(name, t)
+    host = transfer.fetch()
+    k = len(grads.tasks)
+    gram = assemble(parts, [host[f"gram{n}"] for n in range(len(parts))], num_blocks, k)
+    own_gram = (
+        None if own is None else assemble(own, [host[f"own{n}"] for n in range(len(own))], own_blocks, k)
+    )
+    probes = {n: t for n, t in host.items() if not n.startswith(("gram", "own")) and n != "values"}
+    return Fetched(host["values"], gram, own_gram, probes, grads, num_blocks)
 
 
 def weighting_gram(

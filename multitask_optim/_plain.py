@@ -10,6 +10,7 @@ collective sums the gradients.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -20,6 +21,7 @@ from ._amp import current_scale
 from ._distributed import all_sum, reduce_presence, world_size
 from ._gradients import all_finite
 from ._graph import analyse
+from ._host import Transfer, host_stage, to_host
 from ._losses import (
     Losses,
     Parsed,
@@ -116,6 +118,8 @@ class PlainPlan:
     structure: Optional[Structure]
     factors: Optional[List[float]]
     generator_state: Tensor
+    #: whether the losses were read and checked before the backward (else with its gradients)
+    checked: bool = True
 
 
 class PlainPath:
@@ -176,9 +180,13 @@ class PlainPath:
         values, present, shares = loss_values(parsed.losses), parsed.present, None
         if world_size() > 1:  # each task's value and gradient: the average over the ranks that had it
             present, values, shares = ranked_values(parsed, values, samples)
-        bad = non_finite_losses([parsed.names[i] for i in present], values)
-        if bad is not None:
-            return self._skip(bad, values)
+        early = world_size() > 1 or not self.weighting.is_constant_one()  # weights multiply the losses
+        if early:  # the losses are read before the backward (else with its gradients, once)
+            values = to_host(values)
+            with host_stage():
+                bad = non_finite_losses([parsed.names[i] for i in present], values)
+            if bad is not None:
+                return self._skip(bad, values)
         if self._sharded:  # FSDP2: every rank must run the same backwards (same tasks)
             self._rows.agree_on_tasks(parsed.names, parsed.present, first=True)
         need_graph = named or (self._partition is None and not self._plain())
@@ -190,14 +198,42 @@ class PlainPath:
             structure = self._structure(parsed, graph, None)  # type: ignore[arg-type]
         generator_state = self._generator.get_state()
         weights, states = None, {}
-        if not self.weighting.is_constant_one():
-            current = self._current_states(len(parsed.names), 1)
-            weights, states, why = self._weigh(parsed.names, present, values, {}, current)
-            if why is not None:
-                self._generator.set_state(generator_state)
-                return self._skip(why, values)
-        factors = loss_factors(parsed.present, present, weights, shares)
-        return PlainPlan(parsed, present, values, weights, states, structure, factors, generator_state)
+        with host_stage():  # the losses were read above: the weights are host work
+            if not self.weighting.is_constant_one():
+                current = self._current_states(len(parsed.names), 1)
+                weights, states, why = self._weigh(parsed.names, present, values, {}, current)
+                if why is not None:
+                    self._generator.set_state(generator_state)
+                    return self._skip(why, values)
+            factors = loss_factors(parsed.present, present, weights, shares)
+        return PlainPlan(parsed, present, values, weights, states, structure, factors, generator_state, early)
+
+    def _plain_check(self, plan: PlainPlan, grads: Sequence[Optional[Tensor]]) -> Optional[str]:
+        """Why the plain step must be skipped (None: it can go on), from one host read of the
+        gradients' largest entries (and the losses, when they were not read before)."""
+        if self._sharded:
+            finite = all_finite([local(g) for g in grads if g is not None])
+            return None if self._rows.agree(finite) else "non-finite gradient"
+        transfer = Transfer()
+        if plan.values.device.type != "cpu" or not plan.checked:
+            transfer.add("values", plan.values)
+        present = [g.detach() for g in grads if g is not None and g.numel()]
+        by_device: Dict[Any, List[Tensor]] = {}
+        for g in present:
+            by_device.setdefault(g.device, []).append(g)
+        for n, group in enumerate(by_device.values()):
+            norms = torch._foreach_norm(group, math.inf)
+            transfer.add(f"peaks{n}", torch.stack([x.to(torch.float64) for x in norms]))
+        host = transfer.fetch()  # the plain step's one host read
+        with host_stage():
+            if "values" in host:
+                plan.values = host["values"]
+                names = [plan.parsed.names[i] for i in plan.present]
+                bad = non_finite_losses(names, plan.values)
+                if bad is not None:
+                    return bad
+            peaks = [v for name, t in host.items() if name != "values" for v in t.tolist()]
+            return None if all(math.isfinite(v) for v in peaks) else "non-finite gradient"
 
     def _plain_commit(self, plan: PlainPlan) -> Outcome:
         """Commit a plain step's structure and weighting state; its Outcome (no gradients)."""
@@ -237,10 +273,10 @@ class PlainPath:
         except BaseException:
             self._generator.set_state(plan.generator_state)  # the weights' draws, undone
             raise
-        finite = all_finite([local(g) for g in grads if g is not None])
-        if not (self._rows.agree(finite) if self._sharded else finite):
+        why = self._plain_check(plan, grads)
+        if why is not None:
             self._generator.set_state(plan.generator_state)
-            return self._skip("non-finite gradient", plan.values)
+            return self._skip(why, plan.values)
         outcome = self._plain_commit(plan)
         for p, g in zip(params, grads):
             write_grad(p, g)

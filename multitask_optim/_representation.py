@@ -4,7 +4,7 @@
 MGDA-UB) needs, per task, the gradient of its loss w.r.t. ``z`` and w.r.t. its own
 parameters; only the heads are traversed, never the trunk. Two paths give the same rows:
 
-- **Factored** (:func:`factored_rows`, :class:`~._gradients.HeadFactor`), when every
+- **Factored** (:func:`factored_rows`, :class:`~._factors.HeadFactor`), when every
   head reads ``z`` (2-D) only through linear maps of its own (``nn.Linear``,
   ``F.linear``, ``z @ W``): ONE backward of all losses gives each map's output gradient
   ``delta_a`` and every task's own-parameter gradients (each map and each own parameter
@@ -29,7 +29,8 @@ import torch
 from torch import Tensor
 from torch.autograd.graph import GradientEdge
 
-from ._gradients import HEAD_BLOCK, HeadFactor, TaskGradients
+from ._factors import HEAD_BLOCK, HeadFactor
+from ._gradients import TaskGradients
 from ._graph import LossGraph, Node
 
 #: A linear map of a head: ``(task, its autograd node, M)`` with the map ``z @ M``.
@@ -122,7 +123,7 @@ def factored_is_cheaper(k: int, features: Tensor, maps: Sequence[HeadMap]) -> bo
 
     Both paths form one ``N x O x D`` product (the dense one in its K backwards, the
     factored one in its update). The factored Gram then costs ``(N + D) O^2``, less with
-    its symmetric blocks (:func:`~._gradients.head_gram`); the dense one forms, reduces
+    its symmetric blocks (:func:`~._factors.head_gram`); the dense one forms, reduces
     and combines ``K`` rows of ``N x D``: ``K N D (K + 2)``.
     """
     n, d = features.shape
@@ -139,7 +140,7 @@ def factored_rows(
     graph: LossGraph,
     maps: List[HeadMap],
 ) -> TaskGradients:
-    """The factored path (:class:`~._gradients.HeadFactor`): one backward of all losses."""
+    """The factored path (:class:`~._factors.HeadFactor`): one backward of all losses."""
     k = len(losses)
     own = [[p for p in tasks[i] if graph.reached_by(p) & (1 << i)] for i in range(k)]
     inputs = [GradientEdge(node, 0) for _, node, _ in maps] + [p for params in own for p in params]
@@ -159,5 +160,8 @@ def factored_rows(
     owner = torch.cat(
         [torch.full((int(m.shape[1]),), t, dtype=torch.long, device=m.device) for t, _, m in maps]
     )
-    factor = HeadFactor(torch.cat(deltas, dim=1), torch.cat([m for _, _, m in maps], dim=1), owner, k)
+    columns = [t for t, _, m in maps for _ in range(int(m.shape[1]))]
+    factor = HeadFactor(
+        torch.cat(deltas, dim=1), torch.cat([m for _, _, m in maps], dim=1), owner, k, columns
+    )
     return TaskGradients([None], task_grads, [factor])

@@ -29,10 +29,14 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from ._combine import CombinePlan
 from ._distributed import all_average, world_size
 from ._engine import GradientEngine, HeadPaths
-from ._gradients import GramFactor, Rows, TaskGradients, all_finite, reduce_tasks
+from ._factors import GramFactor
+from ._gradients import Rows, TaskGradients, all_finite, reduce_tasks
+from ._gram import GramPart
 from ._graph import LossGraph
+from ._host import host_stage
 from ._losses import check_tensor
 from .partition import Partition
 
@@ -81,7 +85,7 @@ class ParameterRows:
     ) -> TaskGradients:
         """``once``: these gradients are combined with one set of coefficients and nothing
         else (one step, one block, not accumulated): on one process the engine may then
-        keep only the Gram of large factored layers (:class:`~._gradients.GramFactor`).
+        keep only the Gram of large factored layers (:class:`~._factors.GramFactor`).
         ``keep``: the graph stays usable for a backward of the caller's (weights-only mode)."""
         defer = once and world_size() == 1
         return self.engine.compute(losses, graph, partition.shared, partition.tasks, defer, keep)
@@ -96,10 +100,20 @@ class ParameterRows:
     def grams(self, grads: TaskGradients, blocks: Sequence[Sequence[int]], num_tasks: int) -> Tensor:
         return grads.grams(blocks, num_tasks)
 
+    def gram_parts(self, grads: TaskGradients, blocks: Sequence[Sequence[int]]) -> List[GramPart]:
+        """Every block's Gram contributions, on the device (read with the step's one transfer)."""
+        return grads.gram_parts(blocks)
+
     def updates(
         self, grads: TaskGradients, blocks: Sequence[Sequence[int]], mix: Tensor, partition: Partition
     ) -> Tuple[Rows, bool]:
         return grads.combine(blocks, mix)
+
+    def planned_updates(
+        self, grads: TaskGradients, blocks: Sequence[Sequence[int]], plan: CombinePlan, partition: Partition
+    ) -> Tuple[Rows, bool]:
+        """``J_b^T c_b`` as the host planned it (no host read unless the plan says so)."""
+        return grads.combine_planned(blocks, plan)
 
     def path(self) -> Optional[str]:
         return self.engine.mode
@@ -167,13 +181,34 @@ class RepresentationRows:
             gram = all_average([gram])[0] / size
         return gram
 
+    def gram_parts(self, grads: TaskGradients, blocks: Sequence[Sequence[int]]) -> List[GramPart]:
+        """The rows' Gram on the device; under torch.distributed, the ranks' average (read there)."""
+        if world_size() == 1:
+            return grads.gram_parts(blocks)
+        return [GramPart(b, g) for b, g in enumerate(self.grams(grads, blocks, len(grads.tasks)))]
+
+    def planned_updates(
+        self, grads: TaskGradients, blocks: Sequence[Sequence[int]], plan: CombinePlan, partition: Partition
+    ) -> Tuple[Rows, bool]:
+        """``Z^T c`` as the host planned it, then one backward through the trunk.
+
+        The trunk's update is read once to check it: the per-task gradients inside the
+        trunk are never formed in this mode, so nothing bounds it beforehand."""
+        combined, finite = TaskGradients(grads.shared[:1], [], grads.factors).combine_planned([[0]], plan)
+        return self._through_trunk(combined[0], finite, plan.coefficients, partition)
+
     def updates(
         self, grads: TaskGradients, blocks: Sequence[Sequence[int]], mix: Tensor, partition: Partition
     ) -> Tuple[Rows, bool]:
         # Z^T c with the same float64 fallback and coefficient rescaling as parameter mode:
         # a coefficient beyond the rows' dtype (a tiny task scaled up) must not overflow
         combined, finite = TaskGradients(grads.shared[:1], [], grads.factors).combine([[0]], mix)
-        feature_grad = combined[0]
+        return self._through_trunk(combined[0], finite, mix, partition)
+
+    def _through_trunk(
+        self, feature_grad: Optional[Tensor], finite: bool, mix: Tensor, partition: Partition
+    ) -> Tuple[Rows, bool]:
+        """The shared parameters' updates from the combined feature gradient."""
         if not finite or feature_grad is None:
             return [None] * len(partition.shared), False
         reached = [p for p in partition.shared if self.graph.reached_by(p)]
@@ -195,7 +230,8 @@ class RepresentationRows:
         ``z`` (one backward through the heads, which never enters the trunk)."""
         if not params:
             return {}
-        factors = (mix.reshape(-1) / self.loss_scale).tolist()
+        with host_stage():  # the coefficients are the host stage's
+            factors = (mix.reshape(-1) / self.loss_scale).tolist()
         total = sum(loss * f for loss, f in zip(self.losses, factors))
         grads = torch.autograd.grad(total, list(params), allow_unused=True)  # type: ignore[arg-type]
         return {id(p): g for p, g in zip(params, grads)}

@@ -51,6 +51,7 @@ from torch import Tensor
 from ._clipping import clip_
 from ._distributed import world_size
 from ._gradients import all_finite
+from ._host import host_stage
 from ._losses import Losses, Parsed, Samples, parse_losses
 from ._pipeline import Outcome
 from ._plain import loss_factors, ranked_values, weighted_sum
@@ -201,10 +202,12 @@ def _book(
 ) -> Optional[Tensor]:
     """What a taken step records besides the update: the weighting's gradient (as a term
     of the scalar), the step counter and ``last_stats``."""
-    extra = _weighting_term(opt, names, present, values, outcome)
-    objective = opt.weighting.objective(values, outcome.weights)
+    with host_stage():  # a learnable weighting's parameters live on the host
+        extra = _weighting_term(opt, names, present, values, outcome)
+    weighting, weights = opt.weighting, outcome.weights
     opt._steps += 1
-    opt._record(names, present, values, outcome, source, objective)
+    opt._record(names, present, values, outcome, source)
+    opt.last_stats.defer(lambda: {"objective": weighting.objective(values, weights)})
     opt.last_stats["weights_only"] = True
     return extra
 

@@ -87,16 +87,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
+from ._combine import CombinePlan
 from ._engine import GradientEngine
 from ._fsdp_shards import RowShards
 from ._fsdp_state import MultiTaskState, get_optimizer_state_dict, set_optimizer_state_dict
 from ._gradients import Rows, TaskGradients, all_finite
-from ._gram import dense_grams
+from ._gram import GramPart, dense_grams
 from ._graph import LossGraph
 from ._sources import ParameterRows
 from .aggregators.base import Shards
@@ -214,11 +215,17 @@ class ShardedGradients(TaskGradients):
 
     source: Optional[FSDPRows] = field(default=None, repr=False)
 
+    sharded: ClassVar[bool] = True
+
     def grams(self, blocks: Sequence[Sequence[int]], num_tasks: int) -> Tensor:
         """``G_b = sum_r J_b^(r) J_b^(r)T``: partial Grams, one all-reduce (float64)."""
         partial = dense_grams(self.shared, blocks, num_tasks)
         assert self.source is not None
         return self.source.sum_grams(partial, self.shared)
+
+    def gram_parts(self, blocks: Sequence[Sequence[int]]) -> List[GramPart]:
+        """The ranks' partial Grams summed (one all-reduce, read there): host values."""
+        return [GramPart(b, g) for b, g in enumerate(self.grams(blocks, len(self.tasks)))]
 
     def agree(self, ok: bool) -> bool:
         """Whether every rank found ``ok`` (a local check of sharded values)."""
@@ -431,6 +438,12 @@ class FSDPRows(ParameterRows):
 
     def grams(self, grads: TaskGradients, blocks: Sequence[Sequence[int]], num_tasks: int) -> Tensor:
         return grads.grams(blocks, num_tasks)
+
+    def planned_updates(
+        self, grads: TaskGradients, blocks: Sequence[Sequence[int]], plan: CombinePlan, partition: Partition
+    ) -> Tuple[Rows, bool]:
+        """:meth:`updates` with the plan's coefficients (the ranks vote on finiteness there)."""
+        return self.updates(grads, blocks, plan.coefficients, partition)
 
     def updates(
         self, grads: TaskGradients, blocks: Sequence[Sequence[int]], mix: Tensor, partition: Partition

@@ -29,8 +29,9 @@ from ._clipping import check_max_grad_norm
 from ._components import State
 from ._distributed import all_average, world_size
 from ._engine import GradientEngine
-from ._gradients import all_finite
+from ._gradients import TaskGradients, all_finite
 from ._graph import analyse
+from ._host import Transfer, host_stage
 from ._losses import (
     Losses,
     Samples,
@@ -43,11 +44,13 @@ from ._losses import (
     task_samples,
 )
 from ._pipeline import (
+    Fetched,
     Gathered,
     Outcome,
+    RowResult,
     aggregate_and_combine,
-    all_ones,
-    finite_values,
+    aggregate_rows,
+    fetch_step,
     merged_states,
     non_finite_losses,
     precondition,
@@ -56,7 +59,7 @@ from ._pipeline import (
     sub_components,
     sub_states,
     weighted_gram,
-    weighting_gram,
+    weighting_parts,
 )
 from ._plain import PlainPath
 from ._schedule import Schedule
@@ -443,12 +446,8 @@ class MultiTaskOptimizer(Bookkeeping, PlainPath, Optimizer):
             self._rows.agree_on_tasks(names, parsed.present, first=into is None)
         if representation is not None:
             check_representation(representation, self.preconditioner, self.aggregator, parsed.partial)
-        values = loss_values(loss_list)
-        bad = None if world_size() > 1 else non_finite_losses(parsed.present_names, values)
+        values = loss_values(loss_list)  # checked on the host with the rest of the step (see _compute)
         weights = None if counts is None else torch.tensor(counts, dtype=torch.float64)
-        if bad is not None:
-            out = Gathered(names, values, bad=bad, present=parsed.present, samples=weights)
-            return (out if into is None else into + out), self._rows
         graph = self._rows.map_graph(analyse(loss_list), self._params, representation)
         for name, tensor in (("representation", representation), *named_features(features)):
             if tensor is not None:
@@ -504,72 +503,127 @@ class MultiTaskOptimizer(Bookkeeping, PlainPath, Optimizer):
     ) -> Tuple[Optional[Outcome], Optional[str], Tensor, Optional[Tensor]]:
         """Reduce, weigh, precondition, Gram, aggregate, combine: an Outcome, or why to skip.
 
+        What the host decides on (the losses, the Grams, whether the gradients are
+        finite) is formed on the device and read in **one** transfer (:mod:`._host`);
+        the weights, the coefficients and how to combine are then decided on the host.
         ``combine=False``: no update is formed (the Outcome has coefficients, no gradients)."""
         assert gathered.grads is not None and gathered.structure is not None
         names, structure, present = gathered.names, gathered.structure, gathered.present
-        k = len(present)
         full = self.schedule.runs(self._steps)  # else only the weighting runs (accumulated plain step)
         if source.mode == "parameters":  # reduced across ranks in _run
             grads, values = gathered.grads, gathered.values
         else:
             grads, values = source.reduce(gathered.grads, gathered.values)
-        if not finite_values(values) or not grads.all_finite():
-            return None, "non-finite loss or gradient", values, None
         current = self._current_states(len(names), len(structure.blocks))
         old = sub_states(self._components(), current, present, len(names)) if full else {}
-        aggregator = sub_components(self._components(), present, len(names))["surgery"]
-        weights, states, why = self._weigh(names, present, values, old, current)
-        if why is not None:
-            return None, why, values, weights
         blocks = source.blocks(structure.blocks)
+        # Element-wise stages (preconditioning, row methods) need rows that carry their
+        # weights: the weights come first (one read of the losses, when they depend on
+        # them); otherwise they are applied in Gram space (float64), where tiny weights
+        # keep their precision, and to the coefficients.
+        rowwise = full and self.aggregator.needs_jacobian  # a row method also reads the losses first
+        carry = rowwise or (full and self.preconditioner is not None)
+        transfer = Transfer()
+        first = self._weigh_first(names, present, values, old, current, rowwise) if carry else None
+        if first is not None and first.why is not None:
+            return None, first.why, first.values, first.weights
+        wparts, wblocks = weighting_parts(self.weighting, grads, structure, source), 1
+        if first is not None:
+            grads = grads if all(f == 1.0 for f in first.factors) else grads.scaled(first.factors)
+            if not wparts and self.weighting.needs_gram:  # every block's Gram, before preconditioning
+                wparts, wblocks = source.gram_parts(grads, blocks), len(blocks)
+            if self.preconditioner is not None:
+                keys = [str(self._index_of[id(p)]) for p in structure.partition.shared]
+                grads, first.states["precondition"], peaks = precondition(
+                    self.preconditioner, grads, keys, old["precondition"]
+                )
+                if peaks is not None:
+                    transfer.add("precondition", peaks)
+        parts = source.gram_parts(grads, blocks)
+        rows = None
+        if rowwise:  # not linear in the rows: runs on the device, its updates read with the rest
+            assert first is not None and first.weights is not None
+            aggregator = sub_components(self._components(), present, len(names))["surgery"]
+            ctx = AggregationContext(self._generator, first.values * first.weights, self._steps)
+            rows = aggregate_rows(aggregator, old["surgery"], grads, parts, blocks, structure.partition, ctx)
+            transfer.add("updates", rows.peaks)
+        host = fetch_step(transfer, values, parts, (wparts, wblocks), grads, len(blocks))  # one host read
+        with host_stage():
+            values = host.values
+            why = host.problem(names, present, self.preconditioner is not None)
+            if why is not None:
+                return None, why, values, None if first is None else first.weights
+            if first is None or first.later:  # the weighting runs on the losses just read
+                weights, states, why = self._weigh(names, present, values, old, current)
+                if why is not None:
+                    return None, why, values, weights
+                states.update({} if first is None else first.states)
+            else:
+                assert first.weights is not None
+                weights, states = first.weights, first.states
+        return self._finish(
+            host, grads, weights, states, old, current, full, carry, source, gathered, combine, rows
+        )
+
+    def _finish(
+        self,
+        host: Fetched,
+        grads: TaskGradients,
+        weights: Tensor,
+        states: Dict[str, State],
+        old: Dict[str, State],
+        current: Dict[str, State],
+        full: bool,
+        carry: bool,
+        source: Source,
+        gathered: Gathered,
+        combine: bool,
+        rows: Optional[RowResult],
+    ) -> Tuple[Optional[Outcome], Optional[str], Tensor, Optional[Tensor]]:
+        """Aggregate on the host (a row method already ran, ``rows``), combine, scale the
+        task gradients: the Outcome of a step whose checks passed."""
+        names, structure, present, values = gathered.names, gathered.structure, gathered.present, host.values
+        assert structure is not None
+        k, blocks = len(present), source.blocks(structure.blocks)
+        with host_stage():
+            gram = host.gram if carry else weighted_gram(host.gram, weights)
+            wgram = host.weighting_gram(self.weighting, weights, carry, gram)
+            w = weights.tolist()
         if not full:
             mix = weights.view(1, -1).expand(len(blocks), k)
-            updates, finite = source.updates(grads, blocks, mix, structure.partition)
-            task_grads = scale_tasks(grads.tasks, weights.tolist())
+            updates, finite = source.planned_updates(
+                grads, blocks, host.plan(grads, blocks, mix), structure.partition
+            )
+            task_grads = scale_tasks(grads.tasks, w)
             outcome = Outcome(weights, None, None, updates, task_grads, states)
             return (
                 (outcome, None, values, weights) if finite else (None, "non-finite update", values, weights)
             )
-        # Element-wise stages (preconditioning, row methods) need rows that carry their
-        # weights; otherwise the weights are applied in Gram space (float64), where tiny
-        # weights keep their precision, and to the coefficients.
-        carry = self.preconditioner is not None or self.aggregator.needs_jacobian
-        if carry:
-            grads = grads if all_ones(weights) else grads.scaled(weights.tolist())
-            wgram = weighting_gram(self.weighting, grads, structure, source, None, None)
-            if self.preconditioner is not None:
-                keys = [str(self._index_of[id(p)]) for p in structure.partition.shared]
-                grads, states["precondition"], why = precondition(
-                    self.preconditioner, grads, keys, old["precondition"]
-                )
-                if why is not None:
-                    return None, why, values, weights
-            gram = source.grams(grads, blocks, k)
+        if rows is not None:
+            coefs, updates, states["surgery"] = rows.coefficients, rows.updates, rows.state
         else:
-            gram = weighted_gram(source.grams(grads, blocks, k), weights)
-            wgram = weighting_gram(self.weighting, grads, structure, source, gram, weights)
-        agg_ctx = AggregationContext(self._generator, values * weights, self._steps)
-        combined = aggregate_and_combine(
-            aggregator,  # type: ignore[arg-type]
-            old["surgery"],
-            grads,
-            gram,
-            blocks,
-            structure.partition,
-            source,
-            agg_ctx,
-            weights if not carry else None,
-            combine,
-        )
-        coefs, updates, states["surgery"], why = combined
-        if why is not None:
-            return None, why, values, weights
-        task_grads = (
-            [] if not combine else grads.tasks if carry else scale_tasks(grads.tasks, weights.tolist())
-        )
-        overflow_possible = any(abs(w) > 1.0 for w in weights.tolist())  # |w| <= 1 keeps finite finite
-        if overflow_possible and not all_finite([g for task in task_grads for g in task if g is not None]):
-            return None, "a weighted task gradient overflows", values, weights  # e.g. w_i * g_i > float32 max
+            aggregator = sub_components(self._components(), present, len(names))["surgery"]
+            agg_ctx = AggregationContext(self._generator, values * weights, self._steps)
+            combined = aggregate_and_combine(
+                aggregator,  # type: ignore[arg-type]
+                old["surgery"],
+                grads,
+                gram,
+                blocks,
+                structure.partition,
+                source,
+                agg_ctx,
+                weights if not carry else None,
+                combine,
+                host,
+            )
+            coefs, updates, states["surgery"], why = combined
+            if why is not None:
+                return None, why, values, weights
+        task_grads = [] if not combine else grads.tasks if carry else scale_tasks(grads.tasks, w)
+        if combine and not carry and not host.weights_fit(grads, w):  # e.g. w_i * g_i > float32 max
+            if not all_finite([g for task in task_grads for g in task if g is not None]):  # (rare: a read)
+                return None, "a weighted task gradient overflows", values, weights
         stats = source.stats(grads)
         rest = {kind: state for kind, state in states.items() if kind != "weighting"}
         states = {

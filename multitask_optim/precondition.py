@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from ._components import Component, Registry, State
+from ._host import host_stage
 
 Rows = List[Optional[Tensor]]
 
@@ -139,7 +140,8 @@ class Adam(RMSProp):
 
     def second_moment(self, v_old: Tensor, square: Tensor, step: Tensor) -> Tuple[Tensor, Tensor]:
         v = torch.lerp(v_old, square, 1.0 - self.beta2)
-        corrections = [1.0 - self.beta2 ** float(t) for t in step.tolist()]
+        with host_stage():  # the step counts are host state (float64 CPU)
+            corrections = [1.0 - self.beta2 ** float(t) for t in step.tolist()]
         if len(set(corrections)) == 1:
             return v, v / corrections[0]
         shape = (len(corrections),) + (1,) * (v.dim() - 1)

@@ -72,3 +72,26 @@ def engine_clock(monkeypatch: pytest.MonkeyPatch) -> EngineClock:
     clock = EngineClock()
     monkeypatch.setattr(engine, "clock", clock)
     return clock
+
+
+#: The devices a test marked ``devices`` runs on: the CPU always, CUDA when present.
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    # A CPU-only machine runs a marked test once, under its usual id; with CUDA present
+    # every marked test gains a [cpu] and a [cuda] variant.
+    if metafunc.definition.get_closest_marker("devices") and len(DEVICES) > 1:
+        metafunc.fixturenames.append("_device")
+        metafunc.parametrize("_device", DEVICES, indirect=True)
+
+
+@pytest.fixture
+def _device(request: pytest.FixtureRequest):
+    """Point tests/models.py at ``request.param`` for one test."""
+    import models
+
+    saved = models.DEVICE
+    models.DEVICE = torch.device(request.param)
+    yield models.DEVICE
+    models.DEVICE = saved

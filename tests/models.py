@@ -18,13 +18,18 @@ from torch import Tensor, nn
 
 Batch = Tuple[Tensor, List[Tensor]]
 
+#: Where :func:`build`, :func:`multihead` put models and the batch helpers put data. The
+#: ``devices`` marker (tests/conftest.py) sets it for each device the test runs on; the
+#: data are drawn on the CPU first, so every device sees the same numbers.
+DEVICE = torch.device("cpu")
+
 
 def build(factory: Callable[..., nn.Module], seed: int = 0, dtype: torch.dtype = torch.float32, **kw: Any):
     """Build ``factory(**kw)`` under ``torch.manual_seed(seed)`` without touching the global RNG."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = factory(**kw)
-    return model.to(dtype)
+    return model.to(device=DEVICE, dtype=dtype)
 
 
 def twin(model: nn.Module) -> nn.Module:
@@ -48,7 +53,7 @@ def regression_batch(
     g = generator(step, seed)
     x = torch.randn(batch, in_dim, generator=g, dtype=torch.float64)
     targets = [torch.randn(batch, d, generator=g, dtype=torch.float64) for d in out_dims]
-    return x.to(dtype), [t.to(dtype) for t in targets]
+    return x.to(device=DEVICE, dtype=dtype), [t.to(device=DEVICE, dtype=dtype) for t in targets]
 
 
 def parameter_names(model: nn.Module) -> Dict[int, str]:
@@ -333,12 +338,12 @@ def multihead(k: int = 3, seed: int = 0) -> MultiHead:
     """A fresh :class:`MultiHead` (default sizes), the same for the same ``k`` and ``seed``."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return MultiHead(k)
+        return MultiHead(k).to(DEVICE)
 
 
 def conflicting_losses(model: MultiHead, seed: int, scale: float = 1.0) -> List[Tensor]:
     """MSE losses of a batch of 10 drawn from ``seed``, with targets of alternating sign per task."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(10, 6, generator=g)
-    base = torch.randn(10, 2, generator=g) + 1.0
+    x = torch.randn(10, 6, generator=g).to(DEVICE)
+    base = (torch.randn(10, 2, generator=g) + 1.0).to(DEVICE)
     return [F.mse_loss(y, (-1.0) ** i * base) * scale for i, y in enumerate(model(x))]

@@ -20,6 +20,9 @@ from models import TrunkHeads, build
 
 from multitask_optim import MultiTaskOptimizer
 
+#: Runs on every available device (the CPU always, CUDA when present).
+pytestmark = pytest.mark.devices
+
 NAMES = ["depth", "label", "edges"]
 
 

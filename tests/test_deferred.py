@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from multitask_optim import MultiTaskOptimizer
 from multitask_optim import _engine as engine
 from multitask_optim import _native as native
-from multitask_optim._gradients import GramFactor, LinearFactor
+from multitask_optim._factors import GramFactor, LinearFactor
 from multitask_optim._graph import analyse
 from multitask_optim._jacobian import run_path
 

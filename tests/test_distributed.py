@@ -1,4 +1,5 @@
-"""torch.distributed: two gloo ranks on half a batch each equal one process on the whole batch.
+"""torch.distributed: two ranks on half a batch each equal one process on the whole batch
+(gloo on the CPU; NCCL, one GPU per rank, where every rank has a GPU).
 
 Two processes are spawned once for the module (``torch.multiprocessing``, start method
 ``spawn``, rendezvous through a file in ``tmp_path``: no network port). Each rank runs
@@ -44,7 +45,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from models import MultiHead
-from ranks import HANG_TIMEOUT_S, tasks_on_one_rank
+from ranks import HANG_TIMEOUT_S, backend, rank_device, tasks_on_one_rank
 from torch import Tensor, nn
 
 from multitask_optim import MultiTaskOptimizer
@@ -55,6 +56,9 @@ BATCH = 16
 IN_DIM = 6
 HIDDEN = 12
 TIMEOUT_S = HANG_TIMEOUT_S
+#: Where this process's models and batches live: a rank's own GPU where every rank has
+#: one (NCCL), else the CPU (gloo); the one-process references stay on the CPU.
+DEVICE = torch.device("cpu")
 
 # name -> settings. "wrap": "plain" or "ddp"; "micro": micro-batches per rank (accumulate);
 # "nan_step": the step at which rank 1's first loss is NaN (both ranks must skip it).
@@ -147,7 +151,7 @@ def forward(model: nn.Module, x: Tensor, cfg: Dict[str, Any]) -> Tuple[List[Tens
 def build_model(k: int) -> MultiHead:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(1234)
-        return MultiHead(k, IN_DIM, HIDDEN)
+        return MultiHead(k, IN_DIM, HIDDEN).to(DEVICE)
 
 
 def full_batch(step: int, k: int) -> Tuple[Tensor, List[Tensor]]:
@@ -155,7 +159,7 @@ def full_batch(step: int, k: int) -> Tuple[Tensor, List[Tensor]]:
     x = torch.randn(BATCH, IN_DIM, generator=g)
     base = torch.randn(BATCH, 2, generator=g) + 1.0
     targets = [(-1.0) ** i * base + 0.3 * torch.randn(BATCH, 2, generator=g) for i in range(k)]
-    return x, targets
+    return x.to(DEVICE), [t.to(DEVICE) for t in targets]
 
 
 def make_optimizer(model: nn.Module, cfg: Dict[str, Any]) -> MultiTaskOptimizer:
@@ -184,7 +188,9 @@ def run_config(cfg: Dict[str, Any], rank: int, world: int) -> Dict[str, Any]:
     model = build_model(k)
     net: nn.Module = model
     if cfg["wrap"] == "ddp":
-        net = nn.parallel.DistributedDataParallel(model)
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[DEVICE.index] if DEVICE.index is not None else None
+        )
     opt = make_optimizer(model, cfg)
     conflicts = 0
     skipped_steps: List[int] = []
@@ -258,8 +264,12 @@ def _train_step(
 
 
 def _worker(rank: int, world: int, root: str) -> None:
+    global DEVICE
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{root}/rendezvous", rank=rank, world_size=world)
+    DEVICE = rank_device(rank, world)
+    dist.init_process_group(
+        backend(world), init_method=f"file://{root}/rendezvous", rank=rank, world_size=world
+    )
     try:
         results = {name: run_config(cfg, rank, world) for name, cfg in CONFIGS.items()}
         dist.barrier()
@@ -316,7 +326,7 @@ def ranks(tmp_path_factory) -> List[Dict[str, Any]]:
         pytest.skip("torch.distributed with the gloo backend is not available")
     root = tmp_path_factory.mktemp("ddp")
     run_spawned(root, WORLD, TIMEOUT_S)
-    return [torch.load(root / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    return [torch.load(root / f"rank{r}.pt", weights_only=True, map_location="cpu") for r in range(WORLD)]
 
 
 def _tensors(obj: Any, prefix: str = "") -> Dict[str, Tensor]:

@@ -1,4 +1,5 @@
-"""FSDP2 (``fully_shard``): two gloo ranks on half a batch each equal one process on the whole batch.
+"""FSDP2 (``fully_shard``): two ranks on half a batch each equal one process on the whole batch
+(gloo on the CPU; NCCL, one GPU per rank, where every rank has a GPU).
 
 Two processes are started once for the module (``torch.multiprocessing``, start method
 ``fork`` where available -- about 2 s instead of about 15 s for ``spawn``, which
@@ -31,7 +32,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from ranks import HANG_TIMEOUT_S, tasks_on_one_rank
+from ranks import HANG_TIMEOUT_S, backend, rank_device, start_method, tasks_on_one_rank
 from torch import Tensor, nn
 
 from multitask_optim import MultiTaskOptimizer
@@ -44,6 +45,9 @@ BATCH = 16
 IN_DIM = 6
 HIDDEN = 11
 TIMEOUT_S = HANG_TIMEOUT_S
+#: Where this process's models and batches live: a rank's own GPU where every rank has
+#: one (NCCL), else the CPU (gloo); the one-process references stay on the CPU.
+DEVICE = torch.device("cpu")
 
 CONFIGS: Dict[str, Dict[str, Any]] = {
     "pcgrad-k2": {"surgery": "pcgrad", "k": 2},
@@ -122,13 +126,21 @@ class MultiHead(nn.Module):
 def build_model(k: int, seed: int = 1234) -> MultiHead:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return MultiHead(k)
+        return MultiHead(k).to(DEVICE)
+
+
+def mesh(device_type: str) -> Any:
+    """The 1-D mesh over every rank on ``device_type`` (FSDP's default mesh would be CUDA
+    wherever CUDA exists, also for the checks that stay on the CPU)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(device_type, (dist.get_world_size(),))
 
 
 def shard(model: MultiHead, policy: str = "") -> MultiHead:
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
-    kwargs: Dict[str, Any] = {}
+    kwargs: Dict[str, Any] = {"mesh": mesh(DEVICE.type)}
     if policy == "offload":
         kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=False)  # pinning needs an accelerator
     elif policy == "keep":  # parameters stay unsharded from forward to backward
@@ -158,7 +170,7 @@ def full_batch(step: int, k: int) -> Tuple[Tensor, List[Tensor]]:
     x = torch.randn(BATCH, IN_DIM, generator=g)
     base = torch.randn(BATCH, 1, generator=g) + 1.0
     targets = [(-1.0) ** i * base * (1.0 + i) + 0.3 * torch.randn(BATCH, 1, generator=g) for i in range(k)]
-    return x, targets
+    return x.to(DEVICE), [t.to(DEVICE) for t in targets]
 
 
 def make_optimizer(model: MultiHead, cfg: Dict[str, Any]) -> MultiTaskOptimizer:
@@ -351,8 +363,12 @@ def refusals(rank: int, world: int) -> Dict[str, str]:
 
 
 def _worker(rank: int, world: int, root: str) -> None:
+    global DEVICE
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{root}/rendezvous", rank=rank, world_size=world)
+    DEVICE = rank_device(rank, world)
+    dist.init_process_group(
+        backend(world), init_method=f"file://{root}/rendezvous", rank=rank, world_size=world
+    )
     try:
         results: Dict[str, Any] = {}
         for name, cfg in CONFIGS.items():
@@ -394,7 +410,8 @@ def edge_cases() -> Dict[str, Any]:
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     out: Dict[str, Any] = {}
-    half = {"mp_policy": MixedPrecisionPolicy(param_dtype=torch.float16, reduce_dtype=torch.float32)}
+    cpu = {"mesh": mesh("cpu")}  # these checks are of the CPU's float16 and GradScaler
+    half = {"mp_policy": MixedPrecisionPolicy(param_dtype=torch.float16, reduce_dtype=torch.float32), **cpu}
 
     torch.manual_seed(0)
     model = TwoHeads(4, 4, bias=False)
@@ -409,8 +426,8 @@ def edge_cases() -> Dict[str, Any]:
 
     torch.manual_seed(0)
     model = TwoHeads(4, 4, bias=False)
-    fully_shard(model.trunk)
-    fully_shard(model)
+    fully_shard(model.trunk, **cpu)
+    fully_shard(model, **cpu)
     opt = MultiTaskOptimizer(
         torch.optim.SGD(model.parameters(), lr=0.0),
         surgery="pcgrad",
@@ -449,8 +466,8 @@ def edge_cases() -> Dict[str, Any]:
 
     torch.manual_seed(0)
     model = TwoHeads(1, 1)
-    fully_shard(model.trunk)
-    fully_shard(model)
+    fully_shard(model.trunk, **cpu)
+    fully_shard(model, **cpu)
     opt = MultiTaskOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), surgery="pcgrad")
     o0, o1 = model(torch.randn(4, 4))
     opt.step({"a": o0.pow(2).mean(), "b": o1.pow(2).mean()})
@@ -460,7 +477,7 @@ def edge_cases() -> Dict[str, Any]:
 
 def run_ranks(root: Path, world: int, timeout: float) -> None:
     """Start ``world`` ranks, wait at most ``timeout`` seconds, always reap them."""
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    method = start_method(world)
     context = mp.start_processes(
         _worker, args=(world, str(root)), nprocs=world, join=False, start_method=method
     )
@@ -484,7 +501,7 @@ def ranks(tmp_path_factory) -> List[Dict[str, Any]]:
     root = tmp_path_factory.mktemp("fsdp")
     try:
         run_ranks(root, WORLD, TIMEOUT_S)
-        return [torch.load(root / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+        return [torch.load(root / f"rank{r}.pt", weights_only=True, map_location="cpu") for r in range(WORLD)]
     finally:
         shutil.rmtree(root / "dcp", ignore_errors=True)
 

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 import multitask_optim._engine as engine
 from multitask_optim import MultiTaskOptimizer
-from multitask_optim._gradients import head_gram
+from multitask_optim._factors import head_gram
 from multitask_optim._graph import analyse
 from multitask_optim._representation import dense_rows, factored_is_cheaper, factored_rows, head_maps
 
@@ -211,7 +211,7 @@ def test_head_gram_blocks_equal_the_whole_product(monkeypatch: pytest.MonkeyPatc
     onehot = nn.functional.one_hot(torch.randint(0, k, (o,), generator=g), k).double()
     whole = onehot.T @ ((deltas.T @ deltas) * (maps.T @ maps)) @ onehot
     for block in (1, 2, 3, 5, 64):
-        monkeypatch.setattr("multitask_optim._gradients.HEAD_BLOCK", block)
+        monkeypatch.setattr("multitask_optim._factors.HEAD_BLOCK", block)
         torch.testing.assert_close(head_gram(deltas, maps, onehot), whole, rtol=1e-12, atol=1e-12)
 
 

@@ -4,7 +4,7 @@ developers), sections 1-4).
 Drop-in equivalence with the inner optimizer, PCGrad's K = 2 guarantee, agreement of
 the gradient paths, bitwise resume, LR schedulers and param-group splitting, automatic
 partition, the plain ``step()`` path, the ``torch.optim.Optimizer`` contract, and Gram
-granularity. Every test is seeded, CPU-only and uses tiny models.
+granularity. Every test is seeded and uses tiny models; it runs on every available device.
 """
 
 from __future__ import annotations
@@ -32,6 +32,9 @@ from torch import nn
 
 from multitask_optim import MultiTaskOptimizer
 from multitask_optim import _engine as engine
+
+#: Runs on every available device (the CPU always, CUDA when present).
+pytestmark = pytest.mark.devices
 
 INNER: Dict[str, Callable[[Any], torch.optim.Optimizer]] = {
     "sgd_momentum": lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9),

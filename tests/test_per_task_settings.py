@@ -23,6 +23,9 @@ from torch import Tensor
 
 from multitask_optim import AGGREGATORS, WEIGHTINGS, MultiTaskOptimizer
 
+#: Runs on every available device (the CPU always, CUDA when present).
+pytestmark = pytest.mark.devices
+
 NAMES = ("a", "b", "c")
 PRESENT = (0, 2)  # task "b" is absent
 STEPS = 3

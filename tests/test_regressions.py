@@ -232,7 +232,8 @@ def test_a_coefficient_below_float32_normal_range_keeps_its_precision(factored: 
     coefficient of 1.5e-45 next to one of 2e-15 cast to float32 rounds to the smallest
     subnormal (7% off), and times a 1e29 gradient that is a 3% error of the update. Such
     blocks are combined in float64."""
-    from multitask_optim._gradients import LinearFactor, TaskGradients
+    from multitask_optim._factors import LinearFactor
+    from multitask_optim._gradients import TaskGradients
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(5, 3, generator=g)

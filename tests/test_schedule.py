@@ -20,6 +20,9 @@ from torch import Tensor
 from multitask_optim import MultiTaskOptimizer
 from multitask_optim._schedule import Schedule
 
+#: Runs on every available device (the CPU always, CUDA when present).
+pytestmark = pytest.mark.devices
+
 K = 3
 
 

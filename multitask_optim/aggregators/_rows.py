@@ -9,11 +9,12 @@ update builds a new tensor, so a skipped step can drop it.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
+from .._host import host_stage
 from .base import Shards, State
 
 
@@ -34,18 +35,28 @@ def block_buffer(state: State, key: str, rows: Tensor) -> Tensor:
     return found.to(device=rows.device, dtype=rows.dtype)
 
 
-def block_vector(state: State, key: str, num_blocks: int, num_tasks: int, fill: float) -> Tensor:
-    """``state[key]`` as a ``(B, K)`` float64 CPU tensor, or ``fill`` everywhere when absent."""
+def block_vector(
+    state: State,
+    key: str,
+    num_blocks: int,
+    num_tasks: int,
+    fill: float,
+    device: Optional[torch.device] = None,
+) -> Tensor:
+    """``state[key]`` as a ``(B, K)`` float64 tensor on ``device`` (the rows'; default the
+    CPU), or ``fill`` everywhere when absent. The method's per-step work stays there: no
+    host read (the state follows the rows)."""
     found = state.get(key)
     if found is None or tuple(found.shape) != (num_blocks, num_tasks):
-        return torch.full((num_blocks, num_tasks), fill, dtype=torch.float64)
-    return found.to(device="cpu", dtype=torch.float64)
+        return torch.full((num_blocks, num_tasks), fill, dtype=torch.float64, device=device)
+    return found.to(device=device or torch.device("cpu"), dtype=torch.float64)
 
 
 def calls(state: State) -> int:
     """How many steps the method has taken (its ``"steps"`` counter, 0 when absent)."""
     found = state.get("steps")
-    return 0 if found is None else int(found)
+    with host_stage():  # a host counter (CPU int64 state)
+        return 0 if found is None else int(found)
 
 
 def counter(value: int) -> Tensor:
@@ -53,14 +64,15 @@ def counter(value: int) -> Tensor:
 
 
 def row_norms(rows: Tensor) -> Tensor:
-    """``(K,)`` float64 CPU Euclidean norms of the rows (no overflow for float32 rows)."""
+    """``(K,)`` float64 Euclidean norms of the rows, on their device (no overflow for
+    float32 rows, no host read)."""
     if rows.shape[1] == 0:
-        return torch.zeros(rows.shape[0], dtype=torch.float64)
-    return torch.linalg.vector_norm(rows, dim=1, dtype=torch.float64).cpu()
+        return torch.zeros(rows.shape[0], dtype=torch.float64, device=rows.device)
+    return torch.linalg.vector_norm(rows, dim=1, dtype=torch.float64)
 
 
 def whole_norms(rows: Sequence[Tensor], shards: Shards) -> Tensor:
-    """``(B, K)`` float64 CPU norms of every block's whole rows.
+    """``(B, K)`` float64 norms of every block's whole rows (on the rows' device).
 
     Whole rows: :func:`row_norms` of each block. Shards (FSDP2): the square root of the
     ranks' summed squared shard norms, one :meth:`Shards.sum` for every block (float64

@@ -110,6 +110,11 @@ class Aggregator(Component):
     ``__init__``, report them in :meth:`settings`, and implement :meth:`aggregate`.
     Registering (``@AGGREGATORS.register``) makes the method available as
     ``surgery="name"`` and runs the aggregator contract tests on it.
+
+    :meth:`aggregate` runs on the host: the Grams it gets are float64 CPU tensors (the
+    step's one device-to-host copy, see ``_host``), its state is float64 CPU tensors,
+    and the coefficients it returns go back to the device without blocking. It may loop
+    and branch on values freely: nothing it reads waits for an accelerator.
     """
 
     #: True for methods that are not linear in the Jacobian and need its rows.
@@ -149,6 +154,11 @@ class RowAggregator(Aggregator):
     the per-task preconditioning when it is on). On a model sharded with FSDP2 the rows
     are this rank's shards of the whole rows: a method reads ``ctx.shards``
     (:class:`Shards`) for every sum over a row's elements and every per-element draw.
+
+    Unlike :meth:`Aggregator.aggregate`, :meth:`aggregate_rows` runs on the rows'
+    device (the Grams too are on it): a value it reads on the host (``.item()``,
+    ``if t:``) waits for the device, so the built-in row methods keep their decisions
+    on the device (``torch.where``) and their state on the rows' device.
     """
 
     needs_jacobian: ClassVar[bool] = True
@@ -166,7 +176,7 @@ class RowAggregator(Aggregator):
             rows: per block ``b``, the ``(K, P_b)`` Jacobian (its parameters flattened and
                 concatenated in block order), in the parameters' dtype; under FSDP2 this
                 rank's ``(K, n_b)`` shard of it (see ``ctx.shards``).
-            gram: ``(B, K, K)`` float64 Gram matrices of the same rows.
+            gram: ``(B, K, K)`` float64 Gram matrices of the same rows, on their device.
             state: the method's state (never mutated).
             ctx: generator (every random draw comes from it), losses, step, shards.
 

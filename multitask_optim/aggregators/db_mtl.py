@@ -12,6 +12,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from .._host import host_stage
 from ._rows import block_buffer, calls, check_number, combine, counter, whole_norms
 from .base import AGGREGATORS, AggregationContext, RowAggregator, State
 
@@ -89,12 +90,13 @@ class DBMTL(RowAggregator):
         self, rows: List[Tensor], gram: Tensor, state: State, ctx: AggregationContext
     ) -> Tuple[List[Tensor], Optional[Tensor], State]:
         losses = ctx.losses.to(torch.float64)
-        negative = (losses < 0).nonzero().flatten().tolist()
-        if negative:
-            raise ValueError(
-                f"db_mtl takes the log of every loss: task(s) at position(s) {negative} have a negative "
-                f"loss {losses[negative].tolist()}"
-            )
+        with host_stage():  # the losses are host values (the step read them first)
+            negative = (losses < 0).nonzero().flatten().tolist()
+            if negative:
+                raise ValueError(
+                    f"db_mtl takes the log of every loss: task(s) at position(s) {negative} have a negative "
+                    f"loss {losses[negative].tolist()}"
+                )
         step = calls(state) + 1
         rate = self.beta / step**self.beta_sigma
         inverse = 1.0 / (losses + EPS)

@@ -112,9 +112,10 @@ class ExcessMTL(RowAggregator):
     ) -> Tuple[List[Tensor], Optional[Tensor], State]:
         num_blocks, k = gram.shape[0], gram.shape[1]
         step = calls(state)
-        weights = _present_weights(block_vector(state, "weights", num_blocks, k, 1.0))
-        baseline = block_vector(state, "baseline", num_blocks, k, 0.0)
-        warmup = block_vector(state, "warmup", num_blocks, k, 0.0)
+        device = rows[0].device if rows else torch.device("cpu")  # the work stays there: no host read
+        weights = _present_weights(block_vector(state, "weights", num_blocks, k, 1.0, device))
+        baseline = block_vector(state, "baseline", num_blocks, k, 0.0, device)
+        warmup = block_vector(state, "warmup", num_blocks, k, 0.0, device)
         roots, excess = self._excess_risks(rows, state, ctx)
         measuring = max(self.n_warmup_steps, 1)  # the baseline needs at least one step's E
         if step < measuring:
@@ -139,7 +140,8 @@ class ExcessMTL(RowAggregator):
         rows: List[Tensor], state: State, ctx: AggregationContext
     ) -> Tuple[List[Tensor], Tensor]:
         """The new ``sqrt(S)`` per block and the ``(B, K)`` float64 excess risks ``E`` (Eq. 6, 7)."""
-        excess = torch.zeros(len(rows), rows[0].shape[0] if rows else 0, dtype=torch.float64)
+        device = rows[0].device if rows else torch.device("cpu")
+        excess = torch.zeros(len(rows), rows[0].shape[0] if rows else 0, dtype=torch.float64, device=device)
         roots = []
         for b, r in enumerate(rows):
             root = torch.hypot(block_buffer(state, f"root.{b}", r), r)  # sqrt(S_i), S_i including g_i
@@ -147,7 +149,7 @@ class ExcessMTL(RowAggregator):
             if r.shape[1]:
                 size = r.abs()
                 ratio = size / torch.hypot(root, root.new_tensor(EPS**0.5))  # |g| / h <= 1
-                excess[b] = (size * ratio).sum(dim=1, dtype=torch.float64).cpu()
+                excess[b] = (size * ratio).sum(dim=1, dtype=torch.float64)
         return roots, ctx.shards.sum(excess)  # FSDP2: the ranks' shards add up to the whole rows' E
 
     def task_axes(self) -> Dict[str, Tuple[int, ...]]:

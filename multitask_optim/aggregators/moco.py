@@ -13,7 +13,6 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .._gram import precise_gram
 from ._rows import block_buffer, block_vector, calls, check_number, combine, counter, whole_norms
 from .base import AGGREGATORS, AggregationContext, RowAggregator, State
 
@@ -113,12 +112,13 @@ class MoCo(RowAggregator):
         step = calls(state) + 1
         beta = self.beta / step**self.beta_sigma
         gamma = self.gamma / step**self.gamma_sigma
-        weights = block_vector(state, "lambda", num_blocks, k, 1.0 / k)
-        losses = ctx.losses.to(torch.float64)
+        device = rows[0].device if rows else torch.device("cpu")  # the work stays there: no host read
+        weights = block_vector(state, "lambda", num_blocks, k, 1.0 / k, device)
+        losses = ctx.losses.to(device=device, dtype=torch.float64)
         new_state: State = {"steps": counter(step)}
         updates = []
         new_weights = torch.empty_like(weights)
-        ridge = self.rho * torch.eye(k, dtype=torch.float64)
+        ridge = self.rho * torch.eye(k, dtype=torch.float64, device=device)
         ys, grams = [], []
         for b, (r, norms) in enumerate(zip(rows, whole_norms(rows, ctx.shards))):
             scale = losses / (norms + EPS)
@@ -127,7 +127,8 @@ class MoCo(RowAggregator):
             y = y - beta * (y - g)
             new_state[f"y.{b}"] = y
             ys.append(y)
-            grams.append(precise_gram(lambda dtype, y=y: y.to(dtype) @ y.to(dtype).T, y.dtype).cpu())
+            wide = y.to(torch.float64)  # float64: no over- or underflow to check for on the host
+            grams.append(wide @ wide.T)
         tracked = ctx.shards.sum(torch.stack(grams))  # Y Y^T per block (FSDP2: the ranks' shard Grams summed)
         for b, y in enumerate(ys):
             new_weights[b] = torch.softmax(weights[b] - gamma * ((tracked[b] + ridge) @ weights[b]), dim=0)

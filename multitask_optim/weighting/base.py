@@ -77,6 +77,11 @@ class Weighting(Component):
     such steps. A learnable weighting keeps one scalar parameter per task, so an absent
     task's parameter gets no gradient and the inner optimizer leaves it and its moments
     alone.
+
+    :meth:`weights` runs on the host: the loss values (and, for :attr:`needs_gram`, the
+    Grams) are float64 CPU copies taken in the step's one device-to-host transfer, and
+    the learnable parameters are created on the CPU; reading them never waits for an
+    accelerator.
     """
 
     #: Whether the weighting owns learnable parameters (it then adds a param group).
