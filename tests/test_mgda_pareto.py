@@ -48,7 +48,8 @@ FEAS_TOL = 1e-12
 #: their size, with a floor for objectives near 0: the solver's KKT accuracy (~1e-13,
 #: ~1e-9 on nearly parallel rows) and the rounding of ``a^T G a`` leave ~1e-12 of it.
 OBJ_RTOL, OBJ_ATOL = 1e-9, 1e-12
-PROPS = settings(max_examples=examples(60))
+#: Half the ``ci`` profile's count (every solver property draws from the same strategies).
+PROPS = settings(max_examples=examples(30))
 DTYPE = torch.float64
 
 

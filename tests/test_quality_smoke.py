@@ -195,7 +195,15 @@ def _assert_no_absolute_path(doc, tmp_path) -> None:
         assert str(tmp_path) not in text and str(REPO) not in text, f"local path in the JSON: {text!r}"
 
 
-@pytest.mark.parametrize("method", ["pcgrad", "mgda", "adam-pre+pcgrad"])
+#: PCGrad by default; MGDA and per-task Adam + PCGrad (other states in the same blocks) slow-only.
+@pytest.mark.parametrize(
+    "method",
+    [
+        "pcgrad",
+        pytest.param("mgda", marks=pytest.mark.slow),
+        pytest.param("adam-pre+pcgrad", marks=pytest.mark.slow),
+    ],
+)
 def test_toy_starts_in_blocks_equal_separate_runs(method):
     cfg = Config(toy=ToyConfig(steps=40, lr=0.05))
     batched = toy_run(method, cfg)
