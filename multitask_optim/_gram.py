@@ -311,14 +311,15 @@ def scaled_factor_gram(inputs: Tensor, parts: Sequence[Tensor], dtype: torch.dty
     scales = [_pow2(p.abs().amax(dim=tuple(range(1, p.dim())))).to(dtype) for p in parts]
     x = inputs.to(dtype) * x_scale
     a = x @ x.T
-    rows = [p.reshape(p.shape[0], -1).to(dtype) for p in parts]
+    # every task's rows at its power of two, formed once (a transient copy of the output
+    # gradients: scaling them again for every chunk cost a fifth of a K = 40 MLP step)
+    rows = [p.reshape(p.shape[0], -1).to(dtype) * s.view(-1, 1) for p, s in zip(parts, scales)]
     step = max(1, _GRAM_CHUNK_BYTES // max(1, rows[0][0].numel() * rows[0].element_size()))
     cols = []
-    for part, part_scales in zip(parts, scales):
-        for chunk, chunk_scales in zip(part.split(step), part_scales.split(step)):
-            right = chunk.to(dtype) * chunk_scales.view(-1, *([1] * (chunk.dim() - 1)))
-            mixed = (a @ right).reshape(chunk.shape[0], -1)
-            cols.append(torch.cat([(r * s.view(-1, 1)) @ mixed.T for r, s in zip(rows, scales)]))
+    for part, part_rows in zip(parts, rows):
+        for chunk in part_rows.split(step):
+            mixed = (a @ chunk.reshape(chunk.shape[0], *part.shape[1:])).reshape(chunk.shape[0], -1)
+            cols.append(torch.cat([r @ mixed.T for r in rows]))
     gram = torch.cat(cols, dim=1).to(torch.float64)
     s = torch.cat(scales).to(torch.float64)
     return gram / (s.view(-1, 1) * s.view(1, -1) * x_scale.to(torch.float64).square())
