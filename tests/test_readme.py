@@ -171,6 +171,18 @@ def test_ci_runs_readme_test_command() -> None:
     assert commands[1].strip() in ci
 
 
+def test_every_registered_method_is_in_the_methods_table() -> None:
+    rows = set(re.findall(r"^\| `([a-z_]+)` \|", _section("Methods"), flags=re.M))
+    library = {
+        name
+        for registry in (AGGREGATORS, WEIGHTINGS)
+        for name, cls in registry.classes.items()
+        if cls.__module__.startswith("multitask_optim.")
+    }
+    assert library - rows == set(), "registered methods missing from the README's Methods table"
+    assert rows - library == set(), "the Methods table names a method that is not registered"
+
+
 def test_demo_command_runs_the_quality_benchmark() -> None:
     commands = re.findall(r"```bash\n(.*?)\n```", _section("Fresh machine"), flags=re.S)
     assert "python -m benchmarks.quality" in commands[0]
