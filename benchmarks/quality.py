@@ -8,6 +8,7 @@ metrics and Delta_m% as mean +- std over seeds:
     python -m benchmarks.quality                         # default grid, < 5 minutes on 2 CPU cores
     python -m benchmarks.quality --out benchmarks/results  # the README's committed figures
     python -m benchmarks.quality --full                  # more seeds, longer training, more methods
+    python -m benchmarks.quality --quick                 # seconds-long smoke run of the whole pipeline
     python -m benchmarks.quality --suites toy --toy-methods equal,mgda,pcgrad
 
 Output goes to ``benchmarks/out/`` (git-ignored) unless ``--out`` says otherwise; no
@@ -85,6 +86,11 @@ def _csv(value: str) -> Tuple[str, ...]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__.split("\n\n")[0])
     p.add_argument("--full", action="store_true", help="complete grid: 5 seeds, longer training, all methods")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run in seconds: 1 seed, equal and PCGrad, tiny data, 1 worker (tables, JSON and plots)",
+    )
     p.add_argument("--suites", type=_csv, default=None, help=f"comma-separated, from {','.join(SUITES)}")
     p.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3; --full 5)")
     p.add_argument("--first-seed", type=int, default=0)
@@ -133,12 +139,31 @@ def _full(cfg: Config) -> Config:
     )
 
 
+def _quick(cfg: Config) -> Config:
+    """A smoke run of every stage (all suites, tables, JSON, every plot) in seconds:
+    one seed, the plain sum and PCGrad (whose diagnostics plot is drawn), tiny data."""
+    return replace(
+        cfg,
+        seeds=(0,),
+        methods=("equal", "pcgrad"),
+        toy_methods=("equal", "pcgrad"),
+        multidigits=replace(
+            cfg.multidigits, data=replace(cfg.multidigits.data, n_train=128, n_test=64), epochs=1
+        ),
+        scale=replace(cfg.scale, data=replace(cfg.scale.data, n_train=100, n_test=50), epochs=1),
+        toy=replace(cfg.toy, steps=20),
+        workers=1,
+    )
+
+
 def _given(**values: Any) -> Dict[str, Any]:
     return {k: v for k, v in values.items() if v is not None}
 
 
 def config_from(args: argparse.Namespace) -> Config:
-    cfg = _full(Config()) if args.full else Config()
+    if args.full and args.quick:
+        raise SystemExit("python -m benchmarks.quality: --full and --quick exclude each other")
+    cfg = _full(Config()) if args.full else _quick(Config()) if args.quick else Config()
     n_seeds = args.seeds if args.seeds is not None else len(cfg.seeds)
     cfg.seeds = tuple(range(args.first_seed, args.first_seed + n_seeds))
     if args.suites is not None:
@@ -160,7 +185,8 @@ def config_from(args: argparse.Namespace) -> Config:
     )
     cfg.partial = replace(cfg.partial, **_given(epochs=args.partial_epochs))
     cfg.toy = replace(cfg.toy, **_given(steps=args.toy_steps, lr=args.toy_lr))
-    cfg.workers = args.workers if args.workers is not None else max(1, min(2, os.cpu_count() or 1))
+    default_workers = cfg.workers if args.quick else max(1, min(2, os.cpu_count() or 1))
+    cfg.workers = args.workers if args.workers is not None else default_workers
     cfg.threads = args.threads if args.threads is not None else 1
     cfg.device = str(args.device)
     if not args.no_plots:

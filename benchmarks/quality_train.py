@@ -253,7 +253,9 @@ def _run_multitask(
     stats: Dict[str, Any] = _train_multitask(suite, model, data, opt, method, gen, history, zero)
     if history is not None and cfg.plot_dir is not None:
         title = f"{method_name} on {suite.name}, seed {seed}: task-gradient conflict over the run"
-        plot_history(history, str(Path(cfg.plot_dir) / DIAGNOSTICS_PNG), title=title)
+        plot_dir = Path(cfg.plot_dir)
+        plot_dir.mkdir(parents=True, exist_ok=True)  # a fresh clone has no benchmarks/out/ yet
+        plot_history(history, str(plot_dir / DIAGNOSTICS_PNG), title=title)
         stats = {"diagnostics_png": DIAGNOSTICS_PNG, **stats}
     return {
         **stats,

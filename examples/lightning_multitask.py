@@ -17,8 +17,8 @@ Per-task losses and the method's statistics are logged (``self.log_dict``) and k
 ``"multitask"`` entry: generator, GradVac targets, accumulators, weighting);
 ``trainer.fit(model, ckpt_path=...)`` continues exactly as an uninterrupted run.
 
-Run: ``python examples/lightning_multitask.py [--manual] [--plot run.png]`` (a few
-seconds; needs Lightning: ``pip install -e ".[lightning]"`` from the checkout).
+Run: ``python examples/lightning_multitask.py [--manual] [--plot run.png]`` (about 10 s,
+most of it importing Lightning; needs ``pip install -e ".[lightning]"`` from the checkout).
 """
 
 from __future__ import annotations

@@ -10,6 +10,8 @@ import pytest
 import torch
 from hypothesis import settings
 
+import multitask_optim._engine as engine
+
 # ``tests/reference.py`` (the vector-loop references) is importable as ``reference``
 # whichever way pytest is told to import the test modules.
 _TESTS_DIR = str(Path(__file__).resolve().parent)
@@ -17,9 +19,11 @@ if _TESTS_DIR not in sys.path:
     sys.path.insert(0, _TESTS_DIR)
 
 # Derandomised so that the suite is deterministic: the same examples on every run.
+# Tests that set their own number of examples scale it with ``profiles.examples``.
 settings.register_profile("ci", derandomize=True, deadline=None, max_examples=60)
 
-# Many more examples, for an occasional deeper local run: HYPOTHESIS_PROFILE=thorough.
+# Many more random examples, for an occasional deeper run (README "Fresh machine"):
+# HYPOTHESIS_PROFILE=thorough python -m pytest -m "slow or not slow"
 settings.register_profile("thorough", derandomize=False, deadline=None, max_examples=1000)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
@@ -32,6 +36,42 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _still_one_thread(_one_thread: None):
+    """A test that runs code choosing its own thread count (a benchmark's ``main``, an
+    example) must not leave it to the tests after it: with two threads on tiny ops
+    every later test ran several times slower, far more on a loaded machine."""
+    yield
+    if torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
+
+
+class EngineClock:
+    """A deterministic stand-in for the wall clock ``gradient_mode="auto"`` times its paths
+    with: every reading advances it by 1 ms, so every measured path costs the same 1 ms
+    (ties go to the earlier path in ``MODES``) unless a test charges a path more with
+    :meth:`charge`. No test depends on the machine's speed or load."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        self.now += 1e-3
+        return self.now
+
+    def charge(self, ms: float) -> None:
+        """Let ``ms`` more milliseconds pass (a path's fixed cost)."""
+        self.now += ms / 1e3
+
+
+@pytest.fixture(autouse=True)
+def engine_clock(monkeypatch: pytest.MonkeyPatch) -> EngineClock:
+    """Every test times ``auto``'s paths on :class:`EngineClock`, never on the wall clock."""
+    clock = EngineClock()
+    monkeypatch.setattr(engine, "clock", clock)
+    return clock
 
 
 #: The devices a test marked ``devices`` runs on: the CPU always, CUDA when present.

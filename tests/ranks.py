@@ -1,4 +1,4 @@
-"""Helpers shared by the multi-process tests (DDP and FSDP2)."""
+"""Helpers shared by the multi-process tests (DDP, FSDP2, Accelerate, fresh interpreters)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 Labelled = Callable[[Dict[str, Any], int, int, int], int]
+
+#: How long the worker processes of a multi-process test may run before the test calls
+#: them hung: a guard against a deadlock, never a speed check, so generous enough for a
+#: 2-core machine busy with other jobs (the workers take seconds alone; 120 s was
+#: exceeded beside two CPU-bound processes and a second test run).
+HANG_TIMEOUT_S = 900.0
 
 
 def on_gpus(world: int) -> bool:

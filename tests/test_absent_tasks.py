@@ -228,7 +228,8 @@ def test_micro_batches_with_different_task_sets_sum_each_task_over_the_ones_that
     for x, y in zip(model.parameters(), other.parameters()):
         torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7)
     assert acc.last_stats["tasks"] == ["0", "1", "2"]
-    assert acc.last_stats["losses"] == pytest.approx(ref.last_stats["losses"], rel=1e-12)
+    # float32 losses: the accumulator sums them in another order than ``a[1] + b[1]``
+    assert acc.last_stats["losses"] == pytest.approx(ref.last_stats["losses"], rel=1e-6)
 
 
 def test_a_step_with_no_task_is_an_error_that_changes_nothing() -> None:

@@ -25,6 +25,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from ranks import HANG_TIMEOUT_S
 
 pytest.importorskip("accelerate")
 
@@ -33,7 +34,7 @@ pytestmark = pytest.mark.distributed
 WORLD = 2
 STEPS = 3
 PER_PROCESS = 8
-TIMEOUT_S = 120.0
+TIMEOUT_S = HANG_TIMEOUT_S
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "accelerate_multitask.py"
 
 

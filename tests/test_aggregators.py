@@ -28,6 +28,7 @@ import pytest
 import torch
 from hypothesis import assume, given, note, settings
 from hypothesis import strategies as st
+from profiles import examples
 from reference import (
     RELATIVE_ZERO,
     PairVisit,
@@ -55,7 +56,17 @@ RTOL = 1e-9
 #: Margin of the first-order GradVac error bound over the observed errors.
 SAFETY = 4.0
 BACKENDS = ["scalar", "vector", "torch"]
+#: The invariances on the torch backend (NumPy's stand-in) are slow-only: every backend
+#: equals the same vector-loop reference (the tests above them), whose invariances the
+#: other two backends check by default.
+INVARIANCE_BACKENDS = ["scalar", "vector", pytest.param("torch", marks=pytest.mark.slow)]
 REDUCTIONS = ["sum", "mean"]
+#: Examples per property under the default profile (x10 under ``thorough``): the Gram-space
+#: results against the vector-loop reference draw the most; the invariances draw as many
+#: as the contract suite's, which runs the same properties over every aggregator.
+REFERENCE = settings(max_examples=examples(40))
+PROPERTIES = settings(max_examples=examples(30))
+INVARIANCES = settings(max_examples=examples(20))
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -243,7 +254,7 @@ def relabel(problem: Problem, perm: Tensor) -> Problem:
 
 
 @pytest.mark.parametrize("which", BACKENDS)
-@settings(max_examples=100)
+@REFERENCE
 @given(problem=problems(), reduction=st.sampled_from(REDUCTIONS))
 def test_pcgrad_matches_vector_reference(problem: Problem, which: str, reduction: str) -> None:
     with backend(which):
@@ -258,7 +269,7 @@ def test_pcgrad_matches_vector_reference(problem: Problem, which: str, reduction
 
 
 @pytest.mark.parametrize("which", BACKENDS)
-@settings(max_examples=100)
+@REFERENCE
 @given(
     problem=problems(zero_targets=False) | problems(zero_targets=True), reduction=st.sampled_from(REDUCTIONS)
 )
@@ -286,7 +297,7 @@ def test_gradvac_matches_vector_reference(problem: Problem, which: str, reductio
 
 
 @pytest.mark.parametrize("which", BACKENDS)
-@settings(max_examples=4)
+@settings(max_examples=examples(4))
 @given(problem=problems(max_blocks=1, min_p=1500, max_p=3000), method=st.sampled_from(["pcgrad", "gradvac"]))
 def test_large_p_matches_vector_reference(problem: Problem, method: str, which: str) -> None:
     """A few examples with thousands of parameters."""
@@ -311,6 +322,7 @@ def test_large_p_matches_vector_reference(problem: Problem, method: str, which: 
 
 
 @pytest.mark.parametrize("which", BACKENDS)
+@PROPERTIES
 @given(problem=problems(nonnegative=True), reduction=st.sampled_from(REDUCTIONS))
 def test_pcgrad_without_conflict_is_exactly_the_sum(problem: Problem, which: str, reduction: str) -> None:
     """All ``<g_i, g_j> >= 0`` -> coefficients exactly 1 (or 1/K): plain ``sum(losses)``."""
@@ -368,6 +380,7 @@ def test_gradvac_moves_the_cosine_up_to_its_target(jac: Tensor, frac: float, whi
 
 
 @pytest.mark.parametrize("which", BACKENDS)
+@PROPERTIES
 @given(problem=problems(zero_targets=True), reduction=st.sampled_from(REDUCTIONS))
 def test_gradvac_with_zero_targets_is_pcgrad(problem: Problem, which: str, reduction: str) -> None:
     """Equal up to the cancellation rule: once a row's running gradient is below
@@ -417,7 +430,8 @@ METHODS = ["pcgrad", "gradvac"]
 
 
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("which", BACKENDS)
+@pytest.mark.parametrize("which", INVARIANCE_BACKENDS)
+@INVARIANCES
 @given(problem=problems(), log10_c=st.floats(-20.0, 20.0))
 def test_positive_homogeneity(problem: Problem, log10_c: float, which: str, method: str) -> None:
     """``f(cJ) = c f(J)``: the coefficients from the Gram of ``cJ`` give the same update."""
@@ -435,7 +449,8 @@ def test_positive_homogeneity(problem: Problem, log10_c: float, which: str, meth
 
 
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("which", BACKENDS)
+@pytest.mark.parametrize("which", INVARIANCE_BACKENDS)
+@INVARIANCES
 @given(problem=problems(), exponent=st.integers(-60, 60))
 def test_power_of_two_scaling_is_bitwise(problem: Problem, exponent: int, which: str, method: str) -> None:
     """Scaling G by ``4^m`` (J by ``2^m``) is exact in floating point, and so must the
@@ -448,7 +463,8 @@ def test_power_of_two_scaling_is_bitwise(problem: Problem, exponent: int, which:
 
 
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("which", BACKENDS)
+@pytest.mark.parametrize("which", INVARIANCE_BACKENDS)
+@INVARIANCES
 @given(problem=problems(max_blocks=2, max_p=120), seed=st.integers(0, 2**32 - 1))
 def test_rotation_equivariance(problem: Problem, seed: int, which: str, method: str) -> None:
     """``f(JQ) = f(J) Q`` for orthogonal ``Q``: the method depends on J only through G."""
@@ -472,7 +488,8 @@ def test_rotation_equivariance(problem: Problem, seed: int, which: str, method: 
 
 
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("which", BACKENDS)
+@pytest.mark.parametrize("which", INVARIANCE_BACKENDS)
+@INVARIANCES
 @given(problem=problems(), perm_seed=st.integers(0, 2**32 - 1))
 def test_relabelling_tasks_leaves_the_update_unchanged(
     problem: Problem, perm_seed: int, which: str, method: str
@@ -492,7 +509,8 @@ def test_relabelling_tasks_leaves_the_update_unchanged(
 
 
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("which", BACKENDS)
+@pytest.mark.parametrize("which", INVARIANCE_BACKENDS)
+@INVARIANCES
 @given(problem=problems(), row_exps=st.lists(st.floats(-170.0, 5.0), min_size=16, max_size=16))
 def test_zero_rows_and_tiny_norms_stay_finite(
     problem: Problem, row_exps: List[float], which: str, method: str

@@ -31,9 +31,10 @@ from typing import Callable, Dict
 import pytest
 import test_aggregators as ta
 import torch
-from hypothesis import assume, given
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from models import TrunkHeads, build
+from profiles import examples
 from torch import Tensor
 
 from multitask_optim import MultiTaskOptimizer
@@ -66,6 +67,11 @@ FACTORIES: Dict[str, Callable[[], Aggregator]] = {
     "krum": Krum,
 }
 METHODS = sorted(FACTORIES)
+#: The invariance properties over every method here are also the contract suite's
+#: (tests/test_contracts.py, every registered aggregator): fewer examples than the profile's.
+INVARIANCES = settings(max_examples=examples(20))
+#: The costlier per-method properties (an optimality condition per example): half the profile's.
+PROPERTIES = settings(max_examples=examples(30))
 #: the registered methods (by their registry names), for the registry and end-to-end tests
 SURGERIES = [
     "upgrad",
@@ -160,6 +166,7 @@ def test_every_method_is_registered() -> None:
 
 
 @pytest.mark.parametrize("method", METHODS)
+@INVARIANCES
 @given(jac=ta.jacobians())
 def test_finite_on_every_draw(method: str, jac: Tensor) -> None:
     assume(usable(method, jac))
@@ -168,6 +175,7 @@ def test_finite_on_every_draw(method: str, jac: Tensor) -> None:
 
 
 @pytest.mark.parametrize("method", METHODS)
+@INVARIANCES
 @given(jac=ta.jacobians(min_exp=-8, max_exp=8), exponent=st.integers(-30, 30))
 def test_homogeneity(method: str, jac: Tensor, exponent: int) -> None:
     assume(usable(method, jac))
@@ -181,6 +189,7 @@ def test_homogeneity(method: str, jac: Tensor, exponent: int) -> None:
 
 
 @pytest.mark.parametrize("method", METHODS)
+@INVARIANCES
 @given(data=st.data(), seed=st.integers(0, 2**31 - 1))
 def test_rotation_equivariance(method: str, data: st.DataObject, seed: int) -> None:
     strategy = (
@@ -200,6 +209,7 @@ def test_rotation_equivariance(method: str, data: st.DataObject, seed: int) -> N
 
 
 @pytest.mark.parametrize("method", METHODS)
+@INVARIANCES
 @given(data=st.data(), seed=st.integers(0, 2**31 - 1))
 def test_relabelling_tasks(method: str, data: st.DataObject, seed: int) -> None:
     strategy = independent_jacobians() if method in DISCONTINUOUS else ta.jacobians(min_exp=-8, max_exp=8)
@@ -292,6 +302,7 @@ def test_dualproj_is_the_projection_onto_the_dual_cone(jac: Tensor) -> None:
     assert bool((comp.abs() <= 1e-8 * v.abs().max() ** 2 * n * n.max()).all()), comp
 
 
+@PROPERTIES
 @given(jac=ta.jacobians(min_exp=-5, max_exp=5))
 def test_upgrad_is_the_mean_of_the_projected_rows(jac: Tensor) -> None:
     """Linearity in the preference vector: UPGrad = mean of DualProj on each one-hot."""
@@ -339,6 +350,7 @@ def test_config_cosines_follow_the_preference_vector() -> None:
 
 
 @pytest.mark.parametrize("scale_mode", ["min", "median", "rmse"])
+@PROPERTIES
 @given(jac=ta.jacobians(max_k=8, min_exp=-5, max_exp=5))
 def test_aligned_jacobian_has_condition_number_one(jac: Tensor, scale_mode: str) -> None:
     """``B`` is recovered column by column from one-hot preference vectors."""
@@ -368,6 +380,7 @@ def cagrad_dual(gram: Tensor, w: Tensor, rho: float) -> float:
 
 
 @pytest.mark.parametrize("c", [0.4, 1.0])
+@PROPERTIES
 @given(jac=ta.jacobians(max_k=10, min_exp=-5, max_exp=5))
 def test_cagrad_attains_its_worst_case_improvement_bound(jac: Tensor, c: float) -> None:
     """``d`` is in the ball ``||d - g_0|| <= c ||g_0||`` and ``min_i <g_i, d>`` equals the
@@ -455,6 +468,7 @@ def test_nash_mtl_update_weights_every_reuses_alpha() -> None:
 
 
 @pytest.mark.parametrize("alpha", [0.5, 1.0, 2.0])
+@PROPERTIES
 @given(jac=independent_jacobians(max_k=8, min_exp=-5, max_exp=5))
 def test_fairgrad_optimality_condition(jac: Tensor, alpha: float) -> None:
     """The paper's Equation 4: ``(G w)_i = w_i^(-1/alpha)`` with ``w > 0``."""

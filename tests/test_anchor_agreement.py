@@ -31,14 +31,12 @@ in the sources of the versions pinned in the ``anchors`` extra):
 
 from __future__ import annotations
 
-import importlib.util
 import random
-from pathlib import Path
 from typing import List, Sequence
 
 import pytest
 import torch
-from libmtl import load_weighting_module
+from libmtl import load_weighting
 from torch import Tensor, nn
 
 from multitask_optim import MultiTaskOptimizer
@@ -190,7 +188,7 @@ def test_torchjd_gradvac_first_steps_k2(k2):
     model, batch, jac = k2
     x2, y2 = conflicting_batch(2, seed=7)
     jac2 = jacobian(model.losses(x2, y2), list(model.trunk.parameters()))
-    ours = ours_update(model, [batch, (x2, y2)], "gradvac", beta=0.5)
+    ours = ours_update(model, [batch, (x2, y2)], "gradvac", surgery_kwargs={"beta": 0.5})
     exact = agg.GradVac(beta=0.5, eps=0.0)
     assert_close(ours[0], exact(jac))
     assert_close(ours[1], exact(jac2))  # second step: targets no longer 0, still equal
@@ -207,7 +205,7 @@ def test_torchjd_gradvac_k3_fixed_order(monkeypatch):
     batches = [conflicting_batch(3), conflicting_batch(3, seed=11)]
     jacs = [jacobian(model.losses(x, y), list(model.trunk.parameters())) for x, y in batches]
     steps = our_orders(3, seed=3, steps=2)
-    ours = ours_update(model, batches, "gradvac", seed=3, beta=0.5)
+    ours = ours_update(model, batches, "gradvac", seed=3, surgery_kwargs={"beta": 0.5})
     exact = agg.GradVac(beta=0.5, eps=0.0)
     for orders, jac, mine in zip(steps, jacs, ours):
         # TorchJD's GradVac: for i in 0..K-1, j = others[randperm(K-1)], others = [j != i]
@@ -289,23 +287,9 @@ def test_pytorch_optimizer_projects_heads_too(k2):
 
 
 def _load_libmtl(name: str):
-    """LibMTL's weighting class ``name``, without running ``LibMTL/__init__.py``.
-
-    The package's ``__init__`` imports its trainer and torchvision; the weighting modules
-    only need ``LibMTL.weighting.abstract_weighting``. Stub packages stand in for
-    ``LibMTL`` and ``LibMTL.weighting`` while the two files are loaded, then
-    ``sys.modules`` is restored.
-    """
-    spec = importlib.util.find_spec("LibMTL")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("LibMTL not installed")
-    root = Path(list(spec.submodule_search_locations)[0]) / "weighting"
-    if not (root / f"{name}.py").exists():
-        pytest.skip(f"LibMTL has no weighting/{name}.py")
-    try:
-        module = load_weighting_module(root, name)
-    except ImportError as err:  # pragma: no cover - depends on the LibMTL version
-        pytest.skip(f"LibMTL weighting {name} cannot be loaded alone: {err}")
+    """LibMTL's weighting module and class ``name``, without running ``LibMTL/__init__.py``
+    (which imports its trainer and torchvision)."""
+    module = load_weighting(name)
     return module, getattr(module, name)
 
 

@@ -10,7 +10,7 @@
   sign purity's denominator.
 - LibMTL's ``DB_MTL`` and ``MoCo`` are only on its GitHub (not in the PyPI release): the
   tests read them from a LibMTL source tree, ``$LIBMTL_SOURCE`` (a checkout or a git
-  directory), else the project's mirror; they skip when neither is there. Their classes
+  directory), and skip when it is not set. Their classes
   are driven with a stand-in ``self`` (``task_num``, ``device``, ``_compute_grad``,
   ``_reset_grad``): the losses are ``L = c + J x`` at ``x = 0``, so their own autograd
   (through ``log`` for DB-MTL) sees the Jacobian ``J`` and the loss values ``c``; the
@@ -19,16 +19,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import subprocess
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Dict, List, Optional, Tuple
 
 import pytest
 import torch
-from libmtl import load_weighting_module
+from libmtl import load_weighting
 from torch import Tensor
 
 from multitask_optim.aggregators import (
@@ -44,7 +41,6 @@ from multitask_optim.aggregators import (
 ta = pytest.importorskip("torchjd.aggregation")
 
 RTOL = 1e-5
-MIRROR = Path("/work/.mirror/median-research-group+LibMTL/repo")
 
 
 def rel(ours: Tensor, theirs: Tensor) -> float:
@@ -125,41 +121,9 @@ def test_excess_mtl_is_k_times_torchjd_over_several_steps(
 
 
 # ---------------------------------------------------------------------- LibMTL
-def _libmtl_installed() -> Optional[Path]:
-    spec = importlib.util.find_spec("LibMTL")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(list(spec.submodule_search_locations)[0]) / "weighting"
-
-
-def _libmtl_source(name: str, tmp: Path) -> Path:
-    """A directory holding LibMTL's ``abstract_weighting.py`` and ``{name}.py`` (or skip)."""
-    installed = _libmtl_installed()
-    if installed is not None and (installed / f"{name}.py").exists():
-        return installed
-    source = Path(os.environ.get("LIBMTL_SOURCE", MIRROR))
-    if (source / "LibMTL" / "weighting" / f"{name}.py").exists():
-        return source / "LibMTL" / "weighting"
-    if not source.exists():
-        pytest.skip(f"LibMTL's {name} is not in the PyPI release; no LibMTL source at {source}")
-    out = tmp / "libmtl_weighting"
-    out.mkdir(exist_ok=True)
-    for file in ("abstract_weighting.py", f"{name}.py"):
-        shown = subprocess.run(
-            ["git", f"--git-dir={source}", "show", f"HEAD:LibMTL/weighting/{file}"],
-            capture_output=True,
-            text=True,
-        )
-        if shown.returncode != 0:
-            pytest.skip(f"LibMTL source at {source} has no weighting/{file}")
-        (out / file).write_text(shown.stdout)
-    return out
-
-
 def _load_libmtl(name: str, tmp: Path) -> type:
     """LibMTL's weighting class ``name`` without running ``LibMTL/__init__.py`` (torchvision)."""
-    root = _libmtl_source(name, tmp)
-    return getattr(load_weighting_module(root, name), name)
+    return getattr(load_weighting(name, tmp), name)
 
 
 class _Driver:

@@ -9,8 +9,8 @@ are then at rounding level.
 
 Sources: ``GLS`` and ``IMTL`` come from the installed ``LibMTL`` package (1.1.5);
 ``STCH`` and ``FAMO`` exist only in LibMTL's GitHub repository, read from a checkout
-or a bare clone named by ``LIBMTL_SOURCE`` (default: the mirror this project's machine
-keeps). Every test skips cleanly when its source is missing.
+or a bare clone named by ``LIBMTL_SOURCE``. Every test skips cleanly when its source is
+missing, saying what to install or fetch.
 
 Known LibMTL behaviours we depart from (each pinned by a test below):
 
@@ -25,77 +25,28 @@ Known LibMTL behaviours we depart from (each pinned by a test below):
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
-import os
-import subprocess
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterator, List
 
 import pytest
 import torch
-from libmtl import load_weighting_module
+from libmtl import load_weighting
 from torch import Tensor
 
 from multitask_optim.weighting import FAMO, IMTLL, GeometricLossStrategy, SmoothTchebycheff, WeightingContext
 
 F64 = torch.float64
 TIGHT = 1e-12
-MIRROR = "/work/.mirror/median-research-group+LibMTL/repo"
 #: The largest relative difference seen per method, for the report (printed with -s).
 AGREEMENT: Dict[str, float] = {}
 
 
 # ---------------------------------------------------------------------- loading LibMTL
-def _installed_root() -> Optional[Path]:
-    spec = importlib.util.find_spec("LibMTL")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(list(spec.submodule_search_locations)[0]) / "weighting"
-
-
-def _github_text(name: str) -> Optional[str]:
-    """``LibMTL/weighting/<name>.py`` from a LibMTL git checkout or bare clone."""
-    source = os.environ.get("LIBMTL_SOURCE", MIRROR)
-    path = Path(source)
-    if (path / "LibMTL" / "weighting" / f"{name}.py").exists():
-        return (path / "LibMTL" / "weighting" / f"{name}.py").read_text()
-    if not path.exists():
-        return None
-    try:
-        out = subprocess.run(
-            ["git", "--git-dir", str(path), "show", f"HEAD:LibMTL/weighting/{name}.py"],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=60,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout
-
-
 def load_libmtl(name: str, tmp_path: Path) -> type:
-    """LibMTL's weighting class ``name`` (installed package first, then GitHub), loaded
-    with stub ``LibMTL`` packages so that its ``__init__`` (trainer, torchvision) never runs."""
-    root = _installed_root()
-    if root is None:
-        pytest.skip("LibMTL not installed (its abstract_weighting is needed)")
-    if (root / f"{name}.py").exists():
-        text = (root / f"{name}.py").read_text()
-    else:
-        found = _github_text(name)
-        if found is None:
-            pytest.skip(f"LibMTL's {name}.py not found (set LIBMTL_SOURCE to a LibMTL checkout)")
-        text = found
-    folder = tmp_path / "libmtl_weighting"
-    folder.mkdir(exist_ok=True)
-    (folder / "abstract_weighting.py").write_text((root / "abstract_weighting.py").read_text())
-    (folder / f"{name}.py").write_text(text)
-    try:
-        return getattr(load_weighting_module(folder, name), name)
-    except ImportError as err:  # pragma: no cover - depends on the LibMTL version
-        pytest.skip(f"LibMTL weighting {name} cannot be loaded alone: {err}")
+    """LibMTL's weighting class ``name`` (installed package first, then ``$LIBMTL_SOURCE``),
+    loaded with stub ``LibMTL`` packages so that its ``__init__`` (trainer, torchvision) never runs."""
+    return getattr(load_weighting(name, tmp_path), name)
 
 
 @contextlib.contextmanager

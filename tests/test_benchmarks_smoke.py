@@ -119,10 +119,11 @@ def test_tiny_workload_is_torchjds_example_and_reports_ratios(tmp_path):
     assert json.loads((tmp_path / "speed_tiny.json").read_text())["config"]["workload"]["hidden"] == [5, 3]
 
 
+@pytest.mark.slow  # fresh processes per memory cell: the heaviest smoke run of the benchmarks
 def test_scaling_quick_times_both_trunks_and_measures_memory(tmp_path):
     argv = ["--scaling", "--quick", "--out", str(tmp_path), "--cnn-ks", "2", "--mlp-ks", "2"]
     argv += ["--impls", "floor,ours-pcgrad,ours-pcgrad-looped,ours-pcgrad-representation"]
-    argv += ["--memory-impls", "ours-pcgrad", "--warmup", "1"]
+    argv += ["--memory-impls", "ours-pcgrad", "--warmup", "1", "--threads", "1"]
     doc = speed.main(argv)
     assert set(doc["trunks"]) == {"cnn", "mlp"}
     for section in doc["trunks"].values():
@@ -137,7 +138,7 @@ def test_scaling_quick_times_both_trunks_and_measures_memory(tmp_path):
 
 def test_speed_writes_no_absolute_path(tmp_path):
     argv = ["--width", "32", "--in-dim", "16", "--batch", "8", "--ks", "2", "--reps", "1", "--agg-calls", "5"]
-    argv += ["--impls", "floor,ours-pcgrad", "--no-plot", "--out", str(tmp_path)]
+    argv += ["--impls", "floor,ours-pcgrad", "--no-plot", "--out", str(tmp_path), "--threads", "1"]
     speed.main(argv)
     text = (tmp_path / "speed.json").read_text()
     assert str(tmp_path) not in text and '"/' not in text

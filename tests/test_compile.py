@@ -104,7 +104,10 @@ def test_compiled_trunk_matches_the_uncompiled_twin(surgery, precondition, mode)
     eager = copy.deepcopy(model)
     opt = make_opt(model, surgery=surgery, precondition=precondition, gradient_mode=mode)
     eager_opt = make_opt(eager, surgery=surgery, precondition=precondition, gradient_mode=mode)
-    conflicts = train(compiled_trunk_forward(model), opt, 5)
+    # the partition cannot see inside a compiled region, so it warns (here needlessly: the
+    # region is the trunk, which is shared anyway)
+    with pytest.warns(UserWarning, match="pass through a torch.compile region"):
+        conflicts = train(compiled_trunk_forward(model), opt, 5)
     train(eager, eager_opt, 5)
     assert_relative(model, eager)
     assert sum(conflicts) > 0, "the surgery must have acted"

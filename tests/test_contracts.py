@@ -38,14 +38,16 @@ from faultkit import clone_state, params_equal, round_trip, state_diff
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from models import TrunkHeads, build, snapshot, twin
+from profiles import examples
 from torch import Tensor
 
 from multitask_optim import AGGREGATORS, WEIGHTINGS, AggregationContext, MultiTaskOptimizer, WeightingContext
 from multitask_optim.aggregators import RowAggregator
+from multitask_optim.aggregators.base import SCALAR_LIMIT
 
 AGGREGATOR_NAMES = sorted(AGGREGATORS)
 WEIGHTING_NAMES = sorted(WEIGHTINGS)
-FEW = settings(max_examples=15)
+FEW = settings(max_examples=examples(15))
 #: The skip count and reason: the one entry of the state_dict a skipped step changes.
 SKIP_RECORD = ("/multitask/skipped",)
 
@@ -188,7 +190,12 @@ def test_aggregator_finite_on_degenerate_rows(name: str, jac: Tensor, seed: int)
         assert bool(torch.isfinite(value).all()), f"{name}: state {key} not finite"
 
 
-@pytest.mark.parametrize("blocks", [2, 40], ids=["few-blocks", "many-blocks"])
+#: Just past the size where PCGrad and GradVac leave their scalar loop for the vectorised
+#: one (``B * K > SCALAR_LIMIT`` with K = 3); every other method runs the same code per block.
+MANY_BLOCKS = SCALAR_LIMIT // 3 + 2
+
+
+@pytest.mark.parametrize("blocks", [2, MANY_BLOCKS], ids=["few-blocks", "many-blocks"])
 @pytest.mark.parametrize("name", AGGREGATOR_NAMES)
 @FEW
 @given(first=jacobians(min_tasks=3, max_tasks=3), second=jacobians(min_tasks=3, max_tasks=3))

@@ -45,7 +45,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from models import MultiHead
-from ranks import backend, rank_device, tasks_on_one_rank
+from ranks import HANG_TIMEOUT_S, backend, rank_device, tasks_on_one_rank
 from torch import Tensor, nn
 
 from multitask_optim import MultiTaskOptimizer
@@ -55,7 +55,7 @@ STEPS = 10
 BATCH = 16
 IN_DIM = 6
 HIDDEN = 12
-TIMEOUT_S = 120.0
+TIMEOUT_S = HANG_TIMEOUT_S
 #: Where this process's models and batches live: a rank's own GPU where every rank has
 #: one (NCCL), else the CPU (gloo); the one-process references stay on the CPU.
 DEVICE = torch.device("cpu")

@@ -242,7 +242,9 @@ def test_tiny_weight_keeps_precision(gradient_mode: str) -> None:
     ]  # unweighted float32 gradients, exact in float64
     weighted = [[w * g for g in row] for w, row in zip(weights, rows)]
     flat = torch.stack([torch.cat([g.reshape(-1) for g in row]) for row in weighted])
-    ctx = AggregationContext(torch.Generator().manual_seed(0), torch.tensor([float(v) for v in losses]))
+    ctx = AggregationContext(
+        torch.Generator().manual_seed(0), torch.tensor([float(v.detach()) for v in losses])
+    )
     coefs = get_aggregator("mgda", normalization="l2")(flat @ flat.T, {}, ctx)[0]
     expected = [sum(float(c) * row[n] for c, row in zip(coefs, weighted)) for n in range(len(shared))]
     before = [p.detach().double().clone() for p in shared]

@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from ranks import backend, rank_device, start_method, tasks_on_one_rank
+from ranks import HANG_TIMEOUT_S, backend, rank_device, start_method, tasks_on_one_rank
 from torch import Tensor, nn
 
 from multitask_optim import MultiTaskOptimizer
@@ -44,7 +44,7 @@ STEPS = 6
 BATCH = 16
 IN_DIM = 6
 HIDDEN = 11
-TIMEOUT_S = 180.0
+TIMEOUT_S = HANG_TIMEOUT_S
 #: Where this process's models and batches live: a rank's own GPU where every rank has
 #: one (NCCL), else the CPU (gloo); the one-process references stay on the CPU.
 DEVICE = torch.device("cpu")

@@ -22,6 +22,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from profiles import examples
 from torch import Tensor
 
 from multitask_optim import AGGREGATORS, MultiTaskOptimizer
@@ -69,7 +70,7 @@ def _update(name: str, gram: Tensor, rows: Tensor, rounding) -> Tuple[Tensor, Te
     return coefs[0], coefs[0] @ rows.double()
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(40), deadline=None)
 @given(deficient_rows())
 def test_every_gram_method_matches_the_float64_gram_on_rank_deficient_float32_rows(rows: Tensor) -> None:
     k = rows.shape[0]

@@ -6,7 +6,7 @@ cost is charged to it by a wrapper, so no test depends on the machine's speed or
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Tuple
 
 import pytest
 import torch
@@ -19,20 +19,6 @@ from multitask_optim._graph import analyse
 from multitask_optim._representation import dense_rows, factored_is_cheaper, factored_rows, head_maps
 
 K, OUT, N, D = 3, 2, 6, 4
-
-
-class Clock:
-    """Every reading advances 1 ms; :meth:`charge` adds a path's cost."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        self.now += 1e-3
-        return self.now
-
-    def charge(self, ms: float) -> None:
-        self.now += ms / 1e3
 
 
 class Net(nn.Module):
@@ -53,11 +39,11 @@ def _batch(step: int) -> Tensor:
 
 
 @pytest.fixture
-def costs(monkeypatch: pytest.MonkeyPatch) -> Dict[str, float]:
-    """Measure at any size, on a fake clock; ``costs[path]`` ms are charged to every run of a path."""
-    clock = Clock()
+def costs(monkeypatch: pytest.MonkeyPatch, engine_clock: Any) -> Dict[str, float]:
+    """Measure at any size, on the tests' clock (``conftest.EngineClock``: every reading
+    advances 1 ms); ``costs[path]`` ms are charged to every run of a path."""
+    clock = engine_clock
     charged = {"factored": 0.0, "dense": 0.0}
-    monkeypatch.setattr(engine, "clock", clock)
     monkeypatch.setattr(engine, "HEADS_MEASURE_ABOVE", 0)
 
     def charging(path: str, run: Callable[..., object]) -> Callable[..., object]:

@@ -10,6 +10,8 @@ import json
 import subprocess
 import sys
 
+from ranks import HANG_TIMEOUT_S
+
 CHECK = """
 import importlib, json, sys
 for name in ("transformers", "accelerate", "lightning"):
@@ -27,7 +29,9 @@ print(json.dumps(out))
 
 
 def test_imports_without_the_frameworks() -> None:
-    done = subprocess.run([sys.executable, "-c", CHECK], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", CHECK], capture_output=True, text=True, timeout=HANG_TIMEOUT_S
+    )
     assert done.returncode == 0, done.stderr
     out = json.loads(done.stdout.strip().splitlines()[-1])
     assert out["package"] == "MultiTaskOptimizer"

@@ -10,7 +10,9 @@
   signature is measured again, a skipped measuring step leaves no trace, and the
   choice survives a checkpoint (bitwise continuation).
 
-No timing is asserted: which path wins depends on the machine.
+No wall-clock time is read: ``auto`` times its paths on the tests' clock (``conftest.py``:
+every path costs the same 1 ms unless a test fixes each path's cost), so which path wins
+never depends on the machine or its load.
 """
 
 from __future__ import annotations
@@ -236,8 +238,42 @@ def measure_all(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(engine, "MEASURE_ABOVE", 0)
 
 
+@pytest.fixture
+def path_costs(monkeypatch: pytest.MonkeyPatch, engine_clock) -> Dict[str, float]:  # type: ignore[no-untyped-def]
+    """Fixed measurements: each path ``auto`` runs costs ``costs[mode]`` ms on the test clock."""
+    costs: Dict[str, float] = {}
+    real = engine.run_path
+
+    def charged(mode: str, *args, **kwargs):  # type: ignore[no-untyped-def]
+        result = real(mode, *args, **kwargs)
+        engine_clock.charge(costs.get(mode, 0.0))
+        return result
+
+    monkeypatch.setattr(engine, "run_path", charged)
+    return costs
+
+
 @pytest.mark.usefixtures("measure_all")
-def test_auto_times_every_applicable_path_and_keeps_one() -> None:
+@pytest.mark.parametrize(
+    "costs,second,chosen",
+    [
+        (
+            {"lean": 9, "frontier": 4, "native": 3, "batched": 7, "looped": 20},
+            {"frontier", "native"},
+            "native",
+        ),
+        ({"lean": 1, "frontier": 2, "native": 5, "batched": 7, "looped": 20}, {"lean", "frontier"}, "lean"),
+        # a single path within PRUNE x the best: kept without timing it again
+        ({"lean": 0.5, "frontier": 4, "native": 3, "batched": 7, "looped": 20}, set(), "lean"),
+        ({"lean": 9, "frontier": 9, "native": 9, "batched": 9, "looped": 5}, set(MODES), "looped"),
+    ],
+)
+def test_auto_times_every_applicable_path_and_keeps_the_fastest(
+    path_costs: Dict[str, float], costs: Dict[str, float], second: set, chosen: str
+) -> None:
+    """With fixed measurements (the test clock, never the wall clock): trial 1 times every
+    path, trial 2 those within ``PRUNE`` times the best, then the fastest is kept."""
+    path_costs.update(costs)
     model, x = make("conv2d")
     opt = MultiTaskOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), seed=1)
     seen: List[Dict[str, float]] = []
@@ -246,11 +282,14 @@ def test_auto_times_every_applicable_path_and_keeps_one() -> None:
         opt.step(model.losses(x))
         seen.append(dict(opt.last_stats.get("gradient_timings_ms", {})))
     assert set(seen[0]) == set(MODES)  # trial 1: every path
-    assert set(seen[1]) <= set(MODES) and seen[1]  # trial 2: those within PRUNE x the best
+    assert seen[0] == pytest.approx({m: costs[m] + 1.0 for m in MODES})  # the clock ticks 1 ms a reading
+    assert set(seen[1]) == second  # trial 2: those within PRUNE x the best (if more than one)
     assert seen[2] == {}  # chosen: no more measuring
-    assert opt.engine.mode in MODES
-    assert opt.engine.confirmed and opt.state_dict()["multitask"]["gradient_mode"] == opt.engine.mode
-    assert opt.last_stats["gradient_mode"] == opt.engine.mode
+    assert opt.engine.mode == chosen
+    if second:
+        assert opt.engine.measurements == pytest.approx({m: costs[m] + 1.0 for m in MODES})
+    assert opt.engine.confirmed and opt.state_dict()["multitask"]["gradient_mode"] == chosen
+    assert opt.last_stats["gradient_mode"] == chosen
 
 
 @pytest.mark.usefixtures("measure_all")

@@ -302,7 +302,10 @@ def test_resume_gradvac_k3_state_matters(tmp_path) -> None:
 
     def make_opt(model: nn.Module) -> MultiTaskOptimizer:
         return MultiTaskOptimizer(
-            torch.optim.SGD(model.parameters(), lr=0.1), surgery="gradvac", beta=0.5, seed=5
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            surgery="gradvac",
+            surgery_kwargs={"beta": 0.5},
+            seed=5,
         )
 
     _resume_roundtrip(tmp_path, make_model, make_opt)

@@ -121,7 +121,7 @@ def test_a_step_without_a_task_uses_the_present_tasks_entries(case: Tuple[str, s
         ref.zero_grad()
         opt.step(_losses(whole, step, PRESENT))
         ref.step(_losses(direct, step, PRESENT))
-        assert opt.last_stats["weights"] == pytest.approx(ref.last_stats["weights"], rel=1e-12)
+        assert opt.last_stats["weights"] == pytest.approx(ref.last_stats["weights"], rel=1e-6)
         if opt.last_stats["coefficients"] is not None:
             assert opt.last_stats["coefficients"] == pytest.approx(
                 ref.last_stats["coefficients"], rel=1e-6, abs=1e-12

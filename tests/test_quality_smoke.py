@@ -12,14 +12,16 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-pytest.importorskip("sklearn", reason="the MultiDigits suite needs scikit-learn (pip install -e .[bench])")
+pytest.importorskip("sklearn", reason='the MultiDigits suite needs scikit-learn (pip install -e ".[test]")')
 
-from benchmarks import quality  # noqa: E402
 from benchmarks.quality_data import TOY_STARTS, toy_losses, toy_pareto_set, toy_stationarity  # noqa: E402
 from benchmarks.quality_methods import ALL_METHODS, METHODS, MethodContext, MethodSettings  # noqa: E402
 from benchmarks.quality_report import delta_m, summarise_suite  # noqa: E402
@@ -70,20 +72,29 @@ def _run(method: str, seed: int, metrics: dict) -> dict:
     return {"suite": "multidigits", "method": method, "seed": seed, "metrics": metrics, "ms_per_step": 1.0}
 
 
-def test_harness_tiny_writes_json_tables_and_plots(tmp_path, capsys):
-    out = tmp_path / "quality.json"
-    argv = ["--seeds", "1", "--workers", "1", "--no-progress"]
-    argv += ["--methods", "equal,pcgrad,mgda-ub", "--toy-methods", "equal,pcgrad"]
-    argv += ["--digits-epochs", "1", "--digits-train", "128", "--digits-test", "64"]
-    argv += ["--scale-epochs", "1", "--scale-train", "100", "--scale-test", "50", "--toy-steps", "20"]
-    argv += ["--out", str(tmp_path)]
-    before = _repo_files()
-    quality.main(argv)
-    assert _repo_files() == before, "the run wrote into the repository"
-    printed = capsys.readouterr().out
-    assert "Δm%" in printed and "reached Pareto set" in printed
+def test_demo_quick_run_on_a_fresh_copy_writes_json_tables_and_plots(tmp_path):
+    """The README's first command on a fresh clone, in its quick mode: a copy of the
+    tracked files (no ``benchmarks/out/`` yet), ``python -m benchmarks.quality --quick``
+    run in it as a user would, which must end, leave ``git status`` clean and write its
+    JSON, tables and plots (the PCGrad diagnostics plot included) into ``benchmarks/out/``."""
+    repo = fresh_copy(tmp_path / "clone")
+    assert not (repo / "benchmarks" / "out").exists()
+    argv = ["--quick", "--no-progress", "--methods", "equal,pcgrad,mgda-ub"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.quality", *argv],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert git(repo, "status", "--porcelain") == "", "the demo left the checkout dirty"
+    assert git(repo, "diff", "--stat", "HEAD") == ""
+    assert "Δm%" in proc.stdout and "reached Pareto set" in proc.stdout
+    out = repo / "benchmarks" / "out"
+    assert (out / "quality_diagnostics.png").stat().st_size > 0
 
-    doc = json.loads(out.read_text())
+    doc = json.loads((out / "quality.json").read_text())
     assert {"config", "machine", "suites", "wall_seconds", "command"} <= set(doc)
     assert set(doc["suites"]) == {"multidigits", "scale", "toy"}
     for name, tasks in (
@@ -117,25 +128,54 @@ def test_harness_tiny_writes_json_tables_and_plots(tmp_path, capsys):
         for r in entry["runs"]:
             assert r["trajectory"][0] == list(r["start"]) and r["trajectory"][-1] == r["final"]
             assert len(r["losses"]) == 2 and isinstance(r["reached_pareto"], bool)
-    assert (tmp_path / "quality.md").read_text().count("| method |") == 3
-    for png in ("quality_delta_m.png", "quality_toy.png", "quality_toy_objectives.png"):
-        pytest.importorskip("matplotlib")
-        assert (tmp_path / png).stat().st_size > 0
+    assert (out / "quality.md").read_text().count("| method |") == 3
+    for png in (
+        "quality_delta_m.png",
+        "quality_toy.png",
+        "quality_toy_objectives.png",
+        "quality_diagnostics.png",
+    ):
+        assert (out / png).stat().st_size > 0
         assert png in doc["plots"]
-    _assert_no_absolute_path(doc, tmp_path)
-    assert str(tmp_path) not in (tmp_path / "quality.md").read_text()
+    _assert_no_absolute_path(doc, repo)
+    assert str(repo) not in (out / "quality.md").read_text()
 
 
-def _repo_files() -> dict:
-    """Every file of the checkout (caches aside) with its modification time."""
-    skip = {".git", "__pycache__", ".pytest_cache", ".hypothesis", ".ruff_cache"}
-    out = {}
-    for root, dirs, files in os.walk(REPO):
-        dirs[:] = [d for d in dirs if d not in skip and not d.endswith(".egg-info")]
-        for name in files:
-            path = os.path.join(root, name)
-            out[path] = os.stat(path).st_mtime_ns
-    return out
+def git(repo: Path, *args: str) -> str:
+    proc = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, check=True)
+    return proc.stdout.strip()
+
+
+def fresh_copy(dest: Path) -> Path:
+    """The checkout's tracked files (as they are in the work tree) in a new git repository
+    at ``dest``, committed: what a fresh clone of this state looks like."""
+    if shutil.which("git") is None:
+        pytest.skip("needs git (the copy is made from the tracked files)")
+    try:
+        tracked = git(REPO, "ls-files", "-z").split("\0")
+    except subprocess.CalledProcessError:
+        pytest.skip("not a git checkout: install from a clone of the repository to run this test")
+    for name in filter(None, tracked):
+        src = REPO / name
+        if src.is_file():  # a tracked file deleted in the work tree is left out, as a commit would
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+    git(dest, "init", "-q")
+    git(dest, "add", "-A")
+    git(
+        dest,
+        "-c",
+        "user.name=test",
+        "-c",
+        "user.email=test@invalid",
+        "-c",
+        "commit.gpgsign=false",
+        "commit",
+        "-q",
+        "-m",
+        "copy",
+    )
+    return dest
 
 
 def _assert_no_absolute_path(doc, tmp_path) -> None:
@@ -155,7 +195,15 @@ def _assert_no_absolute_path(doc, tmp_path) -> None:
         assert str(tmp_path) not in text and str(REPO) not in text, f"local path in the JSON: {text!r}"
 
 
-@pytest.mark.parametrize("method", ["pcgrad", "mgda", "adam-pre+pcgrad"])
+#: PCGrad by default; MGDA and per-task Adam + PCGrad (other states in the same blocks) slow-only.
+@pytest.mark.parametrize(
+    "method",
+    [
+        "pcgrad",
+        pytest.param("mgda", marks=pytest.mark.slow),
+        pytest.param("adam-pre+pcgrad", marks=pytest.mark.slow),
+    ],
+)
 def test_toy_starts_in_blocks_equal_separate_runs(method):
     cfg = Config(toy=ToyConfig(steps=40, lr=0.05))
     batched = toy_run(method, cfg)

@@ -158,7 +158,7 @@ def test_aggregator_reads_the_weighted_losses() -> None:
     )
     losses = model.losses(model.batch(0))
     jac = _shared_jacobian(model, losses)
-    values = torch.tensor([float(v) for v in losses], dtype=torch.float64)
+    values = torch.tensor([float(v.detach()) for v in losses], dtype=torch.float64)
     w = torch.tensor(weights, dtype=torch.float64)
     weighted_jac = w.view(-1, 1) * jac
     gram = (weighted_jac @ weighted_jac.T).unsqueeze(0)

@@ -10,6 +10,7 @@ import torch
 from faultkit import round_trip
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from profiles import examples
 
 from multitask_optim.weighting import (
     HTW,
@@ -25,7 +26,7 @@ from multitask_optim.weighting import (
 )
 
 F64 = torch.float64
-DETERMINISTIC = settings(derandomize=True, deadline=None, max_examples=60)
+PROPS = settings(max_examples=examples(60))
 
 
 def make_ctx(
@@ -157,7 +158,7 @@ def test_staged_unknown_name():
         StagedStart({"z": 3}).bind(["a", "b"])
 
 
-@DETERMINISTIC
+@PROPS
 @given(
     start=st.integers(0, 50),
     ramp=st.integers(0, 20),
@@ -343,7 +344,7 @@ def test_dwa_is_functional_and_handles_empty_state():
     assert torch.equal(w, torch.ones(2, dtype=F64)) and int(s2["epoch_count"]) == 1
 
 
-@DETERMINISTIC
+@PROPS
 @given(
     means=st.lists(
         st.lists(st.floats(0.01, 100.0), min_size=3, max_size=3),
@@ -482,7 +483,7 @@ def test_gradnorm_after_step_keeps_weights_positive_summing_to_k():
     assert torch.allclose(w, gn.task_weights.to(F64))
 
 
-@DETERMINISTIC
+@PROPS
 @given(raw=st.lists(st.floats(-10.0, 10.0), min_size=1, max_size=8))
 def test_gradnorm_renormalisation_property(raw):
     gn = GradNorm()

@@ -157,13 +157,13 @@ def test_returned_value_is_the_weighted_sum_and_the_learnable_term_is_zero() -> 
     batch = losses(net, 0)
     loss = opt.weighted_loss(batch)
     c, w = opt.last_stats["coefficients"], opt.last_stats["weights"]
-    expected = sum(ci * wi * float(batch[t]) for ci, wi, t in zip(c, w, TASKS))
-    assert float(loss) == pytest.approx(expected, rel=1e-6)
+    expected = sum(ci * wi * float(batch[t].detach()) for ci, wi, t in zip(c, w, TASKS))
+    assert float(loss.detach()) == pytest.approx(expected, rel=1e-6)
     loss.backward()
     log_vars = opt.weighting.parameters()
     assert all(p.grad is not None and float(p.grad) != 0.0 for p in log_vars)
     opt.step()
-    assert any(float(p) != 0.0 for p in log_vars), "the same backward trained the log-variances"
+    assert any(float(p.detach()) != 0.0 for p in log_vars), "the same backward trained the log-variances"
 
 
 def test_closure_form_as_lightning_calls_it() -> None:
@@ -224,7 +224,7 @@ def test_non_finite_loss_skips_like_the_full_step() -> None:
     batch["b"] = batch["b"] * float("nan")
     with pytest.warns(UserWarning, match="skipped"):
         loss = opt.weighted_loss(batch)
-    assert math.isnan(float(loss)) and loss.requires_grad  # the plain sum: a scaler sees the NaN
+    assert math.isnan(float(loss.detach())) and loss.requires_grad  # the plain sum: a scaler sees the NaN
     assert opt.last_stats["skipped"] == 1 and opt.last_stats["skipped_step"]
     loss.backward()
     opt.step()  # does not run the inner step

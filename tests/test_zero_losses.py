@@ -112,7 +112,7 @@ def test_a_first_loss_of_zero_waits_for_a_positive_baseline(method: str) -> None
     opt.step(losses)
     state = opt.state_dict()["multitask"]["states"]["weighting"]
     assert state["initialized"].tolist() == [True, True]
-    assert float(state["initial_losses"][0]) == float(losses["cls"]) > 0.0
+    assert float(state["initial_losses"][0]) == float(losses["cls"].detach()) > 0.0
     assert opt.skipped == 0 and all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
