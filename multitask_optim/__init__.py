@@ -14,7 +14,7 @@ from .optimizer import MultiTaskOptimizer
 from .precondition import PRECONDITIONERS, Preconditioner
 from .weighting import WEIGHTINGS, Weighting, WeightingContext, get_weighting, register_weighting
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "AGGREGATORS",

@@ -41,12 +41,20 @@ class MultiTaskState:
         dcp.load(state, checkpoint_id=path)
         set_model_state_dict(model, state["model"])
         fsdp.set_optimizer_state_dict(model, opt, state["optim"])
+
+    Args:
+        optimizer: the :class:`~multitask_optim.MultiTaskOptimizer` to save and restore.
     """
 
     def __init__(self, optimizer: Any) -> None:
         self.optimizer = optimizer
 
     def state_dict(self) -> Dict[str, Any]:
+        """This rank's multi-task state, for ``torch.distributed.checkpoint.save``.
+
+        Returns:
+            ``{"world_size": W, "rank{r}": bytes}``: the rank's entry saved as one object.
+        """
         rank, world = _rank_and_world()
         entry = {
             "multitask": self.optimizer.state_dict()["multitask"],
@@ -59,6 +67,15 @@ class MultiTaskState:
         return {"world_size": world, f"rank{rank}": buffer.getvalue()}
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Load this rank's entry into the optimizer (after ``torch.distributed.checkpoint.load``).
+
+        Args:
+            state_dict: what :meth:`state_dict` produced, as loaded.
+
+        Raises:
+            ValueError: a checkpoint of another world size, or whose weighting group does not
+                match this optimizer's.
+        """
         rank, world = _rank_and_world()
         saved_world = int(state_dict.get("world_size", world))
         payload = state_dict.get(f"rank{rank}")
@@ -81,7 +98,16 @@ class MultiTaskState:
 
 def get_optimizer_state_dict(model: torch.nn.Module, optimizer: Any, **kwargs: Any) -> Dict[str, Any]:
     """``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict`` over the model's
-    param groups (the weighting's group, not the model's, rides in :class:`MultiTaskState`)."""
+    param groups (the weighting's group, not the model's, rides in :class:`MultiTaskState`).
+
+    Args:
+        model: the FSDP2 model.
+        optimizer: the :class:`~multitask_optim.MultiTaskOptimizer` over its parameters.
+        **kwargs: passed on (e.g. ``options=``).
+
+    Returns:
+        The optimizer state dict of the model's param groups.
+    """
     from torch.distributed.checkpoint import state_dict as dcp_state
 
     with _without_weighting_group(optimizer):
@@ -92,7 +118,14 @@ def set_optimizer_state_dict(
     model: torch.nn.Module, optimizer: Any, optim_state_dict: Dict[str, Any], **kwargs: Any
 ) -> None:
     """``torch.distributed.checkpoint.state_dict.set_optimizer_state_dict`` over the model's
-    param groups; the weighting group's state (loaded by :class:`MultiTaskState`) is kept."""
+    param groups; the weighting group's state (loaded by :class:`MultiTaskState`) is kept.
+
+    Args:
+        model: the FSDP2 model.
+        optimizer: the :class:`~multitask_optim.MultiTaskOptimizer` over its parameters.
+        optim_state_dict: what :func:`get_optimizer_state_dict` saved, as loaded.
+        **kwargs: passed on (e.g. ``options=``).
+    """
     from torch.distributed.checkpoint import state_dict as dcp_state
 
     kept = {

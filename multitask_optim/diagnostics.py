@@ -44,9 +44,17 @@ def step_stats(
 ) -> Dict[str, Any]:
     """Statistics of one step from the summed Gram matrix ``(K, K)`` of the shared gradients.
 
-    Keys: ``cosine`` (K x K list), ``grad_norms`` (per task), ``conflicts`` (pairs i < j
-    with a negative inner product), ``coefficients`` (per block, lists), ``weights``,
-    ``losses`` and ``skipped`` (steps skipped so far for non-finite values).
+    Args:
+        gram: ``(K, K)`` Gram matrix of the step (None on a plain step).
+        coefficients: the surgery's coefficients (None when not a combination).
+        weights: the task weights.
+        losses: the task loss values.
+        skipped: steps skipped so far for non-finite values.
+
+    Returns:
+        ``{"weights", "losses", "skipped"}`` and, with a Gram matrix, ``cosine`` (K x K
+        list), ``grad_norms`` (per task) and ``conflicts`` (pairs ``i < j`` with a negative
+        inner product); ``coefficients`` when given.
     """
     stats: Dict[str, Any] = {
         "weights": [float(w) for w in weights],
@@ -110,9 +118,8 @@ def log_stats(
 ) -> Dict[str, float]:
     """Write one step's statistics (``opt.last_stats``) as scalars to ``writer``.
 
-    ``writer`` is anything with ``add_scalar(tag, value, step)``, e.g.
-    ``torch.utils.tensorboard.SummaryWriter``. Tags (``{t}`` a task name, tasks named
-    ``"0"``, ``"1"``, ... unless ``task_names`` is given -- pass ``opt.tasks``):
+    Tags (``{t}`` a task name, tasks named ``"0"``, ``"1"``, ... unless ``task_names``
+    is given -- pass ``opt.tasks``):
 
     - ``{prefix}/loss/{t}``, ``{prefix}/weight/{t}``, ``{prefix}/grad_norm/{t}``,
       ``{prefix}/coefficient/{t}`` (mean over Gram blocks);
@@ -123,8 +130,19 @@ def log_stats(
     A skipped step's statistics hold only the losses and the skip count; only those
     are written. Keys that are absent are not written.
 
+    Args:
+        writer: anything with ``add_scalar(tag, value, step)``, e.g.
+            ``torch.utils.tensorboard.SummaryWriter``.
+        stats: ``opt.last_stats``.
+        step: the global step for the writer.
+        prefix: the first part of every tag.
+        task_names: names for the tags (default ``"0"``, ``"1"``, ...).
+
     Returns:
         ``{tag: value}`` of everything written (plain floats).
+
+    Raises:
+        TypeError: ``writer`` has no ``add_scalar``.
     """
     if not hasattr(writer, "add_scalar"):
         raise TypeError(
@@ -214,7 +232,16 @@ class StatsHistory:
         return _names(self.num_tasks, self.task_names)
 
     def append(self, stats: Mapping[str, Any], step: Optional[int] = None) -> None:
-        """Add one step's statistics (``opt.last_stats``); ``step`` defaults to the next index."""
+        """Add one step's statistics.
+
+        Args:
+            stats: ``opt.last_stats`` after a step.
+            step: the step's index (default: the next one).
+
+        Raises:
+            TypeError: ``stats`` is not a mapping.
+            ValueError: ``stats`` is empty or has another number of tasks than the history.
+        """
         if not isinstance(stats, Mapping):
             raise TypeError(f"stats must be a mapping (opt.last_stats), got {type(stats).__name__}")
         if not stats:
@@ -230,19 +257,39 @@ class StatsHistory:
         self.skipped_step.append(bool(stats.get("skipped_step", False)))
 
     def record(self, optimizer: Any, step: Optional[int] = None) -> None:
-        """Append ``optimizer.last_stats`` (and take the task names from ``optimizer.tasks``)."""
+        """Append ``optimizer.last_stats`` (and take the task names from ``optimizer.tasks``).
+
+        Args:
+            optimizer: a :class:`~multitask_optim.MultiTaskOptimizer` after a step.
+            step: the step's index (default: the next one).
+        """
         if self.task_names is None and getattr(optimizer, "tasks", None):
             self.task_names = [str(n) for n in optimizer.tasks]
         self.append(optimizer.last_stats, step)
 
     def pair_cosines(self) -> Tuple[List[Tuple[int, int]], List[List[float]]]:
-        """``(pairs, rows)``: for each pair ``i < j``, its cosine at every step (NaN if absent)."""
+        """The cosine of every task pair over the steps.
+
+        Returns:
+            ``(pairs, rows)``: the pairs ``(i, j)`` with ``i < j`` and, for each, its cosine
+            at every step (NaN where absent).
+        """
         pairs = _pairs(self.num_tasks)
         rows = [[float(c[i][j]) if c is not None else float("nan") for c in self.cosine] for i, j in pairs]
         return pairs, rows
 
     def series(self, key: str) -> List[List[float]]:
-        """Per task, the values of ``key`` (``"losses"``, ``"weights"``, ...) over the steps (NaN if absent)."""
+        """Per task, the values of ``key`` over the steps.
+
+        Args:
+            key: ``"losses"``, ``"weights"``, ``"grad_norms"`` or ``"coefficients"``.
+
+        Returns:
+            One list per task (NaN where absent).
+
+        Raises:
+            ValueError: an unknown ``key``.
+        """
         if key not in ("losses", "weights", "grad_norms", "coefficients"):
             raise ValueError(f"series() takes losses, weights, grad_norms or coefficients, got {key!r}")
         rows = getattr(self, key)
@@ -252,7 +299,11 @@ class StatsHistory:
         ]
 
     def to_dict(self) -> Dict[str, Any]:
-        """Everything as plain lists (JSON-serialisable apart from NaN/inf floats)."""
+        """Everything as plain lists (JSON-serialisable apart from NaN/inf floats).
+
+        Returns:
+            ``{"task_names", "steps", <statistic>: [...]}``.
+        """
         out: Dict[str, Any] = {"task_names": self.names, "steps": list(self.steps)}
         for key in (*self._FIELDS, "skipped", "skipped_step"):
             out[key] = copy.deepcopy(getattr(self, key))
@@ -283,11 +334,22 @@ def plot_history(
     coefficients (mean over Gram blocks) and the losses (log scale when positive).
     Skipped steps are left blank.
 
-    Needs matplotlib (``pip install "multitask_optim[plot]"``); it is imported here
-    only, with the non-interactive Agg canvas (no display, no global backend change).
+    Needs matplotlib (the ``plot`` extra); it is imported here only, with the
+    non-interactive Agg canvas (no display, no global backend change).
+
+    Args:
+        history: the recorded run.
+        path: where to write the PNG.
+        title: a title for the figure.
+        dpi: the resolution.
 
     Returns:
         ``str(path)``.
+
+    Raises:
+        ImportError: matplotlib is not installed.
+        TypeError: ``history`` is not a :class:`StatsHistory`.
+        ValueError: ``history`` is empty.
     """
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg

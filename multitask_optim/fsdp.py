@@ -103,13 +103,13 @@ from ._sources import ParameterRows
 from .aggregators.base import Shards
 from .partition import Partition, describe
 
+#: The user-facing names: checkpoint helpers and the sharding test. ``FSDPRows`` and
+#: ``source_for`` are the optimizer's machinery (importable, not public API).
 __all__ = [
-    "FSDPRows",
     "MultiTaskState",
     "get_optimizer_state_dict",
     "set_optimizer_state_dict",
     "is_sharded",
-    "source_for",
 ]
 
 try:  # torch.distributed is optional at build time
@@ -122,7 +122,14 @@ except ImportError:  # pragma: no cover - builds without distributed support
 
 
 def is_sharded(param: Tensor) -> bool:
-    """Whether ``param`` is a ``DTensor`` (a parameter sharded by FSDP2)."""
+    """Whether ``param`` is a ``DTensor`` (a parameter sharded by FSDP2).
+
+    Args:
+        param: a parameter of the optimizer.
+
+    Returns:
+        True for a ``DTensor``.
+    """
     return DTensor is not None and isinstance(param, DTensor)
 
 

@@ -132,8 +132,16 @@ class MultiTaskOptimizer(Bookkeeping, PlainPath, Optimizer):
             aggregation, before the inner step) to this global 2-norm, as
             ``torch.nn.utils.clip_grad_norm_`` does; the unclipped norm is
             ``last_stats["grad_norm"]`` (see :mod:`._clipping`). Default None (no clipping).
-        reduction, beta, eps, beta2: deprecated spellings of ``surgery_kwargs`` /
-            ``precondition_kwargs`` entries (a ``DeprecationWarning``).
+        reduction: deprecated: use ``surgery_kwargs={"reduction": ...}`` (a ``DeprecationWarning``).
+        beta: deprecated: use ``surgery_kwargs={"beta": ...}`` (a ``DeprecationWarning``).
+        eps: deprecated: use ``precondition_kwargs={"eps": ...}`` (a ``DeprecationWarning``).
+        beta2: deprecated: use ``precondition_kwargs={"beta2": ...}`` (a ``DeprecationWarning``).
+
+    Raises:
+        TypeError: ``optimizer`` is not a ``torch.optim.Optimizer`` (or is already a
+            ``MultiTaskOptimizer``), or a component of the wrong type.
+        ValueError: a bad argument, named in the message (an unknown method, a
+            hyper-parameter out of range, a parameter in two param groups or two roles).
 
     Attributes:
         skipped: how many steps were skipped (nothing written on them; ``last_stats``).
@@ -305,6 +313,13 @@ class MultiTaskOptimizer(Bookkeeping, PlainPath, Optimizer):
 
         Returns:
             The inner optimizer's return value, or the closure's (None without one).
+
+        Raises:
+            ValueError: bad losses (count, names, a non-scalar or a loss that does not
+                require grad), naming the task; ``representation=`` or ``features=``
+                without losses or with accumulated micro-batches; losses while
+                micro-batches are pending. Nothing changes.
+            TypeError: a loss of the wrong type, or two closures.
         """
         if callable(losses) and not isinstance(losses, (Tensor, Mapping, list, tuple)):
             if closure is not None:
@@ -353,6 +368,10 @@ class MultiTaskOptimizer(Bookkeeping, PlainPath, Optimizer):
         are summed likewise. A step the schedule leaves out still gathers per-task
         gradients here (the weights need the summed losses first), but neither the
         surgery nor the preconditioner runs on it.
+
+        Args:
+            losses: the micro-batch's per-task losses, as for :meth:`step`.
+            samples: under ``torch.distributed``, this rank's sample count per task.
         """
         weights_only.check_not_pending(self)
         self._accumulated = self._gather(losses, self._accumulated, None, None, samples)[0]
@@ -372,7 +391,7 @@ class MultiTaskOptimizer(Bookkeeping, PlainPath, Optimizer):
         ``sum_i c_i w_i L_i`` with ``c`` and ``w`` detached: its backward puts the
         method's update on the shared parameters, and ``step()`` (no losses) then clips,
         skips a non-finite gradient and runs the inner optimizer. Task parameters receive
-        ``c_i w_i grad L_i``; see :mod:`multitask_optim._weights_only` for all differences.
+        ``c_i w_i grad L_i``; the documentation's weights-only guide lists every difference.
 
         Args:
             losses: as for :meth:`step` (absent tasks left out or ``None``).
@@ -391,7 +410,7 @@ class MultiTaskOptimizer(Bookkeeping, PlainPath, Optimizer):
         return weights_only.weighted_loss(self, losses, features, representation, samples)
 
     def epoch_end(self) -> None:
-        """Mark an epoch boundary for epoch-based weightings (DWA)."""
+        """Mark an epoch boundary for the weightings that count epochs (DWA, STCH)."""
         self._states["weighting"] = self.weighting.epoch_end(self._states["weighting"])
 
     def update_weighting(self, losses: Any) -> None:

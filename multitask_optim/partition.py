@@ -14,6 +14,9 @@ ParamsArg = Iterable[Tensor]
 TasksArg = Union[Mapping[str, ParamsArg], Sequence[ParamsArg]]
 RESERVED = ("shared", "unused", "weighting")
 
+#: The public names; the other functions are the optimizer's bookkeeping.
+__all__ = ["Partition", "explicit"]
+
 
 #: What an empty ``shared=`` or ``tasks=`` entry usually is, and what to do.
 _EMPTY = (
@@ -43,7 +46,11 @@ class Partition:
     unused: List[Tensor] = field(default_factory=list)
 
     def role_of(self) -> Dict[int, str]:
-        """``id(param) -> role`` where the role is ``"shared"``, a task name or ``"unused"``."""
+        """The role of every parameter.
+
+        Returns:
+            ``id(param) -> role`` where the role is ``"shared"``, a task name or ``"unused"``.
+        """
         roles: Dict[int, str] = {id(p): "shared" for p in self.shared}
         for name, params in zip(self.names, self.tasks):
             roles.update({id(p): name for p in params})
@@ -51,6 +58,14 @@ class Partition:
         return roles
 
     def to_indices(self, index_of: Mapping[int, int]) -> Dict[str, Any]:
+        """The partition as parameter indices (for a checkpoint).
+
+        Args:
+            index_of: ``id(param) -> index`` in the inner optimizer's parameters.
+
+        Returns:
+            ``{"names", "shared", "tasks", "unused"}`` with indices in place of parameters.
+        """
         return {
             "names": list(self.names),
             "shared": [index_of[id(p)] for p in self.shared],
@@ -60,6 +75,15 @@ class Partition:
 
     @classmethod
     def from_indices(cls, data: Mapping[str, Any], params: Sequence[Tensor]) -> Partition:
+        """The partition :meth:`to_indices` recorded, over these parameters.
+
+        Args:
+            data: what :meth:`to_indices` returned.
+            params: the inner optimizer's parameters, in order.
+
+        Returns:
+            The partition.
+        """
         return cls(
             tuple(data["names"]),
             [params[n] for n in data["shared"]],
@@ -80,6 +104,14 @@ def check_names(names: Sequence[str]) -> Tuple[str, ...]:
 
 def explicit(params: Sequence[Tensor], shared: Optional[ParamsArg], tasks: TasksArg) -> Partition:
     """Build a partition from the user's ``shared=`` and ``tasks=`` arguments.
+
+    Args:
+        params: the inner optimizer's parameters, in order.
+        shared: the shared parameters (None: none).
+        tasks: per-task parameters, ``{name: params}`` or a list (tasks ``"0"``, ``"1"``, ...).
+
+    Returns:
+        The partition; parameters given no role are unused.
 
     Raises:
         ValueError: a parameter given two roles, or unknown to the inner optimizer; an

@@ -106,7 +106,13 @@ class Comparison:
             mean first.
         best: the chosen configuration (a dict for ``MultiTaskOptimizer(inner, **best)``).
         best_entry: its :class:`Entry`.
-        steps, seeds: the pilot budget.
+        steps: the pilot budget: steps per run.
+        seeds: the pilot budget: the seeds each configuration ran with.
+
+    Args:
+        entries: every configuration's pilot runs.
+        steps: steps per run.
+        seeds: the seeds.
     """
 
     def __init__(self, entries: List[Entry], steps: int, seeds: Sequence[int]) -> None:
@@ -119,7 +125,11 @@ class Comparison:
         return f"Comparison(best={self.best!r}, configs={len(self.ranking)})"
 
     def table(self) -> str:
-        """A readable table: rank, configuration, score (mean +- std, in % of the plain sum)."""
+        """A readable table: rank, configuration, score (mean +- std, in % of the plain sum).
+
+        Returns:
+            The table as text (also what ``str(comparison)`` gives).
+        """
         lines = [
             f"compare: {self.steps} steps x seeds {self.seeds}; score = mean over tasks of (v - v_sum)/|v_sum|, "
             "higher is better",

@@ -31,7 +31,12 @@ PROBE = "imtl_g"
 
 
 class Recommendation(dict):  # type: ignore[type-arg]
-    """A configuration (a dict for ``MultiTaskOptimizer(inner, **config)``) with its ``reason``."""
+    """A configuration (a dict for ``MultiTaskOptimizer(inner, **config)``) with its ``reason``.
+
+    Args:
+        config: the keyword arguments of ``MultiTaskOptimizer``.
+        reason: why the rules recommend it.
+    """
 
     def __init__(self, config: Mapping[str, Any], reason: str) -> None:
         super().__init__(config)

@@ -40,6 +40,12 @@ def is_adaptive(inner: Optimizer) -> bool:
 
     Known torch classes by type; any other optimizer whose param groups carry ``betas``
     (Adam's hyper-parameter) counts as Adam-like.
+
+    Args:
+        inner: the inner optimizer.
+
+    Returns:
+        Whether it is Adam-like.
     """
     if isinstance(inner, ADAPTIVE):
         return True
@@ -202,7 +208,14 @@ def matplotlib_pyplot() -> Any:
 
 
 def describe(config: Mapping[str, Any]) -> str:
-    """A short readable name of a config dict: ``"db_mtl(beta=0) + precondition adam"``."""
+    """A short readable name of a config dict: ``"db_mtl(beta=0) + precondition adam"``.
+
+    Args:
+        config: keyword arguments of ``MultiTaskOptimizer``.
+
+    Returns:
+        The name.
+    """
     parts: List[str] = []
     for key in ("surgery", "weighting", "precondition"):
         value = config.get(key)

@@ -57,6 +57,8 @@ class Measurements:
         gradient_mode: the optimizer's path for the per-task gradients.
         steps_per_epoch: batches per pass over the data (None when unknown), given to the
             recommended methods whose schedule counts epochs.
+        probe: the same steps from the same start with a scale-free surgery (IMTL-G), run
+            when the scales are far apart (None otherwise; see ``approaches_zero``).
     """
 
     tasks: Tuple[str, ...]
@@ -81,7 +83,11 @@ class Measurements:
     )
 
     def record(self, stats: Mapping[str, Any]) -> None:
-        """Append one step of ``MultiTaskOptimizer.last_stats``."""
+        """Append one step of ``MultiTaskOptimizer.last_stats``.
+
+        Args:
+            stats: the optimizer's ``last_stats`` after a step.
+        """
         present = [str(t) for t in stats.get("tasks", self.tasks)]
         row = dict(zip(present, stats.get("losses", [])))
         norms = dict(zip(present, stats.get("grad_norms", [])))
@@ -104,30 +110,72 @@ class Measurements:
         return vals[:n] if first else vals[-n:]
 
     def initial_loss(self, task: str) -> float:
-        """Median loss over the first tenth of the steps the task was present."""
+        """Median loss over the first tenth of the steps the task was present.
+
+        Args:
+            task: a task name.
+
+        Returns:
+            The median (NaN when the task never had a finite loss).
+        """
         return _median(self._window(task, True))
 
     def loss_scale(self, task: str) -> float:
-        """Median loss over the last quarter of the steps the task was present."""
+        """Median loss over the last quarter of the steps the task was present.
+
+        Args:
+            task: a task name.
+
+        Returns:
+            The median (NaN when the task never had a finite loss).
+        """
         return _median(self._window(task, False))
 
     def grad_norm(self, task: str) -> float:
-        """Median norm of the task's gradient on the shared parameters."""
+        """Median norm of the task's gradient on the shared parameters.
+
+        Args:
+            task: a task name.
+
+        Returns:
+            The median (NaN when none was recorded).
+        """
         return _median(self.grad_norms.get(task, []))
 
     def missing(self, task: str) -> float:
-        """Share of steps on which the task had no loss (absent labels)."""
+        """Share of steps on which the task had no loss (absent labels).
+
+        Args:
+            task: a task name.
+
+        Returns:
+            A fraction in ``[0, 1]``.
+        """
         vals = self.losses.get(task, [])
         return sum(1 for v in vals if math.isnan(v)) / len(vals) if vals else 0.0
 
     def slope(self, task: str) -> float:
-        """Per-step slope of ``log(loss)`` over the last quarter of the run."""
+        """Per-step slope of ``log(loss)`` over the last quarter of the run.
+
+        Args:
+            task: a task name.
+
+        Returns:
+            The slope (0 with fewer than three finite losses).
+        """
         vals = self.losses.get(task, [])
         start = len(vals) - max(len(vals) // 4, 3)
         return _slope([(s, v) for s, v in enumerate(vals) if s >= start and math.isfinite(v)])
 
     def trend(self, task: str) -> Optional[Trend]:
-        """The floor model fitted to the task's losses, projected to ``horizon`` (see :mod:`._trend`)."""
+        """The floor model fitted to the task's losses, projected to ``horizon`` (see :mod:`._trend`).
+
+        Args:
+            task: a task name.
+
+        Returns:
+            The fitted trend, or None when there are too few losses to fit.
+        """
         vals = self.losses.get(task, [])
         key = (task, len(vals), self.horizon)
         if key not in self._trends:
@@ -140,7 +188,14 @@ class Measurements:
         """The 1/L hazard, under the plain sum or in the balanced ``probe``: the loss reached 0,
         or its lowest window fell tenfold below its first, the fall into it exceeds the windows' noise, and the
         floor model fitted to it does not show the loss staying above a tenth of that window
-        by ``horizon``. A loss approaching a positive floor, however far it fell, is not flagged."""
+        by ``horizon``. A loss approaching a positive floor, however far it fell, is not flagged.
+
+        Args:
+            task: a task name.
+
+        Returns:
+            Whether the task's loss is flagged.
+        """
         if self.probe is not None and self.probe.approaches_zero(task):
             return True
         vals = [v for v in self.losses.get(task, []) if math.isfinite(v)]
@@ -154,36 +209,71 @@ class Measurements:
     # ------------------------------------------------------------------ derived, across tasks
 
     def loss_ratio(self) -> float:
-        """Largest over smallest loss scale (1 for one task)."""
+        """Largest over smallest loss scale (1 for one task).
+
+        Returns:
+            The ratio (inf when the smallest is 0).
+        """
         return _ratio([self.loss_scale(t) for t in self.tasks])
 
     def grad_ratio(self) -> float:
-        """Largest over smallest median shared-gradient norm."""
+        """Largest over smallest median shared-gradient norm.
+
+        Returns:
+            The ratio (1 for one task, inf when the smallest is 0).
+        """
         return _ratio([self.grad_norm(t) for t in self.tasks])
 
     def _all_cosines(self) -> List[float]:
         return [c for vals in self.cosines.values() for c in vals if math.isfinite(c)]
 
     def conflict_fraction(self) -> float:
-        """Share of (step, task pair) entries with a negative cosine."""
+        """Share of (step, task pair) entries with a negative cosine.
+
+        Returns:
+            A fraction in ``[0, 1]`` (0 with no recorded pair).
+        """
         cos = self._all_cosines()
         return sum(1 for c in cos if c < 0) / len(cos) if cos else 0.0
 
     def conflict_strength(self) -> float:
-        """Mean ``-cos`` over the conflicting entries (0 when none conflict)."""
+        """Mean ``-cos`` over the conflicting entries (0 when none conflict).
+
+        Returns:
+            The mean, in ``[0, 1]``.
+        """
         neg = [-c for c in self._all_cosines() if c < 0]
         return statistics.fmean(neg) if neg else 0.0
 
     def mean_cosine(self) -> float:
+        """Mean cosine over every recorded (step, task pair) entry.
+
+        Returns:
+            The mean (NaN with no recorded pair).
+        """
         cos = self._all_cosines()
         return statistics.fmean(cos) if cos else math.nan
 
     def pair_cosine(self, pair: str) -> float:
+        """Mean cosine of one task pair over the steps that had both.
+
+        Args:
+            pair: ``"a|b"``, as in :attr:`cosines`.
+
+        Returns:
+            The mean (NaN when the pair was never recorded).
+        """
         vals = [c for c in self.cosines.get(pair, []) if math.isfinite(c)]
         return statistics.fmean(vals) if vals else math.nan
 
     def summary(self) -> Dict[str, Any]:
-        """Every derived number, as plain floats (what the rules read and the report prints)."""
+        """Every derived number, as plain floats (what the rules read and the report prints).
+
+        Returns:
+            ``loss_ratio``, ``grad_ratio``, ``conflict_fraction``, ``conflict_strength``,
+            ``mean_cosine``, per-task values under ``"tasks"`` and per-pair cosines under
+            ``"pairs"``.
+        """
         return {
             "loss_ratio": self.loss_ratio(),
             "grad_ratio": self.grad_ratio(),

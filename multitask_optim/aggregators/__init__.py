@@ -53,12 +53,31 @@ from .upgrad import UPGrad
 
 
 def register_aggregator(cls: type) -> type:
-    """Register an :class:`Aggregator` subclass under its ``name`` (usable as a decorator)."""
+    """Register an :class:`Aggregator` subclass under its ``name`` (usable as a decorator).
+
+    Args:
+        cls: the subclass; its ``name`` becomes ``surgery="name"``.
+
+    Returns:
+        ``cls`` itself.
+    """
     return AGGREGATORS.register(cls)
 
 
 def get_aggregator(spec: Union[None, str, Aggregator], **kwargs: Any) -> Aggregator:
-    """Resolve ``None`` (plain sum), a registered name or an instance to an aggregator."""
+    """Resolve ``None`` (plain sum), a registered name or an instance to an aggregator.
+
+    Args:
+        spec: ``None``, a registered name (``"pcgrad"``) or an :class:`Aggregator`.
+        **kwargs: hyper-parameters of a method given by name.
+
+    Returns:
+        The aggregator.
+
+    Raises:
+        ValueError: an unknown name.
+        TypeError: keyword arguments with an instance, or a spec of another type.
+    """
     out = AGGREGATORS.build(spec, kwargs)
     assert out is not None
     return out

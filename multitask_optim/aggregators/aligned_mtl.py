@@ -35,6 +35,27 @@ class AlignedMTL(GramSolver):
     so no task's principal component dominates. ``G = 0`` gives ``B = I``. Same
     formula, threshold and defaults as TorchJD 0.18.
 
+    Paper:
+        D. Senushkin, N. Patakin, A. Kuznetsov, A. Konushin, "Independent Component
+        Alignment for Multi-Task Learning", CVPR 2023 (Algorithm 1).
+
+    Departures:
+        Same formula, eigenvalue threshold and defaults as TorchJD 0.18's ``AlignedMTL``,
+        which our update equals to 1e-5 relative for every ``scale_mode`` and a preference
+        vector (``tests/test_anchor_wave2.py``). ``scale_mode="rmse"`` is the original
+        code's name for the mean.
+
+    Cost:
+        One Gram matrix per block, shared by every Gram method (factored for ``Linear``
+        layers, so no K x P buffer there), then one K x K eigendecomposition on the host in
+        float64. Measured: 0.2 ms at K = 4, 0.2-0.4 ms at K = 16 per call (median of 30
+        aggregation calls, one thread; a one-off script timing ``aggregate`` on a Gram
+        matrix of 100,000-element rows).
+
+    When to use:
+        A magnitude imbalance with conflicts (scale suite 88 against ~400; MultiDigits 1.85,
+        within the seed spread of the plain sum).
+
     Args:
         pref_vector: ``K`` weights combining the aligned rows; ``None`` means ``1/K`` each.
             A step lacking some tasks uses the present tasks' weights, rescaled to the

@@ -34,6 +34,9 @@ except ImportError:  # pragma: no cover - NumPy ships with nearly every torch in
 #: 0.4 ms / 1.2 ms (``python -m benchmarks.aggregation_time --k 40``).
 SCALAR_LIMIT = 20
 
+#: The contract's public names; the other helpers here serve the method modules.
+__all__ = ["AGGREGATORS", "AggregationContext", "Aggregator", "RowAggregator", "Shards", "random_orders"]
+
 
 class Shards:
     """Where the rows a :class:`RowAggregator` receives sit in the whole Jacobian rows.
@@ -59,19 +62,51 @@ class Shards:
     sharded: ClassVar[bool] = False
 
     def sum(self, partial: Tensor) -> Tensor:
-        """The sum over the ranks of every rank's ``partial`` (same shape on every rank)."""
+        """The sum over the ranks of every rank's ``partial`` (same shape on every rank).
+
+        Args:
+            partial: this rank's partial sum (e.g. of a row's squared elements).
+
+        Returns:
+            The total over the ranks (``partial`` itself without sharding).
+        """
         return partial
 
     def size(self, block: int, rows: Tensor) -> int:
-        """The length ``P_b`` of block ``block``'s whole rows (``rows``: this rank's ``(K, n)``)."""
+        """The length ``P_b`` of block ``block``'s whole rows.
+
+        Args:
+            block: the block's index.
+            rows: this rank's ``(K, n)`` rows of the block.
+
+        Returns:
+            ``P_b`` (``n`` without sharding).
+        """
         return int(rows.shape[-1])
 
     def positions(self, block: int, rows: Tensor) -> Tensor:
-        """``(n,)`` long: the index in the whole row of each of this rank's elements."""
+        """Where this rank's elements sit in the whole rows of a block.
+
+        Args:
+            block: the block's index.
+            rows: this rank's ``(K, n)`` rows of the block.
+
+        Returns:
+            ``(n,)`` long: the index in the whole row of each of this rank's elements.
+        """
         return torch.arange(rows.shape[-1], device=rows.device)
 
     def take(self, block: int, rows: Tensor, whole: Tensor) -> Tensor:
-        """This rank's elements of ``whole``, a tensor over the whole row (last axis ``P_b``)."""
+        """This rank's elements of ``whole``, a tensor over the whole row.
+
+        Args:
+            block: the block's index.
+            rows: this rank's ``(K, n)`` rows of the block.
+            whole: a tensor whose last axis has the whole row's length ``P_b``.
+
+        Returns:
+            ``whole`` restricted to this rank's elements (``whole`` itself without sharding).
+        """
         return whole
 
 
@@ -127,16 +162,34 @@ class Aggregator(Component):
     breaks_ties_by_index: ClassVar[bool] = False
 
     def min_tasks(self) -> int:
-        """The fewest tasks the method is defined for (a step with fewer raises)."""
+        """The fewest tasks the method is defined for (a step with fewer raises).
+
+        Returns:
+            The minimum number of tasks (1 unless the method says otherwise).
+        """
         return 1
 
     def is_plain_sum(self) -> bool:
-        """Whether the update is always ``sum_i g_i`` (the step then is one backward of the sum)."""
+        """Whether the update is always ``sum_i g_i`` (the step then is one backward of the sum).
+
+        Returns:
+            True for the plain sum, False for every method that changes the update.
+        """
         return False
 
     @abstractmethod
     def aggregate(self, gram: Tensor, state: State, ctx: AggregationContext) -> tuple[Tensor, State]:
-        """Return ``(coefficients (B, K), new_state)`` for Gram matrices ``gram (B, K, K)``."""
+        """Map the Gram matrices of the blocks to coefficients.
+
+        Args:
+            gram: ``(B, K, K)`` float64 Gram matrices ``G_b = J_b J_b^T`` (on the CPU).
+            state: the method's state (never mutated).
+            ctx: the generator (every random draw comes from it), losses, step, shards.
+
+        Returns:
+            ``(coefficients, new_state)``: ``(B, K)`` float64 coefficients ``c_b`` (the update
+            of block ``b`` is ``J_b^T c_b``) and the new state.
+        """
 
     def __call__(self, gram: Tensor, state: State, ctx: AggregationContext) -> tuple[Tensor, State]:
         if gram.dim() == 2:
@@ -164,6 +217,11 @@ class RowAggregator(Aggregator):
     needs_jacobian: ClassVar[bool] = True
 
     def aggregate(self, gram: Tensor, state: State, ctx: AggregationContext) -> tuple[Tensor, State]:
+        """Refuse the Gram-only path: a row method needs the rows (:meth:`aggregate_rows`).
+
+        Raises:
+            TypeError: always, naming the method.
+        """
         raise TypeError(f"surgery {self.name!r} needs the Jacobian's rows, not only their Gram")
 
     @abstractmethod
@@ -188,15 +246,24 @@ class RowAggregator(Aggregator):
         """
 
 
-#: Aggregators by name (``surgery=``); ``None`` builds :class:`~.sum.Sum` (set in ``sum.py``).
 AGGREGATORS: Registry[Aggregator] = Registry("surgery", Aggregator)
+"""Aggregators by name (``surgery=``); ``None`` builds :class:`~.sum.Sum` (set in ``sum.py``).
+
+Register a new one with ``@AGGREGATORS.register`` (or :func:`register_aggregator`).
+"""
 
 
 def random_orders(num_blocks: int, num_tasks: int, generator: torch.Generator) -> Tensor:
     """Draw, for every block and task ``i``, a random order of the other tasks.
 
-    Returns a ``(B, K, K-1)`` long tensor whose row ``[b, i]`` is a uniformly random
-    permutation of ``{0..K-1} \\ {i}``, from one call to ``generator``.
+    Args:
+        num_blocks: ``B``.
+        num_tasks: ``K``.
+        generator: the generator to draw from (one call).
+
+    Returns:
+        A ``(B, K, K-1)`` long tensor whose row ``[b, i]`` is a uniformly random
+        permutation of ``{0..K-1} \\ {i}``.
     """
     if num_tasks < 2:
         return torch.zeros(num_blocks, num_tasks, 0, dtype=torch.long)

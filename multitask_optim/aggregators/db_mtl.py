@@ -65,6 +65,30 @@ class DBMTL(RowAggregator):
     (element-wise) and only the norms need every rank: each rank's ``(B, K)`` squared
     shard norms are summed over the ranks.
 
+    Paper:
+        B. Lin, W. Jiang, F. Ye, Y. Zhang, P. Chen, Y.-C. Chen, S. Liu, J. T. Kwok,
+        "Dual-Balancing for Multi-Task Learning", arXiv:2308.12029, 2023 (Algorithm 1).
+
+    Departures:
+        Equals LibMTL's ``DB_MTL`` (the authors' code) over several steps to 1e-5 relative
+        (``tests/test_anchor_rows.py``), except for LibMTL's ``+ 1e-8`` floor on the EMA
+        norms, which we leave out (the paper's exact ratio). In LibMTL the heads receive the
+        gradient of ``log L_i``; here every head gets its own loss's gradient.
+
+    Cost:
+        Reads the Jacobian's rows: the K x P per-task gradients of every block are built (no
+        factored fast path) and a K x P moving average per block is kept in the state.
+        Measured: 19-21 ms at K = 4, 69-77 ms at K = 16 per call on K x 100,000 rows (median
+        of 30 ``aggregate_rows`` calls, one thread), against well under a millisecond for
+        the Gram methods.
+
+    When to use:
+        Loss scales and gradient magnitudes that both differ. Under an Adam-like inner
+        optimizer set ``beta=0``: it then ranks with the best rows on both suites
+        (MultiDigits 0.46 ± 1.7, scale 71 ± 4, 3 seeds). With the defaults and inner Adam
+        its moving average stacks with Adam's and it is among the worst rows (MultiDigits
+        24.5, scale 633). Under plain SGD the defaults are the authors' setting.
+
     Args:
         beta: EMA rate of the gradients, in ``[0, 1)`` (default 0.9, LibMTL's ``DB_beta``;
             0 under an Adam-like inner optimizer, see above).
@@ -89,6 +113,11 @@ class DBMTL(RowAggregator):
     def aggregate_rows(
         self, rows: List[Tensor], gram: Tensor, state: State, ctx: AggregationContext
     ) -> Tuple[List[Tensor], Optional[Tensor], State]:
+        """The update from the log-loss gradients' moving averages (see the class).
+
+        Raises:
+            ValueError: a negative loss (its log is undefined), naming its position.
+        """
         losses = ctx.losses.to(torch.float64)
         with host_stage():  # the losses are host values (the step read them first)
             negative = (losses < 0).nonzero().flatten().tolist()

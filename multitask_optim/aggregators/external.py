@@ -47,6 +47,11 @@ class GramianCallable(Aggregator):
         self.fn = fn
 
     def aggregate(self, gram: Tensor, state: State, ctx: AggregationContext) -> tuple[Tensor, State]:
+        """Call the wrapped weighting on every block's Gram matrix.
+
+        Raises:
+            ValueError: the callable returned weights of another shape than ``(K,)``.
+        """
         out = []
         for g in gram:
             weights = torch.as_tensor(self.fn(g)).detach().to(device="cpu", dtype=torch.float64)

@@ -50,6 +50,28 @@ class FairGrad(GramSolver):
     ``least_squares`` from ``1/K`` (our default ``alpha = 1``, the proportional-fairness
     case of the paper).
 
+    Paper:
+        H. Ban, K. Ji, "Fair Resource Allocation in Multi-Task Learning", ICML 2024
+        (Equation 4, Algorithm 1).
+
+    Departures:
+        Solved by a damped Newton method on the cosine matrix (TorchJD 0.18 uses SciPy's
+        ``least_squares`` from ``1/K``); agreement with TorchJD's ``FairGrad``: 1e-3
+        relative, for several ``alpha`` (``tests/test_anchor_wave2.py``). ``alpha`` defaults
+        to 1 (proportional fairness), where TorchJD requires it. Not positively homogeneous
+        for ``alpha > 0``.
+
+    Cost:
+        One Gram matrix per block, shared by every Gram method (factored for ``Linear``
+        layers, so no K x P buffer there), then a Newton solve of a K-dimensional system on
+        the host in float64. Measured: 0.6-1.1 ms at K = 4, 0.7-0.8 ms at K = 16 per call
+        (median of 30 aggregation calls, one thread; a one-off script timing ``aggregate``
+        on a Gram matrix of 100,000-element rows).
+
+    When to use:
+        As Nash-MTL (``alpha = 1`` is its condition), with ``alpha`` to move between the
+        average (small) and the worst task (large). Scale suite 87.7; MultiDigits 3.57.
+
     Args:
         alpha: fairness parameter, a finite float ``> 0``.
 

@@ -188,9 +188,51 @@ def _gradvac_torch(gram: Tensor, orders: Tensor, targets: Tensor, beta: float) -
 class GradVac(Aggregator):
     """Gradient Vaccine (Wang et al., 2021) in coefficient space.
 
+    State: an EMA target cosine ``phi_hat[i, j]`` per ordered task pair and block, 0 at the
+    start. For every task ``i`` and the other tasks ``j`` in a random order, with
+    ``phi = cos(g_i', g_j)`` measured before the correction::
+
+        if phi < phi_hat[i, j]:
+            g_i' <- g_i' + ||g_i'|| (phi_hat sqrt(1 - phi^2) - phi sqrt(1 - phi_hat^2))
+                           / (||g_j|| sqrt(1 - phi_hat^2)) * g_j
+        phi_hat[i, j] <- (1 - beta) phi_hat[i, j] + beta phi      (every visited pair)
+
+    With ``phi_hat == 0`` the correction is exactly PCGrad's projection; after a correction
+    ``cos(g_i', g_j) == phi_hat[i, j]``. Computed in coefficient space, as PCGrad.
+
+    Paper:
+        Z. Wang, Y. Tsvetkov, O. Firat, Y. Cao, "Gradient Vaccine: Investigating and
+        Improving Multi-task Optimization in Massively Multilingual Models", ICLR 2021
+        (Algorithm 2).
+
+    Departures:
+        ``beta`` defaults to 0.5 (LibMTL's and TorchJD's value; the paper's experiments use
+        1e-2), and every visited pair's target is updated, as in the paper and TorchJD.
+        LibMTL updates a target only when it corrects the pair, so its later steps differ. A
+        running gradient cancelled by a correction (norm below 1e-6 of the original) is
+        treated as zero. Agreement (``tests/test_anchor_agreement.py``): TorchJD 0.18's
+        ``GradVac`` with ``eps=0`` equals ours to 1e-12 relative over consecutive steps (K =
+        2, and K = 3 with replayed orders); with its default ``eps=1e-8``, to 1e-6. LibMTL's
+        agrees on the first step.
+
+    Cost:
+        One Gram matrix per block, shared by every Gram method (factored for ``Linear``
+        layers, so no K x P buffer there), then K - 1 rounds of corrections on the host in
+        float64. Measured: 0.1 ms at K = 4, 0.6-1 ms at K = 16 per call (median of 30
+        aggregation calls, one thread; a one-off script timing ``aggregate`` on a Gram
+        matrix of 100,000-element rows). State: a K x K target per block.
+
+    When to use:
+        Conflicting tasks whose gradients should keep a target alignment rather than just
+        stop conflicting. It partly corrects a magnitude imbalance (scale suite: 266-278
+        against ~400 for the plain sum) and matches PCGrad on MultiDigits.
+
     Args:
         beta: EMA rate of the per-pair cosine targets, in ``[0, 1]``.
         reduction: ``"sum"`` (the paper) or ``"mean"``.
+
+    Raises:
+        ValueError: naming ``beta`` or ``reduction`` when it is out of range.
     """
 
     name = "gradvac"

@@ -44,6 +44,30 @@ class IMTLG(GramSolver):
     ``|sum(v)|`` with ``1e-12`` in absolute terms, which returns 0 for every Jacobian
     with gradients larger than about ``1e12``; the threshold here is relative, so the
     method is positively homogeneous.
+
+    Paper:
+        L. Liu, Y. Li, Z. Kuang, J.-H. Xue, Y. Chen, W. Yang, Q. Liao, W. Zhang, "Towards
+        Impartial Multi-task Learning", ICLR 2021 (IMTL-G); the pseudo-inverse form for
+        dependent gradients follows Quinton & Rey, "Jacobian Descent", 2024.
+
+    Departures:
+        TorchJD 0.18's ``IMTLG`` is the same formula except an absolute threshold ``1e-12``
+        on ``sum(v)``, which returns 0 for gradients larger than about 1e12; ours is
+        relative (the method stays positively homogeneous). Agreement: 1e-5 relative
+        (``tests/test_anchor_wave2.py``). LibMTL's ``IMTL`` fuses IMTL-G with IMTL-L: here
+        ``surgery="imtl_g", weighting="imtl_l"``.
+
+    Cost:
+        One Gram matrix per block, shared by every Gram method (factored for ``Linear``
+        layers, so no K x P buffer there), then one K x K pseudo-inverse on the host in
+        float64. Measured: 0.2 ms at K = 4, 0.3-0.4 ms at K = 16 per call (median of 30
+        aggregation calls, one thread; a one-off script timing ``aggregate`` on a Gram
+        matrix of 100,000-element rows).
+
+    When to use:
+        Losses of very different scales as well as conflicts: every task's gradient gets the
+        same projection on the update (scale suite 91.5 against ~400 for the plain sum;
+        MultiDigits 0.84). A good first choice when the scales are unknown.
     """
 
     name = "imtl_g"

@@ -31,6 +31,27 @@ class Krum(Aggregator):
     are used here) sums plain distances, and so do we, so that our updates are
     TorchJD's. Ties go to the lower index.
 
+    Paper:
+        P. Blanchard, E. M. El Mhamdi, R. Guerraoui, J. Stainer, "Machine Learning with
+        Adversaries: Byzantine Tolerant Gradient Descent", NeurIPS 2017 (Krum, Multi-Krum).
+
+    Departures:
+        Scores with plain distances, as TorchJD 0.18 does (the paper uses squared ones), so
+        our update equals TorchJD's ``Krum`` to 1e-5 relative
+        (``tests/test_anchor_wave2.py``). Ties go to the lower task index.
+
+    Cost:
+        One Gram matrix per block, shared by every Gram method (factored for ``Linear``
+        layers, so no K x P buffer there), then K x K distances and a sort on the host in
+        float64. Measured: 0.15 ms at K = 4, 0.2 ms at K = 16 per call (median of 30
+        aggregation calls, one thread; a one-off script timing ``aggregate`` on a Gram
+        matrix of 100,000-element rows).
+
+    When to use:
+        Many tasks of which a few may be corrupted (noisy labels, a broken data source): it
+        keeps the gradients closest to the others. Needs ``K >= n_byzantine + 3``. Like MGDA
+        it can leave a large-gradient task untrained; not in the two-task quality runs.
+
     Args:
         n_byzantine: ``f``, the number of gradients that may be adversarial
             (``K >= f + 3`` is required at a call).
@@ -56,6 +77,11 @@ class Krum(Aggregator):
         return max(self.n_byzantine + 3, self.n_selected)
 
     def aggregate(self, gram: Tensor, state: State, ctx: AggregationContext) -> tuple[Tensor, State]:
+        """The (Multi-)Krum selection from the Gram matrix's distances (see the class).
+
+        Raises:
+            ValueError: fewer tasks than ``n_byzantine + 3`` or than ``n_selected``.
+        """
         bad = nan_coefficients(gram)
         if bad is not None:
             return bad, state

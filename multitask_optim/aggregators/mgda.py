@@ -70,6 +70,10 @@ def mgda_coefficients(gram: Tensor, scales: Tensor | None = None) -> Tensor:
     ``alpha`` of the normalised rows are returned as ``c_i = alpha_i / n_i`` so that
     ``J^T c = sum_i alpha_i g_i / n_i``.
 
+    Args:
+        gram: ``(B, K, K)`` Gram matrices.
+        scales: ``(B, K)`` positive divisors ``n``, or None (no normalisation).
+
     Returns:
         ``(B, K)`` float64 coefficients.
     """
@@ -99,6 +103,34 @@ class MGDA(Aggregator):
     gradients). The losses are read from ``ctx.losses``. A divisor that is zero,
     negative or not finite (a zero gradient, a zero or negative loss) is replaced by 1,
     so no NaN or inf is produced.
+
+    Paper:
+        O. Sener, V. Koltun, "Multi-Task Learning as Multi-Objective Optimization", NeurIPS
+        2018 (the min-norm problem of Section 3.1; MGDA-UB of Section 3.3 is representation
+        mode).
+
+    Departures:
+        The min-norm problem is solved exactly (closed form for two tasks, Wolfe's
+        active-set method beyond) instead of the paper's Frank-Wolfe iterations;
+        ``tests/test_mgda_pareto.py`` checks the KKT conditions and a fine grid. The
+        normalisations are the paper code's (``none``, ``l2``, ``loss``, ``loss+``; LibMTL's
+        ``mgda_gn``). The coefficients sum to 1, as in LibMTL; TorchJD 0.18's ``MGDA`` has
+        the same scale.
+
+    Cost:
+        One Gram matrix per block, shared by every Gram method (factored for ``Linear``
+        layers, so no K x P buffer there), then one small quadratic programme on the host in
+        float64. Measured: 0.1 ms at K = 4, 0.4-0.6 ms at K = 16 per call (median of 30
+        aggregation calls, one thread; a one-off script timing ``aggregate`` on a Gram
+        matrix of 100,000-element rows).
+
+    When to use:
+        When no task may get worse to first order and the tasks' gradient norms are
+        comparable. It follows the smallest gradient: with a large magnitude imbalance a
+        large-gradient task barely trains (scale suite: ~400 Δm%), and with absent tasks
+        represented as zero losses it stops (the hull contains 0). On MultiDigits it trades
+        average accuracy for balance (3.2-3.5 against 1.7-3.0 for the plain sum). Raise the
+        learning rate when switching from the plain sum (its update is on one task's scale).
 
     Args:
         normalization: ``"none"`` (default), ``"l2"``, ``"loss"`` or ``"loss+"``.

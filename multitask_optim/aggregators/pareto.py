@@ -46,6 +46,29 @@ class ParetoWeights(Aggregator):
     solution already satisfies the bounds both agree, and otherwise this one has an
     objective no larger. With all ``c_i = 0`` it is exactly MGDA without normalisation.
 
+    Paper:
+        X. Lin, H. Chen, C. Pei, F. Sun, X. Xiao, H. Sun, Y. Zhang, W. Ou, P. Jiang, "A
+        Pareto-Efficient Algorithm for Multiple Objective Optimization in E-Commerce
+        Recommendation", RecSys 2019 (PE-LTR, Algorithm 2).
+
+    Departures:
+        The constrained problem is solved exactly, where the paper's PECsolver relaxes the
+        bounds and projects back (a feasible point that is not the constrained minimiser in
+        general); both agree when the relaxed solution meets the bounds. No other library's
+        implementation is compared; ``tests/test_mgda_pareto.py`` checks the KKT conditions.
+
+    Cost:
+        One Gram matrix per block, shared by every Gram method (factored for ``Linear``
+        layers, so no K x P buffer there), then one small quadratic programme with bounds on
+        the host in float64. Measured: 0.1 ms at K = 4, 0.4 ms at K = 16 per call (median of
+        30 aggregation calls, one thread; a one-off script timing ``aggregate`` on a Gram
+        matrix of 100,000-element rows).
+
+    When to use:
+        As MGDA, when every task must keep at least a share ``c_i`` of the update (a
+        recommender's business objectives). With ``c = 0`` it is MGDA. The quality runs
+        (bounds 0.2 / K) land with MGDA: no gain on the scale suite.
+
     Args:
         lower_bounds: ``c``; one float for every task or one per task. Each must be in
             ``[0, 1)`` and they must sum to at most 1 (a single float ``c`` needs
@@ -87,7 +110,17 @@ class ParetoWeights(Aggregator):
             check_lower(values, len(values), name="lower_bounds")
 
     def bounds(self, num_tasks: int) -> list[float]:
-        """The lower bounds for ``num_tasks`` tasks (validated against ``K``)."""
+        """The lower bounds for ``num_tasks`` tasks.
+
+        Args:
+            num_tasks: ``K``.
+
+        Returns:
+            ``K`` bounds.
+
+        Raises:
+            ValueError: the bounds do not fit ``K`` tasks (their number, or a sum above 1).
+        """
         return check_lower(self.lower_bounds, num_tasks, name="lower_bounds")
 
     def aggregate(self, gram: Tensor, state: State, ctx: AggregationContext) -> tuple[Tensor, State]:

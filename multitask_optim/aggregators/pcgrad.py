@@ -132,6 +132,45 @@ def _pcgrad_torch(gram: Tensor, orders: Tensor) -> Tensor:
 class PCGrad(Aggregator):
     """PCGrad (Yu et al., 2020), Algorithm 1, in coefficient space.
 
+    For every task ``i`` the other tasks ``j != i`` are visited in a fresh random order (one
+    permutation per task, from the optimizer's seeded generator); whenever the running
+    projected gradient conflicts with the *original* ``g_j``::
+
+        if <g_i', g_j> < 0:  g_i' <- g_i' - <g_i', g_j> / ||g_j||^2 * g_j
+
+    and the update is ``sum_i g_i'`` (``reduction="sum"``, the paper) or their mean. A zero
+    ``g_j`` is skipped. In coefficient space ``g_i' = sum_k A[i, k] g_k`` (``A = I`` at the
+    start), so every inner product is read from the Gram matrix and the coefficients are
+    ``c = A^T 1``. With no conflicting pair the update is exactly ``sum_i g_i``.
+
+    Paper:
+        T. Yu, S. Kumar, A. Gupta, S. Levine, K. Hausman, C. Finn, "Gradient Surgery for
+        Multi-Task Learning", NeurIPS 2020, Algorithm 1.
+
+    Departures:
+        Follows Algorithm 1, with the paper's sum as the default reduction. The random task
+        orders come from the optimizer's seeded generator (checkpointed). Agreement, in
+        ``tests/test_anchor_agreement.py``: TorchJD 0.18's ``PCGrad`` and LibMTL 1.1.5's
+        ``PCGrad`` give the same update to 1e-12 relative (K = 2, and K = 3 with our task
+        orders replayed into theirs); ``pytorch_optimizer.PCGrad`` equals ours divided by K
+        (its mean reduction) on a model whose parameters are all shared. With task heads,
+        Pytorch-PCGrad and pytorch_optimizer project the heads' gradients too and count them
+        in the projections (see the porting guide); ours leaves each head its own loss's
+        gradient.
+
+    Cost:
+        One Gram matrix per block, shared by every Gram method (factored for ``Linear``
+        layers, so no K x P buffer there), then K - 1 rounds of projections on the host in
+        float64. Measured: 0.06 ms at K = 4, 0.3 ms at K = 16 per call (median of 30
+        aggregation calls, one thread; a one-off script timing ``aggregate`` on a Gram
+        matrix of 100,000-element rows).
+
+    When to use:
+        Tasks of similar loss scale whose gradients conflict: a cheap, safe default
+        (MultiDigits: 1.15-1.73 Δm% against 1.66-3.04 for the plain sum). It does nothing
+        for a magnitude imbalance (scale suite: ~400, like the plain sum): add
+        ``precondition="adam"`` or choose a magnitude-aware method there.
+
     Args:
         reduction: ``"sum"`` (the paper) or ``"mean"`` of the projected gradients.
     """

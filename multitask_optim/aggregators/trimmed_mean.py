@@ -31,6 +31,25 @@ class TrimmedMean(RowAggregator):
     Nothing crosses coordinates, so on a model sharded with FSDP2 each rank trims its
     own shard of the rows, which is exact.
 
+    Paper:
+        D. Yin, Y. Chen, K. Ramchandran, P. Bartlett, "Byzantine-Robust Distributed
+        Learning: Towards Optimal Statistical Rates", ICML 2018 (the coordinate-wise trimmed
+        mean).
+
+    Departures:
+        The paper's rule on the task gradients, at the scale of a mean; equals TorchJD
+        0.18's ``TrimmedMean`` to 1e-5 relative (``tests/test_anchor_rows.py``).
+
+    Cost:
+        Reads the Jacobian's rows: the K x P per-task gradients of every block are built (no
+        factored fast path) and sorted per coordinate. Measured: 15-21 ms at K = 4, 78-114
+        ms at K = 16 per call on K x 100,000 rows (median of 30 ``aggregate_rows`` calls,
+        one thread), against well under a millisecond for the Gram methods.
+
+    When to use:
+        Many tasks with a few outliers per coordinate; needs ``K >= 2 trim_number + 1``. Not
+        in the two-task quality runs.
+
     Args:
         trim_number: ``t``, values dropped at each end of every coordinate (default 1).
 
@@ -50,6 +69,11 @@ class TrimmedMean(RowAggregator):
     def aggregate_rows(
         self, rows: List[Tensor], gram: Tensor, state: State, ctx: AggregationContext
     ) -> Tuple[List[Tensor], Optional[Tensor], State]:
+        """The coordinate-wise trimmed mean of every block's rows.
+
+        Raises:
+            ValueError: fewer than ``2 * trim_number + 1`` tasks.
+        """
         k, t = gram.shape[1], self.trim_number
         if k < 2 * t + 1:
             raise ValueError(f"trimmed_mean with trim_number={t} needs at least {2 * t + 1} tasks, got {k}")

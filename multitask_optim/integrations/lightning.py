@@ -45,6 +45,8 @@ from .._losses import Losses
 from ..optimizer import MultiTaskOptimizer
 from ._common import find_multitask, require, step_scalars
 
+__all__ = ["MultiTaskModule"]
+
 L = require("lightning", "lightning")
 
 
@@ -80,6 +82,10 @@ class MultiTaskModule(L.LightningModule):  # type: ignore[misc, name-defined]
 
     def multitask_optimizer(self) -> MultiTaskOptimizer:
         """The ``MultiTaskOptimizer`` of ``configure_optimizers`` (inside Lightning's wrapper).
+
+        Returns:
+            The wrapper itself, whose ``last_stats``, ``tasks`` and ``accumulate`` are
+            current (Lightning's wrapper keeps a stale copy of the attributes).
 
         Raises:
             TypeError: the configured optimizer is not a ``MultiTaskOptimizer``.

@@ -59,6 +59,8 @@ from .._losses import Losses
 from ..optimizer import MultiTaskOptimizer
 from ._common import Means, find_multitask, require, step_scalars, task_values
 
+__all__ = ["MultiTaskTrainer"]
+
 transformers = require("transformers", "transformers")
 Trainer = transformers.Trainer
 TrainerCallback = transformers.TrainerCallback
@@ -130,6 +132,9 @@ class MultiTaskTrainer(Trainer):  # type: ignore[misc, valid-type]
     def uses_weights_only(self) -> bool:
         """Whether training steps go through ``weighted_loss`` (see the module docstring).
 
+        Returns:
+            ``weights_only`` when given, else True under DeepSpeed or a gradient scaler.
+
         Raises:
             ValueError: under FSDP, which the multi-task optimizer cannot follow here.
         """
@@ -143,7 +148,18 @@ class MultiTaskTrainer(Trainer):  # type: ignore[misc, valid-type]
         return bool(getattr(self, "is_deepspeed_enabled", False)) or self.accelerator.scaler is not None
 
     def create_optimizer(self, model: Optional[nn.Module] = None) -> torch.optim.Optimizer:
-        """The Trainer's optimizer (built from ``args``, or given), as a ``MultiTaskOptimizer``."""
+        """The Trainer's optimizer (built from ``args``, or given), as a ``MultiTaskOptimizer``.
+
+        Args:
+            model: passed on to ``transformers.Trainer.create_optimizer``.
+
+        Returns:
+            The optimizer the Trainer steps (``self.optimizer``).
+
+        Raises:
+            ValueError: under FSDP, or a learnable weighting without ``task_names`` in
+                ``multitask`` (its param group must exist before the scheduler).
+        """
         weights_only = self.uses_weights_only()
         inner = super().create_optimizer(model) if self.optimizer is None else self.optimizer
         opt = find_multitask(inner)
@@ -164,6 +180,9 @@ class MultiTaskTrainer(Trainer):  # type: ignore[misc, valid-type]
 
     def multitask_optimizer(self) -> MultiTaskOptimizer:
         """The ``MultiTaskOptimizer`` the Trainer steps (inside Accelerate's or DeepSpeed's wrapper).
+
+        Returns:
+            The wrapper itself (its ``last_stats``, ``tasks``, ``weighted_loss``).
 
         Raises:
             RuntimeError: the optimizer in use is not one (e.g. a DeepSpeed configuration

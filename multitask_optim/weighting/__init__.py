@@ -23,12 +23,31 @@ from .uncertainty import UncertaintyWeighting
 
 
 def register_weighting(cls: type) -> type:
-    """Register a :class:`Weighting` subclass under its ``name`` (usable as a decorator)."""
+    """Register a :class:`Weighting` subclass under its ``name`` (usable as a decorator).
+
+    Args:
+        cls: the subclass; its ``name`` becomes ``weighting="name"``.
+
+    Returns:
+        ``cls`` itself.
+    """
     return WEIGHTINGS.register(cls)
 
 
 def get_weighting(spec: Union[None, str, Weighting], **kwargs: Any) -> Weighting:
-    """Resolve ``None`` (equal weights), a registered name or an instance."""
+    """Resolve ``None`` (equal weights), a registered name or an instance.
+
+    Args:
+        spec: ``None``, a registered name (``"dwa"``) or a :class:`Weighting`.
+        **kwargs: hyper-parameters of a method given by name.
+
+    Returns:
+        The weighting.
+
+    Raises:
+        ValueError: an unknown name.
+        TypeError: keyword arguments with an instance, or a spec of another type.
+    """
     out = WEIGHTINGS.build(spec, kwargs)
     assert out is not None
     return out

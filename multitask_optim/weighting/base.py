@@ -94,7 +94,11 @@ class Weighting(Component):
     task_names: Optional[Tuple[str, ...]] = None
 
     def bind(self, task_names: Sequence[str]) -> None:
-        """Fix the tasks (once); calls :meth:`build`. Binding the same names again is a no-op."""
+        """Fix the tasks (once) and call :meth:`build`; binding the same names again is a no-op.
+
+        Args:
+            task_names: every task's name, in order.
+        """
         names = tuple(task_names)
         if self.task_names == names:
             return
@@ -108,22 +112,36 @@ class Weighting(Component):
         return len(self.task_names)
 
     def build(self, task_names: Tuple[str, ...]) -> None:  # noqa: B027
-        """Hook: resolve per-task arguments and create parameters for these tasks."""
+        """Hook: resolve per-task arguments and create parameters for these tasks.
+
+        Args:
+            task_names: every task's name, in order.
+        """
 
     def parameters(self) -> List[torch.nn.Parameter]:
-        """Learnable parameters, updated by the inner optimizer."""
+        """Learnable parameters, updated by the inner optimizer.
+
+        Returns:
+            The parameters (empty for a weighting that learns nothing).
+        """
         return []
 
     def task_parameters(self) -> Optional[List[torch.nn.Parameter]]:
-        """The learnable parameters that belong to one task each, in task order (None: no
-        such parameters). An absent task's parameter gets no ``.grad`` in that step."""
+        """The learnable parameters that belong to one task each, in task order.
+
+        An absent task's parameter gets no ``.grad`` in that step.
+
+        Returns:
+            One parameter per task, or None when the weighting has no such parameters.
+        """
         return None
 
     def gram_params(self) -> Optional[List[torch.Tensor]]:
         """Shared parameters whose Gram :meth:`backward` reads (``needs_gram``).
 
-        ``None`` (default): the Gram of every block, the last block last. A list: one
-        block over exactly these parameters.
+        Returns:
+            ``None`` (default): the Gram of every block, the last block last. A list: one
+            block over exactly these parameters.
         """
         return None
 
@@ -132,7 +150,19 @@ class Weighting(Component):
         return {}
 
     def compute(self, losses: Tensor, state: State, ctx: WeightingContext) -> tuple[Tensor, State]:
-        """Bind to ``ctx.task_names`` if needed, check the losses, return :meth:`weights`."""
+        """Bind to ``ctx.task_names`` if needed, check the losses, return :meth:`weights`.
+
+        Args:
+            losses: ``(K',)`` float64 loss values of the present tasks.
+            state: the weighting's state (never mutated).
+            ctx: generator, step, task names, present tasks.
+
+        Returns:
+            ``(weights, new_state)`` as :meth:`weights`.
+
+        Raises:
+            ValueError: ``losses`` is not a vector of one value per present task.
+        """
         self.bind(ctx.task_names)
         expected = self.num_tasks if ctx.present is None else len(ctx.present)
         if losses.dim() != 1 or losses.shape[0] != expected:
@@ -143,10 +173,17 @@ class Weighting(Component):
 
     @abstractmethod
     def weights(self, losses: Tensor, state: State, ctx: WeightingContext) -> tuple[Tensor, State]:
-        """Return ``(weights (K,), new_state)`` for loss values ``losses (K,)``.
+        """The task weights for the current loss values.
 
-        ``losses`` is a detached float64 CPU tensor. Weights are returned detached
-        (float64, CPU); the optimizer moves them where the losses live.
+        Args:
+            losses: ``(K,)`` detached float64 CPU loss values (the present tasks' on a step
+                that lacks some).
+            state: the weighting's state (never mutated).
+            ctx: generator, step, task names, present tasks.
+
+        Returns:
+            ``(weights, new_state)``: ``(K,)`` detached float64 CPU weights (the optimizer
+            moves them where the losses live) and the new state.
         """
 
     def backward(  # noqa: B027
@@ -154,31 +191,62 @@ class Weighting(Component):
     ) -> None:
         """Fill ``.grad`` of :meth:`parameters` (accumulating, like ``Tensor.backward``).
 
-        ``gram`` is given to weightings with ``needs_gram``: ``(B, K, K)`` float64 Gram
-        matrices of the *weighted* per-task gradients ``grad(w_i L_i)`` on the shared
-        blocks, before any preconditioning (one block over :meth:`gram_params` when set).
+        Args:
+            losses: ``(K,)`` float64 loss values of the step.
+            weights: the weights :meth:`weights` returned for them.
+            state: the weighting's state.
+            ctx: generator, step, task names, present tasks.
+            gram: for weightings with ``needs_gram``: ``(B, K, K)`` float64 Gram matrices of
+                the *weighted* per-task gradients ``grad(w_i L_i)`` on the shared blocks,
+                before any preconditioning (one block over :meth:`gram_params` when set).
         """
 
     def is_constant_one(self) -> bool:
-        """Whether every weight is always 1 (the plain sum of the losses)."""
+        """Whether every weight is always 1 (the plain sum of the losses).
+
+        Returns:
+            True only for the equal weighting.
+        """
         return False
 
     def objective(self, losses: Tensor, weights: Tensor) -> float:
-        """The scalar objective this weighting optimises (read before the inner step)."""
+        """The scalar objective this weighting optimises (read before the inner step).
+
+        Args:
+            losses: ``(K,)`` loss values of the step.
+            weights: the weights applied to them.
+
+        Returns:
+            The objective (``sum_i w_i L_i`` unless the method says otherwise).
+        """
         return float((weights * losses).sum())
 
     def after_step(self) -> None:  # noqa: B027
         """Called after the inner optimizer stepped (e.g. to renormalise parameters)."""
 
     def epoch_end(self, state: State) -> State:
-        """Epoch boundary (``opt.epoch_end()``); returns the new state."""
+        """Epoch boundary (``opt.epoch_end()``).
+
+        Args:
+            state: the weighting's state (never mutated).
+
+        Returns:
+            The new state (``state`` itself for weightings that do not count epochs).
+        """
         return state
 
     def observe(self, losses: Tensor, state: State) -> State:
-        """Losses recomputed on the same batch after a step (``opt.update_weighting``); new state.
+        """Learn from losses recomputed on the same batch after a step (``opt.update_weighting``).
 
-        ``losses`` is a float64 CPU vector ``(K,)``. Only weightings that learn from the
-        change of the losses across a step (FAMO) override this.
+        Only weightings that learn from the change of the losses across a step (FAMO)
+        override this.
+
+        Args:
+            losses: float64 CPU vector ``(K,)`` of the losses after the step.
+            state: the weighting's state (never mutated).
+
+        Returns:
+            The new state.
 
         Raises:
             NotImplementedError: this weighting does not use such losses.
@@ -188,13 +256,29 @@ class Weighting(Component):
         )
 
 
-#: Weightings by name (``weighting=``); ``None`` builds :class:`Equal`.
 WEIGHTINGS: Registry[Weighting] = Registry("weighting", Weighting)
+"""Weightings by name (``weighting=``); ``None`` builds :class:`Equal`.
+
+Register a new one with ``@WEIGHTINGS.register`` (or :func:`register_weighting`).
+"""
 
 
 @WEIGHTINGS.register
 class Equal(Weighting):
-    """All weights 1: the plain sum of the losses."""
+    """All weights 1: the plain sum of the losses.
+
+    Paper:
+        None: every weight is 1 (the plain sum of the losses).
+
+    Departures:
+        None.
+
+    Cost:
+        No Gram matrix or per-task gradient of its own: the weights are constant.
+
+    When to use:
+        The default (``weighting=None``).
+    """
 
     name = "equal"
 

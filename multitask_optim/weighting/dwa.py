@@ -16,9 +16,6 @@ from .base import WEIGHTINGS, State, Weighting, WeightingContext
 class DynamicWeightAverage(Weighting):
     """Dynamic Weight Average (DWA): weight tasks by how slowly their loss falls.
 
-    Reference: S. Liu, E. Johns, A. J. Davison, "End-to-End Multi-Task Learning with
-    Attention", CVPR 2019, eq. (7).
-
     With ``Lbar_k(t)`` the mean loss of task ``k`` over epoch ``t`` (mean of the raw loss
     values passed to :meth:`weights` during that epoch)::
 
@@ -51,6 +48,24 @@ class DynamicWeightAverage(Weighting):
     (``Lbar(t-1)``, ``Lbar(t-2)`` of each task's last epochs), ``epochs_seen (K,)``
     (epochs that gave each task a mean) and ``epochs_done`` (0-d). The weighting reads
     ``ctx.present`` itself (its state is not sliced: :meth:`task_axes` is ``{}``).
+
+    Paper:
+        S. Liu, E. Johns, A. J. Davison, "End-to-End Multi-Task Learning with Attention",
+        CVPR 2019 (Equation 7).
+
+    Departures:
+        The paper's rule on epoch-mean losses (LibMTL's ``DWA`` also uses epoch means).
+        Steps that lack tasks, which the paper does not define, follow the rule above. No
+        anchor test compares it with another library's code.
+
+    Cost:
+        No Gram matrix or per-task gradient of its own: two epoch means per task in the
+        state.
+
+    When to use:
+        Tasks that learn at different speeds (velocity). On the quality suites it equals the
+        plain sum (MultiDigits 2.94, scale 390): it cannot fix a magnitude imbalance, since
+        its weights stay within a softmax of loss ratios.
 
     Args:
         temperature: softmax temperature ``T > 0`` (the paper uses 2).
@@ -95,8 +110,15 @@ class DynamicWeightAverage(Weighting):
         return state
 
     def current_weights(self, state: State, tasks: Optional[Sequence[int]] = None) -> Tensor:
-        """The weights of the current epoch for ``tasks`` (default all), from each task's
-        two last epoch means."""
+        """The weights of the current epoch, from each task's two last epoch means.
+
+        Args:
+            state: DWA's state.
+            tasks: the task indices to weigh (default all).
+
+        Returns:
+            ``(len(tasks),)`` float64 weights.
+        """
         k = state["epoch_sum"].shape[0]
         tasks = list(range(k)) if tasks is None else list(tasks)
         out = torch.ones(len(tasks), dtype=torch.float64)

@@ -27,9 +27,6 @@ LOSS_EPS = 1e-8
 class FAMO(Weighting):
     """FAMO: weights that make every task's log-loss fall at the same rate.
 
-    Reference: B. Liu, Y. Feng, P. Stone, Q. Liu, "FAMO: Fast Adaptive Multitask
-    Optimization", NeurIPS 2023 (arXiv:2306.03792), Algorithm 1.
-
     FAMO keeps logits ``xi`` (``z = softmax(xi)``, starting uniform). With
     ``D_i = L_i + 1e-8`` a step's weights are the gradient of
     ``sum_i z_i log D_i / c`` with ``c = sum_j z_j / D_j`` held constant::
@@ -84,6 +81,25 @@ class FAMO(Weighting):
     and :meth:`observe` raise a ``ValueError`` naming the task(s) for ``L_i < 0``, before
     any state changes.
 
+    Paper:
+        B. Liu, Y. Feng, P. Stone, Q. Liu, "FAMO: Fast Adaptive Multitask Optimization",
+        NeurIPS 2023 (Algorithm 1).
+
+    Departures:
+        Equals LibMTL's ``FAMO`` (from the authors' code) to 1e-12 relative in the weights
+        and the logits, in both the next-step and the same-batch variant
+        (``tests/test_anchor_weighting_wave2.py``), with the official code's ``1e-8`` added to
+        each loss inside the log. Its ``min_losses`` offset is not offered.
+
+    Cost:
+        No Gram matrix or per-task gradient of its own: K logits with Adam moments in the
+        state, updated on the host.
+
+    When to use:
+        Losses of different scales and speeds: every log-loss falls at the same rate (scale
+        suite 87, MultiDigits 1.43). Like GLS it weights a task by ``1 / L_i``: a loss that
+        approaches 0 starves the others.
+
     Args:
         lr: Adam learning rate of the logits (default 0.025, the paper's).
         gamma: L2 weight decay of the logits (default 1e-3, the paper's).
@@ -136,11 +152,27 @@ class FAMO(Weighting):
         check_nonnegative_losses(losses, self.task_names, "FAMO", "takes log(L_i + 1e-8)")
 
     def mixture(self, state: State) -> Tensor:
-        """``z = softmax(logits)``, the task mixture the weights are built from."""
+        """``z = softmax(logits)``, the task mixture the weights are built from.
+
+        Args:
+            state: FAMO's state.
+
+        Returns:
+            ``(K,)`` float64 mixture.
+        """
         return torch.softmax(state["logits"], dim=0)
 
     def update_logits(self, state: State, before: Tensor, after: Tensor) -> State:
-        """One Adam step of the logits from the losses ``before`` and ``after`` a step (new state)."""
+        """One Adam step of the logits from the losses ``before`` and ``after`` a step.
+
+        Args:
+            state: FAMO's state (never mutated).
+            before: ``(K,)`` losses before the step.
+            after: ``(K,)`` losses after it.
+
+        Returns:
+            The new state.
+        """
         delta = torch.log(before + LOSS_EPS) - torch.log(after + LOSS_EPS)
         logits = state["logits"]
         z = torch.softmax(logits, dim=0)

@@ -18,10 +18,6 @@ LOSS_FLOOR = 1e-8
 class GeometricLossStrategy(Weighting):
     """Geometric Loss Strategy (GLS): minimise the geometric mean of the losses.
 
-    Reference: S. Chennupati, G. Sistu, S. Yogamani, S. A. Rawashdeh, "MultiNet++:
-    Multi-Stream Feature Aggregation and Geometric Loss Strategy for Multi-Task
-    Learning", CVPR 2019 Workshops (arXiv:1904.08492), eq. (2).
-
     The objective is ``G = (prod_i L_i)^(1/K)``. Its gradient is
     ``grad G = sum_i G / (K L_i) grad L_i``, so the weights are::
 
@@ -47,6 +43,26 @@ class GeometricLossStrategy(Weighting):
     changes (the optimizer then changes nothing).
 
     GLS has no hyper-parameters and no state.
+
+    Paper:
+        S. Chennupati, G. Sistu, S. Yogamani, S. A. Rawashdeh, "MultiNet++: Multi-Stream
+        Feature Aggregation and Geometric Loss Strategy for Multi-Task Learning", CVPR 2019
+        Workshops (Equation 2).
+
+    Departures:
+        Computed in log space, each loss clamped at ``1e-8`` (the paper and LibMTL have no
+        guard: a loss of exactly 0 gives them NaN). LibMTL's ``GLS`` applies the same
+        weights (to 1e-12 relative, ``tests/test_anchor_weighting_wave2.py``) but reports
+        others and forms the product of the losses, which overflows float32 with many tasks.
+
+    Cost:
+        No Gram matrix or per-task gradient of its own: a few operations on the K loss
+        values.
+
+    When to use:
+        Losses of very different scales (its direction is invariant to them): scale suite 88
+        against ~400. It weights a task by ``1 / L_i``, so a loss that approaches 0 takes
+        every weight from the other tasks.
     """
 
     name = "gls"

@@ -16,10 +16,6 @@ _SCALES = ("sum1", "sumK")
 class RandomLossWeighting(Weighting):
     """Random Loss Weighting (RLW): fresh random weights at every step.
 
-    Reference: B. Lin, F. Ye, Y. Zhang, I. W. Tsang, "Reasonable Effectiveness of Random
-    Weighting: A Litmus Test for Multi-Task Learning", TMLR 2022 (arXiv:2111.10603,
-    2021, first titled "A Closer Look at Loss Weighting in Multi-Task Learning").
-
     At every step a vector is drawn from a standard normal and mapped through a
     softmax::
 
@@ -37,6 +33,24 @@ class RandomLossWeighting(Weighting):
 
     A step that lacks some tasks draws ``K'`` values for the ``K'`` present tasks: the
     weights are the method's on the present tasks (they sum to 1, or to ``K'``).
+
+    Paper:
+        B. Lin, F. Ye, Y. Zhang, I. W. Tsang, "Reasonable Effectiveness of Random Weighting:
+        A Litmus Test for Multi-Task Learning", TMLR 2022 (normal sampling through a
+        softmax).
+
+    Departures:
+        Only the normal distribution (LibMTL's default ``dist``) is offered;
+        ``scale="sumK"`` keeps the plain sum's scale. No anchor test compares it with
+        another library's code.
+
+    Cost:
+        No Gram matrix or per-task gradient of its own: K normal draws per step from the
+        optimizer's generator.
+
+    When to use:
+        A baseline (the paper's litmus test: a method should beat random weights), or to
+        explore. Not in the quality runs' tables.
 
     Args:
         scale: ``"sum1"`` (default, the paper) or ``"sumK"``.

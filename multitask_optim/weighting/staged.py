@@ -25,6 +25,19 @@ class StagedStart(Weighting):
     and it reaches weight 1 at ``s = start_i + R - 1`` (``R`` steps with a non-zero
     weight below or at 1). ``R = 1`` is the same as no ramp.
 
+    Paper:
+        None: a schedule (tasks that join training at their own step).
+
+    Departures:
+        None.
+
+    Cost:
+        No Gram matrix or per-task gradient of its own: the weights follow the step count.
+
+    When to use:
+        A task that should only start once another is learned (curriculum), or a new task
+        added to a trained model. Not in the quality runs.
+
     Args:
         start_steps: one start step (integer >= 0) per task, as a sequence in task order
             or a mapping ``{task name: start step}``. Tasks a mapping leaves out start at
@@ -34,6 +47,28 @@ class StagedStart(Weighting):
     Raises:
         ValueError: a negative or non-integer step, a wrong number of start steps, or
             unknown task names.
+
+    Example:
+        ```python
+        import torch
+        from torch import nn
+        from multitask_optim import MultiTaskOptimizer
+
+        torch.manual_seed(0)
+        trunk = nn.Sequential(nn.Linear(8, 16), nn.ReLU())
+        heads = nn.ModuleList([nn.Linear(16, 1), nn.Linear(16, 1)])
+        opt = MultiTaskOptimizer(
+            torch.optim.Adam([*trunk.parameters(), *heads.parameters()], lr=1e-2),
+            weighting="staged",
+            weighting_kwargs={"start_steps": [0, 2], "ramp_steps": 2},
+            surgery=None,
+        )
+        for step in range(4):
+            z = trunk(torch.randn(32, 8))
+            opt.zero_grad()
+            opt.step([head(z).pow(2).mean() for head in heads])
+            print(step, opt.last_stats["weights"])  # task 1: 0, 0, 0.5, 1
+        ```
     """
 
     name = "staged"
@@ -47,7 +82,17 @@ class StagedStart(Weighting):
         self._starts = resolve_per_task(self._spec, task_names, "start_steps", default=0, allow_missing=True)
 
     def weight_at(self, step: int) -> Tensor:
-        """The ``(K,)`` float64 weights at optimizer step ``step`` (needs the task count)."""
+        """The weights at an optimizer step.
+
+        Args:
+            step: the step index (0 for the first taken step).
+
+        Returns:
+            ``(K,)`` float64 weights.
+
+        Raises:
+            RuntimeError: the weighting is not bound to its tasks yet.
+        """
         if self._starts is None:
             raise RuntimeError("StagedStart needs bind(task_names) first")
         start = torch.tensor(self._starts, dtype=torch.float64)

@@ -18,6 +18,19 @@ class StaticWeights(Weighting):
     This is the weighting Keras applies with ``loss_weights``: a list in task order or
     a dict keyed by task (output) name.
 
+    Paper:
+        None: Keras' ``Model.compile(loss_weights=...)``.
+
+    Departures:
+        None.
+
+    Cost:
+        No Gram matrix or per-task gradient of its own: the weights are constant.
+
+    When to use:
+        Known loss scales: weights ``1 / L_i(0)`` remove a magnitude imbalance at once
+        (scale suite 80 against 391 for the plain sum).
+
     Args:
         weights: one non-negative finite weight per task, as a sequence in task order or
             a mapping ``{task name: weight}``. A mapping must name every task and only
@@ -26,6 +39,27 @@ class StaticWeights(Weighting):
     Raises:
         ValueError: a negative or non-finite weight, a wrong number of weights, or
             unknown or missing task names (naming them).
+
+    Example:
+        ```python
+        import torch
+        from torch import nn
+        from multitask_optim import MultiTaskOptimizer
+
+        torch.manual_seed(0)
+        trunk = nn.Sequential(nn.Linear(8, 16), nn.ReLU())
+        heads = nn.ModuleDict({"a": nn.Linear(16, 1), "b": nn.Linear(16, 1)})
+        opt = MultiTaskOptimizer(
+            torch.optim.Adam([*trunk.parameters(), *heads.parameters()], lr=1e-2),
+            weighting="static",
+            weighting_kwargs={"weights": {"a": 1.0, "b": 0.01}},
+            surgery=None,
+        )
+        z = trunk(torch.randn(32, 8))
+        opt.zero_grad()
+        opt.step({"a": heads["a"](z).pow(2).mean(), "b": 100 * heads["b"](z).pow(2).mean()})
+        print(opt.last_stats["weights"])  # [1.0, 0.01]
+        ```
     """
 
     name = "static"
