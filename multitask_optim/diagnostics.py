@@ -356,8 +356,8 @@ def plot_history(
         from matplotlib.figure import Figure
     except ImportError as error:  # pragma: no cover - depends on the environment
         raise ImportError(
-            "plot_history needs matplotlib: pip install 'multitask_optim[plot]' "
-            "(or the 'bench' extra, which includes it)"
+            "plot_history needs matplotlib: pip install -e '.[plot]' in the checkout "
+            "(or pip install matplotlib)"
         ) from error
     if not isinstance(history, StatsHistory):
         raise TypeError(f"history must be a StatsHistory, got {type(history).__name__}")

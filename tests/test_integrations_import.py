@@ -36,4 +36,4 @@ def test_imports_without_the_frameworks() -> None:
     out = json.loads(done.stdout.strip().splitlines()[-1])
     assert out["package"] == "MultiTaskOptimizer"
     for extra in ("transformers", "lightning"):
-        assert out[extra] is not None and f'pip install "multitask_optim[{extra}]"' in out[extra]
+        assert out[extra] is not None and f"pip install -e '.[{extra}]'" in out[extra]

@@ -202,7 +202,7 @@ def matplotlib_pyplot() -> Any:
         import matplotlib.pyplot as plt
     except ImportError as exc:
         raise ImportError(
-            "plotting needs matplotlib: pip install 'multitask_optim[plot]' (or pip install matplotlib)"
+            "plotting needs matplotlib: pip install -e '.[plot]' in the checkout (or pip install matplotlib)"
         ) from exc
     return plt
 

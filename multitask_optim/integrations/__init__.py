@@ -5,9 +5,9 @@ One module per framework, each a thin layer over the public API (``step``,
 step:
 
 - :mod:`multitask_optim.integrations.transformers`: ``MultiTaskTrainer``, a Hugging
-  Face ``transformers.Trainer`` (``pip install "multitask_optim[transformers]"``);
+  Face ``transformers.Trainer`` (``pip install -e ".[transformers]"`` in the checkout);
 - :mod:`multitask_optim.integrations.lightning`: ``MultiTaskModule`` for PyTorch
-  Lightning, automatic or manual optimization (``pip install "multitask_optim[lightning]"``).
+  Lightning, automatic or manual optimization (``pip install -e ".[lightning]"`` in the checkout).
 
 Accelerate needs no adapter: ``accelerator.prepare`` takes a ``MultiTaskOptimizer`` as
 it is (see the Accelerate guide). Importing this package needs none of the frameworks;

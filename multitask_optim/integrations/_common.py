@@ -17,7 +17,8 @@ def require(module: str, extra: str) -> ModuleType:
         return importlib.import_module(module)
     except ImportError as error:
         raise ImportError(
-            f'multitask_optim.integrations.{extra} needs {module!r}: pip install "multitask_optim[{extra}]"'
+            f"multitask_optim.integrations.{extra} needs {module!r}: pip install -e '.[{extra}]' "
+            f"in the checkout (or pip install {module})"
         ) from error
 
 
