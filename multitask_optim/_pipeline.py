@@ -378,6 +378,18 @@ def merged_states(
     return out
 
 
+def own_block(weighting: Weighting, params: Sequence[Tensor], structure: Structure) -> List[int]:
+    """The shared positions of the parameters whose Gram ``weighting`` reads (its own block)."""
+    position = {id(p): i for i, p in enumerate(structure.partition.shared)}
+    missing = [p for p in params if id(p) not in position]
+    if missing:
+        raise ValueError(
+            f"weighting {weighting.name!r}: {len(missing)} of its gram parameters are not shared "
+            f"parameters (shapes {[tuple(p.shape) for p in missing[:3]]})"
+        )
+    return [position[id(p)] for p in params]
+
+
 def weighting_parts(
     weighting: Weighting, grads: TaskGradients, structure: Structure, source: Any
 ) -> Optional[List[GramPart]]:
@@ -389,14 +401,7 @@ def weighting_parts(
     params = weighting.gram_params()
     if params is None or source.mode == "representation":
         return None
-    position = {id(p): i for i, p in enumerate(structure.partition.shared)}
-    missing = [p for p in params if id(p) not in position]
-    if missing:
-        raise ValueError(
-            f"weighting {weighting.name!r}: {len(missing)} of its gram parameters are not shared "
-            f"parameters (shapes {[tuple(p.shape) for p in missing[:3]]})"
-        )
-    return grads.gram_parts([[position[id(p)] for p in params]])
+    return grads.gram_parts([own_block(weighting, params, structure)])
 
 
 def assemble(parts: Sequence[GramPart], values: Sequence[Tensor], num_blocks: int, k: int) -> Tensor:
@@ -536,14 +541,7 @@ def weighting_gram(
     k = len(grads.tasks)
     if params is None or source.mode == "representation":
         return gram if gram is not None else source.grams(grads, source.blocks(structure.blocks), k)
-    position = {id(p): i for i, p in enumerate(structure.partition.shared)}
-    missing = [p for p in params if id(p) not in position]
-    if missing:
-        raise ValueError(
-            f"weighting {weighting.name!r}: {len(missing)} of its gram parameters are not shared "
-            f"parameters (shapes {[tuple(p.shape) for p in missing[:3]]})"
-        )
-    raw = grads.grams([[position[id(p)] for p in params]], k)
+    raw = grads.grams([own_block(weighting, params, structure)], k)
     return raw if weights is None else weighted_gram(raw, weights)
 
 
