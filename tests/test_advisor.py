@@ -416,7 +416,7 @@ def test_without_tqdm_and_matplotlib(monkeypatch, capsys) -> None:  # type: igno
     monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
     report = diagnose(_model(), _noisy_loss, _batches(), steps=3, optimizer=_frozen, progress=True)
     assert "diagnose: 3/" in capsys.readouterr().err
-    with pytest.raises(ImportError, match=r"multitask_optim\[plot\]"):
+    with pytest.raises(ImportError, match=r"pip install -e .\.\[plot\]."):
         report.plot()
 
 

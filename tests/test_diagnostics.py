@@ -355,5 +355,5 @@ def test_plot_history_without_matplotlib_names_the_extra(monkeypatch, tmp_path) 
         if name == "matplotlib" or name.startswith("matplotlib."):
             monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
-    with pytest.raises(ImportError, match=r"multitask_optim\[plot\]"):
+    with pytest.raises(ImportError, match=r"pip install -e .\.\[plot\]."):
         plot_history(history, tmp_path / "run.png")
