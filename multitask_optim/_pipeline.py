@@ -522,29 +522,6 @@ def fetch_step(
     return Fetched(host["values"], gram, own_gram, probes, grads, num_blocks)
 
 
-def weighting_gram(
-    weighting: Weighting,
-    grads: TaskGradients,
-    structure: Structure,
-    source: Any,
-    gram: Optional[Tensor],
-    weights: Optional[Tensor],
-) -> Optional[Tensor]:
-    """The Gram a weighting declared it needs (``needs_gram``): every block, or its own block.
-
-    ``gram`` is the step's (weighted) Gram when it is already the right one; ``weights``
-    are applied in Gram space when the rows do not carry them.
-    """
-    if not weighting.needs_gram:
-        return None
-    params = weighting.gram_params()
-    k = len(grads.tasks)
-    if params is None or source.mode == "representation":
-        return gram if gram is not None else source.grams(grads, source.blocks(structure.blocks), k)
-    raw = grads.grams([own_block(weighting, params, structure)], k)
-    return raw if weights is None else weighted_gram(raw, weights)
-
-
 def reduced(gathered: Gathered, source: ParameterRows) -> Gathered:
     """Each task's rows and value averaged over the ranks that had it (parameter mode):
     one all-reduce (replicated) or reduce-scatter (FSDP2) by ``source``."""
