@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from ._gram import GramPart, factor_gram, precise_gram
-from ._host import host_stage
+from ._host import host_stage, peak_magnitudes
 
 
 @dataclass
@@ -124,27 +124,26 @@ class HeadFactor:
     When every head reads the representation ``z`` (``N x D``) only through linear
     maps ``z M_a`` (``nn.Linear``, ``F.linear``, ``z @ W``), task ``i``'s row is
     ``Z_i = sum_a delta_a M_a^T`` over its maps ``a``, with ``delta_a`` (``N x o_a``) the
-    gradient at the map's output. Concatenating the maps' columns (``O = sum_a o_a``)::
+    gradient at the map's output. Concatenating the maps' columns (``O = sum_a o_a``) and
+    writing ``W = M^T`` (``O x D``, the stacked weights of ``nn.Linear`` heads)::
 
-        <Z_i, Z_j> = sum over columns a of i, b of j of (Delta^T Delta)_ab (M^T M)_ab
-        sum_i c_i Z_i = (Delta diag(c[owner])) M^T
+        <Z_i, Z_j> = sum over columns a of i, b of j of (Delta^T Delta)_ab (W W^T)_ab
+        sum_i c_i Z_i = (Delta diag(c[owner])) W
 
-    so no ``K x N x D`` buffer is formed: the Gram costs ``(N + D) O^2`` and the update
-    one ``N x O x D`` product.
+    so no ``K x N x D`` buffer is formed: the Gram costs ``(N + D) O^2`` (about half of
+    it with the symmetry, :func:`head_gram`) and the update one ``N x O x D`` product.
 
     Attributes:
         deltas: ``Delta``, ``(N, O)``.
-        maps: ``M``, ``(D, O)``.
+        weights: ``W = M^T``, ``(O, D)``, contiguous (one row per column of ``Delta``).
         owner: ``(O,)`` long, the task of every column.
         num_tasks: ``K``.
     """
 
     deltas: Tensor
-    maps: Tensor
+    weights: Tensor
     owner: Tensor
     num_tasks: int
-    #: the task of every column as a host list (so the host reads no device tensor for it)
-    columns: Optional[List[int]] = None
 
     def positions(self) -> List[int]:
         return [0]
@@ -168,7 +167,7 @@ class HeadFactor:
     def rows(self) -> Dict[int, Tensor]:
         """The explicit rows ``Z`` (``K x N x D``)."""
         s = self._onehot(self.deltas.dtype, self.deltas.device)
-        return {0: torch.einsum("no,ok,do->knd", self.deltas, s, self.maps.to(self.deltas.dtype))}
+        return {0: torch.einsum("no,ok,od->knd", self.deltas, s, self.weights.to(self.deltas.dtype))}
 
     def gram(self, position: int) -> Tensor:
         """Float64 ``(K, K)`` Gram of the rows, on the CPU.
@@ -191,58 +190,64 @@ class HeadFactor:
             block, value, dtype, exact=lambda: self._gram(torch.float64), peaks=lambda: self._task_peaks()
         )
 
-    def _task_peaks(self) -> Tensor:
-        columns = self.deltas.abs().amax(dim=0) * self.maps.abs().amax()
-        owner = self.owner.to(columns.device)
+    def _by_task(self, columns: Tensor) -> Tensor:
+        """``(K,)``: the largest of each task's entries of ``columns`` (``(O,)``, non-negative)."""
         out = torch.zeros(self.num_tasks, dtype=columns.dtype, device=columns.device)
-        return out.scatter_reduce(0, owner, columns, reduce="amax")
+        return out.scatter_reduce(0, self.owner.to(columns.device), columns, reduce="amax")
+
+    def _task_peaks(self) -> Tensor:
+        return self._by_task(self.deltas.abs().amax(dim=0)) * self.weights.abs().amax()
 
     def peaks(self) -> Optional[Tensor]:
-        """``(O + 1,)``: each column's largest output gradient, then the maps' largest entry."""
-        return torch.cat([self.deltas.abs().amax(dim=0), self.maps.abs().amax().reshape(1)]).to(torch.float64)
+        """``(K + 2,)``: each task's largest output gradient, the largest of them all (NaN
+        when any is: a scatter need not carry NaN on every device), the maps' largest entry."""
+        columns = self.deltas.abs().amax(dim=0)
+        tasks = torch.cat([self._by_task(columns), columns.amax().reshape(1)])
+        return torch.cat([tasks.to(torch.float64), peak_magnitudes([self.weights])])
 
     def bounds(self, peaks: List[float]) -> List[float]:
         """Per task, a bound on ``|c_i|``'s share of any value the update computation forms."""
         spread = max(1.0, self.deltas.shape[1] * peaks[-1])
-        out = [0.0] * self.num_tasks
-        for column, task in enumerate(self.columns if self.columns is not None else self.owner.tolist()):
-            out[task] = max(out[task], peaks[column] * spread)
-        return out
+        return [p * spread for p in peaks[: self.num_tasks]]
 
     def _gram(self, dtype: torch.dtype) -> Tensor:
-        d, m = self.deltas.to(dtype), self.maps.to(device=self.deltas.device, dtype=dtype)
-        return head_gram(d, m, self._onehot(dtype, d.device))
+        d = self.deltas.to(dtype)
+        w = self.weights.to(device=d.device, dtype=dtype)
+        return head_gram(d, w, self._onehot(dtype, d.device))
 
     def update(self, position: int, coefs: Tensor, dtype: Optional[torch.dtype]) -> Tensor:
         """``sum_i c_i Z_i`` (``N x D``) computed in ``dtype`` (None: the deltas')."""
         d = self.deltas if dtype is None else self.deltas.to(dtype)
         c = coefs.to(device=d.device, dtype=d.dtype)[self.owner.to(d.device)]
-        return ((d * c) @ self.maps.to(d.dtype).T).to(self.deltas.dtype)
+        return ((d * c) @ self.weights.to(d.dtype)).to(self.deltas.dtype)
 
 
-#: Columns per block of :func:`head_gram`'s ``O x O`` products.
+#: Columns per strip of :func:`head_gram`'s ``O x O`` products.
 HEAD_BLOCK = 128
 
 
-def head_gram(deltas: Tensor, maps: Tensor, onehot: Tensor) -> Tensor:
-    """``S^T ((Delta^T Delta) * (M^T M)) S`` (see :class:`HeadFactor`), in the inputs' dtype.
+def head_gram(deltas: Tensor, weights: Tensor, onehot: Tensor) -> Tensor:
+    """``S^T ((Delta^T Delta) * (W W^T)) S`` (see :class:`HeadFactor`), in the inputs' dtype.
 
-    Both ``O x O`` products are symmetric: with ``c`` blocks of about :data:`HEAD_BLOCK`
-    columns only the blocks on and above the diagonal are formed, ``(c + 1) / 2c`` of
-    the work (the products of the mirrored blocks are each other's transposes).
+    ``deltas`` is ``Delta`` (``N x O``), ``weights`` is ``W`` (``O x D``), ``onehot`` is
+    ``S`` (``O x K``). Both ``O x O`` products are symmetric: the columns are cut into
+    ``c`` strips of about :data:`HEAD_BLOCK`, and strip ``s`` forms its rows from its own
+    first column on (its diagonal block and everything right of it), ``(c + 1) / 2c``
+    of the work; the part right of the diagonal block is added with its transpose.
     """
     o = deltas.shape[1]
     count = max(1, o // HEAD_BLOCK)
     bounds = [o * b // count for b in range(count + 1)]
-    cols = [slice(bounds[b], bounds[b + 1]) for b in range(count)]
     gram: Optional[Tensor] = None
-    for a, ca in enumerate(cols):
-        for b in range(a, count):
-            cb = cols[b]
-            inner = (deltas[:, ca].T @ deltas[:, cb]) * (maps[:, ca].T @ maps[:, cb])
-            part = onehot[ca].T @ inner @ onehot[cb]
-            part = part if b == a else part + part.T
-            gram = part if gram is None else gram + part
+    for start, stop in zip(bounds, bounds[1:]):
+        inner = deltas[:, start:stop].T @ deltas[:, start:]
+        inner.mul_(weights[start:stop] @ weights[start:].T)
+        left = onehot[start:stop].T
+        part = left @ inner[:, : stop - start] @ onehot[start:stop]
+        if stop < o:
+            right = left @ inner[:, stop - start :] @ onehot[stop:]
+            part = part + right + right.T
+        gram = part if gram is None else gram + part
     assert gram is not None
     return gram
 

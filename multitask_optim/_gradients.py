@@ -21,7 +21,7 @@ from ._combine import CombinePlan
 from ._distributed import all_average, all_sum
 from ._factors import GramFactor, HeadFactor, LinearFactor, _rescaled
 from ._gram import GramPart, dense_grams, dense_parts, gram_rounding
-from ._host import host_stage, to_host
+from ._host import host_stage, peak_magnitudes, to_host
 from .aggregators.base import Shards
 
 Rows = List[Optional[Tensor]]
@@ -140,8 +140,7 @@ class TaskGradients:
         for g in grads:
             by_device.setdefault(g.device, []).append(g.detach())
         for n, group in enumerate(by_device.values()):
-            norms = torch._foreach_norm(group, math.inf)
-            out.append((f"task_peaks{n}", torch.stack([x.to(torch.float64) for x in norms])))
+            out.append((f"task_peaks{n}", peak_magnitudes(group)))
         for n, f in enumerate(self.factors):
             peaks = f.peaks()
             if peaks is not None:

@@ -32,7 +32,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from ._host import host_stage, to_host
+from ._host import finite_values, host_stage, to_host
 
 #: The rounding of a Gram formed in float64 (relative to ``||g_i|| ||g_j||``).
 EXACT = torch.finfo(torch.float64).eps
@@ -136,11 +136,10 @@ def suspect(value: Tensor, dtype: torch.dtype) -> bool:
     """Whether a fetched float32-formed Gram contribution may be imprecise (host values only)."""
     if dtype == torch.float64:
         return False
-    listed = value.tolist()
     info = torch.finfo(torch.promote_types(dtype, torch.float32))
-    if not all(math.isfinite(v) for row in listed for v in row):
+    if not finite_values(value):
         return True
-    return any(listed[i][i] < info.tiny / info.eps for i in range(len(listed)))
+    return bool((value.diagonal() < info.tiny / info.eps).any())
 
 
 def settle(part: GramPart, value: Tensor) -> Tensor:

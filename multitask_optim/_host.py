@@ -30,9 +30,10 @@ outside the host stage counts, the transfer included; on CUDA the same step runs
 
 from __future__ import annotations
 
+import math
 import threading
 from contextlib import contextmanager
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -80,6 +81,38 @@ def to_host(tensor: Tensor) -> Tensor:
         _local.depth = depth
         if mode:
             torch.cuda.set_sync_debug_mode(mode)
+
+
+#: Up to this many values Python checks a host tensor faster than a tensor op is dispatched.
+SCALAR_VALUES = 64
+
+
+def finite_values(values: Tensor) -> bool:
+    """Whether a host float64 tensor (losses, Grams, weights, coefficients) is all finite."""
+    if values.numel() <= SCALAR_VALUES and values.device.type == "cpu":
+        return all(math.isfinite(v) for v in values.reshape(-1).tolist())  # no tensor ops
+    return bool(torch.isfinite(values).all())
+
+
+def peak_magnitudes(tensors: Sequence[Tensor]) -> Tensor:
+    """``max |t|`` of every tensor (NaN where it holds one), as one float64 vector on their device.
+
+    The tensors share a device and are non-empty. On CUDA this is the fused infinity
+    norm; elsewhere ``aminmax`` per tensor: the CPU kernel of the infinity norm is about
+    eight times slower (measured on one thread: 2.2 ms against 0.29 ms for the 80 head
+    gradients of the K = 40 speed benchmark).
+    """
+    if tensors[0].device.type == "cuda":
+        return _stacked(list(torch._foreach_norm(list(tensors), math.inf)))
+    pairs = [torch.aminmax(t) for t in tensors]
+    return torch.maximum(_stacked([high for _, high in pairs]), -_stacked([low for low, _ in pairs]))
+
+
+def _stacked(scalars: List[Tensor]) -> Tensor:
+    """0-d tensors stacked into one float64 vector."""
+    if all(s.dtype == scalars[0].dtype for s in scalars):
+        return torch.stack(scalars).to(torch.float64)
+    return torch.stack([s.to(torch.float64) for s in scalars])
 
 
 class Transfer:

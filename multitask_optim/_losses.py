@@ -196,7 +196,10 @@ def loss_values(losses: Sequence[Tensor]) -> Tensor:
     host reads them with the rest of the step, see :mod:`._host`); losses on several
     devices are gathered on the first one's."""
     device = losses[0].device
-    return torch.stack([loss.detach().reshape(()).to(device=device, dtype=torch.float64) for loss in losses])
+    with torch.no_grad():
+        if all(loss.device == device and loss.dim() == 0 for loss in losses):
+            return torch.stack(list(losses)).to(torch.float64)  # stack promotes: every value exact
+        return torch.stack([loss.reshape(()).to(device=device, dtype=torch.float64) for loss in losses])
 
 
 def check_tensor(tensor: Any, name: str) -> None:

@@ -36,7 +36,7 @@ from ._combine import plan as combine_plan
 from ._components import Component, State, check_partial, merge_tasks, select_tasks
 from ._gradients import Rows, TaskGradients, all_finite, scaled_grad
 from ._gram import GramPart, settle, suspect
-from ._host import Transfer, host_stage
+from ._host import Transfer, finite_values, host_stage, peak_magnitudes
 from ._sources import ParameterRows, RepresentationRows
 from .aggregators import AggregationContext, Aggregator, RowAggregator
 from .fsdp import as_param_grad
@@ -184,17 +184,10 @@ def precondition(
             by_device.setdefault(t.device, []).append(t)
         group = next(iter(by_device.values()))  # accumulators live with the rows: one device
         if len(by_device) == 1:
-            peaks = torch.stack([x.to(torch.float64) for x in torch._foreach_norm(group, math.inf)])
+            peaks = peak_magnitudes(group)
         else:
             peaks = torch.tensor([0.0 if all_finite(touched) else math.inf], dtype=torch.float64)
     return grads.with_shared(rows), new_state, peaks
-
-
-def finite_values(values: Tensor) -> bool:
-    """Whether a small CPU float64 tensor (losses, weights, coefficients) is all finite."""
-    if values.numel() <= 4096 and values.device.type == "cpu":
-        return all(math.isfinite(v) for v in values.reshape(-1).tolist())  # no tensor ops
-    return bool(torch.isfinite(values).all())
 
 
 def all_ones(weights: Tensor) -> bool:
@@ -315,8 +308,10 @@ def aggregate_rows(
         finite = grads.agree(all_finite(present))
         peaks = torch.tensor([0.0 if finite else math.inf], dtype=torch.float64)
     elif present:
-        norms = torch._foreach_norm(present, math.inf)
-        peaks = torch.stack([x.to(device=device, dtype=torch.float64) for x in norms])
+        by_device: Dict[torch.device, List[Tensor]] = {}
+        for u in present:
+            by_device.setdefault(u.device, []).append(u)
+        peaks = torch.cat([peak_magnitudes(group).to(device) for group in by_device.values()])
     else:
         peaks = torch.zeros(1, dtype=torch.float64, device=device)
     return RowResult(coefs, updates, new_state, peaks)
@@ -453,8 +448,7 @@ class Fetched:
         if bad is not None:
             return bad
         checked = [t for name, t in self.probes.items() if name not in ("precondition", "updates")]
-        peaks = [v for t in checked for v in t.reshape(-1).tolist()]
-        if not (all(math.isfinite(v) for v in peaks) and finite_values(self.gram)):
+        if not (all(finite_values(t) for t in checked) and finite_values(self.gram)):
             return "non-finite loss or gradient"
         if self.own_gram is not None and not finite_values(self.own_gram):
             return "non-finite loss or gradient"

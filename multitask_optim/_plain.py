@@ -21,7 +21,7 @@ from ._amp import current_scale
 from ._distributed import all_sum, reduce_presence, world_size
 from ._gradients import all_finite
 from ._graph import analyse
-from ._host import Transfer, host_stage, to_host
+from ._host import Transfer, host_stage, peak_magnitudes, to_host
 from ._losses import (
     Losses,
     Parsed,
@@ -222,8 +222,7 @@ class PlainPath:
         for g in present:
             by_device.setdefault(g.device, []).append(g)
         for n, group in enumerate(by_device.values()):
-            norms = torch._foreach_norm(group, math.inf)
-            transfer.add(f"peaks{n}", torch.stack([x.to(torch.float64) for x in norms]))
+            transfer.add(f"peaks{n}", peak_magnitudes(group))
         host = transfer.fetch()  # the plain step's one host read
         with host_stage():
             if "values" in host:

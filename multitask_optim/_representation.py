@@ -70,24 +70,21 @@ def feature_gradients(
     return torch.stack(rows), task_grads
 
 
-def _reads(edge: Tuple[Optional[Node], int], features: Tensor) -> bool:
-    node, nr = edge
-    if node is None:
-        return False
-    if features.grad_fn is not None:
-        return node is features.grad_fn and nr == features.output_nr
-    return getattr(node, "variable", None) is features
-
-
 def head_maps(losses: Sequence[Tensor], features: Tensor, graph: LossGraph) -> Optional[List[HeadMap]]:
     """``(task, node, M)`` for every graph node that reads ``features``, when all are linear
     maps ``features @ M`` private to one task (the factored path applies); else None."""
     if features.dim() != 2:
         return None
+    source = features.grad_fn
+    nr = features.output_nr
+    if source is None:  # a leaf: its AccumulateGrad node
+        source, nr = graph.leaves.get(id(features)), 0
+        if source is None:
+            return None
     found: List[HeadMap] = []
     for node in graph.order:
         edges = graph.children[node]
-        positions = [pos for pos, edge in enumerate(edges) if _reads(edge, features)]
+        positions = [pos for pos, (child, n) in enumerate(edges) if child is source and n == nr]
         if not positions:
             continue
         mask = graph.mask[node]
@@ -160,8 +157,5 @@ def factored_rows(
     owner = torch.cat(
         [torch.full((int(m.shape[1]),), t, dtype=torch.long, device=m.device) for t, _, m in maps]
     )
-    columns = [t for t, _, m in maps for _ in range(int(m.shape[1]))]
-    factor = HeadFactor(
-        torch.cat(deltas, dim=1), torch.cat([m for _, _, m in maps], dim=1), owner, k, columns
-    )
+    factor = HeadFactor(torch.cat(deltas, dim=1), torch.cat([m.T for _, _, m in maps]), owner, k)
     return TaskGradients([None], task_grads, [factor])

@@ -212,7 +212,7 @@ def test_head_gram_blocks_equal_the_whole_product(monkeypatch: pytest.MonkeyPatc
     whole = onehot.T @ ((deltas.T @ deltas) * (maps.T @ maps)) @ onehot
     for block in (1, 2, 3, 5, 64):
         monkeypatch.setattr("multitask_optim._factors.HEAD_BLOCK", block)
-        torch.testing.assert_close(head_gram(deltas, maps, onehot), whole, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(head_gram(deltas, maps.T, onehot), whole, rtol=1e-12, atol=1e-12)
 
 
 def test_the_factored_gram_in_float32_matches_the_float64_rows() -> None:
