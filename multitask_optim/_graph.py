@@ -16,7 +16,7 @@ cannot be told (the element is computed from several losses), it raises.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 import torch
 from torch import Tensor
@@ -148,20 +148,17 @@ def analyse(losses: Sequence[Tensor]) -> LossGraph:
         if root is None or root in children:
             continue
         children[root] = tuple(root.next_functions)
-        stack: List[Tuple[Node, int]] = [(root, 0)]
+        stack: List[Tuple[Node, Iterator[Tuple[Node, int]]]] = [(root, iter(children[root]))]
         while stack:
-            node, pos = stack[-1]
-            nexts = children[node]
-            while pos < len(nexts) and (nexts[pos][0] is None or nexts[pos][0] in children):
-                pos += 1
-            if pos == len(nexts):
+            node, edges = stack[-1]
+            for child, _ in edges:  # the next unvisited child, if any
+                if child is not None and child not in children:
+                    children[child] = tuple(child.next_functions)
+                    stack.append((child, iter(children[child])))
+                    break
+            else:  # every child visited: the node is finished
                 stack.pop()
                 postorder.append(node)
-                continue
-            stack[-1] = (node, pos + 1)
-            child = nexts[pos][0]
-            children[child] = tuple(child.next_functions)
-            stack.append((child, 0))
     order = postorder[::-1]
     mask: Dict[Node, int] = dict.fromkeys(order, 0)
     for i, root in enumerate(roots):
