@@ -165,11 +165,15 @@ class ManyHeads(nn.Module):
         return z, losses
 
 
+@pytest.mark.parametrize("block", [128, 2, 3])  # the head Gram in one strip, or in several
 @pytest.mark.parametrize("kind", ["linear", "two-reads", "nonlinear"])
-def test_factored_representation_rows_equal_the_dense_ones(kind: str) -> None:
+def test_factored_representation_rows_equal_the_dense_ones(
+    kind: str, block: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from multitask_optim._graph import analyse
     from multitask_optim._representation import feature_gradients, feature_rows
 
+    monkeypatch.setattr("multitask_optim._factors.HEAD_BLOCK", block)
     torch.manual_seed(3)
     k = 4
     model = ManyHeads(k, kind).double()
