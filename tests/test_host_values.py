@@ -10,14 +10,17 @@ definitions, including NaN and infinities, in every floating dtype.
 from __future__ import annotations
 
 import math
-from typing import List
+from typing import Callable, List
 
 import pytest
 import torch
 from torch import Tensor
 
 from multitask_optim._factors import HeadFactor
-from multitask_optim._host import SCALAR_VALUES, finite_values, peak_magnitudes
+from multitask_optim._host import SCALAR_VALUES, extreme_peaks, finite_values, fused_peaks, peak_magnitudes
+
+#: Both ways of computing the peaks (the CUDA one runs here on the CPU too).
+PEAKS = [peak_magnitudes, fused_peaks, extreme_peaks]
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 
@@ -28,29 +31,32 @@ def _tensors(dtype: torch.dtype) -> List[Tensor]:
     return [(torch.randn(s, generator=g) * 10).to(dtype) for s in shapes]
 
 
+@pytest.mark.parametrize("peaks", PEAKS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_peak_magnitudes_are_the_largest_absolute_values(dtype: torch.dtype) -> None:
+def test_peak_magnitudes_are_the_largest_absolute_values(dtype: torch.dtype, peaks: Callable) -> None:
     tensors = _tensors(dtype)
-    got = peak_magnitudes(tensors)
+    got = peaks(tensors)
     assert got.dtype == torch.float64 and got.shape == (len(tensors),)
     want = torch.tensor([t.double().abs().max().item() for t in tensors], dtype=torch.float64)
     assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("peaks", PEAKS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
-def test_peak_magnitudes_carry_nan_and_infinities(dtype: torch.dtype, bad: float) -> None:
+def test_peak_magnitudes_carry_nan_and_infinities(dtype: torch.dtype, bad: float, peaks: Callable) -> None:
     tensors = _tensors(dtype)
     tensors[1][3] = bad
-    got = peak_magnitudes(tensors).tolist()
+    got = peaks(tensors).tolist()
     assert math.isnan(got[1]) if math.isnan(bad) else got[1] == math.inf
     assert all(math.isfinite(v) for i, v in enumerate(got) if i != 1)
 
 
-def test_peak_magnitudes_of_mixed_dtypes() -> None:
+@pytest.mark.parametrize("peaks", PEAKS)
+def test_peak_magnitudes_of_mixed_dtypes(peaks: Callable) -> None:
     tensors = [t for dtype in DTYPES for t in _tensors(dtype)[:2]]
     want = [t.double().abs().max().item() for t in tensors]
-    assert peak_magnitudes(tensors).tolist() == want
+    assert peaks(tensors).tolist() == want
 
 
 @pytest.mark.parametrize("size", [1, SCALAR_VALUES, SCALAR_VALUES + 1, 1600])
