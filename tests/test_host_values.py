@@ -59,6 +59,12 @@ def test_peak_magnitudes_of_mixed_dtypes(peaks: Callable) -> None:
     assert peaks(tensors).tolist() == want
 
 
+@pytest.mark.parametrize("peaks", PEAKS)
+def test_peak_magnitudes_of_complex_tensors(peaks: Callable) -> None:
+    tensors = [torch.tensor([3 + 4j, -1j]), torch.tensor([0.5, -2.0])]
+    assert peaks(tensors).tolist() == [5.0, 2.0]
+
+
 @pytest.mark.parametrize("size", [1, SCALAR_VALUES, SCALAR_VALUES + 1, 1600])
 def test_finite_values_in_python_and_in_one_tensor_op(size: int) -> None:
     values = torch.randn(size, dtype=torch.float64)
