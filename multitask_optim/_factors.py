@@ -201,9 +201,8 @@ class HeadFactor:
     def peaks(self) -> Optional[Tensor]:
         """``(K + 2,)``: each task's largest output gradient, the largest of them all (NaN
         when any is: a scatter need not carry NaN on every device), the maps' largest entry."""
-        columns = self.deltas.abs().amax(dim=0)
-        tasks = torch.cat([self._by_task(columns), columns.amax().reshape(1)])
-        return torch.cat([tasks.to(torch.float64), peak_magnitudes([self.weights])])
+        columns = self.deltas.abs().amax(dim=0).to(torch.float64)
+        return torch.cat([self._by_task(columns), columns.amax().reshape(1), peak_magnitudes([self.weights])])
 
     def bounds(self, peaks: List[float]) -> List[float]:
         """Per task, a bound on ``|c_i|``'s share of any value the update computation forms."""

@@ -21,7 +21,7 @@ from ._combine import CombinePlan
 from ._distributed import all_average, all_sum
 from ._factors import GramFactor, HeadFactor, LinearFactor, _rescaled
 from ._gram import GramPart, dense_grams, dense_parts, gram_rounding
-from ._host import host_stage, peak_magnitudes, to_host
+from ._host import by_device, host_stage, peak_magnitudes, to_host
 from .aggregators.base import Shards
 
 Rows = List[Optional[Tensor]]
@@ -136,10 +136,7 @@ class TaskGradients:
         """
         out: List[Tuple[str, Tensor]] = []
         grads = [g for task in self.tasks for g in task if g is not None and g.numel()]
-        by_device: Dict[torch.device, List[Tensor]] = {}
-        for g in grads:
-            by_device.setdefault(g.device, []).append(g.detach())
-        for n, group in enumerate(by_device.values()):
+        for n, group in enumerate(by_device(grads).values()):
             out.append((f"task_peaks{n}", peak_magnitudes(group)))
         for n, f in enumerate(self.factors):
             peaks = f.peaks()
@@ -450,11 +447,7 @@ def all_finite(tensors: Sequence[Tensor]) -> bool:
     when some sum is not finite -- a non-finite element, or finite values whose sum
     overflows -- are the tensors checked exactly, one min/max pass each.
     """
-    by_device: Dict[torch.device, List[Tensor]] = {}
-    for t in tensors:
-        if t.numel():
-            by_device.setdefault(t.device, []).append(t.detach())
-    for group in by_device.values():
+    for group in by_device([t for t in tensors if t.numel()]).values():
         small = [t for t in group if t.numel() < _FUSED_BELOW]
         sums = [t.sum() for t in group if t.numel() >= _FUSED_BELOW]
         if small:

@@ -170,17 +170,13 @@ def analyse(losses: Sequence[Tensor]) -> LossGraph:
     for node in order:
         m = mask[node]
         routed = routes.get(node)
-        if routed:
-            free = m & ~sum(1 << i for i in routed)  # bits not routed here flow to every input
-            for pos, (child, _) in enumerate(children[node]):
-                if child is not None:
-                    mask[child] |= free | sum(1 << i for i, where in routed.items() if pos in where)
-                    parents[child] += 1
-        else:
-            for child, _ in children[node]:
-                if child is not None:
-                    mask[child] |= m
-                    parents[child] += 1
+        free = m & ~sum(1 << i for i in routed) if routed else m  # unrouted bits flow to every input
+        for pos, (child, _) in enumerate(children[node]):
+            if child is not None:
+                mask[child] |= (
+                    free | sum(1 << i for i, where in routed.items() if pos in where) if routed else free
+                )
+                parents[child] += 1
         variable = getattr(node, "variable", None)
         if variable is not None:
             param_mask[id(variable)] = m

@@ -94,6 +94,14 @@ def finite_values(values: Tensor) -> bool:
     return bool(torch.isfinite(values).all())
 
 
+def by_device(tensors: Sequence[Tensor]) -> Dict[torch.device, List[Tensor]]:
+    """The tensors grouped by device, each group in the given order (detached)."""
+    groups: Dict[torch.device, List[Tensor]] = {}
+    for t in tensors:
+        groups.setdefault(t.device, []).append(t.detach())
+    return groups
+
+
 def peak_magnitudes(tensors: Sequence[Tensor]) -> Tensor:
     """``max |t|`` of every tensor (NaN where it holds one), as one float64 vector on their device.
 

@@ -36,7 +36,7 @@ from ._combine import plan as combine_plan
 from ._components import Component, State, check_partial, merge_tasks, select_tasks
 from ._gradients import Rows, TaskGradients, all_finite, scaled_grad
 from ._gram import GramPart, settle, suspect
-from ._host import Transfer, finite_values, host_stage, peak_magnitudes
+from ._host import Transfer, by_device, finite_values, host_stage, peak_magnitudes
 from ._sources import ParameterRows, RepresentationRows
 from .aggregators import AggregationContext, Aggregator, RowAggregator
 from .fsdp import as_param_grad
@@ -179,12 +179,9 @@ def precondition(
         ok = grads.agree(all_finite(touched))
         peaks = torch.tensor([0.0 if ok else math.inf], dtype=torch.float64)
     elif touched:
-        by_device: Dict[Any, List[Tensor]] = {}
-        for t in touched:
-            by_device.setdefault(t.device, []).append(t)
-        group = next(iter(by_device.values()))  # accumulators live with the rows: one device
-        if len(by_device) == 1:
-            peaks = peak_magnitudes(group)
+        groups = list(by_device(touched).values())
+        if len(groups) == 1:  # accumulators live with the rows: one device
+            peaks = peak_magnitudes(groups[0])
         else:
             peaks = torch.tensor([0.0 if all_finite(touched) else math.inf], dtype=torch.float64)
     return grads.with_shared(rows), new_state, peaks
@@ -308,10 +305,7 @@ def aggregate_rows(
         finite = grads.agree(all_finite(present))
         peaks = torch.tensor([0.0 if finite else math.inf], dtype=torch.float64)
     elif present:
-        by_device: Dict[torch.device, List[Tensor]] = {}
-        for u in present:
-            by_device.setdefault(u.device, []).append(u)
-        peaks = torch.cat([peak_magnitudes(group).to(device) for group in by_device.values()])
+        peaks = torch.cat([peak_magnitudes(group).to(device) for group in by_device(present).values()])
     else:
         peaks = torch.zeros(1, dtype=torch.float64, device=device)
     return RowResult(coefs, updates, new_state, peaks)

@@ -21,7 +21,7 @@ from ._amp import current_scale
 from ._distributed import all_sum, reduce_presence, world_size
 from ._gradients import all_finite
 from ._graph import analyse
-from ._host import Transfer, host_stage, peak_magnitudes, to_host
+from ._host import Transfer, by_device, host_stage, peak_magnitudes, to_host
 from ._losses import (
     Losses,
     Parsed,
@@ -217,11 +217,8 @@ class PlainPath:
         transfer = Transfer()
         if plan.values.device.type != "cpu" or not plan.checked:
             transfer.add("values", plan.values)
-        present = [g.detach() for g in grads if g is not None and g.numel()]
-        by_device: Dict[Any, List[Tensor]] = {}
-        for g in present:
-            by_device.setdefault(g.device, []).append(g)
-        for n, group in enumerate(by_device.values()):
+        present = [g for g in grads if g is not None and g.numel()]
+        for n, group in enumerate(by_device(present).values()):
             transfer.add(f"peaks{n}", peak_magnitudes(group))
         host = transfer.fetch()  # the plain step's one host read
         with host_stage():
